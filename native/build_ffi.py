@@ -1,0 +1,37 @@
+"""cffi build script for the vmmd C core (API mode, out-of-line).
+
+setup.py names this file in `cffi_modules`; pip compiles the C core into
+`vmmd.native._core` at install.  The cdef is vmmcore.h itself, minus its
+preprocessor lines, so the C and Python views of the interface cannot drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+SOURCES = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
+CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread",
+          "-fno-strict-aliasing"]
+
+
+def cdef_text() -> str:
+    lines = (HERE / "vmmcore.h").read_text().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_text())
+ffibuilder.set_source(
+    "vmmd.native._core",
+    '#include "vmmcore.h"',
+    sources=SOURCES,
+    include_dirs=[str(HERE.relative_to(HERE.parent))],
+    extra_compile_args=CFLAGS,
+    extra_link_args=["-pthread"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

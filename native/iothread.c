@@ -1,0 +1,165 @@
+/*
+ * iothread.c - the VM's epoll loop.  Serves the console flush timer and the
+ * halt watchdog now; virtio queue ioeventfds and tap fds join later.
+ *
+ * Halt watchdog: with an in-kernel LAPIC, HLT never exits to us, so a guest
+ * that halts every vCPU with interrupts off (Linux's halt without ACPI)
+ * would hang silently.  Every second, each vCPU that made no exit since the
+ * last tick is kicked and answers from its own thread (KVM_GET_MP_STATE,
+ * RFLAGS.IF).  Two rounds in a row of "all dead" stop the VM with reason
+ * HALT.  Cost: one kick per idle vCPU per second.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include "iothread.h"
+#include "vcpu.h"
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+
+enum { TAG_WAKE = 1, TAG_CONSOLE = 2, TAG_WATCHDOG = 3 };
+
+
+static void watchdog_tick(struct vmm_iothread *io, int *rounds)
+{
+	struct vmm_vm *vm = io->vm;
+	uint64_t t;
+	if (read(io->watchdog_fd, &t, sizeof(t)) < 0) {
+		/* spurious */
+	}
+	if (LOAD(&vm->state) != VMM_VM_RUNNING || LOAD(&vm->pause_req) || LOAD(&vm->stop_req)) {
+		*rounds = 0;
+		return;
+	}
+	int all_dead = 1, any_halted = 0;
+	for (int i = 0; i < vm->nvcpus; i++) {
+		struct vmm_vcpu *vc = vm->vcpus[i];
+		/* Kicks are not activity: they are our own probes. */
+		uint64_t act = LOAD(&vc->st.exits) - LOAD(&vc->st.intr);
+		if (act != vc->last_exits) {
+			vc->last_exits = act;
+			all_dead = 0;
+			STORE(&vc->dead_halt, 0);
+			continue;
+		}
+		if (LOAD(&vc->probe_halt)) {
+			all_dead = 0;	/* still busy in the guest: not answered */
+			continue;
+		}
+		int d = LOAD(&vc->dead_halt);
+		if (d == 0)
+			all_dead = 0;
+		if (d == 1)
+			any_halted = 1;
+		STORE(&vc->probe_halt, 1);	/* ask again for the next round */
+		vmm_vcpu_kick(vc);
+	}
+	*rounds = (all_dead && any_halted) ? *rounds + 1 : 0;
+	if (*rounds >= 2) {
+		struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_HALT, .vcpu = -1 };
+		vmm_vm_request_stop(vm, VMM_STOP_HALT, &ev);
+	}
+}
+
+static void *io_main(void *arg)
+{
+	struct vmm_iothread *io = arg;
+	struct epoll_event evs[16];
+	int rounds = 0;
+	sigset_t set;
+	sigfillset(&set);
+	pthread_sigmask(SIG_SETMASK, &set, NULL);
+	while (!LOAD(&io->quit)) {
+		int n = epoll_wait(io->epfd, evs, 16, -1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			break;
+		for (int i = 0; i < n; i++) {
+			switch (evs[i].data.u32) {
+			case TAG_CONSOLE:
+				vmm_console_timer(&io->vm->console);
+				break;
+			case TAG_WATCHDOG:
+				watchdog_tick(io, &rounds);
+				break;
+			default:
+				break;	/* wake-up: the loop condition decides */
+			}
+		}
+	}
+	__atomic_sub_fetch(&io->vm->threads, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+static int watch(int epfd, int fd, uint32_t tag)
+{
+	struct epoll_event ev = { .events = EPOLLIN, .data.u32 = tag };
+	return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+static void close_fds(struct vmm_iothread *io)
+{
+	if (io->epfd >= 0)
+		close(io->epfd);
+	if (io->wake_fd >= 0)
+		close(io->wake_fd);
+	if (io->watchdog_fd >= 0)
+		close(io->watchdog_fd);
+}
+
+int vmm_iothread_start(struct vmm_vm *vm, struct vmm_iothread **out)
+{
+	struct vmm_iothread *io = calloc(1, sizeof(*io));
+	if (!io)
+		return -ENOMEM;
+	io->vm = vm;
+	io->epfd = epoll_create1(EPOLL_CLOEXEC);
+	io->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	io->watchdog_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+	int r = (io->epfd < 0 || io->wake_fd < 0 || io->watchdog_fd < 0) ? -errno : 0;
+	struct itimerspec its = { .it_value = { .tv_sec = 1 }, .it_interval = { .tv_sec = 1 } };
+	if (!r && timerfd_settime(io->watchdog_fd, 0, &its, NULL) < 0)
+		r = -errno;
+	if (!r)
+		r = watch(io->epfd, io->wake_fd, TAG_WAKE);
+	if (!r)
+		r = watch(io->epfd, io->watchdog_fd, TAG_WATCHDOG);
+	if (!r)
+		r = watch(io->epfd, vm->console.timer_fd, TAG_CONSOLE);
+	if (!r) {
+		__atomic_add_fetch(&vm->threads, 1, __ATOMIC_SEQ_CST);
+		r = -pthread_create(&io->thread, NULL, io_main, io);
+		if (r)
+			__atomic_sub_fetch(&vm->threads, 1, __ATOMIC_SEQ_CST);
+	}
+	if (r) {
+		close_fds(io);
+		free(io);
+		return r;
+	}
+	io->started = 1;
+	*out = io;
+	return 0;
+}
+
+void vmm_iothread_stop(struct vmm_iothread *io)
+{
+	if (!io)
+		return;
+	STORE(&io->quit, 1);
+	uint64_t one = 1;
+	if (write(io->wake_fd, &one, sizeof(one)) < 0) {
+		/* counter full: the thread is awake anyway */
+	}
+	if (io->started)
+		pthread_join(io->thread, NULL);
+	close_fds(io);
+	free(io);
+}

@@ -1,0 +1,123 @@
+/*
+ * memory.c - guest RAM regions and bounds-checked access to them.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "memory.h"
+
+struct vmm_mem *vmm_mem_new(void)
+{
+	return calloc(1, sizeof(struct vmm_mem));
+}
+
+void vmm_mem_free(struct vmm_mem *mem)
+{
+	if (!mem)
+		return;
+	for (int i = 0; i < mem->n; i++)
+		if (mem->r[i].owned)
+			munmap(mem->r[i].hva, mem->r[i].size);
+	free(mem);
+}
+
+static int overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
+int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *hva)
+{
+	if (!mem || size == 0 || (gpa & 0xfff) || (size & 0xfff))
+		return -EINVAL;
+	if (gpa + size < gpa)
+		return -EOVERFLOW;
+	if (mem->n == VMM_MEM_MAX_REGIONS)
+		return -ENOSPC;
+	for (int i = 0; i < mem->n; i++)
+		if (overlaps(gpa, size, mem->r[i].gpa, mem->r[i].size))
+			return -EEXIST;
+	int owned = 0;
+	if (!hva) {
+		/* NORESERVE: a 4 GiB guest costs nothing until it touches it. */
+		hva = mmap(NULL, size, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (hva == MAP_FAILED)
+			return -errno;
+		owned = 1;
+	}
+	mem->r[mem->n++] = (struct vmm_mem_region){
+		.gpa = gpa, .size = size, .hva = hva, .owned = owned };
+	return 0;
+}
+
+void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len)
+{
+	for (int i = 0; i < mem->n; i++) {
+		const struct vmm_mem_region *r = &mem->r[i];
+		/* Written so that no sum can overflow: gpa and len are guest-controlled. */
+		if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
+			return r->hva + (gpa - r->gpa);
+	}
+	return NULL;
+}
+
+const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int idx)
+{
+	return (idx >= 0 && idx < mem->n) ? &mem->r[idx] : NULL;
+}
+
+/* Copies may span adjacent regions; each piece is checked on its own. */
+static int mem_copy(const struct vmm_mem *mem, uint64_t gpa, uint8_t *buf,
+		    uint64_t len, int to_guest)
+{
+	while (len) {
+		const struct vmm_mem_region *r = NULL;
+		for (int i = 0; i < mem->n; i++)
+			if (gpa >= mem->r[i].gpa && gpa - mem->r[i].gpa < mem->r[i].size)
+				r = &mem->r[i];
+		if (!r)
+			return -EFAULT;
+		uint64_t off = gpa - r->gpa;
+		uint64_t n = r->size - off < len ? r->size - off : len;
+		if (to_guest)
+			memcpy(r->hva + off, buf, n);
+		else
+			memcpy(buf, r->hva + off, n);
+		gpa += n;
+		buf += n;
+		len -= n;
+	}
+	return 0;
+}
+
+int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t len)
+{
+	if (gpa + len < gpa)
+		return -EFAULT;
+	return mem_copy(mem, gpa, buf, len, 0);
+}
+
+int vmm_mem_write(struct vmm_mem *mem, uint64_t gpa, const void *buf, uint64_t len)
+{
+	if (gpa + len < gpa)
+		return -EFAULT;
+	return mem_copy(mem, gpa, (uint8_t *)buf, len, 1);
+}
+
+int vmm_mem_region_count(const struct vmm_mem *mem)
+{
+	return mem->n;
+}
+
+int vmm_mem_region_get(const struct vmm_mem *mem, int idx, uint64_t *gpa, uint64_t *size)
+{
+	const struct vmm_mem_region *r = vmm_mem_region_at(mem, idx);
+	if (!r)
+		return -ENOENT;
+	*gpa = r->gpa;
+	*size = r->size;
+	return 0;
+}

@@ -1,0 +1,30 @@
+/*
+ * memory.h - guest physical memory: a few regions of host memory.
+ *
+ * Every guest-supplied address goes through vmm_mem_translate(), which
+ * answers a host pointer only when [gpa, gpa + len) lies wholly inside one
+ * region.  Devices never compute host pointers themselves.
+ */
+#ifndef VMM_MEMORY_H
+#define VMM_MEMORY_H
+#include "vmmcore.h"
+
+#define VMM_MEM_MAX_REGIONS 8
+
+struct vmm_mem_region {
+	uint64_t gpa;
+	uint64_t size;
+	uint8_t *hva;
+	int owned;		/* mapped by us: unmapped in vmm_mem_free */
+};
+
+struct vmm_mem {
+	int n;
+	struct vmm_mem_region r[VMM_MEM_MAX_REGIONS];
+};
+
+/* Host pointer for [gpa, gpa+len) inside one region, else NULL. */
+void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len);
+const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int idx);
+
+#endif

@@ -1,0 +1,323 @@
+/*
+ * vcpu.c - vCPU creation and the KVM_RUN loop.
+ *
+ * Kicking: a control thread sets a flag (pause_req / stop_req /
+ * probe_halt), then kvm_run->immediate_exit, then signals the vCPU thread
+ * with an empty real-time signal handler.  The loop clears immediate_exit
+ * BEFORE reading the flags, so a kick that lands between the check and
+ * KVM_RUN still makes KVM_RUN return at once: no kick is ever lost.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "vcpu.h"
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+
+static int kick_signal(void)
+{
+	return SIGRTMIN + 3;
+}
+
+static void kick_handler(int sig)
+{
+	(void)sig;	/* its only job is to make KVM_RUN return -EINTR */
+}
+
+static pthread_once_t handler_once = PTHREAD_ONCE_INIT;
+
+static void install_handler(void)
+{
+	struct sigaction sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = kick_handler;
+	sigemptyset(&sa.sa_mask);
+	sigaction(kick_signal(), &sa, NULL);
+}
+
+int vmm_vcpu_create(struct vmm_vm *vm, int idx, struct vmm_vcpu **out)
+{
+	struct vmm_vcpu *vc = calloc(1, sizeof(*vc));
+	if (!vc)
+		return -ENOMEM;
+	vc->vm = vm;
+	vc->idx = idx;
+	vc->fd = ioctl(vm->vm_fd, KVM_CREATE_VCPU, (unsigned long)idx);
+	if (vc->fd < 0) {
+		int err = -errno;
+		free(vc);
+		return err;
+	}
+	vc->run = mmap(NULL, (size_t)vm->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vc->fd, 0);
+	if (vc->run == MAP_FAILED) {
+		int err = -errno;
+		close(vc->fd);
+		free(vc);
+		return err;
+	}
+	int r = vmm_x86_setup_vcpu(vm, vc);
+	if (r < 0) {
+		vmm_vcpu_destroy(vc);
+		return r;
+	}
+	*out = vc;
+	return 0;
+}
+
+void vmm_vcpu_destroy(struct vmm_vcpu *vc)
+{
+	if (!vc)
+		return;
+	munmap(vc->run, (size_t)vc->vm->run_size);
+	close(vc->fd);
+	free(vc);
+}
+
+void vmm_vcpu_kick(struct vmm_vcpu *vc)
+{
+	STORE(&vc->run->immediate_exit, 1);
+	if (LOAD(&vc->started))
+		pthread_kill(vc->thread, kick_signal());
+}
+
+/* ---- exit handlers: return 0 to continue, 1 when the VM stops ---- */
+
+static int stop_with(struct vmm_vcpu *vc, int reason, uint64_t code, int err)
+{
+	struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = (uint32_t)reason,
+				.vcpu = vc->idx, .code = code, .err = err };
+	struct kvm_regs regs;
+	if (ioctl(vc->fd, KVM_GET_REGS, &regs) == 0)
+		ev.rip = regs.rip;
+	vmm_vm_request_stop(vc->vm, reason, &ev);
+	return 1;
+}
+
+static int handle_io(struct vmm_vcpu *vc)
+{
+	struct kvm_run *run = vc->run;
+	uint64_t size = run->io.size, count = run->io.count;
+	uint64_t off = run->io.data_offset;
+	uint64_t total = size * count;
+	/* KVM fills these, but the buffer lies in a page we index: check. */
+	if ((size != 1 && size != 2 && size != 4) || total > (uint64_t)vc->vm->run_size ||
+	    off > (uint64_t)vc->vm->run_size - total)
+		return stop_with(vc, VMM_STOP_INTERNAL_ERROR, KVM_EXIT_IO, EINVAL);
+	uint8_t *p = (uint8_t *)run + off;
+	vc->st.io++;
+	for (uint64_t i = 0; i < count; i++, p += size) {
+		int r;
+		if (run->io.direction == KVM_EXIT_IO_OUT) {
+			r = vmm_bus_write(&vc->vm->pio, run->io.port, p, (uint32_t)size);
+		} else {
+			r = vmm_bus_read(&vc->vm->pio, run->io.port, p, (uint32_t)size);
+			if (r < 0)
+				memset(p, 0xff, size);	/* floating ISA bus */
+		}
+		if (r < 0)
+			vc->st.unhandled_io++;
+	}
+	return 0;
+}
+
+static int handle_mmio(struct vmm_vcpu *vc)
+{
+	struct kvm_run *run = vc->run;
+	uint32_t len = run->mmio.len;
+	if (len == 0 || len > sizeof(run->mmio.data))
+		return stop_with(vc, VMM_STOP_INTERNAL_ERROR, KVM_EXIT_MMIO, EINVAL);
+	vc->st.mmio++;
+	int r;
+	if (run->mmio.is_write) {
+		r = vmm_bus_write(&vc->vm->mmio, run->mmio.phys_addr, run->mmio.data, len);
+	} else {
+		r = vmm_bus_read(&vc->vm->mmio, run->mmio.phys_addr, run->mmio.data, len);
+		if (r < 0)
+			memset(run->mmio.data, 0xff, len);
+	}
+	if (r < 0)
+		vc->st.unhandled_mmio++;
+	return 0;
+}
+
+/* Instruction bytes at the failing RIP: from KVM when it gives them, else
+ * read through the guest page tables (KVM_TRANSLATE) from guest RAM. */
+static void fetch_insn(struct vmm_vcpu *vc, struct vmm_event *ev)
+{
+	struct kvm_run *run = vc->run;
+	if (run->emulation_failure.ndata >= 3 &&
+	    (run->emulation_failure.flags & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)) {
+		uint32_t n = run->emulation_failure.insn_size;
+		if (n > sizeof(run->emulation_failure.insn_bytes))
+			n = sizeof(run->emulation_failure.insn_bytes);
+		memcpy(ev->insn, run->emulation_failure.insn_bytes, n);
+		ev->insn_len = n;
+		return;
+	}
+	struct kvm_translation tr = { .linear_address = ev->rip };
+	if (ioctl(vc->fd, KVM_TRANSLATE, &tr) < 0 || !tr.valid)
+		return;
+	for (uint32_t n = 15; n > 0; n--) {
+		if (vmm_mem_read(vc->vm->mem, tr.physical_address, ev->insn, n) == 0) {
+			ev->insn_len = n;
+			return;
+		}
+	}
+}
+
+static int handle_internal_error(struct vmm_vcpu *vc)
+{
+	struct kvm_run *run = vc->run;
+	struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .vcpu = vc->idx,
+				.code = run->internal.suberror };
+	ev.reason = run->internal.suberror == KVM_INTERNAL_ERROR_EMULATION ?
+		    VMM_STOP_EMULATION : VMM_STOP_INTERNAL_ERROR;
+	struct kvm_regs regs;
+	if (ioctl(vc->fd, KVM_GET_REGS, &regs) == 0)
+		ev.rip = regs.rip;
+	if (ev.reason == VMM_STOP_EMULATION)
+		fetch_insn(vc, &ev);
+	vmm_vm_request_stop(vc->vm, (int)ev.reason, &ev);
+	return 1;
+}
+
+static int handle_system_event(struct vmm_vcpu *vc)
+{
+	switch (vc->run->system_event.type) {
+	case KVM_SYSTEM_EVENT_SHUTDOWN:
+		return stop_with(vc, VMM_STOP_POWEROFF, 0, 0);
+	case KVM_SYSTEM_EVENT_RESET:
+		return stop_with(vc, VMM_STOP_RESET, 0, 0);
+	default:
+		return stop_with(vc, VMM_STOP_INTERNAL_ERROR, vc->run->system_event.type, 0);
+	}
+}
+
+static int handle_exit(struct vmm_vcpu *vc)
+{
+	struct kvm_run *run = vc->run;
+	switch (run->exit_reason) {
+	case KVM_EXIT_IO:
+		return handle_io(vc);
+	case KVM_EXIT_MMIO:
+		return handle_mmio(vc);
+	case KVM_EXIT_HLT:
+		vc->st.hlt++;
+		return stop_with(vc, VMM_STOP_HALT, 0, 0);
+	case KVM_EXIT_SHUTDOWN:
+		return stop_with(vc, VMM_STOP_TRIPLE_FAULT, 0, 0);
+	case KVM_EXIT_FAIL_ENTRY:
+		return stop_with(vc, VMM_STOP_FAIL_ENTRY,
+				 run->fail_entry.hardware_entry_failure_reason, 0);
+	case KVM_EXIT_INTERNAL_ERROR:
+		return handle_internal_error(vc);
+	case KVM_EXIT_SYSTEM_EVENT:
+		return handle_system_event(vc);
+	case KVM_EXIT_INTR:
+	case KVM_EXIT_IRQ_WINDOW_OPEN:
+		vc->st.intr++;
+		return 0;
+	default:
+		vc->st.other++;
+		return stop_with(vc, VMM_STOP_INTERNAL_ERROR, run->exit_reason, 0);
+	}
+}
+
+/* Halt watchdog answer: 1 = halted with interrupts off (dead unless an
+ * NMI comes), 2 = waiting for INIT/SIPI, 0 = alive. */
+static void answer_probe(struct vmm_vcpu *vc)
+{
+	struct kvm_mp_state mp;
+	struct kvm_regs regs;
+	int dead = 0;
+	if (ioctl(vc->fd, KVM_GET_MP_STATE, &mp) == 0) {
+		if (mp.mp_state == KVM_MP_STATE_HALTED &&
+		    ioctl(vc->fd, KVM_GET_REGS, &regs) == 0 && !(regs.rflags & 0x200))
+			dead = 1;
+		else if (mp.mp_state == KVM_MP_STATE_UNINITIALIZED ||
+			 mp.mp_state == KVM_MP_STATE_INIT_RECEIVED)
+			dead = 2;
+	}
+	STORE(&vc->dead_halt, dead);
+	STORE(&vc->probe_halt, 0);
+}
+
+static void park(struct vmm_vcpu *vc)
+{
+	struct vmm_vm *vm = vc->vm;
+	pthread_mutex_lock(&vm->park_lock);
+	vm->parked++;
+	pthread_cond_broadcast(&vm->park_cond);
+	while (LOAD(&vm->pause_req) && !LOAD(&vm->stop_req))
+		pthread_cond_wait(&vm->park_cond, &vm->park_lock);
+	vm->parked--;
+	pthread_mutex_unlock(&vm->park_lock);
+}
+
+static void *vcpu_main(void *arg)
+{
+	struct vmm_vcpu *vc = arg;
+	struct vmm_vm *vm = vc->vm;
+	sigset_t set;
+	/* Process signals (SIGINT, SIGTERM) belong to Python's main thread. */
+	sigfillset(&set);
+	sigdelset(&set, kick_signal());
+	pthread_sigmask(SIG_SETMASK, &set, NULL);
+
+	for (;;) {
+		STORE(&vc->run->immediate_exit, 0);
+		if (LOAD(&vm->stop_req))
+			break;
+		if (LOAD(&vm->pause_req)) {
+			park(vc);
+			continue;
+		}
+		if (LOAD(&vc->probe_halt))
+			answer_probe(vc);
+		int r = ioctl(vc->fd, KVM_RUN, 0);
+		__atomic_add_fetch(&vc->st.exits, 1, __ATOMIC_RELAXED);
+		if (r < 0) {
+			if (errno == EINTR || errno == EAGAIN) {
+				__atomic_add_fetch(&vc->st.intr, 1, __ATOMIC_RELAXED);
+				continue;
+			}
+			stop_with(vc, VMM_STOP_KVM_ERROR, 0, errno);
+			break;
+		}
+		if (handle_exit(vc))
+			break;
+	}
+	pthread_mutex_lock(&vm->park_lock);
+	vm->parked++;	/* an exited vCPU counts as parked for pause */
+	pthread_cond_broadcast(&vm->park_cond);
+	pthread_mutex_unlock(&vm->park_lock);
+	__atomic_sub_fetch(&vm->threads, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+int vmm_vcpu_start(struct vmm_vcpu *vc)
+{
+	pthread_once(&handler_once, install_handler);
+	__atomic_add_fetch(&vc->vm->threads, 1, __ATOMIC_SEQ_CST);
+	int r = pthread_create(&vc->thread, NULL, vcpu_main, vc);
+	if (r) {
+		__atomic_sub_fetch(&vc->vm->threads, 1, __ATOMIC_SEQ_CST);
+		return -r;
+	}
+	STORE(&vc->started, 1);
+	return 0;
+}
+
+void vmm_vcpu_join(struct vmm_vcpu *vc)
+{
+	if (!LOAD(&vc->started))
+		return;
+	pthread_join(vc->thread, NULL);
+	STORE(&vc->started, 0);
+}

@@ -1,0 +1,39 @@
+/*
+ * vcpu.h - one vCPU: its KVM fd, the shared kvm_run page, counters and the
+ * thread running the KVM_RUN loop.  Exits are dispatched in C: PIO and
+ * MMIO to the VM's buses, fatal exits to vmm_vm_request_stop().
+ */
+#ifndef VMM_VCPU_H
+#define VMM_VCPU_H
+#include <pthread.h>
+#include <linux/kvm.h>
+
+#include "vm.h"
+
+struct vmm_vcpu_stats {
+	uint64_t exits, io, mmio, hlt, intr, other, unhandled_io, unhandled_mmio;
+};
+
+struct vmm_vcpu {
+	struct vmm_vm *vm;
+	int idx;
+	int fd;
+	struct kvm_run *run;
+	pthread_t thread;
+	int started;
+	int probe_halt;		/* I/O thread asks: are you halted, IF=0? (atomic) */
+	int dead_halt;		/* answer (atomic) */
+	uint64_t last_exits;	/* I/O thread's view for the halt watchdog */
+	struct vmm_vcpu_stats st;	/* written by the owning thread only */
+};
+
+int vmm_vcpu_create(struct vmm_vm *vm, int idx, struct vmm_vcpu **out);
+void vmm_vcpu_destroy(struct vmm_vcpu *vc);
+int vmm_vcpu_start(struct vmm_vcpu *vc);
+void vmm_vcpu_kick(struct vmm_vcpu *vc);
+void vmm_vcpu_join(struct vmm_vcpu *vc);
+/* x86.c: CPUID, MSRs, LAPIC LINTs and FPU for a fresh vCPU. */
+int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc);
+int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b);
+
+#endif

@@ -1,0 +1,444 @@
+/*
+ * vm.c - VM lifecycle: create (KVM VM, irqchip, PIT, devices), RAM, vCPUs,
+ * start, pause, resume, stop, destroy; stats, events and console access.
+ *
+ * Construction order follows Firecracker: TSS and identity map, irqchip,
+ * PIT2, memory, then vCPUs (CPUID depends on the final vCPU count).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+#include "iothread.h"
+#include "vcpu.h"
+#include "vm.h"
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
+
+#define TSS_ADDR 0xfffbd000ull
+#define IDENTITY_MAP_ADDR 0xfffbc000ull
+
+static int xioctl(int fd, unsigned long req, void *arg)
+{
+	int r;
+	do {
+		r = ioctl(fd, req, arg);
+	} while (r < 0 && errno == EINTR);
+	return r < 0 ? -errno : r;
+}
+
+static int open_kvm(const char *path)
+{
+	int fd = open(path ? path : "/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	int v = ioctl(fd, KVM_GET_API_VERSION, 0);
+	if (v != KVM_API_VERSION) {
+		close(fd);
+		return -EPROTO;
+	}
+	return fd;
+}
+
+int vmm_kvm_api_version(const char *kvm_path)
+{
+	int fd = open_kvm(kvm_path);
+	if (fd < 0)
+		return fd;
+	close(fd);
+	return KVM_API_VERSION;
+}
+
+static void on_i8042_reset(void *ctx)
+{
+	struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_RESET, .vcpu = -1 };
+	vmm_vm_request_stop(ctx, VMM_STOP_RESET, &ev);
+}
+
+static int create_machine(struct vmm_vm *vm)
+{
+	uint64_t idmap = IDENTITY_MAP_ADDR;
+	struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+	int r = xioctl(vm->vm_fd, KVM_SET_TSS_ADDR, (void *)(uintptr_t)TSS_ADDR);
+	if (r >= 0)
+		r = xioctl(vm->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &idmap);
+	if (r >= 0)
+		r = xioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, NULL);
+	if (r >= 0)
+		r = xioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit);
+	if (r >= 0)
+		r = vm->run_size = xioctl(vm->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, NULL);
+	return r < 0 ? r : 0;
+}
+
+static int create_devices(struct vmm_vm *vm)
+{
+	int r = vmm_events_init(&vm->events);
+	if (!r)
+		r = vmm_console_init(&vm->console);
+	if (!r)
+		r = vmm_irq_init(&vm->serial_irq, vm->vm_fd, VMM_SERIAL_IRQ);
+	if (!r)
+		r = vmm_irq_init(&vm->kbd_irq, vm->vm_fd, VMM_I8042_IRQ);
+	if (r)
+		return r;
+	vmm_serial_init(&vm->serial, &vm->console, &vm->serial_irq);
+	vmm_i8042_init(&vm->i8042, &vm->kbd_irq, on_i8042_reset, vm);
+	r = vmm_bus_register(&vm->pio, VMM_SERIAL_PORT, 8, &vmm_serial_ops, &vm->serial);
+	if (!r)
+		r = vmm_bus_register(&vm->pio, VMM_I8042_DATA, 5, &vmm_i8042_ops, &vm->i8042);
+	return r;
+}
+
+int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
+{
+	struct vmm_vm *vm = calloc(1, sizeof(*vm));
+	if (!vm)
+		return -ENOMEM;
+	vm->kvm_fd = vm->vm_fd = -1;
+	vm->events.efd = vm->serial_irq.efd = vm->kbd_irq.efd = -1;
+	pthread_mutex_init(&vm->ctl_lock, NULL);
+	pthread_mutex_init(&vm->park_lock, NULL);
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&vm->park_cond, &ca);
+	pthread_condattr_destroy(&ca);
+
+	int r = vm->kvm_fd = open_kvm(kvm_path);
+	if (r >= 0)
+		r = vm->vm_fd = xioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
+	if (r >= 0)
+		r = create_machine(vm);
+	if (r >= 0) {
+		vm->mem = vmm_mem_new();
+		r = vm->mem ? 0 : -ENOMEM;
+	}
+	if (r >= 0)
+		r = create_devices(vm);
+	if (r < 0) {
+		vmm_vm_destroy(vm);
+		return r;
+	}
+	*out = vm;
+	return 0;
+}
+
+int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
+{
+	if (LOAD(&vm->state) != VMM_VM_CREATED)
+		return -EBUSY;
+	int slot = vm->mem->n;
+	int r = vmm_mem_add_region(vm->mem, gpa, size, NULL);
+	if (r)
+		return r;
+	const struct vmm_mem_region *reg = vmm_mem_region_at(vm->mem, slot);
+	struct kvm_userspace_memory_region kr = {
+		.slot = (uint32_t)slot, .guest_phys_addr = gpa, .memory_size = size,
+		.userspace_addr = (uint64_t)(uintptr_t)reg->hva,
+	};
+	r = xioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
+	if (r < 0) {
+		/* Undo the region so nothing half-added stays behind. */
+		vm->mem->n--;
+		if (reg->owned)
+			munmap(reg->hva, reg->size);
+		return r;
+	}
+	return 0;
+}
+
+struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm)
+{
+	return vm->mem;
+}
+
+int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
+{
+	if (n < 1 || n > VMM_MAX_VCPUS)
+		return -EINVAL;
+	if (vm->nvcpus || LOAD(&vm->state) != VMM_VM_CREATED)
+		return -EBUSY;
+	vm->nvcpus = n;	/* CPUID topology needs the count up front */
+	for (int i = 0; i < n; i++) {
+		int r = vmm_vcpu_create(vm, i, &vm->vcpus[i]);
+		if (r) {
+			while (i--) {
+				vmm_vcpu_destroy(vm->vcpus[i]);
+				vm->vcpus[i] = NULL;
+			}
+			vm->nvcpus = 0;
+			return r;
+		}
+	}
+	return 0;
+}
+
+int vmm_vm_vcpu_count(const struct vmm_vm *vm)
+{
+	return vm->nvcpus;
+}
+
+int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	if (LOAD(&vm->state) != VMM_VM_CREATED)
+		return -EBUSY;
+	return vmm_x86_set_boot_regs(vm->vcpus[idx], regs);
+}
+
+void vmm_vm_kick_all(struct vmm_vm *vm)
+{
+	for (int i = 0; i < vm->nvcpus; i++)
+		vmm_vcpu_kick(vm->vcpus[i]);
+}
+
+void vmm_vm_request_stop(struct vmm_vm *vm, int reason, const struct vmm_event *detail)
+{
+	int none = VMM_STOP_NONE;
+	/* First reason wins; later ones (other vCPUs, the API) are no news. */
+	if (__atomic_compare_exchange_n(&vm->stop_reason, &none, reason, 0,
+					__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+		vmm_events_push(&vm->events, detail);
+	STORE(&vm->stop_req, 1);
+	pthread_mutex_lock(&vm->park_lock);
+	pthread_cond_broadcast(&vm->park_cond);
+	pthread_mutex_unlock(&vm->park_lock);
+	vmm_vm_kick_all(vm);
+}
+
+/* Join every thread; called with ctl_lock held. */
+static void join_all(struct vmm_vm *vm)
+{
+	for (int i = 0; i < vm->nvcpus; i++)
+		vmm_vcpu_join(vm->vcpus[i]);
+	vmm_iothread_stop(vm->io);
+	vm->io = NULL;
+	vmm_console_flush(&vm->console);
+}
+
+int vmm_vm_start(struct vmm_vm *vm)
+{
+	pthread_mutex_lock(&vm->ctl_lock);
+	int r = 0;
+	if (LOAD(&vm->state) != VMM_VM_CREATED)
+		r = -EBUSY;
+	else if (vm->nvcpus == 0 || vm->mem->n == 0)
+		r = -EINVAL;
+	if (!r)
+		r = vmm_iothread_start(vm, &vm->io);
+	if (!r) {
+		STORE(&vm->state, VMM_VM_RUNNING);
+		for (int i = 0; i < vm->nvcpus && !r; i++)
+			r = vmm_vcpu_start(vm->vcpus[i]);
+		if (r) {
+			struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
+						.reason = VMM_STOP_KVM_ERROR, .vcpu = -1, .err = -r };
+			vmm_vm_request_stop(vm, VMM_STOP_KVM_ERROR, &ev);
+			join_all(vm);
+			STORE(&vm->state, VMM_VM_STOPPED);
+		}
+	}
+	pthread_mutex_unlock(&vm->ctl_lock);
+	return r;
+}
+
+static int wait_parked(struct vmm_vm *vm, int timeout_ms)
+{
+	struct timespec dl;
+	clock_gettime(CLOCK_MONOTONIC, &dl);
+	dl.tv_sec += timeout_ms / 1000;
+	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (dl.tv_nsec >= 1000000000L) {
+		dl.tv_sec++;
+		dl.tv_nsec -= 1000000000L;
+	}
+	int r = 0;
+	pthread_mutex_lock(&vm->park_lock);
+	while (vm->parked < vm->nvcpus && r == 0)
+		r = pthread_cond_timedwait(&vm->park_cond, &vm->park_lock, &dl);
+	int ok = vm->parked >= vm->nvcpus;
+	pthread_mutex_unlock(&vm->park_lock);
+	return ok ? 0 : -ETIMEDOUT;
+}
+
+static void release_parked(struct vmm_vm *vm)
+{
+	pthread_mutex_lock(&vm->park_lock);
+	STORE(&vm->pause_req, 0);
+	pthread_cond_broadcast(&vm->park_cond);
+	pthread_mutex_unlock(&vm->park_lock);
+}
+
+int vmm_vm_pause(struct vmm_vm *vm, int timeout_ms)
+{
+	pthread_mutex_lock(&vm->ctl_lock);
+	int st = LOAD(&vm->state), r = 0;
+	if (st == VMM_VM_RUNNING && !LOAD(&vm->stop_reason)) {
+		STORE(&vm->pause_req, 1);
+		vmm_vm_kick_all(vm);
+		r = wait_parked(vm, timeout_ms);
+		if (r == 0 && !LOAD(&vm->stop_reason)) {
+			STORE(&vm->state, VMM_VM_PAUSED);
+			struct vmm_event ev = { .type = VMM_EVENT_PAUSED, .vcpu = -1 };
+			vmm_events_push(&vm->events, &ev);
+		} else if (r) {
+			release_parked(vm);	/* no half-paused VM */
+		}
+	} else if (st != VMM_VM_PAUSED) {
+		r = -EINVAL;
+	}
+	pthread_mutex_unlock(&vm->ctl_lock);
+	return r;
+}
+
+int vmm_vm_resume(struct vmm_vm *vm)
+{
+	pthread_mutex_lock(&vm->ctl_lock);
+	int st = LOAD(&vm->state), r = 0;
+	if (st == VMM_VM_PAUSED) {
+		STORE(&vm->state, VMM_VM_RUNNING);
+		release_parked(vm);
+		struct vmm_event ev = { .type = VMM_EVENT_RESUMED, .vcpu = -1 };
+		vmm_events_push(&vm->events, &ev);
+	} else if (st != VMM_VM_RUNNING) {
+		r = -EINVAL;
+	}
+	pthread_mutex_unlock(&vm->ctl_lock);
+	return r;
+}
+
+int vmm_vm_stop(struct vmm_vm *vm)
+{
+	pthread_mutex_lock(&vm->ctl_lock);
+	int st = LOAD(&vm->state);
+	if (st == VMM_VM_RUNNING || st == VMM_VM_PAUSED) {
+		struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
+					.reason = VMM_STOP_REQUESTED, .vcpu = -1 };
+		vmm_vm_request_stop(vm, VMM_STOP_REQUESTED, &ev);
+		join_all(vm);
+	}
+	STORE(&vm->state, VMM_VM_STOPPED);
+	if (!LOAD(&vm->stop_reason))
+		STORE(&vm->stop_reason, VMM_STOP_REQUESTED);
+	pthread_mutex_unlock(&vm->ctl_lock);
+	return 0;
+}
+
+void vmm_vm_destroy(struct vmm_vm *vm)
+{
+	if (!vm)
+		return;
+	if (vm->vm_fd >= 0)
+		vmm_vm_stop(vm);
+	for (int i = 0; i < vm->nvcpus; i++)
+		vmm_vcpu_destroy(vm->vcpus[i]);
+	vmm_irq_close(&vm->serial_irq);
+	vmm_irq_close(&vm->kbd_irq);
+	if (vm->events.efd >= 0) {
+		vmm_serial_close(&vm->serial);
+		vmm_i8042_close(&vm->i8042);
+		vmm_events_close(&vm->events);
+	}
+	vmm_console_close(&vm->console);
+	if (vm->vm_fd >= 0)
+		close(vm->vm_fd);
+	if (vm->kvm_fd >= 0)
+		close(vm->kvm_fd);
+	vmm_mem_free(vm->mem);	/* after the VM fd: KVM no longer maps it */
+	pthread_cond_destroy(&vm->park_cond);
+	pthread_mutex_destroy(&vm->park_lock);
+	pthread_mutex_destroy(&vm->ctl_lock);
+	free(vm);
+}
+
+int vmm_vm_state(const struct vmm_vm *vm)
+{
+	/* A VM whose guest stopped it is STOPPED even before Python joins it. */
+	if (LOAD(&vm->stop_reason))
+		return VMM_VM_STOPPED;
+	return LOAD(&vm->state);
+}
+
+int vmm_vm_stop_reason(const struct vmm_vm *vm)
+{
+	return LOAD(&vm->stop_reason);
+}
+
+int vmm_vm_get_stats(const struct vmm_vm *vm, struct vmm_vm_stats *o)
+{
+	memset(o, 0, sizeof(*o));
+	for (int i = 0; i < vm->nvcpus; i++) {
+		const struct vmm_vcpu_stats *s = &vm->vcpus[i]->st;
+		o->exits += LOAD(&s->exits);
+		o->exits_io += LOAD(&s->io);
+		o->exits_mmio += LOAD(&s->mmio);
+		o->exits_hlt += LOAD(&s->hlt);
+		o->exits_intr += LOAD(&s->intr);
+		o->exits_other += LOAD(&s->other);
+		o->unhandled_io += LOAD(&s->unhandled_io);
+		o->unhandled_mmio += LOAD(&s->unhandled_mmio);
+	}
+	o->console_bytes = LOAD(&vm->console.head);
+	o->console_dropped = LOAD(&vm->console.dropped);
+	o->events_dropped = LOAD(&vm->events.dropped);
+	return 0;
+}
+
+int vmm_vm_thread_count(const struct vmm_vm *vm)
+{
+	return LOAD(&vm->threads);
+}
+
+int vmm_vm_event_fd(const struct vmm_vm *vm)
+{
+	return vm->events.efd;
+}
+
+int vmm_vm_next_event(struct vmm_vm *vm, struct vmm_event *out)
+{
+	return vmm_events_pop(&vm->events, out);
+}
+
+int vmm_vm_console_set_fd(struct vmm_vm *vm, int out_fd)
+{
+	pthread_mutex_lock(&vm->console.lock);
+	vm->console.out_fd = out_fd;
+	pthread_mutex_unlock(&vm->console.lock);
+	return 0;
+}
+
+int vmm_vm_console_notify_fd(const struct vmm_vm *vm)
+{
+	return vm->console.notify_fd;
+}
+
+int64_t vmm_vm_console_read(struct vmm_vm *vm, uint64_t *pos, void *buf, uint64_t len)
+{
+	return vmm_console_read(&vm->console, pos, buf, len);
+}
+
+uint64_t vmm_vm_console_head(const struct vmm_vm *vm)
+{
+	return LOAD(&vm->console.flushed);
+}
+
+int vmm_vm_console_input(struct vmm_vm *vm, const void *buf, uint64_t len)
+{
+	return vmm_serial_input(&vm->serial, buf, len);
+}
+
+int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm)
+{
+	if (vmm_vm_state(vm) != VMM_VM_RUNNING)
+		return -EINVAL;
+	return vmm_i8042_ctrl_alt_del(&vm->i8042);
+}

@@ -1,0 +1,52 @@
+/*
+ * vm.h - struct vmm_vm: one microVM's KVM fds, memory, buses, devices,
+ * threads and lifecycle flags.  Control operations (start, pause, resume,
+ * stop, destroy) serialize on ctl_lock; vCPU threads read the flags
+ * without it (atomics), so the hot path takes no VM-wide lock.
+ */
+#ifndef VMM_VM_H
+#define VMM_VM_H
+#include <pthread.h>
+
+#include "bus.h"
+#include "console.h"
+#include "events.h"
+#include "i8042.h"
+#include "irq.h"
+#include "memory.h"
+#include "serial.h"
+
+#define VMM_MAX_VCPUS 32
+
+struct vmm_vcpu;
+struct vmm_iothread;
+
+struct vmm_vm {
+	int kvm_fd, vm_fd;
+	int run_size;		/* mmap size of struct kvm_run */
+	struct vmm_mem *mem;
+	struct vmm_bus pio, mmio;
+	struct vmm_events events;
+	struct vmm_console console;
+	struct vmm_irq serial_irq, kbd_irq;
+	struct vmm_serial serial;
+	struct vmm_i8042 i8042;
+	int nvcpus;
+	struct vmm_vcpu *vcpus[VMM_MAX_VCPUS];
+	struct vmm_iothread *io;
+
+	pthread_mutex_t ctl_lock;	/* one control operation at a time */
+	pthread_mutex_t park_lock;	/* vCPUs parking for pause */
+	pthread_cond_t park_cond;
+	int parked;			/* vCPUs parked (or exited) */
+	int pause_req, stop_req;	/* atomics */
+	int state;			/* enum vmm_vm_state (atomic) */
+	int stop_reason;		/* first reason wins (atomic) */
+	int threads;			/* live C threads (atomic) */
+};
+
+/* Any thread: the VM must stop for `reason`; posts one STOPPED event. */
+void vmm_vm_request_stop(struct vmm_vm *vm, int reason, const struct vmm_event *detail);
+void vmm_vm_kick_all(struct vmm_vm *vm);
+
+#endif

@@ -1,0 +1,144 @@
+/*
+ * vmmcore.h - the public interface of the vmmd C core.
+ *
+ * This is the only header Python sees: native/build_ffi.py feeds it to cffi's
+ * cdef (after dropping preprocessor lines), so it holds plain declarations
+ * only.  Every function returns 0 (or a count) on success and -errno on
+ * failure; nothing here exits, aborts or longjmps.  The C core owns its
+ * threads: vCPU loops and the I/O thread never call back into Python.
+ */
+#ifndef VMMCORE_H
+#define VMMCORE_H
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- guest memory (memory.c): read/write at a guest physical address ---- */
+struct vmm_mem;
+struct vmm_mem *vmm_mem_new(void);
+void vmm_mem_free(struct vmm_mem *mem);
+/* hva == NULL: the core maps anonymous memory itself (and unmaps it). */
+int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *hva);
+int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t len);
+int vmm_mem_write(struct vmm_mem *mem, uint64_t gpa, const void *buf, uint64_t len);
+int vmm_mem_region_count(const struct vmm_mem *mem);
+int vmm_mem_region_get(const struct vmm_mem *mem, int idx, uint64_t *gpa, uint64_t *size);
+
+/* ---- boot state of a vCPU, filled by the Python boot loader ---- */
+struct vmm_segment {
+	uint64_t base;
+	uint32_t limit;
+	uint16_t selector;
+	uint8_t type, present, dpl, db, s, l, g, avl;
+};
+
+struct vmm_boot_regs {
+	uint64_t rip, rsp, rbp, rsi, rbx, rflags;
+	uint64_t cr0, cr3, cr4, efer;
+	struct vmm_segment cs, ds, es, fs, gs, ss, tr, ldt;
+	uint64_t gdt_base;
+	uint16_t gdt_limit;
+	uint64_t idt_base;
+	uint16_t idt_limit;
+};
+
+/* ---- events: C -> Python, through an eventfd and a bounded ring ---- */
+enum vmm_event_type {
+	VMM_EVENT_STOPPED = 1,	/* the VM stopped by itself; reason says why */
+	VMM_EVENT_PAUSED = 2,
+	VMM_EVENT_RESUMED = 3,
+	VMM_EVENT_DEVICE_ERROR = 4,
+	VMM_EVENT_LOST = 5	/* the ring overflowed; code = events dropped */
+};
+
+enum vmm_stop_reason {
+	VMM_STOP_NONE = 0,
+	VMM_STOP_RESET = 1,		/* guest reset via i8042 / KVM reset event */
+	VMM_STOP_HALT = 2,		/* every vCPU halted with interrupts off */
+	VMM_STOP_TRIPLE_FAULT = 3,	/* KVM_EXIT_SHUTDOWN */
+	VMM_STOP_FAIL_ENTRY = 4,	/* KVM_EXIT_FAIL_ENTRY; code = hw reason */
+	VMM_STOP_EMULATION = 5,	/* KVM internal error: emulation failure */
+	VMM_STOP_INTERNAL_ERROR = 6,	/* other KVM internal error; code = suberror */
+	VMM_STOP_KVM_ERROR = 7,	/* an ioctl failed; err = errno */
+	VMM_STOP_REQUESTED = 8,	/* vmm_vm_stop() from outside */
+	VMM_STOP_POWEROFF = 9		/* KVM_EXIT_SYSTEM_EVENT shutdown */
+};
+
+struct vmm_event {
+	uint32_t type;		/* enum vmm_event_type */
+	uint32_t reason;	/* enum vmm_stop_reason for STOPPED */
+	int32_t vcpu;		/* -1 when not tied to a vCPU */
+	int32_t err;		/* errno for KVM_ERROR */
+	uint64_t code;		/* hw reason, suberror, exit reason... */
+	uint64_t rip;
+	uint64_t time_ns;	/* CLOCK_MONOTONIC */
+	uint32_t insn_len;
+	uint8_t insn[16];	/* instruction bytes for an emulation failure */
+};
+
+/* ---- counters ---- */
+struct vmm_vm_stats {
+	uint64_t exits;		/* every return from KVM_RUN */
+	uint64_t exits_io;
+	uint64_t exits_mmio;
+	uint64_t exits_hlt;
+	uint64_t exits_intr;		/* -EINTR: kicks for pause/stop */
+	uint64_t exits_other;
+	uint64_t unhandled_io;		/* PIO to a port no device owns */
+	uint64_t unhandled_mmio;	/* MMIO to an address no device owns */
+	uint64_t console_bytes;		/* guest UART output */
+	uint64_t console_dropped;	/* bytes the console fd could not take */
+	uint64_t events_dropped;
+};
+
+/* ---- the VM (vm.c) ---- */
+enum vmm_vm_state {
+	VMM_VM_CREATED = 0,
+	VMM_VM_RUNNING = 1,
+	VMM_VM_PAUSED = 2,
+	VMM_VM_STOPPED = 3
+};
+
+struct vmm_vm;
+/* Opens /dev/kvm, creates the VM with in-kernel irqchip and PIT2, the
+ * UART and i8042 on the PIO bus.  kvm_path NULL means "/dev/kvm". */
+int vmm_vm_create(const char *kvm_path, struct vmm_vm **out);
+void vmm_vm_destroy(struct vmm_vm *vm);	/* stops, joins, closes, frees */
+int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size);
+struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
+/* Creates n vCPUs: CPUID from KVM_GET_SUPPORTED_CPUID with per-vCPU APIC
+ * ids and topology, boot MSRs, LAPIC LINT0/LINT1, FPU defaults. */
+int vmm_vm_create_vcpus(struct vmm_vm *vm, int n);
+int vmm_vm_vcpu_count(const struct vmm_vm *vm);
+int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs);
+int vmm_vm_start(struct vmm_vm *vm);
+/* Pause/resume wait until every vCPU acknowledged, up to timeout_ms. */
+int vmm_vm_pause(struct vmm_vm *vm, int timeout_ms);
+int vmm_vm_resume(struct vmm_vm *vm);
+/* Stops every thread and joins it; the VM's memory and fds stay until
+ * destroy.  Safe to call in any state and more than once. */
+int vmm_vm_stop(struct vmm_vm *vm);
+int vmm_vm_state(const struct vmm_vm *vm);
+int vmm_vm_stop_reason(const struct vmm_vm *vm);
+int vmm_vm_get_stats(const struct vmm_vm *vm, struct vmm_vm_stats *out);
+int vmm_vm_thread_count(const struct vmm_vm *vm);	/* live C threads */
+
+/* Events: event_fd becomes readable when events are queued. */
+int vmm_vm_event_fd(const struct vmm_vm *vm);
+int vmm_vm_next_event(struct vmm_vm *vm, struct vmm_event *out); /* 1, 0 = none */
+
+/* Console (serial.c + console.c).  Output goes to out_fd (if >= 0) and to
+ * a bounded history ring read by absolute position. */
+int vmm_vm_console_set_fd(struct vmm_vm *vm, int out_fd);
+int vmm_vm_console_notify_fd(const struct vmm_vm *vm);
+/* Copies ring bytes from *pos; advances *pos; returns bytes copied.  If
+ * *pos fell out of the ring it is moved to the oldest byte kept. */
+int64_t vmm_vm_console_read(struct vmm_vm *vm, uint64_t *pos, void *buf, uint64_t len);
+uint64_t vmm_vm_console_head(const struct vmm_vm *vm);
+int vmm_vm_console_input(struct vmm_vm *vm, const void *buf, uint64_t len);
+/* Ctrl-Alt-Del through the i8042 (graceful stop request). */
+int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
+
+/* Host facts. */
+int vmm_kvm_api_version(const char *kvm_path);
+
+#endif

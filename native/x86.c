@@ -1,0 +1,219 @@
+/*
+ * x86.c - per-vCPU x86 state a microVM needs before its first KVM_RUN:
+ * CPUID (KVM's supported set, with this vCPU's APIC id and the VM's
+ * topology), the boot MSRs, LAPIC LINT0/LINT1 wiring, FPU defaults, and
+ * the boot registers the Python loader computed.  Values follow
+ * Firecracker's proven choices.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+#include "vcpu.h"
+
+#define MAX_CPUID_ENTRIES 256
+
+static struct kvm_cpuid2 *supported_cpuid(int kvm_fd)
+{
+	size_t sz = sizeof(struct kvm_cpuid2) + MAX_CPUID_ENTRIES * sizeof(struct kvm_cpuid_entry2);
+	struct kvm_cpuid2 *c = calloc(1, sz);
+	if (!c)
+		return NULL;
+	c->nent = MAX_CPUID_ENTRIES;
+	if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, c) < 0) {
+		free(c);
+		return NULL;
+	}
+	return c;
+}
+
+static int log2_ceil(int n)
+{
+	int s = 0;
+	while ((1 << s) < n)
+		s++;
+	return s;
+}
+
+/* Leaf 0xB: one thread per core, every vCPU a core of one package. */
+static void set_topology_leaf(struct kvm_cpuid_entry2 *e, uint32_t sub, int n, uint32_t apic)
+{
+	memset(e, 0, sizeof(*e));
+	e->function = 0xb;
+	e->index = sub;
+	e->flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+	e->edx = apic;
+	if (sub == 0) {		/* SMT level */
+		e->eax = 0;
+		e->ebx = 1;
+		e->ecx = (1u << 8) | sub;
+	} else if (sub == 1) {	/* core level */
+		e->eax = (uint32_t)log2_ceil(n);
+		e->ebx = (uint32_t)n;
+		e->ecx = (2u << 8) | sub;
+	} else {		/* invalid level ends the enumeration */
+		e->ecx = sub;
+	}
+}
+
+static void patch_cpuid(struct kvm_cpuid2 *c, int n, uint32_t apic, int tsc_deadline)
+{
+	uint32_t out = 0;
+	for (uint32_t i = 0; i < c->nent; i++) {
+		struct kvm_cpuid_entry2 *e = &c->entries[i];
+		/* Host topology leaves are replaced below; 0x1f dropped so the
+		 * guest falls back to 0xb. */
+		if (e->function == 0xb || e->function == 0x1f)
+			continue;
+		if (e->function == 1) {
+			e->ebx = (apic << 24) | ((uint32_t)n << 16) | (8u << 8);
+			e->ecx |= 1u << 31;	/* hypervisor present */
+			if (tsc_deadline)
+				e->ecx |= 1u << 24;
+			if (n > 1)
+				e->edx |= 1u << 28;	/* HTT: several logical CPUs */
+		} else if (e->function == 4 && (e->eax & 0x1f)) {
+			uint32_t level = (e->eax >> 5) & 7;
+			uint32_t sharing = level >= 3 ? (uint32_t)n - 1 : 0;
+			e->eax &= 0x3fff;
+			e->eax |= (((uint32_t)n - 1) & 0x3f) << 26;
+			e->eax |= (sharing & 0xfff) << 14;
+		}
+		c->entries[out++] = *e;
+	}
+	for (uint32_t sub = 0; sub < 3 && out < MAX_CPUID_ENTRIES; sub++)
+		set_topology_leaf(&c->entries[out++], sub, n, apic);
+	c->nent = out;
+}
+
+static int setup_cpuid(struct vmm_vm *vm, struct vmm_vcpu *vc)
+{
+	struct kvm_cpuid2 *c = supported_cpuid(vm->kvm_fd);
+	if (!c)
+		return -errno ? -errno : -ENOMEM;
+	int tsc_deadline = ioctl(vm->kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+	/* nvcpus is final before the first vCPU is created. */
+	patch_cpuid(c, vm->nvcpus, (uint32_t)vc->idx, tsc_deadline);
+	int r = ioctl(vc->fd, KVM_SET_CPUID2, c) < 0 ? -errno : 0;
+	free(c);
+	return r;
+}
+
+static int setup_msrs(struct vmm_vcpu *vc)
+{
+	static const struct { uint32_t index; uint64_t data; } boot[] = {
+		{ 0x174, 0 }, { 0x175, 0 }, { 0x176, 0 },	/* SYSENTER_CS/ESP/EIP */
+		{ 0xc0000081, 0 }, { 0xc0000082, 0 },		/* STAR, LSTAR */
+		{ 0xc0000083, 0 }, { 0xc0000084, 0 },		/* CSTAR, SYSCALL_MASK */
+		{ 0xc0000102, 0 },				/* KERNEL_GS_BASE */
+		{ 0x10, 0 },					/* TSC */
+		{ 0x1a0, 1 },					/* MISC_ENABLE: fast strings */
+		{ 0x2ff, (1u << 11) | 6 },			/* MTRRdefType: on, WB */
+	};
+	enum { N = sizeof(boot) / sizeof(boot[0]) };
+	struct {
+		struct kvm_msrs hdr;
+		struct kvm_msr_entry e[N];
+	} m;
+	memset(&m, 0, sizeof(m));
+	m.hdr.nmsrs = N;
+	for (int i = 0; i < N; i++) {
+		m.e[i].index = boot[i].index;
+		m.e[i].data = boot[i].data;
+	}
+	int r = ioctl(vc->fd, KVM_SET_MSRS, &m);
+	if (r < 0)
+		return -errno;
+	return r == N ? 0 : -EIO;
+}
+
+static void lapic_set_delivery(struct kvm_lapic_state *l, int reg, uint32_t mode)
+{
+	uint32_t v;
+	memcpy(&v, &l->regs[reg], 4);
+	v = (v & ~0x700u) | (mode << 8);
+	memcpy(&l->regs[reg], &v, 4);
+}
+
+static int setup_lapic(struct vmm_vcpu *vc)
+{
+	struct kvm_lapic_state l;
+	if (ioctl(vc->fd, KVM_GET_LAPIC, &l) < 0)
+		return -errno;
+	lapic_set_delivery(&l, 0x350, 7);	/* LINT0: ExtINT (the PIC) */
+	lapic_set_delivery(&l, 0x360, 4);	/* LINT1: NMI */
+	return ioctl(vc->fd, KVM_SET_LAPIC, &l) < 0 ? -errno : 0;
+}
+
+static int setup_fpu(struct vmm_vcpu *vc)
+{
+	struct kvm_fpu fpu;
+	memset(&fpu, 0, sizeof(fpu));
+	fpu.fcw = 0x37f;
+	fpu.mxcsr = 0x1f80;
+	return ioctl(vc->fd, KVM_SET_FPU, &fpu) < 0 ? -errno : 0;
+}
+
+int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc)
+{
+	int r = setup_cpuid(vm, vc);
+	if (!r)
+		r = setup_msrs(vc);
+	if (!r)
+		r = setup_lapic(vc);
+	if (!r)
+		r = setup_fpu(vc);
+	return r;
+}
+
+static void to_kvm_segment(struct kvm_segment *k, const struct vmm_segment *s)
+{
+	memset(k, 0, sizeof(*k));
+	k->base = s->base;
+	k->limit = s->limit;
+	k->selector = s->selector;
+	k->type = s->type;
+	k->present = s->present;
+	k->dpl = s->dpl;
+	k->db = s->db;
+	k->s = s->s;
+	k->l = s->l;
+	k->g = s->g;
+	k->avl = s->avl;
+	k->unusable = !s->present;
+}
+
+int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b)
+{
+	struct kvm_sregs sr;
+	if (ioctl(vc->fd, KVM_GET_SREGS, &sr) < 0)
+		return -errno;
+	to_kvm_segment(&sr.cs, &b->cs);
+	to_kvm_segment(&sr.ds, &b->ds);
+	to_kvm_segment(&sr.es, &b->es);
+	to_kvm_segment(&sr.fs, &b->fs);
+	to_kvm_segment(&sr.gs, &b->gs);
+	to_kvm_segment(&sr.ss, &b->ss);
+	to_kvm_segment(&sr.tr, &b->tr);
+	to_kvm_segment(&sr.ldt, &b->ldt);
+	sr.gdt.base = b->gdt_base;
+	sr.gdt.limit = b->gdt_limit;
+	sr.idt.base = b->idt_base;
+	sr.idt.limit = b->idt_limit;
+	sr.cr0 = b->cr0;
+	sr.cr3 = b->cr3;
+	sr.cr4 = b->cr4;
+	sr.efer = b->efer;
+	if (ioctl(vc->fd, KVM_SET_SREGS, &sr) < 0)
+		return -errno;
+	struct kvm_regs r;
+	memset(&r, 0, sizeof(r));
+	r.rip = b->rip;
+	r.rsp = b->rsp;
+	r.rbp = b->rbp;
+	r.rsi = b->rsi;
+	r.rbx = b->rbx;
+	r.rflags = b->rflags;
+	return ioctl(vc->fd, KVM_SET_REGS, &r) < 0 ? -errno : 0;
+}

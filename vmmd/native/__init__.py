@@ -1,0 +1,242 @@
+"""Typed Python face of the C core.
+
+This package is the only importer of the cffi module `vmmd.native._core`.
+It turns the core's `-errno` returns into NativeError, C structs into frozen
+dataclasses, and owns every C handle through an explicit close() (and the
+context-manager protocol).  cffi releases the GIL around each C call, so a
+blocking call here never stalls other Python threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from vmmd.errors import NativeError
+
+from ._core import ffi, lib  # type: ignore[import-not-found]
+
+
+class StopReason(enum.IntEnum):
+    NONE = lib.VMM_STOP_NONE
+    RESET = lib.VMM_STOP_RESET
+    HALT = lib.VMM_STOP_HALT
+    TRIPLE_FAULT = lib.VMM_STOP_TRIPLE_FAULT
+    FAIL_ENTRY = lib.VMM_STOP_FAIL_ENTRY
+    EMULATION = lib.VMM_STOP_EMULATION
+    INTERNAL_ERROR = lib.VMM_STOP_INTERNAL_ERROR
+    KVM_ERROR = lib.VMM_STOP_KVM_ERROR
+    REQUESTED = lib.VMM_STOP_REQUESTED
+    POWEROFF = lib.VMM_STOP_POWEROFF
+
+
+class EventType(enum.IntEnum):
+    STOPPED = lib.VMM_EVENT_STOPPED
+    PAUSED = lib.VMM_EVENT_PAUSED
+    RESUMED = lib.VMM_EVENT_RESUMED
+    DEVICE_ERROR = lib.VMM_EVENT_DEVICE_ERROR
+    LOST = lib.VMM_EVENT_LOST
+
+
+class VmState(enum.IntEnum):
+    CREATED = lib.VMM_VM_CREATED
+    RUNNING = lib.VMM_VM_RUNNING
+    PAUSED = lib.VMM_VM_PAUSED
+    STOPPED = lib.VMM_VM_STOPPED
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: StopReason
+    vcpu: int
+    err: int
+    code: int
+    rip: int
+    time_ns: int
+    insn: bytes
+
+
+@dataclass(frozen=True)
+class VmStats:
+    exits: int
+    exits_io: int
+    exits_mmio: int
+    exits_hlt: int
+    exits_intr: int
+    exits_other: int
+    unhandled_io: int
+    unhandled_mmio: int
+    console_bytes: int
+    console_dropped: int
+    events_dropped: int
+
+
+def check(rc: int, op: str) -> int:
+    """Raise NativeError for a negative errno return; pass counts through."""
+    if rc < 0:
+        raise NativeError(op, -rc)
+    return rc
+
+
+def _fill(cstruct: Any, value: Any) -> None:
+    """Copy a (nested) dataclass into a cffi struct of the same field names."""
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if dataclasses.is_dataclass(v):
+            _fill(getattr(cstruct, f.name), v)
+        else:
+            setattr(cstruct, f.name, int(v))
+
+
+def kvm_api_version(kvm_path: str = "/dev/kvm") -> int:
+    return check(lib.vmm_kvm_api_version(kvm_path.encode()), f"open {kvm_path}")
+
+
+class GuestMemory:
+    """Guest physical memory without a VM: the native tier's fake guest RAM."""
+
+    def __init__(self) -> None:
+        self._mem = lib.vmm_mem_new()
+        if self._mem == ffi.NULL:
+            raise MemoryError("vmm_mem_new")
+
+    def add_region(self, gpa: int, size: int) -> None:
+        check(lib.vmm_mem_add_region(self._mem, gpa, size, ffi.NULL), "add memory region")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        check(lib.vmm_mem_write(self._mem, gpa, data, len(data)), f"write guest 0x{gpa:x}")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        buf = ffi.new("uint8_t[]", length)
+        check(lib.vmm_mem_read(self._mem, gpa, buf, length), f"read guest 0x{gpa:x}")
+        return bytes(ffi.buffer(buf, length))
+
+    @property
+    def handle(self) -> Any:
+        return self._mem
+
+    def close(self) -> None:
+        if self._mem != ffi.NULL:
+            lib.vmm_mem_free(self._mem)
+            self._mem = ffi.NULL
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NativeVm:
+    """One KVM VM in the C core.  Not thread-safe for control verbs: the
+    caller (vm layer) serializes them; reads (stats, console) are safe."""
+
+    def __init__(self, kvm_path: str = "/dev/kvm") -> None:
+        out = ffi.new("struct vmm_vm **")
+        check(lib.vmm_vm_create(kvm_path.encode(), out), "create VM")
+        self._vm = out[0]
+
+    # -- construction --
+    def add_ram(self, gpa: int, size: int) -> None:
+        check(lib.vmm_vm_add_ram(self._vm, gpa, size), f"add RAM at 0x{gpa:x}")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        mem = lib.vmm_vm_mem(self._vm)
+        check(lib.vmm_mem_write(mem, gpa, data, len(data)), f"write guest 0x{gpa:x}")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        buf = ffi.new("uint8_t[]", length)
+        mem = lib.vmm_vm_mem(self._vm)
+        check(lib.vmm_mem_read(mem, gpa, buf, length), f"read guest 0x{gpa:x}")
+        return bytes(ffi.buffer(buf, length))
+
+    def create_vcpus(self, n: int) -> None:
+        check(lib.vmm_vm_create_vcpus(self._vm, n), f"create {n} vCPUs")
+
+    def set_boot_regs(self, idx: int, regs: Any) -> None:
+        c = ffi.new("struct vmm_boot_regs *")
+        _fill(c, regs)
+        check(lib.vmm_vcpu_set_boot_regs(self._vm, idx, c), f"set vCPU {idx} registers")
+
+    # -- lifecycle --
+    def start(self) -> None:
+        check(lib.vmm_vm_start(self._vm), "start VM")
+
+    def pause(self, timeout_ms: int = 5000) -> None:
+        check(lib.vmm_vm_pause(self._vm, timeout_ms), "pause VM")
+
+    def resume(self) -> None:
+        check(lib.vmm_vm_resume(self._vm), "resume VM")
+
+    def stop(self) -> None:
+        check(lib.vmm_vm_stop(self._vm), "stop VM")
+
+    @property
+    def state(self) -> VmState:
+        return VmState(lib.vmm_vm_state(self._vm))
+
+    @property
+    def stop_reason(self) -> StopReason:
+        return StopReason(lib.vmm_vm_stop_reason(self._vm))
+
+    def stats(self) -> VmStats:
+        s = ffi.new("struct vmm_vm_stats *")
+        check(lib.vmm_vm_get_stats(self._vm, s), "read VM stats")
+        return VmStats(**{f.name: getattr(s, f.name) for f in dataclasses.fields(VmStats)})
+
+    def thread_count(self) -> int:
+        return lib.vmm_vm_thread_count(self._vm)
+
+    # -- events --
+    @property
+    def event_fd(self) -> int:
+        return lib.vmm_vm_event_fd(self._vm)
+
+    def next_event(self) -> Event | None:
+        e = ffi.new("struct vmm_event *")
+        if not check(lib.vmm_vm_next_event(self._vm, e), "read VM event"):
+            return None
+        return Event(
+            type=EventType(e.type), reason=StopReason(e.reason), vcpu=e.vcpu, err=e.err,
+            code=e.code, rip=e.rip, time_ns=e.time_ns,
+            insn=bytes(ffi.buffer(e.insn, min(e.insn_len, 16))),
+        )
+
+    # -- console --
+    def console_set_fd(self, fd: int) -> None:
+        check(lib.vmm_vm_console_set_fd(self._vm, fd), "set console fd")
+
+    @property
+    def console_notify_fd(self) -> int:
+        return lib.vmm_vm_console_notify_fd(self._vm)
+
+    def console_read(self, pos: int, max_bytes: int = 65536) -> tuple[bytes, int]:
+        """Bytes from absolute position `pos`, and the position after them."""
+        p = ffi.new("uint64_t *", pos)
+        buf = ffi.new("uint8_t[]", max_bytes)
+        n = check(lib.vmm_vm_console_read(self._vm, p, buf, max_bytes), "read console")
+        return bytes(ffi.buffer(buf, n)), p[0]
+
+    def console_head(self) -> int:
+        return lib.vmm_vm_console_head(self._vm)
+
+    def console_input(self, data: bytes) -> int:
+        return check(lib.vmm_vm_console_input(self._vm, data, len(data)), "console input")
+
+    def send_ctrl_alt_del(self) -> None:
+        check(lib.vmm_vm_send_ctrl_alt_del(self._vm), "send Ctrl-Alt-Del")
+
+    # -- teardown --
+    def close(self) -> None:
+        if self._vm != ffi.NULL:
+            lib.vmm_vm_destroy(self._vm)
+            self._vm = ffi.NULL
+
+    def __enter__(self) -> NativeVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
