@@ -1,0 +1,75 @@
+"""Fixtures shared by every test tier.
+
+Tiers: unit/ (pure Python), native/ (C core through cffi on fake guest
+memory), api/ (a real daemon; arrives with the daemon issue), kvm/ (real
+guests).  KVM tests skip only when /dev/kvm cannot create a VM, and say why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = REPO / "build" / "guest"
+
+
+def _kvm_problem() -> str | None:
+    """Why real guests cannot run here, or None when they can."""
+    try:
+        from vmmd.native import NativeVm
+    except ImportError as e:  # the C core is not built
+        return f"C core not importable: {e}"
+    try:
+        NativeVm().close()
+    except Exception as e:  # noqa: BLE001 - any failure means no KVM
+        return f"/dev/kvm cannot create a VM: {e}"
+    return None
+
+
+KVM_PROBLEM = _kvm_problem()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    platform = "PVM" if os.path.exists("/sys/module/kvm_pvm") else "hardware KVM"
+    if KVM_PROBLEM:
+        return f"vmmd: KVM tests SKIPPED: {KVM_PROBLEM}"
+    return f"vmmd: KVM tests run for real ({platform})"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kvm_dir = REPO / "tests" / "kvm"
+    skip = pytest.mark.skip(reason=KVM_PROBLEM or "")
+    for item in items:
+        if kvm_dir in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.kvm)
+        if KVM_PROBLEM and "kvm" in item.keywords:
+            item.add_marker(skip)
+
+
+def _load_guest_builder():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("mg_build", REPO / "tests" / "guests" / "build.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def microguests() -> dict[str, Path]:
+    """Paths of the micro-guest ELF files: {"pvh": ..., "64": ...}."""
+    return {k: Path(v) for k, v in _load_guest_builder().build(REPO / "build" / "guests").items()}
+
+
+@pytest.fixture(scope="session")
+def guest_artifacts() -> dict[str, Path]:
+    """The built guest kernel and images (`make guest`); a test needing them fails if absent."""
+    paths = {name: GUEST_DIR / name for name in
+             ("vmlinux", "bzImage", "initramfs.cpio.gz", "rootfs.ext4")}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        pytest.fail(f"guest artifacts missing (run `make guest`): {', '.join(missing)}")
+    return paths

@@ -1,0 +1,5 @@
+"""`python -m vmmd` is the `vmmd` command."""
+
+from vmmd.cli.main import main
+
+raise SystemExit(main())

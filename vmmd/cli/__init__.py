@@ -1,0 +1,1 @@
+"""Command-line entry points: `vmmd` (run, later serve) and `vmmctl`."""

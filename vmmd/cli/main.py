@@ -1,0 +1,116 @@
+"""`vmmd run`: boot one VM in this process and stream its console.
+
+The one-shot path.  Bad input is refused with one line before any VM exists
+(exit 2).  The guest console goes straight from the C core to stdout.  Exit
+status: 0 when the guest stopped itself cleanly (i8042 reset, power-off,
+halt), 1 when it crashed (triple fault, emulation failure, KVM error) or
+the VMM failed, 130/143 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from types import FrameType
+
+from vmmd import log
+from vmmd.errors import InvalidSpecError, VmmError
+from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
+from vmmd.vm.boot.cmdline import build_cmdline
+from vmmd.vm.builder import build_vm
+
+EXIT_OK, EXIT_GUEST_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _int_arg(name: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            return int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: {text!r} is not an integer") from None
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmmd", description="vmmd micro-VMM")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="boot one VM in-process and stream its console")
+    run.add_argument("--kernel", required=True, help="ELF vmlinux or bzImage")
+    run.add_argument("--initrd", help="initramfs image")
+    cl = run.add_mutually_exclusive_group()
+    cl.add_argument("--cmdline", help="kernel command line (replaces the default)")
+    cl.add_argument("--append", help="words added to the default command line")
+    run.add_argument("--vcpus", type=_int_arg("vcpus"), default=DEFAULT_VCPUS)
+    run.add_argument("--mem-mib", type=_int_arg("mem-mib"), default=DEFAULT_MEM_MIB)
+    run.add_argument("--entry-64bit", action="store_true",
+                     help="use the 64-bit entry even when the kernel has a PVH note")
+    run.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
+    run.add_argument("--log-format", choices=("console", "json"), default="console")
+    run.add_argument("--log-level", default="warning",
+                     choices=("debug", "info", "warning", "error"))
+    return p
+
+
+def _spec(args: argparse.Namespace) -> VmSpec:
+    return VmSpec(
+        vm_id=f"run-{uuid.uuid4().hex[:8]}",
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=build_cmdline(args.cmdline, args.append),
+        vcpus=args.vcpus,
+        mem_mib=args.mem_mib,
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"vmmd: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        spec = _spec(args)
+        vm = build_vm(spec, kvm_path=args.kvm, force_64bit=args.entry_64bit)
+    except InvalidSpecError as e:
+        return _fail(f"invalid {e}", EXIT_BAD_INPUT)
+    except VmmError as e:
+        return _fail(str(e), EXIT_GUEST_FAILED)
+
+    interrupted: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        interrupted.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    out_fd = os.dup(sys.stdout.fileno())
+    try:
+        with vm:
+            vm.native.console_set_fd(out_fd)
+            vm.start()
+            info = None
+            while info is None and not interrupted:
+                info = vm.wait(0.2)
+            if interrupted:
+                vm.stop()
+                return _fail("interrupted; VM stopped", 128 + interrupted[0])
+    except VmmError as e:
+        return _fail(str(e), EXIT_GUEST_FAILED)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(out_fd)
+    if info.clean:
+        return EXIT_OK
+    return _fail(f"guest stopped: {info.message}", EXIT_GUEST_FAILED)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log.configure(args.log_format, args.log_level)
+    if args.command == "run":
+        return cmd_run(args)
+    return EXIT_BAD_INPUT

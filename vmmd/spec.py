@@ -1,0 +1,39 @@
+"""What a VM is asked to be: frozen specs, checked before anything exists.
+
+The API and CLI layers convert their input into a VmSpec; the builder
+consumes it.  Field names here are the names error messages use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from vmmd.errors import InvalidSpecError
+
+MiB = 1 << 20
+DEFAULT_VCPUS = 1
+DEFAULT_MEM_MIB = 128
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    vm_id: str
+    kernel: str
+    cmdline: str
+    initrd: str | None = None
+    vcpus: int = DEFAULT_VCPUS
+    mem_mib: int = DEFAULT_MEM_MIB
+
+    @property
+    def mem_bytes(self) -> int:
+        return self.mem_mib * MiB
+
+
+def check_vm_id(vm_id: str) -> str:
+    if not _ID_RE.match(vm_id):
+        raise InvalidSpecError(
+            "vm_id", f"{vm_id!r} must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
+        )
+    return vm_id

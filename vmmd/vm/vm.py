@@ -1,0 +1,195 @@
+"""A running (or runnable) microVM: lifecycle, supervision, console, events.
+
+Vm wraps the C core's VM with the lifecycle table and one watcher thread
+that sleeps on the core's event fd.  When the guest stops itself (reset,
+halt, triple fault, emulation failure...) the watcher joins the C threads,
+records why, and wakes waiters.  No guest exit passes through here: the
+watcher only wakes for lifecycle events.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from vmmd.log import get_logger
+from vmmd.native import Event, EventType, NativeVm, StopReason, VmStats
+from vmmd.spec import VmSpec
+from vmmd.vm.lifecycle import State, check_verb
+
+# Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
+CLEAN_STOPS = frozenset({StopReason.RESET, StopReason.POWEROFF, StopReason.HALT,
+                         StopReason.REQUESTED})
+
+REASON_TEXT = {
+    StopReason.RESET: "guest reset (i8042 reset line)",
+    StopReason.POWEROFF: "guest powered off",
+    StopReason.HALT: "guest halted every vCPU with interrupts off",
+    StopReason.TRIPLE_FAULT: "triple fault",
+    StopReason.FAIL_ENTRY: "KVM entry failure",
+    StopReason.EMULATION: "emulation failure",
+    StopReason.INTERNAL_ERROR: "KVM internal error",
+    StopReason.KVM_ERROR: "KVM_RUN failed",
+    StopReason.REQUESTED: "stopped by request",
+}
+
+
+@dataclass(frozen=True)
+class StopInfo:
+    """Why a VM stopped, in words a user can act on."""
+
+    reason: StopReason
+    clean: bool
+    message: str
+
+
+def describe_stop(ev: Event | None, reason: StopReason) -> StopInfo:
+    text = REASON_TEXT.get(reason, f"stopped ({reason.name})")
+    if ev is not None and reason not in (StopReason.REQUESTED,):
+        if ev.vcpu >= 0:
+            text += f" on vCPU {ev.vcpu}"
+        if ev.rip:
+            text += f" at rip {ev.rip:#x}"
+        if ev.insn:
+            text += f", instruction bytes {ev.insn.hex(' ')}"
+        if reason == StopReason.FAIL_ENTRY:
+            text += f", hardware reason {ev.code:#x}"
+        if reason == StopReason.INTERNAL_ERROR:
+            text += f", code {ev.code}"
+        if ev.err:
+            text += f": {os.strerror(ev.err)}"
+    return StopInfo(reason, reason in CLEAN_STOPS, text)
+
+
+class Vm:
+    def __init__(self, spec: VmSpec, native: NativeVm) -> None:
+        self.spec = spec
+        self._native = native
+        self._state = State.CREATED
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._watcher: threading.Thread | None = None
+        self._stop_info: StopInfo | None = None
+        self._listeners: list[Callable[[Event], None]] = []
+        self.log = get_logger(__name__, vm_id=spec.vm_id)
+
+    # -- lifecycle --
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def start(self) -> None:
+        with self._lock:
+            check_verb("start", self._state)
+            self._native.start()
+            self._state = State.RUNNING
+            self._watcher = threading.Thread(target=self._watch, name=f"vm-{self.spec.vm_id}",
+                                             daemon=True)
+            self._watcher.start()
+        self.log.info("vm.started", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib)
+
+    def pause(self, timeout_ms: int = 5000) -> None:
+        with self._lock:
+            check_verb("pause", self._state)
+            self._native.pause(timeout_ms)
+            if self._state == State.RUNNING and not self._stopped.is_set():
+                self._state = State.PAUSED
+
+    def resume(self) -> None:
+        with self._lock:
+            check_verb("resume", self._state)
+            self._native.resume()
+            if self._state == State.PAUSED:
+                self._state = State.RUNNING
+
+    def stop(self) -> StopInfo:
+        """Force-stop now: every C thread joined.  Idempotent once stopped."""
+        with self._lock:
+            if self._state not in (State.STOPPED, State.CRASHED):
+                check_verb("stop", self._state)
+                self._native.stop()
+        self._join_watcher()
+        return self._finish()
+
+    def wait(self, timeout: float | None = None) -> StopInfo | None:
+        """Block until the VM stopped; None on timeout."""
+        if not self._stopped.wait(timeout):
+            return None
+        self._join_watcher()
+        return self._stop_info
+
+    @property
+    def stop_info(self) -> StopInfo | None:
+        return self._stop_info
+
+    def add_listener(self, fn: Callable[[Event], None]) -> None:
+        self._listeners.append(fn)
+
+    # -- observation --
+    def stats(self) -> VmStats:
+        return self._native.stats()
+
+    def thread_count(self) -> int:
+        return self._native.thread_count()
+
+    @property
+    def native(self) -> NativeVm:
+        return self._native
+
+    # -- teardown --
+    def close(self) -> None:
+        if self._state in (State.RUNNING, State.PAUSED):
+            self.stop()
+        self._join_watcher()
+        self._native.close()
+        if self._wake >= 0:
+            os.close(self._wake)
+            self._wake = -1
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals --
+    def _watch(self) -> None:
+        efd = self._native.event_fd
+        last_stop: Event | None = None
+        while True:
+            ready, _, _ = select.select([efd, self._wake], [], [])
+            while (ev := self._native.next_event()) is not None:
+                self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
+                for fn in self._listeners:
+                    fn(ev)
+                if ev.type == EventType.STOPPED:
+                    last_stop = ev
+            if last_stop is not None or self._wake in ready:
+                break
+        # The guest (or stop()) ended the VM: join its C threads here, so a
+        # stopped VM holds no threads even if nobody calls stop().
+        self._native.stop()
+        self._finish(last_stop)
+
+    def _finish(self, ev: Event | None = None) -> StopInfo:
+        with self._lock:
+            if self._stop_info is None:
+                info = describe_stop(ev, self._native.stop_reason)
+                self._stop_info = info
+                self._state = State.STOPPED if info.clean else State.CRASHED
+                level = self.log.info if info.clean else self.log.error
+                level("vm.stopped", reason=info.reason.name, detail=info.message)
+            self._stopped.set()
+            return self._stop_info
+
+    def _join_watcher(self) -> None:
+        w = self._watcher
+        if w is None or w is threading.current_thread():
+            return
+        if w.is_alive():
+            os.eventfd_write(self._wake, 1)
+            w.join()
