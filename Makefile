@@ -1,0 +1,97 @@
+# vmmd — two commands do everything on a fresh Debian 12 machine (as root):
+#   make run    install what is missing, build, boot the demo guest, show its console
+#   make test   install what is missing, build, run every test tier
+# Both are idempotent and quick when nothing changed.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+GUEST := build/guest
+STAMPS := build/stamps
+PVM := $(shell test -e /sys/module/kvm_pvm && echo 1)
+
+# Debian packages: C toolchain and Python headers (the C core), kernel build,
+# guest images.  The bench target adds QEMU.
+DEB_PACKAGES := build-essential python3-dev python3-venv flex bison bc libelf-dev \
+	libssl-dev dwarves linux-source-6.1 xz-utils busybox-static cpio e2fsprogs
+BENCH_PACKAGES := qemu-system-x86
+
+NATIVE_SRC := $(wildcard native/*.c native/*.h) native/build_ffi.py
+KERNEL_INPUTS := guest-kernels/build-kernel.sh guest-kernels/microvm-x86_64.config \
+	$(wildcard guest-kernels/patches/*.patch)
+IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
+
+# The demo: the built kernel and initramfs.  On a PVM host guest user space
+# cannot run (see ../shared/PLATFORM.md), so the kernel's READY hook prints
+# the READY line instead of the initramfs.
+DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
+	$(if $(PVM),--append vmmd_ready=1)
+
+.PHONY: run test guest native deps bench clean distclean
+
+run: deps $(STAMPS)/native guest
+	@echo "== booting the demo guest: vmmd run $(DEMO_ARGS)"
+	@$(if $(PVM),echo "   (PVM host: guest kernel code is emulated, expect ~1-2 minutes)";)
+	$(VENV)/bin/vmmd run $(DEMO_ARGS)
+
+test: deps $(STAMPS)/native guest
+	$(PY) -m pytest tests -ra
+
+bench: deps $(STAMPS)/native guest $(STAMPS)/bench-deps
+	$(PY) -m bench
+
+# ---- installation ------------------------------------------------------------
+deps: $(STAMPS)/deps
+
+$(STAMPS)/deps: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "== installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+$(STAMPS)/bench-deps:
+	@mkdir -p $(STAMPS)
+	@dpkg-query -W -f='$${Status}\n' $(BENCH_PACKAGES) 2>/dev/null | grep -q "install ok installed" || \
+		{ export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
+		  apt-get install -y -q --no-install-recommends $(BENCH_PACKAGES); }
+	@touch $@
+
+$(STAMPS)/venv: pyproject.toml setup.py $(STAMPS)/deps
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# The C core is compiled at install (pip install above); this rebuilds it in
+# place when a C file changes, without reinstalling.
+native: $(STAMPS)/native
+$(STAMPS)/native: $(STAMPS)/venv $(NATIVE_SRC)
+	$(PY) setup.py -q build_ext --inplace
+	@$(PY) -c "import vmmd.native" && touch $@
+
+# ---- guest kernel and images -------------------------------------------------
+guest: $(GUEST)/vmlinux $(GUEST)/initramfs.cpio.gz
+
+$(GUEST)/vmlinux: $(KERNEL_INPUTS) $(STAMPS)/deps
+	guest-kernels/build-kernel.sh $(GUEST)
+	@touch $@
+
+$(GUEST)/initramfs.cpio.gz: $(IMAGE_INPUTS) $(STAMPS)/deps
+	$(PYTHON) guest-kernels/mkimages.py $(GUEST)
+	@touch $@
+
+clean:
+	rm -rf build vmmd/native/_core.* .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV)
