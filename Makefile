@@ -21,6 +21,7 @@ DEB_PACKAGES := build-essential python3-dev python3-venv flex bison bc libelf-de
 BENCH_PACKAGES := qemu-system-x86
 
 NATIVE_SRC := $(wildcard native/*.c native/*.h) native/build_ffi.py
+PROTO_SRC := $(shell find proto -name '*.proto') proto/generate.py
 KERNEL_INPUTS := guest-kernels/build-kernel.sh guest-kernels/microvm-x86_64.config \
 	$(wildcard guest-kernels/patches/*.patch)
 IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
@@ -31,17 +32,17 @@ IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
 DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
 	$(if $(PVM),--append vmmd_ready=1)
 
-.PHONY: run test guest native deps bench clean distclean
+.PHONY: run test guest native proto deps bench clean distclean
 
-run: deps $(STAMPS)/native guest
+run: deps $(STAMPS)/native $(STAMPS)/proto guest
 	@echo "== booting the demo guest: vmmd run $(DEMO_ARGS)"
 	@$(if $(PVM),echo "   (PVM host: guest kernel code is emulated, expect ~1-2 minutes)";)
 	$(VENV)/bin/vmmd run $(DEMO_ARGS)
 
-test: deps $(STAMPS)/native guest
+test: deps $(STAMPS)/native $(STAMPS)/proto guest
 	$(PY) -m pytest tests -ra
 
-bench: deps $(STAMPS)/native guest $(STAMPS)/bench-deps
+bench: deps $(STAMPS)/native $(STAMPS)/proto guest $(STAMPS)/bench-deps
 	$(PY) -m bench
 
 # ---- installation ------------------------------------------------------------
@@ -79,6 +80,12 @@ $(STAMPS)/native: $(STAMPS)/venv $(NATIVE_SRC)
 	$(PY) setup.py -q build_ext --inplace
 	@$(PY) -c "import vmmd.native" && touch $@
 
+# gRPC code generated from proto/ into vmmd/api/_gen/ (not committed).
+proto: $(STAMPS)/proto
+$(STAMPS)/proto: $(STAMPS)/venv $(PROTO_SRC)
+	$(PY) proto/generate.py
+	@touch $@
+
 # ---- guest kernel and images -------------------------------------------------
 guest: $(GUEST)/vmlinux $(GUEST)/initramfs.cpio.gz
 
@@ -91,7 +98,7 @@ $(GUEST)/initramfs.cpio.gz: $(IMAGE_INPUTS) $(STAMPS)/deps
 	@touch $@
 
 clean:
-	rm -rf build vmmd/native/_core.* .pytest_cache
+	rm -rf build vmmd/native/_core.* vmmd/api/_gen .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV)

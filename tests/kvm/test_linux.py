@@ -25,6 +25,7 @@ READY = re.compile(r"VMMD-GUEST-READY cpus=(\d+) mem_kib=(\d+)")
 BOOT_TIMEOUT = 900  # a hang guard only; a bzImage decompresses emulated on PVM
 
 
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
 @pytest.mark.parametrize(("image", "vcpus", "mem_mib"), [
     ("vmlinux", 1, 128),
     ("vmlinux", 2, 256),

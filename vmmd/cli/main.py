@@ -1,4 +1,6 @@
-"""`vmmd run`: boot one VM in this process and stream its console.
+"""The `vmmd` command: `vmmd run` (one VM in this process) and `vmmd serve`.
+
+`vmmd run` boots one VM in this process and streams its console.
 
 The one-shot path.  Bad input is refused with one line before any VM exists
 (exit 2).  The guest console goes straight from the C core to stdout.  Exit
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from vmmd import log
+from vmmd.cli import serve
 from vmmd.errors import InvalidSpecError, VmmError
 from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
 from vmmd.vm.boot.cmdline import build_cmdline
@@ -49,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--entry-64bit", action="store_true",
                      help="use the 64-bit entry even when the kernel has a PVH note")
     run.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
-    run.add_argument("--log-format", choices=("console", "json"), default="console")
-    run.add_argument("--log-level", default="warning",
-                     choices=("debug", "info", "warning", "error"))
+    serve.add_parser(sub)
+    for name, fmt, level in (("run", "console", "warning"), ("serve", "json", "info")):
+        cmd = sub.choices[name]
+        cmd.add_argument("--log-format", choices=("console", "json"), default=fmt)
+        cmd.add_argument("--log-level", default=level, choices=("debug", "info", "warning", "error"))
     return p
 
 
@@ -113,4 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(args.log_format, args.log_level)
     if args.command == "run":
         return cmd_run(args)
-    return EXIT_BAD_INPUT
+    try:
+        return serve.serve(args)
+    except InvalidSpecError as e:
+        return _fail(f"invalid {e}", EXIT_BAD_INPUT)

@@ -75,6 +75,7 @@ class Vm:
         self._watcher: threading.Thread | None = None
         self._stop_info: StopInfo | None = None
         self._listeners: list[Callable[[Event], None]] = []
+        self._console_cond = threading.Condition()
         self.log = get_logger(__name__, vm_id=spec.vm_id)
 
     # -- lifecycle --
@@ -129,6 +130,13 @@ class Vm:
     def add_listener(self, fn: Callable[[Event], None]) -> None:
         self._listeners.append(fn)
 
+    def wait_console(self, pos: int, timeout: float) -> None:
+        """Sleep until console output beyond `pos` is readable, the VM
+        stopped, or `timeout` passed."""
+        with self._console_cond:
+            if self._native.console_head() == pos and not self._stopped.is_set():
+                self._console_cond.wait(timeout)
+
     # -- observation --
     def stats(self) -> VmStats:
         return self._native.stats()
@@ -158,10 +166,17 @@ class Vm:
 
     # -- internals --
     def _watch(self) -> None:
-        efd = self._native.event_fd
+        efd, cfd = self._native.event_fd, self._native.console_notify_fd
         last_stop: Event | None = None
         while True:
-            ready, _, _ = select.select([efd, self._wake], [], [])
+            ready, _, _ = select.select([efd, cfd, self._wake], [], [])
+            if cfd in ready:
+                try:
+                    os.eventfd_read(cfd)
+                except BlockingIOError:
+                    pass
+                with self._console_cond:
+                    self._console_cond.notify_all()
             while (ev := self._native.next_event()) is not None:
                 self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
                 for fn in self._listeners:
@@ -184,7 +199,10 @@ class Vm:
                 level = self.log.info if info.clean else self.log.error
                 level("vm.stopped", reason=info.reason.name, detail=info.message)
             self._stopped.set()
-            return self._stop_info
+        with self._console_cond:
+            self._console_cond.notify_all()
+        assert self._stop_info is not None
+        return self._stop_info
 
     def _join_watcher(self) -> None:
         w = self._watcher

@@ -1,0 +1,131 @@
+"""Protobuf <-> domain conversion for the API.  Parsing only: no policy.
+
+Spec-level errors name spec fields ("vcpus", "kernel"); here they are
+renamed to the request fields a client sent ("config.vcpus",
+"config.boot.kernel_path"), so INVALID_ARGUMENT messages point at the
+client's own message.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
+from vmmd.errors import InvalidSpecError
+from vmmd.events import ApiStopReason, EventKind, LifecycleEvent
+from vmmd.manager import VmEntry, api_stop_reason
+from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
+from vmmd.vm.boot.cmdline import build_cmdline
+from vmmd.vm.lifecycle import State
+
+API_FIELDS = {
+    "vm_id": "vm_id",
+    "kernel": "config.boot.kernel_path",
+    "initrd": "config.boot.initrd_path",
+    "cmdline": "config.boot.cmdline",
+    "vcpus": "config.vcpus",
+    "memory": "config.memory_mib",
+}
+
+STATES = {
+    State.CREATED: pb.VM_STATE_CREATED,
+    State.RUNNING: pb.VM_STATE_RUNNING,
+    State.PAUSED: pb.VM_STATE_PAUSED,
+    State.STOPPED: pb.VM_STATE_STOPPED,
+    State.CRASHED: pb.VM_STATE_CRASHED,
+}
+
+STOP_REASONS = {
+    ApiStopReason.POWEROFF: pb.STOP_REASON_POWEROFF,
+    ApiStopReason.REBOOT: pb.STOP_REASON_REBOOT,
+    ApiStopReason.CRASH: pb.STOP_REASON_CRASH,
+    ApiStopReason.STOPPED_BY_API: pb.STOP_REASON_STOPPED_BY_API,
+}
+
+EVENT_KINDS = {
+    EventKind.CREATED: pb.EVENT_TYPE_CREATED,
+    EventKind.STARTED: pb.EVENT_TYPE_STARTED,
+    EventKind.PAUSED: pb.EVENT_TYPE_PAUSED,
+    EventKind.RESUMED: pb.EVENT_TYPE_RESUMED,
+    EventKind.STOPPED: pb.EVENT_TYPE_STOPPED,
+    EventKind.DELETED: pb.EVENT_TYPE_DELETED,
+}
+
+
+def api_error(e: InvalidSpecError) -> InvalidSpecError:
+    """The same error, naming the request field instead of the spec field."""
+    return InvalidSpecError(API_FIELDS.get(e.field, e.field), e.problem)
+
+
+def require_id(vm_id: str) -> str:
+    if not vm_id:
+        raise InvalidSpecError("vm_id", "is required")
+    return vm_id
+
+
+def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
+    cfg = req.config
+    boot = cfg.boot
+    if not boot.kernel_path:
+        raise InvalidSpecError("config.boot.kernel_path", "is required")
+    try:
+        cmdline = build_cmdline(boot.cmdline or None, boot.cmdline_append or None)
+    except InvalidSpecError as e:
+        raise api_error(e) from None
+    return VmSpec(
+        vm_id=vm_id,
+        kernel=boot.kernel_path,
+        initrd=boot.initrd_path or None,
+        cmdline=cmdline,
+        vcpus=cfg.vcpus or DEFAULT_VCPUS,
+        mem_mib=cfg.memory_mib or DEFAULT_MEM_MIB,
+    )
+
+
+def _ts(t: float | None) -> Timestamp | None:
+    if t is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def config_to_proto(spec: VmSpec) -> pb.VmConfig:
+    return pb.VmConfig(
+        vcpus=spec.vcpus, memory_mib=spec.mem_mib,
+        boot=pb.BootSource(kernel_path=spec.kernel, initrd_path=spec.initrd or "",
+                           cmdline=spec.cmdline),
+    )
+
+
+def vm_to_proto(entry: VmEntry) -> pb.Vm:
+    vm = entry.vm
+    s = vm.stats()
+    msg = pb.Vm(
+        vm_id=entry.vm_id,
+        state=STATES[vm.state],
+        config=config_to_proto(vm.spec),
+        created_at=_ts(entry.created_at),
+        started_at=_ts(entry.started_at),
+        uptime_ms=int(entry.uptime_s() * 1000),
+        counters=pb.VmCounters(
+            exits=s.exits, exits_io=s.exits_io, exits_mmio=s.exits_mmio,
+            exits_intr=s.exits_intr, exits_other=s.exits_other,
+            unhandled_io=s.unhandled_io, unhandled_mmio=s.unhandled_mmio,
+            console_bytes=s.console_bytes, console_dropped=s.console_dropped,
+        ),
+        cmdline=vm.spec.cmdline,
+    )
+    info = vm.stop_info
+    if info is not None:
+        msg.stop.CopyFrom(pb.StopInfo(
+            reason=STOP_REASONS[api_stop_reason(info, entry.stop_requested)],
+            message=info.message))
+    return msg
+
+
+def event_to_proto(ev: LifecycleEvent) -> pb.VmEvent:
+    msg = pb.VmEvent(vm_id=ev.vm_id, type=EVENT_KINDS[ev.kind], time=_ts(ev.time))
+    if ev.reason is not None:
+        msg.stop.CopyFrom(pb.StopInfo(reason=STOP_REASONS[ev.reason], message=ev.message))
+    return msg

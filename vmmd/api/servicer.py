@@ -1,0 +1,128 @@
+"""VmService: each method parses, calls the manager, converts.  Errors are
+mapped to status codes once, by the `edge` decorator (status.py)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from vmmd.api import convert
+from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
+from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd.api.status import status_for
+from vmmd.errors import InvalidSpecError
+from vmmd.log import get_logger
+from vmmd.manager import DEFAULT_STOP_TIMEOUT_S, Manager
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = get_logger(__name__)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("api.internal_error", error=message)
+    context.abort(code, message)
+
+
+def edge(fn: F) -> F:
+    """Translate domain exceptions into a gRPC status (unary methods)."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except InvalidSpecError as e:
+            _abort(context, convert.api_error(e))
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status
+            _abort(context, e)
+    return wrapper  # type: ignore[return-value]
+
+
+def edge_stream(fn: F) -> F:
+    """The same for server-streaming methods (generators)."""
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except Exception as e:  # noqa: BLE001
+            _abort(context, e)
+    return wrapper  # type: ignore[return-value]
+
+
+def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
+    ev = threading.Event()
+    context.add_callback(ev.set)
+    return ev
+
+
+class VmServicer(vmm_pb2_grpc.VmServiceServicer):
+    def __init__(self, manager: Manager) -> None:
+        self.m = manager
+
+    @edge
+    def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
+        spec = convert.spec_from_create(request, request.vm_id or self.m.new_id())
+        return convert.vm_to_proto(self.m.create(spec))
+
+    @edge
+    def StartVm(self, request: pb.StartVmRequest, context: Any) -> pb.Vm:
+        return convert.vm_to_proto(self.m.start(convert.require_id(request.vm_id)))
+
+    @edge
+    def PauseVm(self, request: pb.PauseVmRequest, context: Any) -> pb.Vm:
+        return convert.vm_to_proto(self.m.pause(convert.require_id(request.vm_id)))
+
+    @edge
+    def ResumeVm(self, request: pb.ResumeVmRequest, context: Any) -> pb.Vm:
+        return convert.vm_to_proto(self.m.resume(convert.require_id(request.vm_id)))
+
+    @edge
+    def StopVm(self, request: pb.StopVmRequest, context: Any) -> pb.Vm:
+        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_STOP_TIMEOUT_S
+        entry = self.m.stop(convert.require_id(request.vm_id), timeout_s=timeout_s,
+                            force=request.force)
+        return convert.vm_to_proto(entry)
+
+    @edge
+    def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
+        self.m.delete(convert.require_id(request.vm_id))
+        return pb.DeleteVmResponse()
+
+    @edge
+    def GetVm(self, request: pb.GetVmRequest, context: Any) -> pb.Vm:
+        return convert.vm_to_proto(self.m.get(convert.require_id(request.vm_id)))
+
+    @edge
+    def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
+        return pb.ListVmsResponse(vms=[convert.vm_to_proto(e) for e in self.m.list()])
+
+    @edge
+    def WriteConsole(self, request: pb.WriteConsoleRequest, context: Any) -> pb.WriteConsoleResponse:
+        n = self.m.console_input(convert.require_id(request.vm_id), request.data)
+        return pb.WriteConsoleResponse(accepted=n)
+
+    @edge_stream
+    def StreamConsole(self, request: pb.StreamConsoleRequest, context: Any) -> Iterator[pb.ConsoleChunk]:
+        chunks = self.m.console_stream(convert.require_id(request.vm_id),
+                                       from_start=request.from_start, follow=request.follow,
+                                       cancelled=_cancel_event(context))
+        for data, offset, lost in chunks:
+            yield pb.ConsoleChunk(data=data, offset=offset, lost_bytes=lost)
+
+    @edge_stream
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> Iterator[pb.VmEvent]:
+        cancelled = _cancel_event(context)
+        sub = self.m.subscribe(request.vm_id or None)
+        try:
+            while not cancelled.is_set():
+                ev = sub.get(timeout=0.5)
+                if ev is not None:
+                    yield convert.event_to_proto(ev)
+                elif sub.closed:
+                    return
+        finally:
+            sub.close()

@@ -1,0 +1,99 @@
+"""`vmmd serve`: the long-running daemon.
+
+Owns the socket (mode 0600; a stale file is replaced, a live daemon on it is
+refused), the manager and the gRPC server.  SIGTERM/SIGINT stop every VM
+(graceful, then forced), close everything and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from vmmd.api.server import TlsConfig, build_server
+from vmmd.errors import InvalidSpecError
+from vmmd.log import get_logger
+from vmmd.manager import DEFAULT_MAX_VMS, Manager
+
+DEFAULT_SOCKET = "/run/vmmd/vmmd.sock"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket (default {DEFAULT_SOCKET})")
+    p.add_argument("--state-dir", default="/var/lib/vmmd", help="daemon state (snapshots, later)")
+    p.add_argument("--listen", help="also serve TCP HOST:PORT (requires --tls-cert and --tls-key)")
+    p.add_argument("--tls-cert", help="server certificate chain (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--max-vms", type=int, default=DEFAULT_MAX_VMS)
+    p.add_argument("--stop-timeout", type=float, default=10.0,
+                   help="seconds a VM gets to stop gracefully at shutdown")
+    p.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if not args.listen:
+        if args.tls_cert or args.tls_key or args.tls_client_ca:
+            raise InvalidSpecError("--tls-cert", "TLS options need --listen")
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise InvalidSpecError("--listen", "needs --tls-cert and --tls-key (no plaintext TCP)")
+    try:
+        return TlsConfig(Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes(),
+                         Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None)
+    except OSError as e:
+        raise InvalidSpecError("--tls-cert", f"cannot read {e.filename}: {e.strerror}") from None
+
+
+def claim_socket(path: str) -> None:
+    """Make `path` free for us: refuse a live daemon, remove a stale file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody answers: stale
+        return
+    finally:
+        probe.close()
+    raise InvalidSpecError("--socket", f"a daemon is already listening on {path}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    log = get_logger("vmmd.serve")
+    tls = _tls(args)
+    claim_socket(args.socket)
+    manager = Manager(kvm_path=args.kvm, max_vms=args.max_vms)
+    old_umask = os.umask(0o177)  # the socket is born 0600
+    try:
+        api = build_server(manager, args.socket, listen=args.listen, tls=tls)
+    finally:
+        os.umask(old_umask)
+    os.chmod(args.socket, 0o600)
+    log.info("daemon.listening", socket=args.socket, listen=args.listen, pid=os.getpid())
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("daemon.signal", signal=signal.Signals(signum).name)
+        done.set()
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    while not done.wait(1.0):
+        pass
+    log.info("daemon.stopping", vms=len(manager.list()))
+    manager.shutdown(args.stop_timeout)
+    api.stop()
+    try:
+        os.unlink(args.socket)
+    except FileNotFoundError:
+        pass
+    log.info("daemon.stopped")
+    return 0

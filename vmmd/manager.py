@@ -1,0 +1,222 @@
+"""The daemon's VM registry: ids -> VMs, lifecycle gating, limits, events.
+
+Every verb on one VM runs under that VM's lock (one verb at a time per VM);
+different VMs proceed in parallel.  The registry lock only guards the id
+table, never a slow operation: building a VM (reading the kernel) happens
+outside it, with the id reserved so a duplicate is refused at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from vmmd.errors import AlreadyExistsError, NotFoundError, ResourceExhaustedError, StateError
+from vmmd.events import ApiStopReason, EventHub, EventKind, LifecycleEvent, Subscription
+from vmmd.log import get_logger
+from vmmd.native import Event, EventType, StopReason
+from vmmd.spec import VmSpec, check_vm_id
+from vmmd.vm.builder import build_vm
+from vmmd.vm.lifecycle import State
+from vmmd.vm.vm import StopInfo, Vm
+
+DEFAULT_STOP_TIMEOUT_S = 10.0
+DEFAULT_MAX_VMS = 1024
+_RESERVED = object()
+
+
+def api_stop_reason(info: StopInfo, requested: bool) -> ApiStopReason:
+    """How a stop is told to API users: by the API, by the guest, or a crash."""
+    if not info.clean:
+        return ApiStopReason.CRASH
+    if requested or info.reason == StopReason.REQUESTED:
+        return ApiStopReason.STOPPED_BY_API
+    if info.reason == StopReason.RESET:
+        return ApiStopReason.REBOOT
+    return ApiStopReason.POWEROFF
+
+
+@dataclass
+class VmEntry:
+    vm: Vm
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    stopped_at: float | None = None
+    stop_requested: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def vm_id(self) -> str:
+        return self.vm.spec.vm_id
+
+    def uptime_s(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return (self.stopped_at or time.time()) - self.started_at
+
+
+class Manager:
+    def __init__(self, *, kvm_path: str = "/dev/kvm", max_vms: int = DEFAULT_MAX_VMS) -> None:
+        self._kvm_path = kvm_path
+        self._max_vms = max_vms
+        self._lock = threading.Lock()
+        self._vms: dict[str, VmEntry | object] = {}
+        self.events = EventHub()
+        self.log = get_logger(__name__)
+
+    # -- registry --
+    def _reserve(self, vm_id: str) -> None:
+        with self._lock:
+            if vm_id in self._vms:
+                raise AlreadyExistsError(f"vm_id: a VM named {vm_id!r} exists already")
+            if len(self._vms) >= self._max_vms:
+                raise ResourceExhaustedError(f"the daemon hosts its maximum of {self._max_vms} VMs")
+            self._vms[vm_id] = _RESERVED
+
+    def get(self, vm_id: str) -> VmEntry:
+        with self._lock:
+            entry = self._vms.get(vm_id)
+        if not isinstance(entry, VmEntry):
+            raise NotFoundError(f"vm_id: no VM named {vm_id!r}")
+        return entry
+
+    def list(self) -> list[VmEntry]:
+        with self._lock:
+            return [e for e in self._vms.values() if isinstance(e, VmEntry)]
+
+    def new_id(self) -> str:
+        return f"vm-{uuid.uuid4().hex[:12]}"
+
+    # -- verbs --
+    def create(self, spec: VmSpec) -> VmEntry:
+        check_vm_id(spec.vm_id)
+        self._reserve(spec.vm_id)
+        try:
+            vm = build_vm(spec, kvm_path=self._kvm_path)
+        except BaseException:
+            with self._lock:
+                del self._vms[spec.vm_id]
+            raise
+        entry = VmEntry(vm)
+        vm.add_listener(lambda ev: self._on_native_event(entry, ev))
+        with self._lock:
+            self._vms[spec.vm_id] = entry
+        self._publish(entry, EventKind.CREATED)
+        return entry
+
+    def start(self, vm_id: str) -> VmEntry:
+        entry = self.get(vm_id)
+        with entry.lock:
+            entry.vm.start()
+            entry.started_at = time.time()
+        self._publish(entry, EventKind.STARTED)
+        return entry
+
+    def pause(self, vm_id: str) -> VmEntry:
+        entry = self.get(vm_id)
+        with entry.lock:
+            was = entry.vm.state
+            entry.vm.pause()
+        if was == State.RUNNING:
+            self._publish(entry, EventKind.PAUSED)
+        return entry
+
+    def resume(self, vm_id: str) -> VmEntry:
+        entry = self.get(vm_id)
+        with entry.lock:
+            was = entry.vm.state
+            entry.vm.resume()
+        if was == State.PAUSED:
+            self._publish(entry, EventKind.RESUMED)
+        return entry
+
+    def stop(self, vm_id: str, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+             force: bool = False) -> VmEntry:
+        """Graceful (Ctrl-Alt-Del, wait) then forced; the guest's own reset
+        or power-off in answer counts as "stopped by API"."""
+        entry = self.get(vm_id)
+        with entry.lock:
+            vm = entry.vm
+            if vm.state not in (State.RUNNING, State.PAUSED):
+                raise StateError(f"cannot stop a VM that is {vm.state.value}")
+            entry.stop_requested = True
+            if not force and vm.state == State.RUNNING:
+                try:
+                    vm.native.send_ctrl_alt_del()
+                except Exception:  # noqa: BLE001 - the forced path follows
+                    self.log.warning("vm.cad_failed", vm_id=vm_id)
+                if vm.wait(timeout_s) is None:
+                    self.log.info("vm.stop_forced", vm_id=vm_id, timeout_s=timeout_s)
+            vm.stop()
+        return entry
+
+    def delete(self, vm_id: str) -> None:
+        entry = self.get(vm_id)
+        with entry.lock:
+            if entry.vm.state in (State.RUNNING, State.PAUSED):
+                entry.stop_requested = True
+            entry.vm.close()
+            with self._lock:
+                del self._vms[vm_id]
+        self._publish(entry, EventKind.DELETED)
+
+    def console_input(self, vm_id: str, data: bytes) -> int:
+        entry = self.get(vm_id)
+        if entry.vm.state not in (State.RUNNING, State.PAUSED, State.CREATED):
+            raise StateError(f"cannot write to the console of a VM that is {entry.vm.state.value}")
+        return entry.vm.native.console_input(data)
+
+    def subscribe(self, vm_id: str | None) -> Subscription:
+        if vm_id:
+            self.get(vm_id)
+        return self.events.subscribe(vm_id or None)
+
+    def console_stream(self, vm_id: str, *, from_start: bool, follow: bool,
+                       cancelled: threading.Event) -> Iterator[tuple[bytes, int, int]]:
+        """(data, offset, lost) chunks of the console; ends when the VM stops
+        (after the last bytes), when not following, or when cancelled."""
+        from vmmd.vm.console import follow_console  # local: only the daemon needs it
+        entry = self.get(vm_id)
+        yield from follow_console(entry.vm, from_start=from_start, follow=follow,
+                                  cancelled=cancelled)
+
+    def shutdown(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
+        """Stop every VM (graceful, in parallel, then forced) and delete them."""
+        entries = self.list()
+        threads = [threading.Thread(target=self._shutdown_one, args=(e, timeout_s), daemon=True)
+                   for e in entries]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.events.close_all()
+
+    # -- internals --
+    def _shutdown_one(self, entry: VmEntry, timeout_s: float) -> None:
+        try:
+            if entry.vm.state in (State.RUNNING, State.PAUSED):
+                self.stop(entry.vm_id, timeout_s=timeout_s)
+            self.delete(entry.vm_id)
+        except Exception as e:  # noqa: BLE001 - shutdown goes on for the others
+            self.log.error("vm.shutdown_failed", vm_id=entry.vm_id, error=str(e))
+
+    def _on_native_event(self, entry: VmEntry, ev: Event) -> None:
+        if ev.type == EventType.STOPPED:
+            # The watcher thread calls this before it joins the vCPUs; the
+            # STOPPED event is published from _publish_stop once joined.
+            threading.Thread(target=self._publish_stop, args=(entry,), daemon=True).start()
+
+    def _publish_stop(self, entry: VmEntry) -> None:
+        info = entry.vm.wait()
+        if info is None:
+            return
+        entry.stopped_at = entry.stopped_at or time.time()
+        reason = api_stop_reason(info, entry.stop_requested)
+        self.events.publish(LifecycleEvent(entry.vm_id, EventKind.STOPPED, reason=reason,
+                                           message=info.message))
+
+    def _publish(self, entry: VmEntry, kind: EventKind) -> None:
+        self.events.publish(LifecycleEvent(entry.vm_id, kind))
