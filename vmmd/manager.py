@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from vmmd.errors import AlreadyExistsError, NotFoundError, ResourceExhaustedError, StateError
@@ -116,21 +116,20 @@ class Manager:
         return entry
 
     def pause(self, vm_id: str) -> VmEntry:
-        entry = self.get(vm_id)
-        with entry.lock:
-            was = entry.vm.state
-            entry.vm.pause()
-        if was == State.RUNNING:
-            self._publish(entry, EventKind.PAUSED)
-        return entry
+        return self._toggle(vm_id, Vm.pause, State.RUNNING, EventKind.PAUSED)
 
     def resume(self, vm_id: str) -> VmEntry:
+        return self._toggle(vm_id, Vm.resume, State.PAUSED, EventKind.RESUMED)
+
+    def _toggle(self, vm_id: str, verb: Callable[[Vm], None], from_state: State,
+                kind: EventKind) -> VmEntry:
+        """Pause/resume: idempotent, an event only when the state changed."""
         entry = self.get(vm_id)
         with entry.lock:
             was = entry.vm.state
-            entry.vm.resume()
-        if was == State.PAUSED:
-            self._publish(entry, EventKind.RESUMED)
+            verb(entry.vm)
+        if was == from_state:
+            self._publish(entry, kind)
         return entry
 
     def stop(self, vm_id: str, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S,

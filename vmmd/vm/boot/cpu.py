@@ -108,7 +108,7 @@ def segment_from_gdt(entry: int, index: int) -> Segment:
     limit = ((entry >> 32) & 0xF0000) | (entry & 0xFFFF)
     return Segment(
         base=((entry >> 32) & 0xFF00_0000) | ((entry >> 16) & 0x00FF_FFFF),
-        limit=(limit << 12) | 0xFFF if g else limit,
+        limit=((limit << 12) | 0xFFF) if g else limit,
         selector=index * 8,
         type=(entry >> 40) & 0xF,
         present=_bit(entry, 47),
@@ -186,7 +186,7 @@ def pvh_regs(entry: int) -> BootRegs:
 
 def boot_cpu_state(entry: int, *, pvh: bool) -> tuple[BootRegs, MemoryWrites]:
     """The boot vCPU's registers and the (gpa, bytes) structures they point at."""
-    tables = ((IDT_START, idt_bytes()),)
+    idt = (IDT_START, idt_bytes())
     if pvh:
-        return pvh_regs(entry), ((GDT_START, gdt_bytes(GDT_PVH)), *tables)
-    return long_mode_regs(entry), ((GDT_START, gdt_bytes(GDT_64)), *tables, *page_tables())
+        return pvh_regs(entry), ((GDT_START, gdt_bytes(GDT_PVH)), idt)
+    return long_mode_regs(entry), ((GDT_START, gdt_bytes(GDT_64)), idt, *page_tables())
