@@ -122,3 +122,32 @@ def test_pause_and_resume_stop_and_continue_the_guest(microguests) -> None:  # t
         vm.resume()
         assert vm.state == State.RUNNING
         assert vm.stop().reason == StopReason.REQUESTED
+
+
+def test_emulation_failure_reports_rip_and_instruction_bytes(guest) -> None:  # type: ignore[no-untyped-def]
+    run = run_guest(guest, "mg=emufail")
+    assert run.stop.reason == StopReason.EMULATION
+    assert not run.stop.clean
+    # popcnt rax, [rbx]-style encoding: f3 48 0f b8 ...
+    assert "instruction bytes f3 48 0f b8" in run.stop.message
+    assert " at rip 0x" in run.stop.message
+
+
+def test_vmmd_run_exit_status_and_reason(microguests, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The one-shot runner end to end: console on stdout, clean stop = 0,
+    crash = 1 with the reason on stderr."""
+    import subprocess
+    import sys
+
+    def vmmd_run(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vmmd", "run", "--kernel", str(microguests["pvh"]),
+             "--cmdline", f"mg={mode}"], capture_output=True, text=True, timeout=60)
+
+    ok = vmmd_run("print")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == f"MG-HELLO\n{PRINTABLE}\nMG-DONE\n"
+    bad = vmmd_run("triple")
+    assert bad.returncode == 1
+    assert bad.stdout == "MG-START\n"
+    assert "vmmd: guest stopped: triple fault on vCPU 0" in bad.stderr
