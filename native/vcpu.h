@@ -35,5 +35,6 @@ void vmm_vcpu_join(struct vmm_vcpu *vc);
 /* x86.c: CPUID, MSRs, LAPIC LINTs and FPU for a fresh vCPU. */
 int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc);
 int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b);
+int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_state);
 
 #endif

@@ -195,6 +195,16 @@ int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_reg
 	return vmm_x86_set_boot_regs(vm->vcpus[idx], regs);
 }
 
+int vmm_vcpu_get_regs(struct vmm_vm *vm, int idx, struct vmm_boot_regs *regs, uint32_t *mp_state)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	/* Only with the vCPU parked: a vCPU ioctl waits for KVM_RUN to return. */
+	if (vmm_vm_state(vm) == VMM_VM_RUNNING)
+		return -EBUSY;
+	return vmm_x86_get_regs(vm->vcpus[idx], regs, mp_state);
+}
+
 void vmm_vm_kick_all(struct vmm_vm *vm)
 {
 	for (int i = 0; i < vm->nvcpus; i++)

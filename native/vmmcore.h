@@ -110,6 +110,9 @@ struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
 int vmm_vm_create_vcpus(struct vmm_vm *vm, int n);
 int vmm_vm_vcpu_count(const struct vmm_vm *vm);
 int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs);
+/* Registers and KVM mp_state of a vCPU; only while its thread is not in
+ * KVM_RUN (VM created, paused or stopped), else -EBUSY. */
+int vmm_vcpu_get_regs(struct vmm_vm *vm, int idx, struct vmm_boot_regs *regs, uint32_t *mp_state);
 int vmm_vm_start(struct vmm_vm *vm);
 /* Pause/resume wait until every vCPU acknowledged, up to timeout_ms. */
 int vmm_vm_pause(struct vmm_vm *vm, int timeout_ms);

@@ -217,3 +217,53 @@ int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b)
 	r.rflags = b->rflags;
 	return ioctl(vc->fd, KVM_SET_REGS, &r) < 0 ? -errno : 0;
 }
+
+static void from_kvm_segment(struct vmm_segment *s, const struct kvm_segment *k)
+{
+	s->base = k->base;
+	s->limit = k->limit;
+	s->selector = k->selector;
+	s->type = k->type;
+	s->present = k->present;
+	s->dpl = k->dpl;
+	s->db = k->db;
+	s->s = k->s;
+	s->l = k->l;
+	s->g = k->g;
+	s->avl = k->avl;
+}
+
+int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_state)
+{
+	struct kvm_sregs sr;
+	struct kvm_regs r;
+	struct kvm_mp_state mp;
+	if (ioctl(vc->fd, KVM_GET_SREGS, &sr) < 0 || ioctl(vc->fd, KVM_GET_REGS, &r) < 0 ||
+	    ioctl(vc->fd, KVM_GET_MP_STATE, &mp) < 0)
+		return -errno;
+	memset(b, 0, sizeof(*b));
+	from_kvm_segment(&b->cs, &sr.cs);
+	from_kvm_segment(&b->ds, &sr.ds);
+	from_kvm_segment(&b->es, &sr.es);
+	from_kvm_segment(&b->fs, &sr.fs);
+	from_kvm_segment(&b->gs, &sr.gs);
+	from_kvm_segment(&b->ss, &sr.ss);
+	from_kvm_segment(&b->tr, &sr.tr);
+	from_kvm_segment(&b->ldt, &sr.ldt);
+	b->gdt_base = sr.gdt.base;
+	b->gdt_limit = sr.gdt.limit;
+	b->idt_base = sr.idt.base;
+	b->idt_limit = sr.idt.limit;
+	b->cr0 = sr.cr0;
+	b->cr3 = sr.cr3;
+	b->cr4 = sr.cr4;
+	b->efer = sr.efer;
+	b->rip = r.rip;
+	b->rsp = r.rsp;
+	b->rbp = r.rbp;
+	b->rsi = r.rsi;
+	b->rbx = r.rbx;
+	b->rflags = r.rflags;
+	*mp_state = mp.mp_state;
+	return 0;
+}

@@ -16,6 +16,21 @@ import structlog
 _configured = False
 
 
+class _StderrLogger:
+    """Writes each rendered line to the *current* sys.stderr.  structlog's
+    PrintLogger keeps the stream it was given; when that stream is replaced
+    and closed (test capture, a daemon's redirection) every later log call
+    would raise - in whichever thread logged, e.g. a VM's watcher."""
+
+    def msg(self, message: str) -> None:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # a log line is never worth a thread
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
 def configure(fmt: str = "console", level: str = "info") -> None:
     """Set up structlog for JSON (daemons) or human console output."""
     global _configured
@@ -35,7 +50,7 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
     _configured = True

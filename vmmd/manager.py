@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vmmd.errors import AlreadyExistsError, NotFoundError, ResourceExhaustedError, StateError
@@ -46,6 +47,7 @@ class VmEntry:
     started_at: float | None = None
     stopped_at: float | None = None
     stop_requested: bool = False
+    deleted: bool = False  # set under `lock`; a deleted entry is never touched again
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -83,6 +85,16 @@ class Manager:
             raise NotFoundError(f"vm_id: no VM named {vm_id!r}")
         return entry
 
+    @contextmanager
+    def _locked(self, vm_id: str) -> Iterator[VmEntry]:
+        """The VM under its lock, still registered once the lock is ours: a
+        verb that waited behind DeleteVm must not touch the deleted VM."""
+        entry = self.get(vm_id)
+        with entry.lock:
+            if entry.deleted:
+                raise NotFoundError(f"vm_id: VM {vm_id!r} was deleted")
+            yield entry
+
     def list(self) -> list[VmEntry]:
         with self._lock:
             return [e for e in self._vms.values() if isinstance(e, VmEntry)]
@@ -108,8 +120,7 @@ class Manager:
         return entry
 
     def start(self, vm_id: str) -> VmEntry:
-        entry = self.get(vm_id)
-        with entry.lock:
+        with self._locked(vm_id) as entry:
             entry.vm.start()
             entry.started_at = time.time()
         self._publish(entry, EventKind.STARTED)
@@ -124,8 +135,7 @@ class Manager:
     def _toggle(self, vm_id: str, verb: Callable[[Vm], None], from_state: State,
                 kind: EventKind) -> VmEntry:
         """Pause/resume: idempotent, an event only when the state changed."""
-        entry = self.get(vm_id)
-        with entry.lock:
+        with self._locked(vm_id) as entry:
             was = entry.vm.state
             verb(entry.vm)
         if was == from_state:
@@ -136,8 +146,7 @@ class Manager:
              force: bool = False) -> VmEntry:
         """Graceful (Ctrl-Alt-Del, wait) then forced; the guest's own reset
         or power-off in answer counts as "stopped by API"."""
-        entry = self.get(vm_id)
-        with entry.lock:
+        with self._locked(vm_id) as entry:
             vm = entry.vm
             if vm.state not in (State.RUNNING, State.PAUSED):
                 raise StateError(f"cannot stop a VM that is {vm.state.value}")
@@ -150,14 +159,16 @@ class Manager:
                 if vm.wait(timeout_s) is None:
                     self.log.info("vm.stop_forced", vm_id=vm_id, timeout_s=timeout_s)
             vm.stop()
+            self._publish_stop(entry)
         return entry
 
     def delete(self, vm_id: str) -> None:
-        entry = self.get(vm_id)
-        with entry.lock:
+        with self._locked(vm_id) as entry:
             if entry.vm.state in (State.RUNNING, State.PAUSED):
                 entry.stop_requested = True
+            entry.deleted = True
             entry.vm.close()
+            self._publish_stop(entry)  # STOPPED always comes before DELETED
             with self._lock:
                 del self._vms[vm_id]
         self._publish(entry, EventKind.DELETED)
@@ -166,7 +177,7 @@ class Manager:
         entry = self.get(vm_id)
         if entry.vm.state not in (State.RUNNING, State.PAUSED, State.CREATED):
             raise StateError(f"cannot write to the console of a VM that is {entry.vm.state.value}")
-        return entry.vm.native.console_input(data)
+        return entry.vm.console_input(data)
 
     def subscribe(self, vm_id: str | None) -> Subscription:
         if vm_id:
@@ -176,11 +187,12 @@ class Manager:
     def console_stream(self, vm_id: str, *, from_start: bool, follow: bool,
                        cancelled: threading.Event) -> Iterator[tuple[bytes, int, int]]:
         """(data, offset, lost) chunks of the console; ends when the VM stops
-        (after the last bytes), when not following, or when cancelled."""
+        (after the last bytes), when not following, or when cancelled.  An
+        unknown id fails here, before the first chunk is asked for."""
         from vmmd.vm.console import follow_console  # local: only the daemon needs it
         entry = self.get(vm_id)
-        yield from follow_console(entry.vm, from_start=from_start, follow=follow,
-                                  cancelled=cancelled)
+        return follow_console(entry.vm, from_start=from_start, follow=follow,
+                              cancelled=cancelled)
 
     def shutdown(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every VM (graceful, in parallel, then forced) and delete them."""
@@ -206,16 +218,19 @@ class Manager:
         if ev.type == EventType.STOPPED:
             # The watcher thread calls this before it joins the vCPUs; the
             # STOPPED event is published from _publish_stop once joined.
-            threading.Thread(target=self._publish_stop, args=(entry,), daemon=True).start()
+            threading.Thread(target=self._publish_stop, args=(entry, True), daemon=True).start()
 
-    def _publish_stop(self, entry: VmEntry) -> None:
-        info = entry.vm.wait()
-        if info is None:
-            return
-        entry.stopped_at = entry.stopped_at or time.time()
-        reason = api_stop_reason(info, entry.stop_requested)
-        self.events.publish(LifecycleEvent(entry.vm_id, EventKind.STOPPED, reason=reason,
-                                           message=info.message))
+    def _publish_stop(self, entry: VmEntry, wait: bool = False) -> None:
+        """Publish STOPPED once per VM: from whichever path (the guest's own
+        stop, StopVm, DeleteVm) sees the stop first."""
+        info = entry.vm.wait() if wait else entry.vm.stop_info
+        with entry.lock:
+            if info is None or entry.stopped_at is not None:
+                return
+            entry.stopped_at = time.time()
+            reason = api_stop_reason(info, entry.stop_requested)
+            self.events.publish(LifecycleEvent(entry.vm_id, EventKind.STOPPED, reason=reason,
+                                               message=info.message))
 
     def _publish(self, entry: VmEntry, kind: EventKind) -> None:
         self.events.publish(LifecycleEvent(entry.vm_id, kind))

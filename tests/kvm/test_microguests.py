@@ -151,3 +151,21 @@ def test_vmmd_run_exit_status_and_reason(microguests, tmp_path) -> None:  # type
     assert bad.returncode == 1
     assert bad.stdout == "MG-START\n"
     assert "vmmd: guest stopped: triple fault on vCPU 0" in bad.stderr
+
+
+def test_registers_readable_only_while_paused(microguests) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    from vmmd.errors import NativeError
+
+    with _spin_vm(microguests["64"], 1) as vm:
+        vm.start()
+        with pytest.raises(NativeError) as exc:
+            vm.native.get_regs(0)
+        assert exc.value.errno == errno.EBUSY
+        vm.pause()
+        regs, mp_state = vm.native.get_regs(0)
+        assert 0x200000 <= regs["rip"] < 0x210000  # inside the micro-guest image
+        assert regs["cr0"] & 0x80000001 == 0x80000001  # paging, protected mode
+        assert regs["efer"] & 0x500 == 0x500  # long mode enabled and active
+        assert mp_state == 0  # KVM_MP_STATE_RUNNABLE

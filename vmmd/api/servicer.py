@@ -14,9 +14,9 @@ from vmmd.api import convert
 from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
 from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
 from vmmd.api.status import status_for
-from vmmd.errors import InvalidSpecError
+from vmmd.errors import InvalidSpecError, NotFoundError
 from vmmd.log import get_logger
-from vmmd.manager import DEFAULT_STOP_TIMEOUT_S, Manager
+from vmmd.manager import DEFAULT_STOP_TIMEOUT_S, Manager, VmEntry
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = get_logger(__name__)
@@ -59,6 +59,21 @@ def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
     return ev
 
 
+def _attached(context: grpc.ServicerContext) -> None:
+    """Send the response headers as soon as a stream is attached (VM found,
+    watcher subscribed): a client that waits for them misses nothing later."""
+    context.send_initial_metadata(())
+
+
+def _still_there(entries: list[VmEntry]) -> Iterator[pb.Vm]:
+    """The entries as messages, leaving out any deleted while being listed."""
+    for entry in entries:
+        try:
+            yield convert.vm_to_proto(entry)
+        except NotFoundError:
+            continue
+
+
 class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     def __init__(self, manager: Manager) -> None:
         self.m = manager
@@ -98,7 +113,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
 
     @edge
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        return pb.ListVmsResponse(vms=[convert.vm_to_proto(e) for e in self.m.list()])
+        return pb.ListVmsResponse(vms=list(_still_there(self.m.list())))
 
     @edge
     def WriteConsole(self, request: pb.WriteConsoleRequest, context: Any) -> pb.WriteConsoleResponse:
@@ -110,6 +125,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
         chunks = self.m.console_stream(convert.require_id(request.vm_id),
                                        from_start=request.from_start, follow=request.follow,
                                        cancelled=_cancel_event(context))
+        _attached(context)
         for data, offset, lost in chunks:
             yield pb.ConsoleChunk(data=data, offset=offset, lost_bytes=lost)
 
@@ -117,6 +133,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> Iterator[pb.VmEvent]:
         cancelled = _cancel_event(context)
         sub = self.m.subscribe(request.vm_id or None)
+        _attached(context)
         try:
             while not cancelled.is_set():
                 ev = sub.get(timeout=0.5)

@@ -11,15 +11,15 @@ import argparse
 import os
 import signal
 import socket
+import stat
 import threading
 from pathlib import Path
 
 from vmmd.api.server import TlsConfig, build_server
+from vmmd.client import DEFAULT_SOCKET
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
 from vmmd.manager import DEFAULT_MAX_VMS, Manager
-
-DEFAULT_SOCKET = "/run/vmmd/vmmd.sock"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,10 +51,13 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 
 def claim_socket(path: str) -> None:
-    """Make `path` free for us: refuse a live daemon, remove a stale file."""
+    """Make `path` free for us: refuse a live daemon, remove a stale socket,
+    never remove anything that is not a socket."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise InvalidSpecError("--socket", f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)

@@ -161,6 +161,15 @@ class NativeVm:
         _fill(c, regs)
         check(lib.vmm_vcpu_set_boot_regs(self._vm, idx, c), f"set vCPU {idx} registers")
 
+    def get_regs(self, idx: int) -> tuple[dict[str, Any], int]:
+        """Registers (the boot-regs field set, as a dict) and KVM mp_state of
+        vCPU idx; the VM must not be running."""
+        c = ffi.new("struct vmm_boot_regs *")
+        mp = ffi.new("uint32_t *")
+        check(lib.vmm_vcpu_get_regs(self._vm, idx, c, mp), f"get vCPU {idx} registers")
+        names = [n for n, _ in ffi.typeof("struct vmm_boot_regs").fields]
+        return {n: getattr(c, n) for n in names if isinstance(getattr(c, n), int)}, mp[0]
+
     # -- lifecycle --
     def start(self) -> None:
         check(lib.vmm_vm_start(self._vm), "start VM")

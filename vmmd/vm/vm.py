@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import select
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from vmmd.errors import NotFoundError
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VmStats
 from vmmd.spec import VmSpec
@@ -76,6 +79,8 @@ class Vm:
         self._stop_info: StopInfo | None = None
         self._listeners: list[Callable[[Event], None]] = []
         self._console_cond = threading.Condition()
+        self._closed = False
+        self._native_lock = threading.Lock()  # short C calls vs close(): never a destroyed VM
         self.log = get_logger(__name__, vm_id=spec.vm_id)
 
     # -- lifecycle --
@@ -134,15 +139,36 @@ class Vm:
         """Sleep until console output beyond `pos` is readable, the VM
         stopped, or `timeout` passed."""
         with self._console_cond:
-            if self._native.console_head() == pos and not self._stopped.is_set():
+            if self.console_head() == pos and not self._stopped.is_set():
                 self._console_cond.wait(timeout)
 
-    # -- observation --
+    # -- observation: safe from any thread, NotFoundError once closed --
+    @contextmanager
+    def _alive(self) -> Iterator[NativeVm]:
+        with self._native_lock:
+            if self._closed:
+                raise NotFoundError(f"vm_id: VM {self.spec.vm_id!r} was deleted")
+            yield self._native
+
     def stats(self) -> VmStats:
-        return self._native.stats()
+        with self._alive() as native:
+            return native.stats()
 
     def thread_count(self) -> int:
-        return self._native.thread_count()
+        with self._alive() as native:
+            return native.thread_count()
+
+    def console_read(self, pos: int, max_bytes: int) -> tuple[bytes, int]:
+        with self._alive() as native:
+            return native.console_read(pos, max_bytes)
+
+    def console_head(self) -> int:
+        with self._alive() as native:
+            return native.console_head()
+
+    def console_input(self, data: bytes) -> int:
+        with self._alive() as native:
+            return native.console_input(data)
 
     @property
     def native(self) -> NativeVm:
@@ -153,7 +179,11 @@ class Vm:
         if self._state in (State.RUNNING, State.PAUSED):
             self.stop()
         self._join_watcher()
-        self._native.close()
+        with self._native_lock:
+            self._closed = True
+            self._native.close()
+        with self._console_cond:
+            self._console_cond.notify_all()
         if self._wake >= 0:
             os.close(self._wake)
             self._wake = -1
@@ -168,8 +198,11 @@ class Vm:
     def _watch(self) -> None:
         efd, cfd = self._native.event_fd, self._native.console_notify_fd
         last_stop: Event | None = None
+        poller = select.poll()  # not select(): a daemon's fds pass 1024
+        for fd in (efd, cfd, self._wake):
+            poller.register(fd, select.POLLIN)
         while True:
-            ready, _, _ = select.select([efd, cfd, self._wake], [], [])
+            ready = {fd for fd, _ in poller.poll()}
             if cfd in ready:
                 try:
                     os.eventfd_read(cfd)
@@ -180,7 +213,10 @@ class Vm:
             while (ev := self._native.next_event()) is not None:
                 self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
                 for fn in self._listeners:
-                    fn(ev)
+                    try:
+                        fn(ev)
+                    except Exception:  # noqa: BLE001 - a listener never kills the watcher
+                        self.log.exception("vm.listener_failed")
                 if ev.type == EventType.STOPPED:
                     last_stop = ev
             if last_stop is not None or self._wake in ready:

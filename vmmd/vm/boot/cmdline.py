@@ -18,8 +18,10 @@ DEFAULT_CMDLINE = (
 )
 # On a PVM host the guest's ring-0 code is emulated and the emulator lacks some instructions
 # (shared/PLATFORM.md).  Linux 6.1 reads at most 127 characters of the clearcpuid= value.
+# no-kvm-hypercalls: KVM hypercalls (PV IPIs, sched yield, PV spinlock kicks) never complete
+# there - an SMP guest's first PV IPI spins on its `vmcall` forever.
 PVM_WORKAROUNDS = (
-    "noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,pku,rdpid,aes,"
+    "no-kvm-hypercalls noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,pku,rdpid,aes,"
     "pclmulqdq,sha_ni,clflushopt,clwb,movbe,sse4_2,avx,avx2"
 )
 PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
