@@ -1,16 +1,187 @@
-"""`vmmctl`: the client CLI of the vmmd daemon.
+"""`vmmctl`: the command-line client of the vmmd daemon.
 
-The daemon and its gRPC API arrive with the daemon issue; until then this
-entry point exists so packaging is complete, and says so plainly.
+    vmmctl [--socket PATH] [--json] create|start|pause|resume|stop|delete|get|list|console|events
+
+Built on vmmd.client.  Human output by default (a compact table for VMs,
+one line per event); `--json` prints the API's messages as JSON for scripts
+(events: one object per line).  `vmmctl console ID` streams the guest's
+serial output and forwards stdin to it until the VM stops or Ctrl-C.
+A failed call prints `vmmctl: <CODE>: <details>` and exits 1; a usage error
+exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+INPUT_RETRY_S = 0.01  # the UART's input FIFO was full: try again shortly
+
+
+def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """--socket and --json, before the command (top) or after it."""
+    keep = argparse.SUPPRESS  # after the command: set only when given
+    p.add_argument("--socket", default=os.environ.get("VMMD_SOCKET", DEFAULT_SOCKET) if top
+                   else keep, help=f"daemon socket (default $VMMD_SOCKET or {DEFAULT_SOCKET})")
+    p.add_argument("--json", action="store_true", default=False if top else keep,
+                   help="print API messages as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmmctl", description="Control the vmmd daemon.")
+    _global_options(p, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, top=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[common])
+
+    c = add("create", help="create a VM (it does not run yet)")
+    c.add_argument("--id", default="", help="VM id (default: generated)")
+    c.add_argument("--kernel", type=os.path.abspath, required=True,
+                   help="ELF vmlinux or bzImage (relative paths are made absolute)")
+    c.add_argument("--initrd", type=os.path.abspath)
+    c.add_argument("--cmdline", help="replace the default kernel command line")
+    c.add_argument("--append", help="words added to the kernel command line")
+    c.add_argument("--vcpus", type=int, default=0, help="default 1")
+    c.add_argument("--mem-mib", type=int, default=0, help="guest RAM in MiB (default 128)")
+    for verb, text in (("start", "boot a created VM"), ("pause", "pause a running VM"),
+                       ("resume", "resume a paused VM"), ("delete", "stop and forget a VM"),
+                       ("get", "show one VM")):
+        add(verb, help=text).add_argument("vm_id")
+    s = add("stop", help="stop a VM: Ctrl-Alt-Del, forced after a timeout")
+    s.add_argument("vm_id")
+    s.add_argument("--timeout-ms", type=int, default=0, help="grace period (default 10000)")
+    s.add_argument("--force", action="store_true", help="stop at once")
+    add("list", help="show every VM")
+    con = add("console", help="attach to a VM's serial console (Ctrl-C detaches)")
+    con.add_argument("vm_id")
+    con.add_argument("--no-history", action="store_true", help="only output from now on")
+    ev = add("events", help="follow lifecycle events (Ctrl-C ends)")
+    ev.add_argument("vm_id", nargs="?", help="one VM (default: every VM)")
+    return p
+
+
+# -- output --
+def _name(enum: object, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+
+
+def _uptime(ms: int) -> str:
+    s = ms // 1000
+    if s < 60:
+        return f"{ms // 100 / 10:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def vm_table(vms: Sequence[pb.Vm]) -> str:
+    rows = [("ID", "STATE", "VCPUS", "MEM", "UPTIME", "STOP")]
+    for vm in vms:
+        stop = _name(pb.StopReason, vm.stop.reason, "STOP_REASON_") if vm.HasField("stop") else "-"
+        rows.append((vm.vm_id, _name(pb.VmState, vm.state, "VM_STATE_"), str(vm.config.vcpus),
+                     f"{vm.config.memory_mib}MiB", _uptime(vm.uptime_ms), stop))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]) for r in rows)
+
+
+def event_line(ev: pb.VmEvent) -> str:
+    text = f"{ev.time.ToJsonString()} {ev.vm_id} {_name(pb.EventType, ev.type, 'EVENT_TYPE_')}"
+    if ev.HasField("stop"):
+        text += f" {_name(pb.StopReason, ev.stop.reason, 'STOP_REASON_')}: {ev.stop.message}"
+    return text
+
+
+def to_json(msg: Message, indent: int | None = 2) -> str:
+    return json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=indent,
+                                     always_print_fields_with_no_presence=True)
+
+
+def show_vms(args: argparse.Namespace, vms: list[pb.Vm], *, one: bool = True) -> None:
+    if args.json:
+        print(to_json(vms[0] if one else pb.ListVmsResponse(vms=vms)))
+        return
+    print(vm_table(vms))
+    if one and vms[0].stop.message:
+        print(f"stop: {vms[0].stop.message}")
+
+
+# -- console --
+def _forward_stdin(client: Client, vm_id: str) -> None:
+    """Types stdin into the guest until EOF or the VM refuses input."""
+    try:
+        while data := os.read(sys.stdin.fileno(), 4096):
+            while data:
+                n = client.write_console(vm_id, data)
+                data = data[n:]
+                if not n:
+                    time.sleep(INPUT_RETRY_S)
+    except (ClientError, OSError):
+        pass
+
+
+def console(client: Client, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    with client.console(args.vm_id, from_start=not args.no_history, follow=True) as stream:
+        threading.Thread(target=_forward_stdin, args=(client, args.vm_id), daemon=True).start()
+        for data in stream:
+            out.write(data)
+            out.flush()
+    return 0
+
+
+def events(client: Client, args: argparse.Namespace) -> int:
+    with client.events(args.vm_id) as stream:
+        for ev in stream:
+            print(to_json(ev, indent=None) if args.json else event_line(ev), flush=True)
+    return 0
+
+
+# -- commands --
+def run(client: Client, args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "create":
+        show_vms(args, [client.create(args.id, args.kernel, initrd=args.initrd,
+                                      cmdline=args.cmdline, cmdline_append=args.append,
+                                      vcpus=args.vcpus, memory_mib=args.mem_mib)])
+    elif cmd in ("start", "pause", "resume", "get"):
+        show_vms(args, [getattr(client, cmd)(args.vm_id)])
+    elif cmd == "stop":
+        show_vms(args, [client.stop(args.vm_id, timeout_ms=args.timeout_ms, force=args.force)])
+    elif cmd == "delete":
+        client.delete(args.vm_id)
+        print(to_json(pb.DeleteVmResponse()) if args.json else f"deleted {args.vm_id}")
+    elif cmd == "list":
+        show_vms(args, client.list(), one=False)
+    elif cmd == "console":
+        return console(client, args)
+    else:
+        return events(client, args)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print("vmmctl: the vmmd daemon API is not available in this version; use `vmmd run`",
-          file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.socket) as client:
+            return run(client, args)
+    except ClientError as e:
+        print(f"vmmctl: {e.code}: {e.details}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `vmmctl events | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR

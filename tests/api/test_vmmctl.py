@@ -1,0 +1,88 @@
+"""`vmmctl` as a user runs it: a subprocess against a real daemon (its own,
+on a temporary socket), human output and `--json`, errors as one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import running_daemon
+
+VMMCTL = Path(sys.executable).with_name("vmmctl")  # the installed entry point
+HANG_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def ctl_socket() -> Iterator[str]:
+    with running_daemon("--stop-timeout", "1") as d:
+        yield d.socket
+        assert d.proc.poll() is None, "the daemon died"
+
+
+def vmmctl(socket: str, *args: str, rc: int = 0, stdin: bytes = b"") -> str:
+    """Runs vmmctl; checks its exit status; returns stdout (stderr on failure)."""
+    p = subprocess.run([str(VMMCTL), "--socket", socket, *args], input=stdin, check=False,
+                       capture_output=True, timeout=HANG_S)
+    assert p.returncode == rc, f"vmmctl {' '.join(args)}: {p.returncode}\n{p.stderr.decode()}"
+    return (p.stdout if rc == 0 else p.stderr).decode()
+
+
+def vm_json(socket: str, *args: str) -> Any:
+    return json.loads(vmmctl(socket, "--json", *args))
+
+
+@pytest.mark.kvm
+def test_lifecycle_with_json_and_table(ctl_socket: str, microguests: dict[str, Path]) -> None:
+    vm = vm_json(ctl_socket, "create", "--id", "ctl-1", "--kernel", str(microguests["pvh"]),
+                 "--cmdline", "mg=spin", "--append", "lsr=0", "--vcpus", "2", "--mem-mib", "32")
+    assert vm["vm_id"] == "ctl-1"
+    assert vm["state"] == "VM_STATE_CREATED"
+    assert vm["config"]["vcpus"] == 2 and vm["config"]["memory_mib"] == 32
+    assert vm["cmdline"] == "mg=spin lsr=0"
+    assert vm_json(ctl_socket, "start", "ctl-1")["state"] == "VM_STATE_RUNNING"
+
+    table = vmmctl(ctl_socket, "get", "ctl-1").splitlines()
+    assert table[0].split() == ["ID", "STATE", "VCPUS", "MEM", "UPTIME", "STOP"]
+    assert table[1].split()[:4] == ["ctl-1", "running", "2", "32MiB"]
+    listed = vm_json(ctl_socket, "list")["vms"]
+    assert [(v["vm_id"], v["state"]) for v in listed] == [("ctl-1", "VM_STATE_RUNNING")]
+
+    # The spinning guest ignores Ctrl-Alt-Del: forced after the timeout.
+    stopped = vm_json(ctl_socket, "stop", "ctl-1", "--timeout-ms", "100")
+    assert stopped["state"] == "VM_STATE_STOPPED"
+    assert stopped["stop"]["reason"] == "STOP_REASON_STOPPED_BY_API"
+    assert vmmctl(ctl_socket, "get", "ctl-1").splitlines()[1].split()[-1] == "stopped_by_api"
+    assert vmmctl(ctl_socket, "delete", "ctl-1") == "deleted ctl-1\n"
+    assert vm_json(ctl_socket, "list") == {"vms": []}
+
+
+@pytest.mark.kvm
+def test_console_streams_until_the_vm_stops(ctl_socket: str, microguests: dict[str, Path]) -> None:
+    vmmctl(ctl_socket, "create", "--id", "ctl-con", "--kernel", str(microguests["64"]),
+           "--cmdline", "mg=print")
+    vmmctl(ctl_socket, "start", "ctl-con")
+    # stdin goes to the guest's UART (this guest ignores it); the guest's reset ends it.
+    out = vmmctl(ctl_socket, "console", "ctl-con", stdin=b"typed\n")
+    assert out.startswith("MG-HELLO\n") and out.endswith("MG-DONE\n")
+    assert vmmctl(ctl_socket, "get", "ctl-con").splitlines()[1].split()[-1] == "reboot"
+    vmmctl(ctl_socket, "delete", "ctl-con")
+
+
+def test_errors_are_one_line_with_the_status_code(ctl_socket: str) -> None:
+    err = vmmctl(ctl_socket, "get", "no-such-vm", rc=1)
+    assert err == "vmmctl: NOT_FOUND: vm_id: no VM named 'no-such-vm'\n"
+    err = vmmctl(ctl_socket, "create", "--id", "bad", "--kernel", "/nonexistent", rc=1)
+    assert err.startswith("vmmctl: INVALID_ARGUMENT: config.boot.kernel_path: ")
+    err = vmmctl("/nonexistent/vmmd.sock", "list", rc=1)
+    assert err.startswith("vmmctl: UNAVAILABLE: ") and err.count("\n") == 1
+
+
+def test_usage_errors_exit_2(ctl_socket: str) -> None:
+    assert "usage: vmmctl" in vmmctl(ctl_socket, "frobnicate", rc=2)
+    assert "--kernel" in vmmctl(ctl_socket, "create", rc=2)

@@ -1,0 +1,226 @@
+"""The daemon with micro-guests: a real `vmmd serve` subprocess on a
+temporary socket, driven through vmmd.client over a real gRPC channel.
+
+Pause/resume, many VMs at once, no fd or thread leak over many VM
+lifetimes, and SIGTERM with running VMs.  Timeouts here only catch hangs.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import EXIT_TIMEOUT_S, Daemon, running_daemon
+from vmmd.client import Client, ClientError, pb
+
+HANG_S = 60.0
+PAUSE_WINDOW_S = 0.4     # how long a paused guest is watched for signs of life
+GRPC_THREAD_SLACK = 4    # gRPC starts some of its own threads lazily
+TICK = re.compile(rb"^MG-TICK (\d+)$", re.MULTILINE)
+
+
+@pytest.fixture
+def daemon() -> Iterator[Daemon]:
+    with running_daemon("--stop-timeout", "1") as d:
+        yield d
+        assert d.proc.poll() is None, f"the daemon died (status {d.proc.returncode})"
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with daemon.client() as c:
+        yield c
+
+
+class ConsoleReader:
+    """Collects a VM's console (from the start) in a thread."""
+
+    def __init__(self, client: Client, vm_id: str) -> None:
+        self.vm_id = vm_id
+        self._data = b""
+        self._cond = threading.Condition()
+        self.ended = False
+        self.error: ClientError | None = None
+        self._stream = client.console(vm_id)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for chunk in self._stream:
+                with self._cond:
+                    self._data += chunk
+                    self._cond.notify_all()
+        except ClientError as e:
+            self.error = e
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+    @property
+    def data(self) -> bytes:
+        with self._cond:
+            return self._data
+
+    def wait(self, done: Callable[[bytes], bool], what: str) -> bytes:
+        with self._cond:
+            self._cond.wait_for(lambda: done(self._data) or self.ended, HANG_S)
+            if not done(self._data):
+                why = self.error or ("the stream ended" if self.ended else "timeout")
+                pytest.fail(f"{self.vm_id}: no {what} ({why}); console:\n{self._data!r}")
+            return self._data
+
+    def wait_for(self, marker: bytes) -> bytes:
+        return self.wait(lambda data: marker in data, repr(marker))
+
+    def __enter__(self) -> ConsoleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.cancel()
+        self._thread.join(HANG_S)
+
+
+def ticks(console: bytes) -> list[int]:
+    return [int(n) for n in TICK.findall(console)]
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + HANG_S
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not reached within {HANG_S}s")
+        time.sleep(0.05)
+
+
+def test_pause_freezes_a_ticking_guest_and_resume_continues_it(
+        client: Client, microguests: dict[str, Path]) -> None:
+    client.create("tick", str(microguests["pvh"]), cmdline="mg=tick ms=10", memory_mib=16)
+    client.start("tick")
+    with ConsoleReader(client, "tick") as con:
+        con.wait_for(b"MG-TICK 3\n")
+        assert client.pause("tick").state == pb.VM_STATE_PAUSED
+        # Everything the guest printed before the pause reaches the stream...
+        printed = client.get("tick").counters.console_bytes
+        frozen = con.wait(lambda data: len(data) >= printed, f"{printed} console bytes")
+        before = client.get("tick")
+        time.sleep(PAUSE_WINDOW_S)
+        after = client.get("tick")
+        # ...and then nothing: no output, no exits.
+        assert con.data == frozen
+        assert after.counters.console_bytes == before.counters.console_bytes == len(frozen)
+        assert after.counters.exits == before.counters.exits
+        assert after.state == pb.VM_STATE_PAUSED
+        last = ticks(frozen)[-1]
+
+        assert client.resume("tick").state == pb.VM_STATE_RUNNING
+        resumed = con.wait_for(f"MG-TICK {last + 3}\n".encode())
+        # The counter is continuous: the next tick after the resume is last + 1.
+        assert ticks(resumed) == list(range(1, len(ticks(resumed)) + 1))
+    client.delete("tick")
+
+
+def test_fifty_vms_run_at_once(client: Client, microguests: dict[str, Path]) -> None:
+    ids = [f"many-{i:02d}" for i in range(50)]
+    for i, vm_id in enumerate(ids):
+        kernel = microguests["pvh" if i % 2 else "64"]
+        client.create(vm_id, str(kernel), cmdline="mg=spin", memory_mib=16)
+        client.start(vm_id)
+    for vm_id in ids:
+        with ConsoleReader(client, vm_id) as con:
+            con.wait_for(b"MG-START\n")
+    assert {(vm.vm_id, vm.state) for vm in client.list()} == {
+        (vm_id, pb.VM_STATE_RUNNING) for vm_id in ids}
+    with ThreadPoolExecutor(10) as pool:  # verbs on different VMs run in parallel
+        list(pool.map(client.delete, ids))
+    assert client.list() == []
+
+
+def test_a_vm_is_watched_when_the_daemon_holds_over_1024_fds(
+        daemon: Daemon, client: Client, microguests: dict[str, Path]) -> None:
+    kernel = str(microguests["pvh"])
+    n = 0
+    while daemon.fds() <= 1024:  # idle VMs hold fds (KVM, vCPUs, eventfds)
+        client.create(f"idle-{n}", kernel, memory_mib=16)
+        n += 1
+    client.create("reset", kernel, cmdline="mg=reset", memory_mib=16)
+    client.start("reset")
+    wait_until(lambda: client.get("reset").state == pb.VM_STATE_STOPPED, "the guest's reset seen")
+    assert client.get("reset").stop.reason == pb.STOP_REASON_REBOOT
+
+
+def test_delete_ends_the_console_streams_of_the_vm(
+        client: Client, microguests: dict[str, Path]) -> None:
+    for vm_id, start in (("idle", False), ("spinning", True)):
+        client.create(vm_id, str(microguests["pvh"]), cmdline="mg=spin", memory_mib=16)
+        if start:
+            client.start(vm_id)
+        with ConsoleReader(client, vm_id) as con:
+            if start:
+                con.wait_for(b"MG-START\n")
+            client.delete(vm_id)
+            con.wait(lambda _: con.ended, "end of the stream")
+            assert con.error is None
+
+
+def test_vm_lifetimes_leak_no_fds_or_threads(daemon: Daemon, client: Client,
+                                             microguests: dict[str, Path]) -> None:
+    kernel = str(microguests["pvh"])
+
+    def lifetime(i: int) -> None:
+        client.create(f"cycle-{i}", kernel, cmdline="mg=spin", memory_mib=16)
+        client.start(f"cycle-{i}")
+        client.delete(f"cycle-{i}")
+
+    for i in range(10):  # warm-up: gRPC's pools and the import of lazily used modules
+        lifetime(i)
+    fds, threads = daemon.fds(), daemon.threads()
+    for i in range(10, 210):
+        lifetime(i)
+    assert client.list() == []
+    # Stop events are published from short-lived threads: let them finish.
+    wait_until(lambda: daemon.fds() <= fds and daemon.threads() <= threads + GRPC_THREAD_SLACK,
+               f"back to {fds} fds / {threads} threads (now {daemon.fds()} / {daemon.threads()})")
+    assert daemon.fds() == fds
+
+
+def test_sigterm_stops_running_vms_and_exits_cleanly(microguests: dict[str, Path]) -> None:
+    with running_daemon("--stop-timeout", "1") as d, d.client() as c:
+        ids = [f"term-{i}" for i in range(4)]
+        for vm_id in ids:
+            c.create(vm_id, str(microguests["pvh"]), cmdline="mg=spin", memory_mib=16)
+        for vm_id in ids[:3]:  # term-3 stays CREATED
+            c.start(vm_id)
+            with ConsoleReader(c, vm_id) as con:
+                con.wait_for(b"MG-START\n")
+        events: list[pb.VmEvent] = []  # extend() appends them as they come
+        watcher = threading.Thread(target=lambda: events.extend(c.events()), daemon=True)
+        watcher.start()
+
+        def watching() -> bool:  # once the watch is in place, these are events
+            c.resume(ids[0])
+            c.pause(ids[0])
+            return bool(events)
+
+        wait_until(watching, "a live event watch")  # and term-0 is paused
+
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(EXIT_TIMEOUT_S) == 0, d.log_text()
+        # The process is gone: no thread and no fd of it is left anywhere.
+        assert not Path(f"/proc/{d.pid}").exists()
+        assert not Path(d.socket).exists()
+        assert "daemon.stopped" in d.log_text()
+        # Watchers saw every VM stop and go, then their stream ended.
+        watcher.join(HANG_S)
+        assert not watcher.is_alive()
+        kinds = {(ev.vm_id, ev.type) for ev in events}
+        for vm_id in ids[:3]:
+            assert (vm_id, pb.EVENT_TYPE_STOPPED) in kinds
+        assert {vm_id for vm_id, kind in kinds if kind == pb.EVENT_TYPE_DELETED} == set(ids)
