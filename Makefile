@@ -35,9 +35,9 @@ DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
 .PHONY: run test guest native proto deps bench clean distclean
 
 run: deps $(STAMPS)/native $(STAMPS)/proto guest
-	@echo "== booting the demo guest: vmmd run $(DEMO_ARGS)"
-	@$(if $(PVM),echo "   (PVM host: guest kernel code is emulated, expect ~1-2 minutes)";)
-	$(VENV)/bin/vmmd run $(DEMO_ARGS)
+	@echo "== booting the demo guest through a temporary daemon: vmmd demo $(DEMO_ARGS)"
+	@$(if $(PVM),echo "   (PVM host: guest kernel code is emulated, expect ~2 minutes)";)
+	$(VENV)/bin/vmmd demo $(DEMO_ARGS)
 
 test: deps $(STAMPS)/native $(STAMPS)/proto guest
 	$(PY) -m pytest tests -ra

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from vmmd import log
-from vmmd.cli import serve
+from vmmd.cli import demo, serve
 from vmmd.errors import InvalidSpecError, VmmError
 from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
 from vmmd.vm.boot.cmdline import build_cmdline
@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use the 64-bit entry even when the kernel has a PVH note")
     run.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
     serve.add_parser(sub)
-    for name, fmt, level in (("run", "console", "warning"), ("serve", "json", "info")):
+    demo.add_parser(sub)
+    for name, fmt, level in (("run", "console", "warning"), ("serve", "json", "info"),
+                             ("demo", "console", "warning")):
         cmd = sub.choices[name]
         cmd.add_argument("--log-format", choices=("console", "json"), default=fmt)
         cmd.add_argument("--log-level", default=level, choices=("debug", "info", "warning", "error"))
@@ -118,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(args.log_format, args.log_level)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "demo":
+        return demo.demo(args)
     try:
         return serve.serve(args)
     except InvalidSpecError as e:
