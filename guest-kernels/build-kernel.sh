@@ -86,12 +86,12 @@ fi
 # ---------------------------------------------------------------- prerequisites
 [ -f "$TARBALL" ] || die "$TARBALL not found (apt-get install $SRCPKG)"
 missing=()
-for t in make gcc ld flex bison bc perl tar xz patch sha256sum flock cmp; do
+for t in make gcc ld flex bison bc perl tar xz lz4 patch sha256sum flock cmp; do
   command -v "$t" >/dev/null 2>&1 || missing+=("$t")
 done
 [ -f /usr/include/gelf.h ] || missing+=("libelf-dev (gelf.h)")
 [ ${#missing[@]} -eq 0 ] || die "missing build tools: ${missing[*]}
-  (apt-get install build-essential flex bison bc libelf-dev libssl-dev xz-utils patch)"
+  (apt-get install build-essential flex bison bc libelf-dev libssl-dev xz-utils lz4 patch)"
 
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
@@ -188,9 +188,16 @@ if [ $CONFIG_ONLY = 1 ]; then say "configured: $OBJ/.config"; exit 0; fi
 # ---------------------------------------------------------------- build
 export KBUILD_BUILD_USER=vmmd KBUILD_BUILD_HOST=vmmd KBUILD_BUILD_VERSION=1
 export KBUILD_BUILD_TIMESTAMP="Mon Jan  1 00:00:00 UTC 2024"
-prev=$(cat "$TREE/last-steps" 2>/dev/null || true)
-say "building vmlinux + bzImage with make -j$JOBS (nice $NICE); log: $LOG"
-[ -n "$prev" ] || say "  a first build takes about 10 minutes on 2 cores"
+prev=""
+full=0
+if [ -f "$OBJ/vmlinux" ]; then
+  say "building vmlinux + bzImage with make -j$JOBS (nice $NICE, incremental); log: $LOG"
+else
+  full=1
+  prev=$(cat "$CACHE/full-build-steps" 2>/dev/null || true)
+  say "building vmlinux + bzImage with make -j$JOBS (nice $NICE); log: $LOG"
+  say "  a full build takes 4-10 minutes on 2 cores"
+fi
 start=$(date +%s)
 nice -n "$NICE" make -C "$SRC" O="$OBJ" -j"$JOBS" vmlinux bzImage > "$LOG" 2>&1 &
 mpid=$!
@@ -203,7 +210,7 @@ while kill -0 "$mpid" 2>/dev/null; do
     last=$now
     steps=$(grep -cE '^  [A-Z]+ ' "$LOG" || true)
     cur=$(grep -E '^  (CC|AS|LD|AR|OBJCOPY|GZIP|LZ4|XZ)' "$LOG" | tail -n 1 | sed 's/^ *//' || true)
-    say "  still building... $((now - start))s, $steps steps${prev:+ (of ~$prev last time)}; now: $cur"
+    say "  still building... $((now - start))s, $steps steps${prev:+ of ~$prev}; now: $cur"
   fi
 done
 set +e
@@ -218,7 +225,7 @@ if [ $rc -ne 0 ]; then
   tail -n 20 "$LOG" >&2
   die "kernel build failed after ${elapsed}s (make exit $rc; full log: $LOG)"
 fi
-grep -cE '^  [A-Z]+ ' "$LOG" > "$TREE/last-steps" || true
+[ $full = 0 ] || grep -cE '^  [A-Z]+ ' "$LOG" > "$CACHE/full-build-steps" || true
 say "built in ${elapsed}s"
 
 # ---------------------------------------------------------------- publish to the cache
