@@ -23,7 +23,9 @@
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 
-enum { TAG_WAKE = 1, TAG_CONSOLE = 2, TAG_WATCHDOG = 3 };
+/* epoll data: a tag in the high 32 bits; for virtio, device << 8 | queue. */
+enum { TAG_WAKE = 1, TAG_CONSOLE = 2, TAG_WATCHDOG = 3, TAG_VIRTIO = 4 };
+#define EV(tag, low) (((uint64_t)(tag) << 32) | (uint32_t)(low))
 
 
 static void watchdog_tick(struct vmm_iothread *io, int *rounds)
@@ -82,7 +84,11 @@ static void *io_main(void *arg)
 		if (n < 0)
 			break;
 		for (int i = 0; i < n; i++) {
-			switch (evs[i].data.u32) {
+			uint32_t low = (uint32_t)evs[i].data.u64;
+			switch (evs[i].data.u64 >> 32) {
+			case TAG_VIRTIO:
+				vmm_virtio_kick(io->vm->virtio[low >> 8], low & 0xff);
+				break;
 			case TAG_CONSOLE:
 				vmm_console_timer(&io->vm->console);
 				break;
@@ -98,9 +104,9 @@ static void *io_main(void *arg)
 	return NULL;
 }
 
-static int watch(int epfd, int fd, uint32_t tag)
+static int watch(int epfd, int fd, uint64_t tag)
 {
-	struct epoll_event ev = { .events = EPOLLIN, .data.u32 = tag };
+	struct epoll_event ev = { .events = EPOLLIN, .data.u64 = tag };
 	return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
 }
 
@@ -128,11 +134,15 @@ int vmm_iothread_start(struct vmm_vm *vm, struct vmm_iothread **out)
 	if (!r && timerfd_settime(io->watchdog_fd, 0, &its, NULL) < 0)
 		r = -errno;
 	if (!r)
-		r = watch(io->epfd, io->wake_fd, TAG_WAKE);
+		r = watch(io->epfd, io->wake_fd, EV(TAG_WAKE, 0));
 	if (!r)
-		r = watch(io->epfd, io->watchdog_fd, TAG_WATCHDOG);
+		r = watch(io->epfd, io->watchdog_fd, EV(TAG_WATCHDOG, 0));
 	if (!r)
-		r = watch(io->epfd, vm->console.timer_fd, TAG_CONSOLE);
+		r = watch(io->epfd, vm->console.timer_fd, EV(TAG_CONSOLE, 0));
+	for (int d = 0; !r && d < vm->nvirtio; d++)
+		for (int q = 0; !r && q < VMM_VIRTIO_MAX_QUEUES; q++)
+			if (vm->virtio[d]->kick_fd[q] >= 0)
+				r = watch(io->epfd, vm->virtio[d]->kick_fd[q], EV(TAG_VIRTIO, (d << 8) | q));
 	if (!r) {
 		__atomic_add_fetch(&vm->threads, 1, __ATOMIC_SEQ_CST);
 		r = -pthread_create(&io->thread, NULL, io_main, io);

@@ -69,15 +69,20 @@ const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int id
 	return (idx >= 0 && idx < mem->n) ? &mem->r[idx] : NULL;
 }
 
+const struct vmm_mem_region *vmm_mem_region_of(const struct vmm_mem *mem, uint64_t gpa)
+{
+	for (int i = 0; i < mem->n; i++)
+		if (gpa >= mem->r[i].gpa && gpa - mem->r[i].gpa < mem->r[i].size)
+			return &mem->r[i];
+	return NULL;
+}
+
 /* Copies may span adjacent regions; each piece is checked on its own. */
 static int mem_copy(const struct vmm_mem *mem, uint64_t gpa, uint8_t *buf,
 		    uint64_t len, int to_guest)
 {
 	while (len) {
-		const struct vmm_mem_region *r = NULL;
-		for (int i = 0; i < mem->n; i++)
-			if (gpa >= mem->r[i].gpa && gpa - mem->r[i].gpa < mem->r[i].size)
-				r = &mem->r[i];
+		const struct vmm_mem_region *r = vmm_mem_region_of(mem, gpa);
 		if (!r)
 			return -EFAULT;
 		uint64_t off = gpa - r->gpa;

@@ -17,6 +17,7 @@
 
 #include "iothread.h"
 #include "vcpu.h"
+#include "virtio_blk.h"
 #include "vm.h"
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -343,12 +344,56 @@ int vmm_vm_stop(struct vmm_vm *vm)
 	return 0;
 }
 
+static void destroy_virtio(struct vmm_vm *vm)
+{
+	for (int i = 0; i < vm->nvirtio; i++) {
+		vmm_virtio_detach_kvm(vm->virtio[i], vm->vm_fd);
+		vmm_virtio_free(vm->virtio[i]);
+	}
+	vm->nvirtio = 0;
+}
+
+int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
+			  const char *serial, uint64_t mmio_base, uint32_t gsi)
+{
+	if (LOAD(&vm->state) != VMM_VM_CREATED)
+		return -EBUSY;
+	if (vm->nvirtio == VMM_MAX_VIRTIO)
+		return -ENOSPC;
+	struct vmm_blk *b;
+	int r = vmm_blk_create(vm->mem, path, read_only, serial, &b);
+	if (r)
+		return r;
+	r = vmm_virtio_attach_kvm(&b->transport, vm->vm_fd, mmio_base, gsi);
+	if (!r) {
+		r = vmm_bus_register(&vm->mmio, mmio_base, VMM_VIRTIO_MMIO_SIZE,
+				     &vmm_virtio_mmio_ops, &b->transport);
+		if (r)
+			vmm_virtio_detach_kvm(&b->transport, vm->vm_fd);
+	}
+	if (r) {
+		vmm_blk_destroy(b);
+		return r;
+	}
+	vm->virtio[vm->nvirtio] = &b->transport;
+	return vm->nvirtio++;
+}
+
+int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out)
+{
+	if (idx < 0 || idx >= vm->nvirtio)
+		return -EINVAL;
+	vmm_virtio_get_stats(vm->virtio[idx], out);
+	return 0;
+}
+
 void vmm_vm_destroy(struct vmm_vm *vm)
 {
 	if (!vm)
 		return;
 	if (vm->vm_fd >= 0)
 		vmm_vm_stop(vm);
+	destroy_virtio(vm);
 	for (int i = 0; i < vm->nvcpus; i++)
 		vmm_vcpu_destroy(vm->vcpus[i]);
 	vmm_irq_close(&vm->serial_irq);

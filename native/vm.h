@@ -15,8 +15,10 @@
 #include "irq.h"
 #include "memory.h"
 #include "serial.h"
+#include "virtio_mmio.h"
 
 #define VMM_MAX_VCPUS 32
+#define VMM_MAX_VIRTIO 16
 
 struct vmm_vcpu;
 struct vmm_iothread;
@@ -34,6 +36,8 @@ struct vmm_vm {
 	int nvcpus;
 	struct vmm_vcpu *vcpus[VMM_MAX_VCPUS];
 	struct vmm_iothread *io;
+	int nvirtio;
+	struct vmm_virtio *virtio[VMM_MAX_VIRTIO];	/* served by the I/O thread */
 
 	pthread_mutex_t ctl_lock;	/* one control operation at a time */
 	pthread_mutex_t park_lock;	/* vCPUs parking for pause */

@@ -90,6 +90,26 @@ struct vmm_vm_stats {
 	uint64_t events_dropped;
 };
 
+/* ---- virtio devices (virtio_mmio.c, virtq.c, virtio_blk.c) ---- */
+struct vmm_virtio_stats {
+	uint64_t notifies;	/* queue notifications served */
+	uint64_t requests;	/* chains completed */
+	uint64_t bad_chains;	/* malformed chains: the device then needs reset */
+	uint64_t io_errors;	/* requests answered with an error status */
+	uint64_t bytes_read, bytes_written;
+	uint64_t interrupts;
+};
+
+/* A virtio-blk device on plain guest memory, without KVM: the native test
+ * tier drives it as a fake guest driver would (registers, then notify). */
+struct vmm_virtio;
+int vmm_virtio_blk_new(struct vmm_mem *mem, const char *path, int read_only,
+		       const char *serial, struct vmm_virtio **out);
+void vmm_virtio_free(struct vmm_virtio *v);
+uint32_t vmm_virtio_mmio_read(struct vmm_virtio *v, uint64_t off, uint32_t len);
+void vmm_virtio_mmio_write(struct vmm_virtio *v, uint64_t off, uint32_t value, uint32_t len);
+void vmm_virtio_get_stats(struct vmm_virtio *v, struct vmm_virtio_stats *out);
+
 /* ---- the VM (vm.c) ---- */
 enum vmm_vm_state {
 	VMM_VM_CREATED = 0,
@@ -138,6 +158,11 @@ int vmm_vm_console_notify_fd(const struct vmm_vm *vm);
 int64_t vmm_vm_console_read(struct vmm_vm *vm, uint64_t *pos, void *buf, uint64_t len);
 uint64_t vmm_vm_console_head(const struct vmm_vm *vm);
 int vmm_vm_console_input(struct vmm_vm *vm, const void *buf, uint64_t len);
+/* A virtio-blk drive at mmio_base (4 KiB slot) raising gsi; before start.
+ * Returns the device index. */
+int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
+			  const char *serial, uint64_t mmio_base, uint32_t gsi);
+int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out);
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
 

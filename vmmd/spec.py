@@ -18,6 +18,16 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
+class DriveSpec:
+    """A raw disk image given to the guest as a virtio-blk device."""
+
+    drive_id: str
+    path: str
+    read_only: bool = False
+    is_root: bool = False
+
+
+@dataclass(frozen=True)
 class VmSpec:
     vm_id: str
     kernel: str
@@ -25,6 +35,7 @@ class VmSpec:
     initrd: str | None = None
     vcpus: int = DEFAULT_VCPUS
     mem_mib: int = DEFAULT_MEM_MIB
+    drives: tuple[DriveSpec, ...] = ()
 
     @property
     def mem_bytes(self) -> int:

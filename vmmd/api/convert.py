@@ -14,7 +14,7 @@ from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
 from vmmd.errors import InvalidSpecError
 from vmmd.events import ApiStopReason, EventKind, LifecycleEvent
 from vmmd.manager import VmEntry, api_stop_reason
-from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
+from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, DriveSpec, VmSpec
 from vmmd.vm.boot.cmdline import build_cmdline
 from vmmd.vm.lifecycle import State
 
@@ -54,7 +54,11 @@ EVENT_KINDS = {
 
 def api_error(e: InvalidSpecError) -> InvalidSpecError:
     """The same error, naming the request field instead of the spec field."""
-    return InvalidSpecError(API_FIELDS.get(e.field, e.field), e.problem)
+    field = e.field
+    if field.startswith("drives["):  # drives[i].path -> config.drives[i].path_on_host
+        field = "config." + field.replace(".path", ".path_on_host").replace(".is_root",
+                                                                          ".is_root_device")
+    return InvalidSpecError(API_FIELDS.get(field, field), e.problem)
 
 
 def require_id(vm_id: str) -> str:
@@ -79,6 +83,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
         cmdline=cmdline,
         vcpus=cfg.vcpus or DEFAULT_VCPUS,
         mem_mib=cfg.memory_mib or DEFAULT_MEM_MIB,
+        drives=tuple(DriveSpec(drive_id=d.drive_id, path=d.path_on_host, read_only=d.read_only,
+                               is_root=d.is_root_device) for d in cfg.drives),
     )
 
 
@@ -95,6 +101,8 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         vcpus=spec.vcpus, memory_mib=spec.mem_mib,
         boot=pb.BootSource(kernel_path=spec.kernel, initrd_path=spec.initrd or "",
                            cmdline=spec.cmdline),
+        drives=[pb.Drive(drive_id=d.drive_id, path_on_host=d.path, read_only=d.read_only,
+                         is_root_device=d.is_root) for d in spec.drives],
     )
 
 
@@ -113,8 +121,13 @@ def vm_to_proto(entry: VmEntry) -> pb.Vm:
             exits_intr=s.exits_intr, exits_other=s.exits_other,
             unhandled_io=s.unhandled_io, unhandled_mmio=s.unhandled_mmio,
             console_bytes=s.console_bytes, console_dropped=s.console_dropped,
+            devices=[pb.DeviceCounters(
+                device_id=d.drive_id, requests=ds.requests, bytes_read=ds.bytes_read,
+                bytes_written=ds.bytes_written, io_errors=ds.io_errors,
+                bad_requests=ds.bad_chains, interrupts=ds.interrupts)
+                for d, ds in zip(vm.spec.drives, vm.device_stats())],
         ),
-        cmdline=vm.spec.cmdline,
+        cmdline=vm.cmdline,
     )
     info = vm.stop_info
     if info is not None:

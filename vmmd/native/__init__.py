@@ -74,6 +74,21 @@ class VmStats:
     events_dropped: int
 
 
+@dataclass(frozen=True)
+class VirtioStats:
+    notifies: int
+    requests: int
+    bad_chains: int
+    io_errors: int
+    bytes_read: int
+    bytes_written: int
+    interrupts: int
+
+
+def _virtio_stats(c: Any) -> VirtioStats:
+    return VirtioStats(**{f.name: getattr(c, f.name) for f in dataclasses.fields(VirtioStats)})
+
+
 def check(rc: int, op: str) -> int:
     """Raise NativeError for a negative errno return; pass counts through."""
     if rc < 0:
@@ -130,6 +145,41 @@ class GuestMemory:
         self.close()
 
 
+class VirtioBlock:
+    """A virtio-blk device over a GuestMemory, without KVM: the native tier
+    plays the guest driver (registers by offset, then QueueNotify)."""
+
+    def __init__(self, mem: GuestMemory, path: str, *, read_only: bool = False,
+                 serial: str = "") -> None:
+        out = ffi.new("struct vmm_virtio **")
+        check(lib.vmm_virtio_blk_new(mem.handle, path.encode(), int(read_only),
+                                     serial.encode(), out), f"open drive {path}")
+        self._dev = out[0]
+        self._mem = mem  # keep the memory alive as long as the device
+
+    def read_reg(self, off: int, size: int = 4) -> int:
+        return lib.vmm_virtio_mmio_read(self._dev, off, size)
+
+    def write_reg(self, off: int, value: int, size: int = 4) -> None:
+        lib.vmm_virtio_mmio_write(self._dev, off, value, size)
+
+    def stats(self) -> VirtioStats:
+        s = ffi.new("struct vmm_virtio_stats *")
+        lib.vmm_virtio_get_stats(self._dev, s)
+        return _virtio_stats(s)
+
+    def close(self) -> None:
+        if self._dev != ffi.NULL:
+            lib.vmm_virtio_free(self._dev)
+            self._dev = ffi.NULL
+
+    def __enter__(self) -> VirtioBlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class NativeVm:
     """One KVM VM in the C core.  Not thread-safe for control verbs: the
     caller (vm layer) serializes them; reads (stats, console) are safe."""
@@ -155,6 +205,18 @@ class NativeVm:
 
     def create_vcpus(self, n: int) -> None:
         check(lib.vmm_vm_create_vcpus(self._vm, n), f"create {n} vCPUs")
+
+    def add_virtio_blk(self, path: str, *, read_only: bool, serial: str, mmio_base: int,
+                       gsi: int) -> int:
+        """Attach a virtio-blk drive in the 4 KiB slot at mmio_base; its index."""
+        return check(lib.vmm_vm_add_virtio_blk(self._vm, path.encode(), int(read_only),
+                                               serial.encode(), mmio_base, gsi),
+                     f"attach drive {path}")
+
+    def virtio_stats(self, idx: int) -> VirtioStats:
+        s = ffi.new("struct vmm_virtio_stats *")
+        check(lib.vmm_vm_virtio_stats(self._vm, idx, s), f"read device {idx} stats")
+        return _virtio_stats(s)
 
     def set_boot_regs(self, idx: int, regs: Any) -> None:
         c = ffi.new("struct vmm_boot_regs *")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from vmmd.errors import NotFoundError
 from vmmd.log import get_logger
-from vmmd.native import Event, EventType, NativeVm, StopReason, VmStats
+from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
 from vmmd.vm.lifecycle import State, check_verb
 
@@ -68,9 +68,12 @@ def describe_stop(ev: Event | None, reason: StopReason) -> StopInfo:
 
 
 class Vm:
-    def __init__(self, spec: VmSpec, native: NativeVm) -> None:
+    def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
+                 resources: list[Any] | None = None) -> None:
         self.spec = spec
+        self.cmdline = cmdline if cmdline is not None else spec.cmdline  # as the guest got it
         self._native = native
+        self._resources = resources or []  # closed with the VM (drive locks...)
         self._state = State.CREATED
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -154,6 +157,11 @@ class Vm:
         with self._alive() as native:
             return native.stats()
 
+    def device_stats(self) -> list[VirtioStats]:
+        """Counters of each virtio device, in attachment order."""
+        with self._alive() as native:
+            return [native.virtio_stats(i) for i in range(len(self.spec.drives))]
+
     def thread_count(self) -> int:
         with self._alive() as native:
             return native.thread_count()
@@ -182,6 +190,9 @@ class Vm:
         with self._native_lock:
             self._closed = True
             self._native.close()
+        for res in self._resources:
+            res.close()
+        self._resources = []
         with self._console_cond:
             self._console_cond.notify_all()
         if self._wake >= 0:

@@ -1,0 +1,24 @@
+/*
+ * virtio_blk.h - virtio block device over a raw image file.  Requests are
+ * served on the I/O thread straight between the file and guest memory
+ * (preadv/pwritev on the chain's iovecs, no bounce copy).
+ */
+#ifndef VMM_VIRTIO_BLK_H
+#define VMM_VIRTIO_BLK_H
+#include "virtio_mmio.h"
+
+#define VMM_BLK_ID_BYTES 20
+
+struct vmm_blk {
+	struct vmm_virtio transport;	/* first: the device is its transport */
+	int fd;
+	int read_only;
+	uint64_t capacity;		/* 512-byte sectors */
+	char serial[VMM_BLK_ID_BYTES];
+};
+
+int vmm_blk_create(const struct vmm_mem *mem, const char *path, int read_only,
+		   const char *serial, struct vmm_blk **out);
+void vmm_blk_destroy(struct vmm_blk *b);
+
+#endif

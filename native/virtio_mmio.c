@@ -1,0 +1,296 @@
+/*
+ * virtio_mmio.c - virtio-mmio v2 register file and transport logic.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+#include "virtio_mmio.h"
+
+enum {
+	R_MAGIC = 0x000, R_VERSION = 0x004, R_DEVICE_ID = 0x008, R_VENDOR_ID = 0x00c,
+	R_DEV_FEATURES = 0x010, R_DEV_FEATURES_SEL = 0x014,
+	R_DRV_FEATURES = 0x020, R_DRV_FEATURES_SEL = 0x024,
+	R_QUEUE_SEL = 0x030, R_QUEUE_NUM_MAX = 0x034, R_QUEUE_NUM = 0x038,
+	R_QUEUE_READY = 0x044, R_QUEUE_NOTIFY = 0x050,
+	R_INT_STATUS = 0x060, R_INT_ACK = 0x064, R_STATUS = 0x070,
+	R_QUEUE_DESC_LO = 0x080, R_QUEUE_DESC_HI = 0x084,
+	R_QUEUE_AVAIL_LO = 0x090, R_QUEUE_AVAIL_HI = 0x094,
+	R_QUEUE_USED_LO = 0x0a0, R_QUEUE_USED_HI = 0x0a4,
+	R_CONFIG_GEN = 0x0fc, R_CONFIG = 0x100,
+	MAGIC = 0x74726976, VENDOR = 0x444d4d56 /* "VMMD" */,
+	ST_FEATURES_OK = 8, ST_DRIVER_OK = 4,
+	INT_USED = 1, INT_CONFIG = 2,
+	QUEUE_MAX = 256,
+};
+
+#define TRANSPORT_FEATURES (VMM_VIRTIO_F_VERSION_1 | VMM_VIRTIO_F_EVENT_IDX | \
+			    VMM_VIRTIO_F_INDIRECT_DESC)
+
+void vmm_virtio_init(struct vmm_virtio *v, const struct vmm_virtio_ops *ops, void *priv,
+		     const struct vmm_mem *mem)
+{
+	memset(v, 0, sizeof(*v));
+	pthread_mutex_init(&v->lock, NULL);
+	v->ops = ops;
+	v->priv = priv;
+	v->mem = mem;
+	v->irq.efd = -1;
+	for (int i = 0; i < VMM_VIRTIO_MAX_QUEUES; i++)
+		v->kick_fd[i] = -1;
+}
+
+static uint64_t offered(const struct vmm_virtio *v)
+{
+	return v->ops->features | TRANSPORT_FEATURES;
+}
+
+static void raise_irq(struct vmm_virtio *v, uint32_t why)
+{
+	v->int_status |= why;
+	v->st.interrupts++;
+	vmm_irq_trigger(&v->irq);
+}
+
+void vmm_virtio_fail(struct vmm_virtio *v)
+{
+	v->st.bad_chains++;
+	if (!(v->status & VMM_VIRTIO_STATUS_NEEDS_RESET)) {
+		v->status |= VMM_VIRTIO_STATUS_NEEDS_RESET;
+		raise_irq(v, INT_CONFIG);
+	}
+}
+
+void vmm_virtio_signal_used(struct vmm_virtio *v, uint32_t q)
+{
+	if (vmm_virtq_need_interrupt(&v->q[q]))
+		raise_irq(v, INT_USED);
+}
+
+static void reset(struct vmm_virtio *v)
+{
+	v->status = 0;
+	v->driver_features = 0;
+	v->int_status = 0;
+	v->dev_feat_sel = v->drv_feat_sel = v->queue_sel = 0;
+	for (int i = 0; i < VMM_VIRTIO_MAX_QUEUES; i++)
+		vmm_virtq_reset(&v->q[i]);
+	if (v->ops->reset)
+		v->ops->reset(v->priv);
+}
+
+static struct vmm_virtq *selected(struct vmm_virtio *v)
+{
+	/* guest-controlled selector */
+	return v->queue_sel < v->ops->num_queues ? &v->q[v->queue_sel] : NULL;
+}
+
+static uint32_t reg_read(struct vmm_virtio *v, uint64_t off)
+{
+	struct vmm_virtq *q = selected(v);
+	switch (off) {
+	case R_MAGIC: return MAGIC;
+	case R_VERSION: return 2;
+	case R_DEVICE_ID: return v->ops->device_id;
+	case R_VENDOR_ID: return VENDOR;
+	case R_DEV_FEATURES:
+		return v->dev_feat_sel > 1 ? 0 : (uint32_t)(offered(v) >> (32 * v->dev_feat_sel));
+	case R_QUEUE_NUM_MAX: return q ? QUEUE_MAX : 0;
+	case R_QUEUE_READY: return q ? (uint32_t)q->ready : 0;
+	case R_INT_STATUS: return v->int_status;
+	case R_STATUS: return v->status;
+	case R_CONFIG_GEN: return v->config_gen;
+	default: return 0;
+	}
+}
+
+/* FEATURES_OK sticks only for a subset of what we offer, with VERSION_1. */
+static void set_status(struct vmm_virtio *v, uint32_t val)
+{
+	if (val == 0) {
+		reset(v);
+		return;
+	}
+	if ((val & ST_FEATURES_OK) && !(v->status & ST_FEATURES_OK)) {
+		uint64_t f = v->driver_features;
+		if ((f & ~offered(v)) || !(f & VMM_VIRTIO_F_VERSION_1))
+			val &= ~ST_FEATURES_OK;
+	}
+	/* The device's own NEEDS_RESET bit is not the driver's to clear. */
+	v->status = (val & 0xff & ~VMM_VIRTIO_STATUS_NEEDS_RESET) |
+		    (v->status & VMM_VIRTIO_STATUS_NEEDS_RESET);
+}
+
+static void set_queue_ready(struct vmm_virtio *v, struct vmm_virtq *q, uint32_t val)
+{
+	if (!val) {
+		q->ready = 0;
+		return;
+	}
+	q->event_idx = !!(v->driver_features & VMM_VIRTIO_F_EVENT_IDX);
+	q->indirect = !!(v->driver_features & VMM_VIRTIO_F_INDIRECT_DESC);
+	if (vmm_virtq_activate(q, v->mem) < 0)
+		vmm_virtio_fail(v);	/* rings outside RAM or misaligned */
+}
+
+static void set_half(uint64_t *x, int high, uint32_t val)
+{
+	*x = high ? (*x & 0xffffffffull) | ((uint64_t)val << 32) : (*x & ~0xffffffffull) | val;
+}
+
+static void reg_write(struct vmm_virtio *v, uint64_t off, uint32_t val)
+{
+	struct vmm_virtq *q = selected(v);
+	/* Queue layout may change only while the queue is off. */
+	int q_writable = q && !q->ready;
+	switch (off) {
+	case R_DEV_FEATURES_SEL: v->dev_feat_sel = val; break;
+	case R_DRV_FEATURES_SEL: v->drv_feat_sel = val; break;
+	case R_DRV_FEATURES:
+		if (v->drv_feat_sel <= 1 && !(v->status & ST_FEATURES_OK))
+			set_half(&v->driver_features, (int)v->drv_feat_sel, val);
+		break;
+	case R_QUEUE_SEL: v->queue_sel = val; break;
+	case R_QUEUE_NUM:
+		if (q_writable)
+			q->size = val <= QUEUE_MAX ? (uint16_t)val : 0;
+		break;
+	case R_QUEUE_READY:
+		if (q)
+			set_queue_ready(v, q, val);
+		break;
+	case R_QUEUE_NOTIFY:
+		/* Only without ioeventfd (tests); the I/O thread serves it otherwise. */
+		if (val < v->ops->num_queues)
+			v->ops->queue_notify(v, val);
+		break;
+	case R_INT_ACK: v->int_status &= ~val; break;
+	case R_STATUS: set_status(v, val); break;
+	case R_QUEUE_DESC_LO: case R_QUEUE_DESC_HI:
+		if (q_writable)
+			set_half(&q->desc_gpa, off == R_QUEUE_DESC_HI, val);
+		break;
+	case R_QUEUE_AVAIL_LO: case R_QUEUE_AVAIL_HI:
+		if (q_writable)
+			set_half(&q->avail_gpa, off == R_QUEUE_AVAIL_HI, val);
+		break;
+	case R_QUEUE_USED_LO: case R_QUEUE_USED_HI:
+		if (q_writable)
+			set_half(&q->used_gpa, off == R_QUEUE_USED_HI, val);
+		break;
+	default: break;	/* read-only or unknown: ignored */
+	}
+}
+
+static void mmio_read(void *priv, uint64_t off, uint8_t *data, uint32_t len)
+{
+	struct vmm_virtio *v = priv;
+	pthread_mutex_lock(&v->lock);
+	if (off >= R_CONFIG) {
+		memset(data, 0, len);
+		if (v->ops->config_read)
+			v->ops->config_read(v->priv, off - R_CONFIG, data, len);
+	} else {
+		uint32_t val = (len == 4 && !(off & 3)) ? reg_read(v, off) : 0;
+		memset(data, 0, len);
+		memcpy(data, &val, len < 4 ? len : 4);
+	}
+	pthread_mutex_unlock(&v->lock);
+}
+
+static void mmio_write(void *priv, uint64_t off, const uint8_t *data, uint32_t len)
+{
+	struct vmm_virtio *v = priv;
+	if (off >= R_CONFIG || len != 4 || (off & 3))
+		return;	/* config is read-only here; registers are 32-bit */
+	uint32_t val;
+	memcpy(&val, data, 4);
+	pthread_mutex_lock(&v->lock);
+	reg_write(v, off, val);
+	pthread_mutex_unlock(&v->lock);
+}
+
+const struct vmm_bus_ops vmm_virtio_mmio_ops = { mmio_read, mmio_write };
+
+uint32_t vmm_virtio_mmio_read(struct vmm_virtio *v, uint64_t off, uint32_t len)
+{
+	uint8_t buf[8] = { 0 };
+	uint32_t val;
+	if (len > 4)
+		len = 4;
+	mmio_read(v, off, buf, len);
+	memcpy(&val, buf, 4);
+	return val;
+}
+
+void vmm_virtio_mmio_write(struct vmm_virtio *v, uint64_t off, uint32_t value, uint32_t len)
+{
+	uint8_t buf[4];
+	memcpy(buf, &value, 4);
+	mmio_write(v, off, buf, len > 4 ? 4 : len);
+}
+
+void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q)
+{
+	uint64_t cnt;
+	if (v->kick_fd[q] >= 0 && read(v->kick_fd[q], &cnt, sizeof(cnt)) < 0)
+		return;	/* spurious wake-up */
+	pthread_mutex_lock(&v->lock);
+	v->ops->queue_notify(v, q);
+	pthread_mutex_unlock(&v->lock);
+}
+
+void vmm_virtio_get_stats(struct vmm_virtio *v, struct vmm_virtio_stats *out)
+{
+	pthread_mutex_lock(&v->lock);
+	*out = v->st;
+	pthread_mutex_unlock(&v->lock);
+}
+
+static int ioeventfd(int vm_fd, int fd, uint64_t addr, uint32_t q, int deassign)
+{
+	struct kvm_ioeventfd req = {
+		.datamatch = q, .addr = addr, .len = 4, .fd = fd,
+		.flags = KVM_IOEVENTFD_FLAG_DATAMATCH | (deassign ? KVM_IOEVENTFD_FLAG_DEASSIGN : 0),
+	};
+	return ioctl(vm_fd, KVM_IOEVENTFD, &req) < 0 ? -errno : 0;
+}
+
+int vmm_virtio_attach_kvm(struct vmm_virtio *v, int vm_fd, uint64_t base, uint32_t gsi)
+{
+	v->base = base;
+	int r = vmm_irq_init(&v->irq, vm_fd, gsi);
+	for (uint32_t q = 0; !r && q < v->ops->num_queues; q++) {
+		v->kick_fd[q] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		r = v->kick_fd[q] < 0 ? -errno : ioeventfd(vm_fd, v->kick_fd[q], base + R_QUEUE_NOTIFY, q, 0);
+		if (r && v->kick_fd[q] >= 0) {
+			close(v->kick_fd[q]);
+			v->kick_fd[q] = -1;
+		}
+	}
+	if (r)
+		vmm_virtio_detach_kvm(v, vm_fd);
+	return r;
+}
+
+void vmm_virtio_detach_kvm(struct vmm_virtio *v, int vm_fd)
+{
+	for (uint32_t q = 0; q < VMM_VIRTIO_MAX_QUEUES; q++) {
+		if (v->kick_fd[q] < 0)
+			continue;
+		ioeventfd(vm_fd, v->kick_fd[q], v->base + R_QUEUE_NOTIFY, q, 1);
+		close(v->kick_fd[q]);
+		v->kick_fd[q] = -1;
+	}
+	vmm_irq_close(&v->irq);
+}
+
+void vmm_virtio_free(struct vmm_virtio *v)
+{
+	if (v)
+		v->ops->destroy(v);
+}

@@ -1,0 +1,65 @@
+/*
+ * virtio_mmio.h - the virtio-mmio (version 2) transport: registers,
+ * feature negotiation, queue set-up, status and reset, interrupt status.
+ * A device plugs in as an ops table plus private data; the transport owns
+ * the queues and calls ops->queue_notify to process one.
+ *
+ * QueueNotify normally never exits to us: KVM signals a per-queue ioeventfd
+ * that the VM's I/O thread serves (vmm_virtio_kick).  The interrupt goes
+ * out through an irqfd.  Without KVM (native tests) both are plain calls.
+ */
+#ifndef VMM_VIRTIO_MMIO_H
+#define VMM_VIRTIO_MMIO_H
+#include <pthread.h>
+#include "bus.h"
+#include "irq.h"
+#include "virtq.h"
+
+#define VMM_VIRTIO_MAX_QUEUES 2
+#define VMM_VIRTIO_MMIO_SIZE 0x1000
+#define VMM_VIRTIO_F_VERSION_1 (1ull << 32)
+#define VMM_VIRTIO_F_EVENT_IDX (1ull << 29)
+#define VMM_VIRTIO_F_INDIRECT_DESC (1ull << 28)
+#define VMM_VIRTIO_STATUS_NEEDS_RESET 0x40
+
+struct vmm_virtio;
+
+struct vmm_virtio_ops {
+	uint32_t device_id;
+	uint32_t num_queues;
+	uint64_t features;	/* device-specific bits; the transport adds its own */
+	void (*config_read)(void *priv, uint64_t off, uint8_t *data, uint32_t len);
+	/* Process queue q: pop, serve, push.  Called with the transport lock held. */
+	void (*queue_notify)(struct vmm_virtio *v, uint32_t q);
+	void (*reset)(void *priv);
+	void (*destroy)(struct vmm_virtio *v);	/* frees the device and its transport */
+};
+
+struct vmm_virtio {
+	pthread_mutex_t lock;
+	const struct vmm_virtio_ops *ops;
+	void *priv;
+	const struct vmm_mem *mem;
+	struct vmm_irq irq;		/* efd < 0: no KVM (tests) */
+	int kick_fd[VMM_VIRTIO_MAX_QUEUES];	/* ioeventfds, -1 without KVM */
+	uint64_t base;			/* guest physical MMIO base */
+	uint32_t status, dev_feat_sel, drv_feat_sel, queue_sel, int_status, config_gen;
+	uint64_t driver_features;
+	struct vmm_virtq q[VMM_VIRTIO_MAX_QUEUES];
+	struct vmm_virtio_stats st;
+};
+
+extern const struct vmm_bus_ops vmm_virtio_mmio_ops;
+void vmm_virtio_init(struct vmm_virtio *v, const struct vmm_virtio_ops *ops, void *priv,
+		     const struct vmm_mem *mem);
+/* Wire ioeventfds (QueueNotify) and the irqfd into KVM. */
+int vmm_virtio_attach_kvm(struct vmm_virtio *v, int vm_fd, uint64_t base, uint32_t gsi);
+void vmm_virtio_detach_kvm(struct vmm_virtio *v, int vm_fd);
+/* Serve queue q now (the I/O thread, on its ioeventfd). */
+void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q);
+/* For device code (lock held): a chain was bad - count it, stop the device. */
+void vmm_virtio_fail(struct vmm_virtio *v);
+/* For device code (lock held): interrupt the driver if the queue wants it. */
+void vmm_virtio_signal_used(struct vmm_virtio *v, uint32_t q);
+
+#endif

@@ -1,0 +1,128 @@
+"""Drives: validation of host files, exclusive use, cmdline words, attachment.
+
+Every drive is checked before the VM exists: the file must be a readable
+regular file, writable unless the drive is read-only, and not in use by
+another VM for writing.  That last rule is an flock on the image (exclusive
+for a writable drive, shared for a read-only one) held for the VM's life, so
+it also holds between daemons.  Device order is the spec's order: the first
+drive is /dev/vda in the guest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from dataclasses import dataclass
+
+from vmmd.errors import InvalidSpecError
+from vmmd.spec import DriveSpec
+from vmmd.vm.boot.cmdline import virtio_mmio_word
+from vmmd.vm.layout import virtio_mmio_slot
+
+SERIAL_BYTES = 20  # VIRTIO_BLK_ID_BYTES
+
+
+@dataclass(frozen=True)
+class DrivePlan:
+    spec: DriveSpec
+    index: int
+    mmio_base: int
+    irq: int
+
+
+def _field(i: int, name: str) -> str:
+    return f"drives[{i}].{name}"
+
+
+def guest_name(index: int) -> str:
+    """The guest's name of the index-th virtio disk: vda, vdb, ..."""
+    return "vd" + chr(ord("a") + index)
+
+
+def check_drives(drives: tuple[DriveSpec, ...], first_slot: int = 0) -> tuple[DrivePlan, ...]:
+    """Validate ids, root flags and slots; no file access here."""
+    seen: set[str] = set()
+    roots = [i for i, d in enumerate(drives) if d.is_root]
+    if len(roots) > 1:
+        raise InvalidSpecError(_field(roots[1], "is_root"), "only one drive can be the root device")
+    plans = []
+    for i, d in enumerate(drives):
+        if not d.drive_id:
+            raise InvalidSpecError(_field(i, "drive_id"), "is required")
+        if d.drive_id in seen:
+            raise InvalidSpecError(_field(i, "drive_id"), f"{d.drive_id!r} is used twice")
+        seen.add(d.drive_id)
+        if not d.path:
+            raise InvalidSpecError(_field(i, "path"), "is required")
+        try:
+            region, irq = virtio_mmio_slot(first_slot + i)
+        except ValueError:
+            raise InvalidSpecError("drives", f"at most {i} devices fit this VM") from None
+        plans.append(DrivePlan(d, i, region.gpa, irq))
+    return tuple(plans)
+
+
+def cmdline_words(plans: tuple[DrivePlan, ...], cmdline: str) -> list[str]:
+    """Device words, plus root= for the root drive unless the cmdline has one."""
+    words = [virtio_mmio_word(p.mmio_base, p.irq) for p in plans]
+    root = next((p for p in plans if p.spec.is_root), None)
+    if root is not None and not any(w.startswith("root=") for w in cmdline.split()):
+        words += [f"root=/dev/{guest_name(root.index)}", "ro" if root.spec.read_only else "rw"]
+    return words
+
+
+class DriveLocks:
+    """Open, check and lock every drive's image; close() releases them."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def acquire(self, plans: tuple[DrivePlan, ...]) -> None:
+        try:
+            for p in plans:
+                self._fds.append(_open_locked(p))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _open_locked(p: DrivePlan) -> int:
+    path, field = p.spec.path, _field(p.index, "path")
+    flags = (os.O_RDONLY if p.spec.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if not p.spec.read_only and e.errno in (13, 30):  # EACCES, EROFS
+            raise InvalidSpecError(field, f"{path} is not writable; make the drive read-only "
+                                          f"or fix its permissions") from None
+        raise InvalidSpecError(field, f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidSpecError(field, f"{path} is not a regular file")
+        if not p.spec.read_only and not st.st_mode & 0o222:
+            # Root may open it anyway; a file marked read-only still is not ours to write.
+            raise InvalidSpecError(field, f"{path} is a read-only file (mode "
+                                          f"{stat.S_IMODE(st.st_mode):04o}); make the drive read-only")
+        if st.st_size < 512:
+            raise InvalidSpecError(field, f"{path} is smaller than one 512-byte sector")
+        mode = fcntl.LOCK_SH if p.spec.read_only else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidSpecError(field, f"{path} is in use by another VM"
+                                          + ("" if p.spec.read_only else " (writable drives are exclusive)")) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def serial(drive_id: str) -> str:
+    return drive_id[:SERIAL_BYTES]
