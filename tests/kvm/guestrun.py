@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmmd.native import VmStats
-from vmmd.spec import VmSpec
+from vmmd.spec import DriveSpec, VmSpec
 from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import StopInfo
 
@@ -23,10 +23,10 @@ class GuestRun:
 
 def run_guest(kernel: Path, cmdline: str, *, vcpus: int = 1, mem_mib: int = 64,
               initrd: Path | None = None, timeout: float = 60,
-              force_64bit: bool = False) -> GuestRun:
+              force_64bit: bool = False, drives: tuple[DriveSpec, ...] = ()) -> GuestRun:
     """Boot, wait until the guest stops itself (a hang fails the test), collect."""
     spec = VmSpec(vm_id="test", kernel=str(kernel), cmdline=cmdline, vcpus=vcpus,
-                  mem_mib=mem_mib, initrd=str(initrd) if initrd else None)
+                  mem_mib=mem_mib, initrd=str(initrd) if initrd else None, drives=drives)
     with build_vm(spec, force_64bit=force_64bit) as vm:
         vm.start()
         info = vm.wait(timeout)

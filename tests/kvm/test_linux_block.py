@@ -1,0 +1,70 @@
+"""Linux on a virtio-blk root: the kernel finds the disk and mounts
+rootfs.ext4 from it, read-write (the superblock's mount count and mount
+time change on the host) or read-only (the image is byte-for-byte unchanged).
+
+On a PVM host the READY line comes from the kernel hook, which runs after
+the root filesystem is mounted; on hardware KVM from the image's init.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from tests.kvm.guestrun import run_guest
+from vmmd.native import StopReason
+from vmmd.spec import DriveSpec
+from vmmd.vm.boot.cmdline import build_cmdline
+
+pytestmark = pytest.mark.linux
+
+ON_PVM = os.path.exists("/sys/module/kvm_pvm")
+READY = re.compile(r"VMMD-GUEST-READY cpus=1 mem_kib=\d+")
+BOOT_TIMEOUT = 900
+SUPERBLOCK = 1024
+S_MTIME, S_MNT_COUNT = 0x2C, 0x34  # ext4 superblock fields (le32, le16)
+
+
+def superblock(image: Path) -> tuple[int, int]:
+    """(mount time, mount count) of an ext4 image."""
+    with image.open("rb") as f:
+        f.seek(SUPERBLOCK)
+        sb = f.read(0x40)
+    return struct.unpack_from("<I", sb, S_MTIME)[0], struct.unpack_from("<H", sb, S_MNT_COUNT)[0]
+
+
+def boot_from_disk(guest_artifacts, image: Path, read_only: bool):  # type: ignore[no-untyped-def]
+    cmdline = build_cmdline(None, "vmmd_ready=1" if ON_PVM else None)
+    drive = DriveSpec(drive_id="rootfs", path=str(image), read_only=read_only, is_root=True)
+    return run_guest(guest_artifacts["vmlinux"], cmdline, mem_mib=128, timeout=BOOT_TIMEOUT,
+                     drives=(drive,))
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_root_mounted_read_write(guest_artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "rootfs.ext4"
+    shutil.copyfile(guest_artifacts["rootfs.ext4"], image)
+    mtime, count = superblock(image)
+    run = boot_from_disk(guest_artifacts, image, read_only=False)
+    assert READY.search(run.console), run.console
+    assert run.stop.reason == StopReason.RESET, run.stop.message
+    new_mtime, new_count = superblock(image)
+    assert new_count == count + 1
+    assert new_mtime > mtime
+
+
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_root_mounted_read_only_leaves_the_image_unchanged(guest_artifacts, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "rootfs.ext4"
+    shutil.copyfile(guest_artifacts["rootfs.ext4"], image)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    run = boot_from_disk(guest_artifacts, image, read_only=True)
+    assert READY.search(run.console), run.console
+    assert run.stop.reason == StopReason.RESET, run.stop.message
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before
