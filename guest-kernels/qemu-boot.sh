@@ -19,8 +19,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=$(dirname "$HERE")/build/guest
 
 # The command line for PVM hosts (see README.md); harmless on hardware KVM.
-CLEARCPUID=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,pku,rdpid,aes,pclmulqdq,sha_ni,clflushopt,clwb,movbe,sse4_2,avx,avx2
-BASE=${VMMD_GUEST_CMDLINE:-"console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd quiet noxsave clearcpuid=$CLEARCPUID vmmd_ready=1"}
+# clearcpuid's value must stay <= 127 characters (6.1), and only the last clearcpuid= counts.
+CLEARCPUID=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,rdpid,aes,pclmulqdq,sha_ni,clflushopt,clwb,movbe,sse4_2,erms,fsrm
+BASE=${VMMD_GUEST_CMDLINE:-"console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd quiet noxsave no-kvm-hypercalls clearcpuid=$CLEARCPUID vmmd_ready=1"}
 
 cpu=host,-arch-capabilities kernel=$OUT/vmlinux initrd=$OUT/initramfs.cpio.gz disk="" smp=2 mem=256 timeout=400 extra="" log=""
 while getopts "k:i:d:s:m:t:a:c:l:C:h" o; do
@@ -33,8 +34,10 @@ done
 [ -n "$log" ] || log=$(mktemp /tmp/vmmd-qemu-boot.XXXXXX.log)
 : > "$log"
 
-args=(-M microvm,x-option-roms=off,rtc=off,isa-serial=on -enable-kvm -cpu "$cpu" -m "$mem" -smp "$smp"
-      -nodefaults -no-user-config -nographic -serial stdio -kernel "$kernel"
+# acpi=off: the kernel has no ACPI, and only then does QEMU add virtio_mmio.device= to the cmdline.
+# -no-reboot: the guest's reset (READY hook, reboot -f, panic=1) ends QEMU.
+args=(-M microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off -enable-kvm -cpu "$cpu" -m "$mem"
+      -smp "$smp" -no-reboot -nodefaults -no-user-config -nographic -serial stdio -kernel "$kernel"
       -append "$BASE${extra:+ $extra}")
 [ "$initrd" = none ] || args+=(-initrd "$initrd")
 [ -z "$disk" ] || args+=(-drive "id=d0,file=$disk,format=raw,if=none" -device virtio-blk-device,drive=d0)

@@ -17,12 +17,14 @@ DEFAULT_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd quiet"
 )
 # On a PVM host the guest's ring-0 code is emulated and the emulator lacks some instructions
-# (shared/PLATFORM.md).  Linux 6.1 reads at most 127 characters of the clearcpuid= value.
-# no-kvm-hypercalls: KVM hypercalls (PV IPIs, sched yield, PV spinlock kicks) never complete
-# there - an SMP guest's first PV IPI spins on its `vmcall` forever.
+# (shared/PLATFORM.md).  Linux 6.1 reads at most 127 characters of the clearcpuid= value, and only
+# the last clearcpuid= word.  noxsave also clears what depends on XSAVE (AVX, AVX2, PKU), so those
+# need no room in the list; erms/fsrm go because with them every `rep movsb` moves one byte per
+# emulated step.  no-kvm-hypercalls (patches/0004 of our kernel): KVM hypercalls (PV IPIs, sched
+# yield, PV spinlock kicks) never complete there - an SMP guest's first PV IPI spins forever.
 PVM_WORKAROUNDS = (
-    "no-kvm-hypercalls noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,pku,rdpid,aes,"
-    "pclmulqdq,sha_ni,clflushopt,clwb,movbe,sse4_2,avx,avx2"
+    "noxsave no-kvm-hypercalls clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,"
+    "rdpid,aes,pclmulqdq,sha_ni,clflushopt,clwb,movbe,sse4_2,erms,fsrm"
 )
 PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
 
