@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEFAULT_OUT = REPO / "build" / "guests"
 
-SOURCES = ("mg.h", "entry.S", "rt.c", "main.c", "link.ld")
-COMPILE_UNITS = ("entry.S", "rt.c", "main.c")
+SOURCES = ("mg.h", "entry.S", "rt.c", "main.c", "blk.c", "link.ld")
+COMPILE_UNITS = ("entry.S", "rt.c", "main.c", "blk.c")
 LINKER_SCRIPT = "link.ld"
 
 # Required flags, then the ones that keep gcc from emitting anything a
@@ -80,6 +80,26 @@ UNHANDLED_PORT = 0x510
 DEFAULT_MMIO_ADDR = 0xD0000000
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+# mg=blk (blk.c): the ring memory and the data buffer live in the image's .bss.noinit.
+BLK_SECTOR = 512
+BLK_BUF_SIZE = 1 << 20          # largest count= is BLK_BUF_SIZE // 512 sectors
+BLK_QUEUE_MAX = 256             # largest qsize= the guest has ring memory for
+BLK_QUEUE_DEFAULT = 64          # qsize when not given: min(QueueNumMax, 64)
+BLK_HOSTILE_ADDR = 0x7FFF00000000
+
+
+def blk_pattern(seed: int, nbytes: int) -> bytes:
+    """What `mg=blk op=write seed=<seed>` writes: byte i = (seed*31 + i*7 + (i>>9)) & 0xff."""
+    return bytes((seed * 31 + i * 7 + (i >> 9)) & 0xFF for i in range(nbytes))
+
+
+def fnv1a32(data: bytes) -> int:
+    """The `sum=` of `MG-BLK-READ`: 32-bit FNV-1a of the bytes read."""
+    h = 0x811C9DC5
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
 
 
 class BuildError(RuntimeError):

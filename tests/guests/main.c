@@ -260,6 +260,7 @@ static const struct {
 	{ "triple", mode_triple },
 	{ "reset", mode_reset },
 	{ "emufail", mode_emufail },
+	{ "blk", mode_blk },
 };
 
 int main(const char *cmdline)

@@ -139,6 +139,7 @@ void mg_printf(const char *fmt, ...) MG_PRINTF(1, 2);
 
 /* cmdline: the last occurrence of key=value wins; words are split on blanks */
 const char *mg_arg(const char *key, usize *len);
+const char *mg_arg_nth(const char *key, usize n, usize *len);	/* in cmdline order */
 int mg_arg_is(const char *key, const char *value);
 u64 mg_arg_u64(const char *key, u64 def);	/* ends the VM with MG-ERROR if malformed */
 
@@ -152,6 +153,9 @@ u64 mg_tsc_khz(const char **source);
 u32 mg_apic_id(void);
 
 int main(const char *cmdline);
+
+/* blk.c: virtio-mmio (version 2) + virtio-blk driver and the mg=blk mode */
+void mode_blk(void);
 
 /* assembly (entry.S) */
 extern const char mg_ap_tramp_start[], mg_ap_tramp_end[];

@@ -234,6 +234,29 @@ const char *mg_arg(const char *key, usize *len)
 	return NULL;
 }
 
+/* The n-th (0-based) occurrence of key, in cmdline order (e.g. repeated device words). */
+const char *mg_arg_nth(const char *key, usize n, usize *len)
+{
+	usize klen = mg_strlen(key);
+
+	for (usize k = 0; k < nwords; k++) {
+		const struct word *w = &words[k];
+		usize i;
+		if (w->klen != klen)
+			continue;
+		for (i = 0; i < klen && w->key[i] == key[i]; i++)
+			;
+		if (i == klen && n-- == 0) {
+			if (len)
+				*len = w->vlen;
+			return w->val;
+		}
+	}
+	if (len)
+		*len = 0;
+	return NULL;
+}
+
 int mg_arg_is(const char *key, const char *value)
 {
 	usize len, i;
