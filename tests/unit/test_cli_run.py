@@ -112,3 +112,20 @@ def test_valid_input_reaches_vm_creation(capsys, kernel: Path) -> None:  # type:
     code, err = run(capsys, "--kernel", str(kernel))
     assert code == 1
     assert "create VM" in err and "No such file" in err
+
+
+def test_drive_missing_file(capsys, kernel: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, err = run(capsys, "--kernel", str(kernel), "--drive", str(tmp_path / "nope.img"))
+    assert_refused(code, err, "drives[0].path", "No such file")
+
+
+def test_drive_unknown_option(capsys, kernel: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, err = run(capsys, "--kernel", str(kernel), "--drive", f"{tmp_path}/d.img,rw")
+    assert_refused(code, err, "unknown option 'rw'")
+
+
+def test_drive_used_twice_for_writing(capsys, kernel: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 4096)
+    code, err = run(capsys, "--kernel", str(kernel), "--drive", str(img), "--drive", str(img))
+    assert_refused(code, err, "drives[1].path", "in use by another VM")
