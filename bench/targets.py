@@ -1,0 +1,125 @@
+"""The things compared: vmmd and QEMU command lines for one guest, the C floor, the guests
+themselves, and a description of this machine.
+
+Both VMMs get the same kernel file, the same command line string, 1 vCPU and the same memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import proc
+from vmmd.vm.boot.cmdline import build_cmdline, is_pvm_host
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "build" / "bench"
+VMMD = REPO / ".venv" / "bin" / "vmmd"
+LINUX_KERNEL = REPO / "build" / "guest" / "vmlinux"
+LINUX_INITRD = REPO / "build" / "guest" / "initramfs.cpio.gz"
+FLOOR_SRC = Path(__file__).resolve().parent / "floor.c"
+FLOOR_BIN = OUT / "floor"
+MEM_MIB = 128
+# The port mg=exits and the floor write to.  Not the micro-guest's default 0x510: that is
+# QEMU microvm's fw_cfg selector; 0x520 has no device in either VMM.
+EXIT_PORT = 0x520
+QEMU_BASE = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+             "-enable-kvm", "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
+             "-no-reboot", "-smp", "1", "-m", str(MEM_MIB)]
+# QEMU 7.2 with `-cpu host` aborts on PVM: KVM refuses MSR_IA32_ARCH_CAPABILITIES (0x10a).
+QEMU_CPU_FALLBACK = "host,-arch-capabilities"
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One guest: a kernel, its command line (identical for both VMMs), maybe an initrd."""
+
+    kernel: Path
+    cmdline: str
+    initrd: Path | None = None
+
+    def vmmd(self) -> list[str]:
+        argv = [str(VMMD), "run", "--kernel", str(self.kernel), "--cmdline", self.cmdline,
+                "--vcpus", "1", "--mem-mib", str(MEM_MIB)]
+        return argv + (["--initrd", str(self.initrd)] if self.initrd else [])
+
+    def qemu(self, cpu: str) -> list[str]:
+        argv = [*QEMU_BASE, "-cpu", cpu, "-kernel", str(self.kernel), "-append", self.cmdline]
+        return argv + (["-initrd", str(self.initrd)] if self.initrd else [])
+
+
+def micro_guest(cmdline: str) -> Guest:
+    return Guest(OUT.parent / "guests" / "microguest-pvh.elf", cmdline)
+
+
+def linux_guest(pvm: bool) -> Guest:
+    """The kernel with its initramfs.  On PVM the kernel's own hook prints READY once the root
+    is mounted, just before init (user space is unreachable); on hardware KVM init does."""
+    return Guest(LINUX_KERNEL, build_cmdline(None, "vmmd_ready=1" if pvm else None, pvm_host=pvm),
+                 LINUX_INITRD)
+
+
+def build_micro_guests() -> None:
+    subprocess.run([sys.executable, str(REPO / "tests" / "guests" / "build.py"),
+                    str(OUT.parent / "guests")], check=True, stdout=subprocess.DEVNULL)
+
+
+def build_floor() -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not FLOOR_BIN.exists() or FLOOR_BIN.stat().st_mtime < FLOOR_SRC.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(FLOOR_BIN),
+                        str(FLOOR_SRC)], check=True)
+    return FLOOR_BIN
+
+
+def run_floor(exits: int) -> dict[str, Any]:
+    r = proc.run_ok([str(FLOOR_BIN), str(exits), hex(EXIT_PORT)], 120, b"exit_ns")
+    return json.loads(r.output)
+
+
+def qemu_cpu() -> str:
+    """`host` if QEMU runs a micro-guest with it, else the PVM fallback (checked by a run)."""
+    guest = micro_guest("mg=print")
+    r = proc.run(guest.qemu("host"), 30)
+    if r.returncode == 0 and b"MG-DONE" in r.output:
+        return "host"
+    if b"failed to set MSR" not in r.stderr:
+        raise r.fail("QEMU cannot run the micro-guest")
+    proc.run_ok(guest.qemu(QEMU_CPU_FALLBACK), 30, b"MG-DONE")
+    return QEMU_CPU_FALLBACK
+
+
+def _first_line(argv: list[str]) -> str:
+    """The first line argv prints, "?" when it prints nothing or fails."""
+    try:
+        out = subprocess.run(argv, check=False, capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.splitlines()[0].strip() if out else "?"
+
+
+def machine_info() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                  if ln.startswith("model name")), "?")
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    git = ["git", "-C", str(REPO)]
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "platform": "PVM" if is_pvm_host() else "hardware KVM",
+        "cpu": model, "cpus": os.cpu_count(), "mem_mib": mem_kib // 1024,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "qemu": _first_line(["qemu-system-x86_64", "--version"]),
+        "gcc": _first_line(["gcc", "--version"]),
+        "vmmd_commit": _first_line([*git, "rev-parse", "--short", "HEAD"]),
+        "vmmd_dirty": _first_line([*git, "status", "--porcelain"]) != "?",
+        "loadavg_at_start": os.getloadavg()[0],
+    }
