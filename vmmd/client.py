@@ -23,7 +23,7 @@ import grpc
 from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
 from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
 
-DEFAULT_SOCKET = "/run/vmmd/vmmd.sock"
+from vmmd.paths import DEFAULT_SOCKET  # noqa: E402  (re-exported)
 T = TypeVar("T")
 
 __all__ = ["DEFAULT_SOCKET", "Client", "ClientError", "Stream", "pb"]

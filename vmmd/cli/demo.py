@@ -16,9 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.client import Client, ClientError
+if TYPE_CHECKING:
+    from vmmd.client import Client
+
 
 READY_TIMEOUT_S = 30.0
 
@@ -33,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _wait_ready(client: Client, daemon: subprocess.Popen[bytes]) -> None:
+    from vmmd.client import ClientError
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         try:
@@ -45,6 +48,9 @@ def _wait_ready(client: Client, daemon: subprocess.Popen[bytes]) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
+    from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb  # grpc loads only for `demo`
+    from vmmd.client import Client, ClientError
+
     tmp = tempfile.mkdtemp(prefix="vmmd-demo-")
     sock = os.path.join(tmp, "vmmd.sock")
     say = lambda text: print(f"vmmd demo: {text}", file=sys.stderr, flush=True)  # noqa: E731

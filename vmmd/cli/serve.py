@@ -14,12 +14,15 @@ import socket
 import stat
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vmmd.api.server import TlsConfig, build_server
-from vmmd.client import DEFAULT_SOCKET
+from vmmd.paths import DEFAULT_SOCKET
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
 from vmmd.manager import DEFAULT_MAX_VMS, Manager
+
+if TYPE_CHECKING:
+    from vmmd.api.server import TlsConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -37,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    from vmmd.api.server import TlsConfig  # grpc loads only for `serve`
     if not args.listen:
         if args.tls_cert or args.tls_key or args.tls_client_ca:
             raise InvalidSpecError("--tls-cert", "TLS options need --listen")
@@ -70,6 +74,8 @@ def claim_socket(path: str) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from vmmd.api.server import build_server  # grpc loads only for `serve`
+
     log = get_logger("vmmd.serve")
     tls = _tls(args)
     claim_socket(args.socket)
