@@ -13,13 +13,20 @@ struct vmm_mem *vmm_mem_new(void)
 	return calloc(1, sizeof(struct vmm_mem));
 }
 
+#define GUARD 4096ull
+
+void vmm_mem_unmap(const struct vmm_mem_region *r)
+{
+	if (r->owned)
+		munmap(r->hva - GUARD, r->size + 2 * GUARD);
+}
+
 void vmm_mem_free(struct vmm_mem *mem)
 {
 	if (!mem)
 		return;
 	for (int i = 0; i < mem->n; i++)
-		if (mem->r[i].owned)
-			munmap(mem->r[i].hva, mem->r[i].size);
+		vmm_mem_unmap(&mem->r[i]);
 	free(mem);
 }
 
@@ -41,11 +48,19 @@ int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *h
 			return -EEXIST;
 	int owned = 0;
 	if (!hva) {
-		/* NORESERVE: a 4 GiB guest costs nothing until it touches it. */
-		hva = mmap(NULL, size, PROT_READ | PROT_WRITE,
-			   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-		if (hva == MAP_FAILED)
+		/* NORESERVE: a 4 GiB guest costs nothing until it touches it.  A
+		 * PROT_NONE page on each side: a device bug that overruns guest
+		 * RAM faults at once instead of touching the daemon's memory. */
+		uint8_t *map = mmap(NULL, size + 2 * GUARD, PROT_NONE,
+				    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (map == MAP_FAILED)
 			return -errno;
+		if (mprotect(map + GUARD, size, PROT_READ | PROT_WRITE) < 0) {
+			int err = -errno;
+			munmap(map, size + 2 * GUARD);
+			return err;
+		}
+		hva = map + GUARD;
 		owned = 1;
 	}
 	mem->r[mem->n++] = (struct vmm_mem_region){

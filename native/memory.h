@@ -26,6 +26,8 @@ struct vmm_mem {
 /* Host pointer for [gpa, gpa+len) inside one region, else NULL. */
 void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len);
 const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int idx);
+/* Unmap a region the core mapped itself (with its guard pages). */
+void vmm_mem_unmap(const struct vmm_mem_region *r);
 /* The region holding guest address gpa, or NULL. */
 const struct vmm_mem_region *vmm_mem_region_of(const struct vmm_mem *mem, uint64_t gpa);
 

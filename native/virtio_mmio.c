@@ -89,6 +89,14 @@ static struct vmm_virtq *selected(struct vmm_virtio *v)
 	return v->queue_sel < v->ops->num_queues ? &v->q[v->queue_sel] : NULL;
 }
 
+/* Buffers are the driver's until DRIVER_OK (virtio 1.x, 3.1.2): the device
+ * consumes none before it, whatever a guest-controlled notify says. */
+static void serve_queue(struct vmm_virtio *v, uint32_t q)
+{
+	if (v->status & ST_DRIVER_OK)
+		v->ops->queue_notify(v, q);
+}
+
 static uint32_t reg_read(struct vmm_virtio *v, uint64_t off)
 {
 	struct vmm_virtq *q = selected(v);
@@ -166,7 +174,7 @@ static void reg_write(struct vmm_virtio *v, uint64_t off, uint32_t val)
 	case R_QUEUE_NOTIFY:
 		/* Only without ioeventfd (tests); the I/O thread serves it otherwise. */
 		if (val < v->ops->num_queues)
-			v->ops->queue_notify(v, val);
+			serve_queue(v, val);
 		break;
 	case R_INT_ACK: v->int_status &= ~val; break;
 	case R_STATUS: set_status(v, val); break;
@@ -240,7 +248,7 @@ void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q)
 	if (v->kick_fd[q] >= 0 && read(v->kick_fd[q], &cnt, sizeof(cnt)) < 0)
 		return;	/* spurious wake-up */
 	pthread_mutex_lock(&v->lock);
-	v->ops->queue_notify(v, q);
+	serve_queue(v, q);
 	pthread_mutex_unlock(&v->lock);
 }
 

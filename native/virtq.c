@@ -127,8 +127,13 @@ int vmm_virtq_pop(struct vmm_virtq *q, const struct vmm_mem *mem, struct vmm_cha
 	uint16_t head;
 	memcpy(&head, q->avail + 4 + 2 * (q->last_avail % q->size), 2);
 	q->last_avail++;
-	if (q->event_idx)	/* avail_event: wake us for the next one */
+	if (q->event_idx) {	/* avail_event: wake us for the next one */
 		store16(q->used + 4 + 8 * q->size, q->last_avail);
+		/* Full barrier before the next avail idx load: else that load
+		 * may pass the store (x86 too), the driver reads the old
+		 * avail_event and skips its notify, and we miss its entry. */
+		__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	}
 	memset(c, 0, offsetof(struct vmm_chain, seg));
 	c->head = head;
 	int r = walk(q, mem, c, (const struct vring_desc *)q->desc, q->size, head, 0);

@@ -149,8 +149,7 @@ int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
 	if (r < 0) {
 		/* Undo the region so nothing half-added stays behind. */
 		vm->mem->n--;
-		if (reg->owned)
-			munmap(reg->hva, reg->size);
+		vmm_mem_unmap(reg);
 		return r;
 	}
 	return 0;

@@ -1,0 +1,73 @@
+"""Fixtures of the native tier's virtio tests: a disk image on the host, two
+adjacent regions of fake guest RAM, a virtio-blk device and its fake driver.
+
+The RAM regions are the core's own mappings, fenced by PROT_NONE pages on both sides,
+so a device that reads or writes one byte past a region, or runs across
+the boundary between the two, dies of SIGSEGV at that access (pytest's
+faulthandler prints where) instead of quietly touching host memory."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.native.fake_driver import FakeDriver
+
+from vmmd.native import GuestMemory, VirtioBlock
+
+MiB = 1 << 20
+BOUNDARY = 1 * MiB      # region 0 ends and region 1 begins here
+RAM_END = 2 * MiB       # nothing is mapped from here on
+RAM = ((0, BOUNDARY), (BOUNDARY, RAM_END - BOUNDARY))
+DISK_SECTORS = 128
+
+MakeDriver = Callable[..., FakeDriver]
+
+def _ram() -> GuestMemory:
+    """GuestMemory over RAM.  The core maps each region between two PROT_NONE
+    guard pages, so a device touching one byte outside RAM (or running across
+    the region boundary without splitting) crashes the test at that access."""
+    mem = GuestMemory()
+    for gpa, size in RAM:
+        mem.add_region(gpa, size)
+    return mem
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    """A 64 KiB image of seeded random bytes (no two sectors alike)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(random.Random(7).randbytes(DISK_SECTORS * 512))
+    return path
+
+
+@pytest.fixture
+def make_driver(disk: Path) -> Iterator[MakeDriver]:
+    """make_driver(read_only=False, serial=""): a device on `disk` over fresh
+    RAM and its (not yet initialised) driver.  At teardown every canary the
+    driver placed must still be intact."""
+    made: list[tuple[GuestMemory, VirtioBlock, FakeDriver]] = []
+
+    def make(read_only: bool = False, serial: str = "") -> FakeDriver:
+        mem = _ram()
+        dev = VirtioBlock(mem, str(disk), read_only=read_only, serial=serial)
+        drv = FakeDriver(dev, mem, RAM)
+        made.append((mem, dev, drv))
+        return drv
+
+    yield make
+    broken = []
+    for mem, dev, drv in made:
+        broken += drv.broken_canaries()
+        dev.close()
+        mem.close()
+    assert not broken, f"device wrote over canaries at {[hex(a) for a in broken]}"
+
+
+@pytest.fixture
+def drv(make_driver: MakeDriver) -> FakeDriver:
+    """A read-write drive's driver, not yet initialised."""
+    return make_driver()
