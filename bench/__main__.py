@@ -1,7 +1,10 @@
 """`python -m bench`: run the benchmarks, write build/bench/results.{json,md}, print the table.
 
-  --reps N         repetitions of every measure (default: a and in-process 20, b 5, c 3)
-  --only a,b,c     measures to run (split = the in-process vmmd split; default all)
+  --reps N         repetitions of every measure (default: a and in-process 20, b 5, c 3,
+                   blk 3, api 50, rss 1, rate 1)
+  --only a,b,c     measures to run (split = the in-process vmmd split; blk = virtio-blk
+                   throughput; api = daemon StartVm -> console; rss = daemon RSS per idle VM;
+                   rate = create+start rate; default all)
   --skip-linux     leave out (c), the Linux boots (slow on a PVM host: kernel code is emulated)
   --quick          fewer repetitions (a 5, b 2, c 1) and fewer exits; also BENCH_QUICK=1
   --linux-timeout  hard limit per Linux boot, seconds (default 400)
@@ -20,19 +23,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import measures, proc, report, targets
+from bench import blk, daemon, measures, proc, report, targets
 from vmmd.vm.boot.cmdline import is_pvm_host
 
-SECTIONS = ("a", "b", "c", "split")
-DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20}
-QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5}
+SECTIONS = ("a", "b", "c", "split", "blk", "api", "rss", "rate")
+DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "api": 50, "rss": 1, "rate": 1}
+QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "api": 10, "rss": 1, "rate": 1}
 EXITS, QUICK_EXITS = 200_000, 50_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description="vmmd vs QEMU microvm")
     p.add_argument("--reps", type=int, help="repetitions of every measure")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of a,b,c,split")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma list of " + ",".join(SECTIONS))
     p.add_argument("--skip-linux", action="store_true", help="leave out (c), the Linux boots")
     p.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1")
     p.add_argument("--linux-timeout", type=float, default=400.0)
@@ -73,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         "b": lambda: measures.exit_cost(reps["b"], cpu, exits),
         "c": lambda: measures.linux(reps["c"], cpu, pvm, args.linux_timeout),
         "split": lambda: measures.in_process(reps["split"]),
+        "blk": lambda: blk.throughput(reps["blk"], cpu, args.quick),
+        "api": lambda: daemon.api(reps["api"], None if args.skip_linux else pvm,
+                                  args.linux_timeout),
+        "rss": lambda: daemon.rss((1, 10, 50)),
+        "rate": lambda: daemon.rate(20, 4),
     }
     results: list[dict[str, Any]] = []
     for section in (s for s in SECTIONS if s in args.only):
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "vmmd, Linux (c)": shlex.join(linux.vmmd()),
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
             "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
+            **blk.commands(cpu), **daemon.commands(),
         },
         "results": results,
     }

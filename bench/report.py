@@ -38,7 +38,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         (f"Absolute numbers from this machine are NOT comparable with bare-metal figures{note}; "
          "compare the columns of one run. Cells: median (p10–p90); vmmd/QEMU = ratio of the "
-         "medians (< 1: vmmd faster)."),
+         "medians (< 1: vmmd faster), except rows marked \"higher better\" (IOPS, MB/s, "
+         "VMs/s), where > 1 means vmmd faster. Rows with only a vmmd column have no QEMU "
+         "counterpart (the daemon sections)."),
         "",
         "| measure | unit | vmmd | QEMU | C floor | vmmd/QEMU | n |",
         "|---|---|---|---|---|---|---|",

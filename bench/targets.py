@@ -44,19 +44,50 @@ class Guest:
     kernel: Path
     cmdline: str
     initrd: Path | None = None
+    drive: Path | None = None  # a raw image, virtio-blk over virtio-mmio
 
     def vmmd(self) -> list[str]:
         argv = [str(VMMD), "run", "--kernel", str(self.kernel), "--cmdline", self.cmdline,
                 "--vcpus", "1", "--mem-mib", str(MEM_MIB)]
-        return argv + (["--initrd", str(self.initrd)] if self.initrd else [])
+        argv += ["--initrd", str(self.initrd)] if self.initrd else []
+        return argv + (["--drive", str(self.drive)] if self.drive else [])
 
     def qemu(self, cpu: str) -> list[str]:
         argv = [*QEMU_BASE, "-cpu", cpu, "-kernel", str(self.kernel), "-append", self.cmdline]
-        return argv + (["-initrd", str(self.initrd)] if self.initrd else [])
+        argv += ["-initrd", str(self.initrd)] if self.initrd else []
+        if self.drive:
+            # acpi=off: the virtio_mmio.device= words on the cmdline; version-2 transport;
+            # cache=writeback,aio=threads (QEMU's defaults) = vmmd's buffered preadv/pwritev.
+            argv[argv.index("-M") + 1] += ",acpi=off"
+            argv += ["-global", "virtio-mmio.force-legacy=false",
+                     "-drive", (f"id=d0,file={self.drive},format=raw,if=none,"
+                                "cache=writeback,aio=threads"),
+                     "-device", "virtio-blk-device,drive=d0"]
+        return argv
 
 
-def micro_guest(cmdline: str) -> Guest:
-    return Guest(OUT.parent / "guests" / "microguest-pvh.elf", cmdline)
+MICRO_KERNEL = OUT.parent / "guests" / "microguest-pvh.elf"
+BLK_IMAGE = OUT / "blk.img"
+BLK_IMAGE_MIB = 256
+
+
+def micro_guest(cmdline: str, drive: Path | None = None) -> Guest:
+    return Guest(MICRO_KERNEL, cmdline, drive=drive)
+
+
+def blk_image() -> Path:
+    """The scratch disk of (blk), created once and filled with non-zero bytes (no holes),
+    then read through once so that both VMMs find it in the page cache."""
+    size = BLK_IMAGE_MIB << 20
+    if not BLK_IMAGE.exists() or BLK_IMAGE.stat().st_size != size:
+        OUT.mkdir(parents=True, exist_ok=True)
+        chunk = os.urandom(1 << 20)
+        with open(BLK_IMAGE, "wb") as f:
+            f.writelines(chunk for _ in range(BLK_IMAGE_MIB))
+    with open(BLK_IMAGE, "rb") as f:
+        while f.read(1 << 22):
+            pass
+    return BLK_IMAGE
 
 
 def linux_guest(pvm: bool) -> Guest:

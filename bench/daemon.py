@@ -1,0 +1,215 @@
+"""The daemon measures (api, rss, rate): one `vmmd serve` per section, driven through
+vmmd.client.Client over its Unix socket.  vmmd only (QEMU has no counterpart daemon).
+
+The daemon runs in its own session, registered with proc so that an interruption kills it;
+every VM a measure creates is deleted again.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import proc, targets
+from bench.measures import MICRO_TIMEOUT, READY, measure
+from bench.targets import MEM_MIB
+from vmmd.client import Client, ClientError
+
+SERVE = [sys.executable, "-m", "vmmd", "serve", "--log-format", "console", "--max-vms", "100"]
+START_TIMEOUT = 30.0
+
+
+@contextmanager
+def served() -> Iterator[tuple[Client, int]]:
+    """A fresh daemon on a temporary socket: (its client, its pid)."""
+    with tempfile.TemporaryDirectory(prefix="vmmd-bench-") as tmp:
+        sock = str(Path(tmp) / "s.sock")
+        p = subprocess.Popen([*SERVE, "--socket", sock], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        proc._live.add(p)
+        try:
+            client = _connect(sock, p)
+            with client:
+                yield client, p.pid
+        finally:
+            proc._kill(p)
+
+
+def _connect(sock: str, p: subprocess.Popen[bytes]) -> Client:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise proc.RunError(f"vmmd serve exited with {p.returncode}")
+        if Path(sock).exists():
+            client = Client(sock)
+            try:
+                client.list()
+                return client
+            except ClientError:
+                client.close()
+        time.sleep(0.02)
+    raise proc.RunError(f"vmmd serve: no answer on {sock} within {START_TIMEOUT:.0f} s")
+
+
+def _first_output(client: Client, vm_id: str, timeout: float,
+                  until: bytes | None = None) -> tuple[float, float, bytes]:
+    """StartVm with the console stream already open: (seconds StartVm took to return,
+    seconds from StartVm to the first console bytes, or to `until` when given; the output)."""
+    stream = client.console(vm_id, from_start=True)
+    timer = threading.Timer(timeout, stream.cancel)
+    timer.start()
+    out = b""
+    try:
+        t0 = time.perf_counter()
+        client.start(vm_id)
+        t_rpc = time.perf_counter() - t0
+        for chunk in stream:
+            out += chunk
+            if until is None or until in out and b"\n" in out[out.index(until):]:
+                return t_rpc, time.perf_counter() - t0, out
+    except ClientError as e:
+        raise proc.RunError(f"{vm_id}: {e}") from None
+    finally:
+        timer.cancel()
+        stream.cancel()
+    raise proc.RunError(f"{vm_id}: no console output within {timeout:.0f} s: {out[-300:]!r}")
+
+
+def _create_micro(client: Client, vm_id: str, cmdline: str) -> None:
+    client.create(vm_id, str(targets.MICRO_KERNEL), cmdline=cmdline, vcpus=1,
+                  memory_mib=MEM_MIB)
+
+
+def _delete(client: Client, vm_id: str) -> None:
+    try:
+        client.delete(vm_id)
+    except ClientError:
+        pass
+
+
+def api(reps: int, pvm: bool | None, linux_timeout: float) -> list[dict[str, Any]]:
+    """StartVm -> first console bytes of mg=print (stream opened before StartVm); and with
+    `pvm` not None, StartVm -> Linux READY once."""
+    series: dict[str, list[float]] = {"create": [], "start": [], "first": []}
+    out = []
+    with served() as (client, _):
+        for i in range(reps):
+            vm_id = f"api-{i}"
+            t0 = time.perf_counter()
+            _create_micro(client, vm_id, "mg=print")
+            series["create"].append((time.perf_counter() - t0) * 1e3)
+            t_rpc, t_first, _ = _first_output(client, vm_id, MICRO_TIMEOUT)
+            series["start"].append(t_rpc * 1e3)
+            series["first"].append(t_first * 1e3)
+            _delete(client, vm_id)
+        if pvm is not None and targets.LINUX_KERNEL.exists() and targets.LINUX_INITRD.exists():
+            out.append(_api_linux(client, pvm, linux_timeout))
+    whats = {"create": "CreateVm RPC (micro-guest, 128 MiB)",
+             "start": "StartVm RPC returns",
+             "first": "StartVm → first console bytes via StreamConsole (mg=print)"}
+    return [*(measure(f"api.{k}", f"daemon: {whats[k]}", "ms", {"vmmd": v})
+              for k, v in series.items()), *out]
+
+
+def _api_linux(client: Client, pvm: bool, timeout: float) -> dict[str, Any]:
+    g = targets.linux_guest(pvm)
+    client.create("api-linux", str(g.kernel), initrd=str(g.initrd), cmdline=g.cmdline, vcpus=1,
+                  memory_mib=MEM_MIB)
+    try:
+        _, t, out = _first_output(client, "api-linux", timeout, b"VMMD-GUEST-READY")
+    finally:
+        _delete(client, "api-linux")
+    if READY.search(out) is None:
+        raise proc.RunError("api: Linux READY line malformed")
+    return measure("api.linux_ready", "daemon: StartVm → Linux READY line via StreamConsole",
+                   "s", {"vmmd": [t]})
+
+
+def _smaps_kib(pid: int, guest_kib: int) -> tuple[int, int]:
+    """(Rss of every mapping except guest RAM, Rss of the guest RAM mappings), KiB.  Guest RAM:
+    the anonymous mappings whose size is exactly the guest's memory."""
+    other = guest = 0
+    size = 0
+    anon = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            anon = len(head) == 5 or head[5].startswith("[anon")
+        elif head[0] == "Size:":
+            size = int(head[1])
+        elif head[0] == "Rss:":
+            if anon and size == guest_kib:
+                guest += int(head[1])
+            else:
+                other += int(head[1])
+    return other, guest
+
+
+def rss(counts: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Daemon RSS per extra idle VM (mg=tick ms=1000, 128 MiB), VMs added to one daemon up to
+    each K in `counts`; non-guest RSS and guest-RAM RSS apart."""
+    out = []
+    with served() as (client, pid):
+        time.sleep(0.5)
+        base, _ = _smaps_kib(pid, MEM_MIB * 1024)
+        made = 0
+        try:
+            for k in counts:
+                while made < k:
+                    _create_micro(client, f"rss-{made}", "mg=tick ms=1000")
+                    _first_output(client, f"rss-{made}", MICRO_TIMEOUT)
+                    made += 1
+                time.sleep(0.5)
+                other, guest = _smaps_kib(pid, MEM_MIB * 1024)
+                out.append(measure(f"rss.k{k}.other", f"daemon RSS outside guest RAM per extra "
+                                   f"idle VM, K={k} ((rss(K) − rss(0)) / K; rss(0) = "
+                                   f"{base / 1024:.1f} MiB)", "MiB",
+                                   {"vmmd": [(other - base) / k / 1024]}))
+                out.append(measure(f"rss.k{k}.guest", f"guest-RAM RSS per idle VM, K={k} "
+                                   "(mg=tick)", "MiB", {"vmmd": [guest / k / 1024]}))
+        finally:
+            for i in range(made):
+                _delete(client, f"rss-{i}")
+    return out
+
+
+def _one(client: Client, vm_id: str) -> None:
+    _create_micro(client, vm_id, "mg=print")
+    _first_output(client, vm_id, MICRO_TIMEOUT)
+
+
+def rate(k: int, threads: int) -> list[dict[str, Any]]:
+    """CreateVm → StartVm → first output for K micro-guests, one after another and then from
+    `threads` client threads (one shared channel); VMs per second.  Deleted after each pass."""
+    out = []
+    with served() as (client, _):
+        for label, workers in (("sequential", 1), (f"{threads} client threads", threads)):
+            ids = [f"rate-{workers}-{i}" for i in range(k)]
+            t0 = time.perf_counter()
+            try:
+                with ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(lambda v: _one(client, v), ids))
+                secs = time.perf_counter() - t0
+            finally:
+                for v in ids:
+                    _delete(client, v)
+            out.append(measure(f"rate.{workers}", f"daemon: CreateVm → StartVm → first output, "
+                               f"K={k}, {label} (higher better)", "VMs/s",
+                               {"vmmd": [k / secs]}))
+    return out
+
+
+def commands() -> dict[str, str]:
+    return {"vmmd daemon (api, rss, rate)": shlex.join([*SERVE, "--socket", "<tmp>/s.sock"]),
+            "daemon guests": "micro-guest, 1 vCPU, 128 MiB: api/rate mg=print, rss mg=tick "
+                             "ms=1000"}
