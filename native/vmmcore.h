@@ -109,6 +109,14 @@ void vmm_virtio_free(struct vmm_virtio *v);
 uint32_t vmm_virtio_mmio_read(struct vmm_virtio *v, uint64_t off, uint32_t len);
 void vmm_virtio_mmio_write(struct vmm_virtio *v, uint64_t off, uint32_t value, uint32_t len);
 void vmm_virtio_get_stats(struct vmm_virtio *v, struct vmm_virtio_stats *out);
+/* A virtio-net device on plain guest memory over a frame fd (a tap, or a
+ * SOCK_SEQPACKET socket in tests; the caller owns the fd).  For net the
+ * stats read: requests = frames, bytes_read = to the guest, bytes_written =
+ * from the guest, io_errors = frames dropped on TX. */
+int vmm_virtio_net_new(struct vmm_mem *mem, int tap_fd, const uint8_t *mac,
+		       struct vmm_virtio **out);
+/* What the I/O thread does when the tap is readable. */
+void vmm_virtio_net_rx(struct vmm_virtio *v);
 
 /* ---- the VM (vm.c) ---- */
 enum vmm_vm_state {

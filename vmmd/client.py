@@ -22,8 +22,8 @@ import grpc
 
 from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
 from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd.paths import DEFAULT_SOCKET
 
-from vmmd.paths import DEFAULT_SOCKET  # noqa: E402  (re-exported)
 T = TypeVar("T")
 
 __all__ = ["DEFAULT_SOCKET", "Client", "ClientError", "Stream", "pb"]

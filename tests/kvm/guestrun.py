@@ -13,7 +13,6 @@ from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import StopInfo
 
 
-
 @dataclass(frozen=True)
 class GuestRun:
     stop: StopInfo

@@ -73,7 +73,7 @@ def test_flush_and_get_id(microguests, image: Path) -> None:  # type: ignore[no-
     drive = DriveSpec("serial-0123456789abcdef", str(image))
     assert line(blk(microguests["pvh"], "op=flush", drive), "MG-BLK-FLUSH")["status"] == "0"
     run = blk(microguests["pvh"], "op=getid", drive)
-    assert re.search(r"^MG-BLK-ID serial-0123456789abc status=0$", run.console, re.M), run.console
+    assert re.search(r"^MG-BLK-ID serial-0123456789abc status=0$", run.console, re.MULTILINE), run.console
 
 
 def test_read_only_drive_refuses_writes(microguests, image: Path) -> None:  # type: ignore[no-untyped-def]
@@ -90,9 +90,9 @@ def test_two_drives(microguests, image: Path, tmp_path: Path) -> None:  # type: 
     other.write_bytes(b"\x5a" * 4096)
     run = blk(microguests["pvh"], "op=twodev",
               DriveSpec("d0", str(image)), DriveSpec("d1", str(other), read_only=True))
-    caps = re.findall(r"^MG-BLK dev=(\d) capacity=(\d+)", run.console, re.M)
+    caps = re.findall(r"^MG-BLK dev=(\d) capacity=(\d+)", run.console, re.MULTILINE)
     assert caps == [("0", str(SECTORS)), ("1", "8")]
-    firsts = re.findall(r"^MG-BLK-READ .* first=([0-9a-f]+)", run.console, re.M)
+    firsts = re.findall(r"^MG-BLK-READ .* first=([0-9a-f]+)", run.console, re.MULTILINE)
     assert firsts == [bytes(range(16)).hex(), "5a" * 16]
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from tests.native.fake_driver import FakeDriver
-
 from vmmd.native import GuestMemory, VirtioBlock
 
 MiB = 1 << 20

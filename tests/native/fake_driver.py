@@ -18,7 +18,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmmd.native import GuestMemory, VirtioBlock
+from vmmd.native import GuestMemory, VirtioDevice
 
 SECTOR = 512
 
@@ -139,9 +139,11 @@ class Layout:
 class FakeDriver:
     """One guest driver of one virtio-blk device, queue 0."""
 
-    def __init__(self, dev: VirtioBlock, mem: GuestMemory,
-                 ram: Sequence[tuple[int, int]], layout: Layout = Layout()) -> None:
+    def __init__(self, dev: VirtioDevice, mem: GuestMemory,
+                 ram: Sequence[tuple[int, int]], layout: Layout = Layout(),
+                 queue: int = 0) -> None:
         self.dev, self.mem, self.regions, self.layout = dev, mem, tuple(ram), layout
+        self.queue = queue  # the virtqueue this driver object programs
         self.size = 0       # queue 0 as last programmed
         self.desc, self.avail, self.used = layout.desc, layout.avail, layout.used
         self._heap_top = layout.heap
@@ -199,8 +201,8 @@ class FakeDriver:
 
     def setup_queue(self, size: int, desc: int | None = None, avail: int | None = None,
                     used: int | None = None) -> bool:
-        """Program queue 0 and set QueueReady; whether it reads back ready."""
-        self.set_reg(Reg.QUEUE_SEL, 0)
+        """Program the queue and set QueueReady; whether it reads back ready."""
+        self.set_reg(Reg.QUEUE_SEL, self.queue)
         self.set_reg(Reg.QUEUE_NUM, size)
         self.desc = self.layout.desc if desc is None else desc
         self.avail = self.layout.avail if avail is None else avail
@@ -220,6 +222,11 @@ class FakeDriver:
         """The whole sequence, as Linux does it; DriverError if refused."""
         if not self.negotiate(features):
             raise DriverError(f"FEATURES_OK refused for {features:#x}")
+        self.add_queue(queue_size)
+        self.driver_ok()
+
+    def add_queue(self, queue_size: int = 16) -> None:
+        """Zero this queue's rings and make it ready (after FEATURES_OK)."""
         if self.reg(Reg.QUEUE_NUM_MAX) < queue_size:
             raise DriverError("queue too large")
         self.mem.write(self.layout.avail, bytes(6 + 2 * queue_size))
@@ -227,7 +234,6 @@ class FakeDriver:
         self._guard(self.layout.used + 6 + 8 * queue_size)   # the device writes used only
         if not self.setup_queue(queue_size):
             raise DriverError("QueueReady refused")
-        self.driver_ok()
 
     def _reset_queue_state(self) -> None:
         self.avail_idx = 0      # next avail slot we publish
@@ -314,7 +320,7 @@ class FakeDriver:
         return int(struct.unpack("<H", self.mem.read(self.used + 2, 2))[0])
 
     def notify(self) -> None:
-        self.set_reg(Reg.QUEUE_NOTIFY, 0)
+        self.set_reg(Reg.QUEUE_NOTIFY, self.queue)
 
     def collect(self) -> list[Used]:
         """Used elements the device added since the last collect."""

@@ -53,7 +53,7 @@ def demo(args: argparse.Namespace) -> int:
 
     tmp = tempfile.mkdtemp(prefix="vmmd-demo-")
     sock = os.path.join(tmp, "vmmd.sock")
-    say = lambda text: print(f"vmmd demo: {text}", file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda text: print(f"vmmd demo: {text}", file=sys.stderr, flush=True)
     daemon = subprocess.Popen([sys.executable, "-m", "vmmd", "serve", "--socket", sock,
                                "--log-format", "console", "--log-level", "warning"])
     clean = False

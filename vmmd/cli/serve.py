@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmmd.paths import DEFAULT_SOCKET
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
 from vmmd.manager import DEFAULT_MAX_VMS, Manager
+from vmmd.paths import DEFAULT_SOCKET
 
 if TYPE_CHECKING:
     from vmmd.api.server import TlsConfig

@@ -145,16 +145,12 @@ class GuestMemory:
         self.close()
 
 
-class VirtioBlock:
-    """A virtio-blk device over a GuestMemory, without KVM: the native tier
-    plays the guest driver (registers by offset, then QueueNotify)."""
+class VirtioDevice:
+    """A virtio device over a GuestMemory, without KVM: the native tier plays
+    the guest driver (registers by offset, then QueueNotify)."""
 
-    def __init__(self, mem: GuestMemory, path: str, *, read_only: bool = False,
-                 serial: str = "") -> None:
-        out = ffi.new("struct vmm_virtio **")
-        check(lib.vmm_virtio_blk_new(mem.handle, path.encode(), int(read_only),
-                                     serial.encode(), out), f"open drive {path}")
-        self._dev = out[0]
+    def __init__(self, mem: GuestMemory, dev: Any) -> None:
+        self._dev = dev
         self._mem = mem  # keep the memory alive as long as the device
 
     def read_reg(self, off: int, size: int = 4) -> int:
@@ -173,11 +169,40 @@ class VirtioBlock:
             lib.vmm_virtio_free(self._dev)
             self._dev = ffi.NULL
 
-    def __enter__(self) -> VirtioBlock:
+    def __enter__(self) -> VirtioDevice:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _new_device(op: str, fn: Any, *args: Any) -> Any:
+    out = ffi.new("struct vmm_virtio **")
+    check(fn(*args, out), op)
+    return out[0]
+
+
+class VirtioBlock(VirtioDevice):
+    def __init__(self, mem: GuestMemory, path: str, *, read_only: bool = False,
+                 serial: str = "") -> None:
+        super().__init__(mem, _new_device(f"open drive {path}", lib.vmm_virtio_blk_new,
+                                          mem.handle, path.encode(), int(read_only),
+                                          serial.encode()))
+
+
+class VirtioNet(VirtioDevice):
+    """virtio-net over a frame fd (a tap; a SOCK_SEQPACKET socket in tests),
+    which the caller keeps open and closes."""
+
+    def __init__(self, mem: GuestMemory, fd: int, mac: bytes) -> None:
+        if len(mac) != 6:
+            raise ValueError("mac: 6 bytes")
+        super().__init__(mem, _new_device("create virtio-net", lib.vmm_virtio_net_new,
+                                          mem.handle, fd, mac))
+
+    def rx(self) -> None:
+        """What the I/O thread does when the tap is readable."""
+        lib.vmm_virtio_net_rx(self._dev)
 
 
 class NativeVm:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from vmmd.errors import NotFoundError
 from vmmd.log import get_logger
@@ -202,7 +202,7 @@ class Vm:
     def __enter__(self) -> Vm:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- internals --
@@ -226,7 +226,7 @@ class Vm:
                 for fn in self._listeners:
                     try:
                         fn(ev)
-                    except Exception:  # noqa: BLE001 - a listener never kills the watcher
+                    except Exception:
                         self.log.exception("vm.listener_failed")
                 if ev.type == EventType.STOPPED:
                     last_stop = ev
