@@ -32,7 +32,9 @@ void vmm_vcpu_destroy(struct vmm_vcpu *vc);
 int vmm_vcpu_start(struct vmm_vcpu *vc);
 void vmm_vcpu_kick(struct vmm_vcpu *vc);
 void vmm_vcpu_join(struct vmm_vcpu *vc);
-/* x86.c: CPUID, MSRs, LAPIC LINTs and FPU for a fresh vCPU. */
+/* x86.c: KVM's supported CPUID (with the VM-wide bits set), read once per
+ * VM; then CPUID, MSRs, LAPIC LINTs and FPU for each fresh vCPU. */
+struct kvm_cpuid2 *vmm_x86_supported_cpuid(int kvm_fd);
 int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc);
 int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b);
 int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_state);

@@ -166,19 +166,24 @@ int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
 		return -EINVAL;
 	if (vm->nvcpus || LOAD(&vm->state) != VMM_VM_CREATED)
 		return -EBUSY;
+	vm->cpuid_base = vmm_x86_supported_cpuid(vm->kvm_fd);
+	if (!vm->cpuid_base)
+		return errno ? -errno : -ENOMEM;
 	vm->nvcpus = n;	/* CPUID topology needs the count up front */
-	for (int i = 0; i < n; i++) {
-		int r = vmm_vcpu_create(vm, i, &vm->vcpus[i]);
+	int r = 0;
+	for (int i = 0; i < n && !r; i++) {
+		r = vmm_vcpu_create(vm, i, &vm->vcpus[i]);
 		if (r) {
 			while (i--) {
 				vmm_vcpu_destroy(vm->vcpus[i]);
 				vm->vcpus[i] = NULL;
 			}
 			vm->nvcpus = 0;
-			return r;
 		}
 	}
-	return 0;
+	free(vm->cpuid_base);
+	vm->cpuid_base = NULL;
+	return r;
 }
 
 int vmm_vm_vcpu_count(const struct vmm_vm *vm)

@@ -35,6 +35,8 @@ struct vmm_vm {
 	struct vmm_i8042 i8042;
 	int nvcpus;
 	struct vmm_vcpu *vcpus[VMM_MAX_VCPUS];
+	/* KVM's supported CPUID, read once while vCPUs are created (x86.c). */
+	struct kvm_cpuid2 *cpuid_base;
 	struct vmm_iothread *io;
 	int nvirtio;
 	struct vmm_virtio *virtio[VMM_MAX_VIRTIO];	/* served by the I/O thread */

@@ -14,10 +14,14 @@
 
 #define MAX_CPUID_ENTRIES 256
 
-static struct kvm_cpuid2 *supported_cpuid(int kvm_fd)
+static size_t cpuid_size(void)
 {
-	size_t sz = sizeof(struct kvm_cpuid2) + MAX_CPUID_ENTRIES * sizeof(struct kvm_cpuid_entry2);
-	struct kvm_cpuid2 *c = calloc(1, sz);
+	return sizeof(struct kvm_cpuid2) + MAX_CPUID_ENTRIES * sizeof(struct kvm_cpuid_entry2);
+}
+
+struct kvm_cpuid2 *vmm_x86_supported_cpuid(int kvm_fd)
+{
+	struct kvm_cpuid2 *c = calloc(1, cpuid_size());
 	if (!c)
 		return NULL;
 	c->nent = MAX_CPUID_ENTRIES;
@@ -25,6 +29,12 @@ static struct kvm_cpuid2 *supported_cpuid(int kvm_fd)
 		free(c);
 		return NULL;
 	}
+	/* The in-kernel LAPIC has a TSC-deadline timer; KVM does not say so in
+	 * the supported set, only as a capability. */
+	if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER) > 0)
+		for (uint32_t i = 0; i < c->nent; i++)
+			if (c->entries[i].function == 1)
+				c->entries[i].ecx |= 1u << 24;
 	return c;
 }
 
@@ -57,7 +67,7 @@ static void set_topology_leaf(struct kvm_cpuid_entry2 *e, uint32_t sub, int n, u
 	}
 }
 
-static void patch_cpuid(struct kvm_cpuid2 *c, int n, uint32_t apic, int tsc_deadline)
+static void patch_cpuid(struct kvm_cpuid2 *c, int n, uint32_t apic)
 {
 	uint32_t out = 0;
 	for (uint32_t i = 0; i < c->nent; i++) {
@@ -69,8 +79,6 @@ static void patch_cpuid(struct kvm_cpuid2 *c, int n, uint32_t apic, int tsc_dead
 		if (e->function == 1) {
 			e->ebx = (apic << 24) | ((uint32_t)n << 16) | (8u << 8);
 			e->ecx |= 1u << 31;	/* hypervisor present */
-			if (tsc_deadline)
-				e->ecx |= 1u << 24;
 			if (n > 1)
 				e->edx |= 1u << 28;	/* HTT: several logical CPUs */
 		} else if (e->function == 4 && (e->eax & 0x1f)) {
@@ -89,12 +97,12 @@ static void patch_cpuid(struct kvm_cpuid2 *c, int n, uint32_t apic, int tsc_dead
 
 static int setup_cpuid(struct vmm_vm *vm, struct vmm_vcpu *vc)
 {
-	struct kvm_cpuid2 *c = supported_cpuid(vm->kvm_fd);
+	struct kvm_cpuid2 *c = malloc(cpuid_size());
 	if (!c)
-		return -errno ? -errno : -ENOMEM;
-	int tsc_deadline = ioctl(vm->kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER) > 0;
+		return -ENOMEM;
+	memcpy(c, vm->cpuid_base, cpuid_size());	/* each vCPU patches its own copy */
 	/* nvcpus is final before the first vCPU is created. */
-	patch_cpuid(c, vm->nvcpus, (uint32_t)vc->idx, tsc_deadline);
+	patch_cpuid(c, vm->nvcpus, (uint32_t)vc->idx);
 	int r = ioctl(vc->fd, KVM_SET_CPUID2, c) < 0 ? -errno : 0;
 	free(c);
 	return r;
