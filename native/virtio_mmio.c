@@ -40,6 +40,7 @@ void vmm_virtio_init(struct vmm_virtio *v, const struct vmm_virtio_ops *ops, voi
 	v->priv = priv;
 	v->mem = mem;
 	v->irq.efd = -1;
+	v->backend_fd = -1;
 	for (int i = 0; i < VMM_VIRTIO_MAX_QUEUES; i++)
 		v->kick_fd[i] = -1;
 }
@@ -128,9 +129,12 @@ static void set_status(struct vmm_virtio *v, uint32_t val)
 		if ((f & ~offered(v)) || !(f & VMM_VIRTIO_F_VERSION_1))
 			val &= ~ST_FEATURES_OK;
 	}
+	int was_ok = v->status & ST_DRIVER_OK;
 	/* The device's own NEEDS_RESET bit is not the driver's to clear. */
 	v->status = (val & 0xff & ~VMM_VIRTIO_STATUS_NEEDS_RESET) |
 		    (v->status & VMM_VIRTIO_STATUS_NEEDS_RESET);
+	if (!was_ok && (v->status & ST_DRIVER_OK) && v->ops->driver_ok)
+		v->ops->driver_ok(v);
 }
 
 static void set_queue_ready(struct vmm_virtio *v, struct vmm_virtq *q, uint32_t val)
@@ -250,6 +254,20 @@ void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q)
 	pthread_mutex_lock(&v->lock);
 	serve_queue(v, q);
 	pthread_mutex_unlock(&v->lock);
+}
+
+void vmm_virtio_backend_ready(struct vmm_virtio *v)
+{
+	pthread_mutex_lock(&v->lock);
+	if (v->ops->backend_ready)
+		v->ops->backend_ready(v);
+	pthread_mutex_unlock(&v->lock);
+}
+
+void vmm_virtio_poll_backend(struct vmm_virtio *v, int on)
+{
+	if (v->poll_backend)
+		v->poll_backend(v->poll_ctx, on);
 }
 
 void vmm_virtio_get_stats(struct vmm_virtio *v, struct vmm_virtio_stats *out)

@@ -32,7 +32,12 @@ struct vmm_virtio_ops {
 	/* Process queue q: pop, serve, push.  Called with the transport lock held. */
 	void (*queue_notify)(struct vmm_virtio *v, uint32_t q);
 	void (*reset)(void *priv);
+	/* The driver set DRIVER_OK: negotiated features are final (net mirrors
+	 * its offloads to the tap here).  Lock held; may be NULL. */
+	void (*driver_ok)(struct vmm_virtio *v);
 	void (*destroy)(struct vmm_virtio *v);	/* frees the device and its transport */
+	/* backend_fd is readable (the I/O thread polls it).  Lock held. */
+	void (*backend_ready)(struct vmm_virtio *v);
 };
 
 struct vmm_virtio {
@@ -47,6 +52,12 @@ struct vmm_virtio {
 	uint64_t driver_features;
 	struct vmm_virtq q[VMM_VIRTIO_MAX_QUEUES];
 	struct vmm_virtio_stats st;
+	/* A host fd with input for the device (a tap), -1 if none.  The I/O
+	 * thread polls it and installs poll_backend so the device can stop
+	 * and restart that polling (no guest buffers: leave input queued). */
+	int backend_fd;
+	void (*poll_backend)(void *ctx, int on);
+	void *poll_ctx;
 };
 
 extern const struct vmm_bus_ops vmm_virtio_mmio_ops;
@@ -57,6 +68,10 @@ int vmm_virtio_attach_kvm(struct vmm_virtio *v, int vm_fd, uint64_t base, uint32
 void vmm_virtio_detach_kvm(struct vmm_virtio *v, int vm_fd);
 /* Serve queue q now (the I/O thread, on its ioeventfd). */
 void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q);
+/* The I/O thread: backend_fd is readable. */
+void vmm_virtio_backend_ready(struct vmm_virtio *v);
+/* For device code (lock held): start or stop polling backend_fd. */
+void vmm_virtio_poll_backend(struct vmm_virtio *v, int on);
 /* For device code (lock held): a chain was bad - count it, stop the device. */
 void vmm_virtio_fail(struct vmm_virtio *v);
 /* For device code (lock held): interrupt the driver if the queue wants it. */

@@ -18,6 +18,7 @@
 #include "iothread.h"
 #include "vcpu.h"
 #include "virtio_blk.h"
+#include "virtio_net.h"
 #include "vm.h"
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -278,9 +279,11 @@ static int wait_parked(struct vmm_vm *vm, int timeout_ms)
 	}
 	int r = 0;
 	pthread_mutex_lock(&vm->park_lock);
-	while (vm->parked < vm->nvcpus && r == 0)
+	/* Every vCPU and the I/O thread. */
+	int want = vm->nvcpus + (vm->io ? 1 : 0);
+	while (vm->parked < want && r == 0)
 		r = pthread_cond_timedwait(&vm->park_cond, &vm->park_lock, &dl);
-	int ok = vm->parked >= vm->nvcpus;
+	int ok = vm->parked >= want;
 	pthread_mutex_unlock(&vm->park_lock);
 	return ok ? 0 : -ETIMEDOUT;
 }
@@ -300,6 +303,7 @@ int vmm_vm_pause(struct vmm_vm *vm, int timeout_ms)
 	if (st == VMM_VM_RUNNING && !LOAD(&vm->stop_reason)) {
 		STORE(&vm->pause_req, 1);
 		vmm_vm_kick_all(vm);
+		vmm_iothread_wake(vm->io);
 		r = wait_parked(vm, timeout_ms);
 		if (r == 0 && !LOAD(&vm->stop_reason)) {
 			STORE(&vm->state, VMM_VM_PAUSED);
@@ -357,30 +361,51 @@ static void destroy_virtio(struct vmm_vm *vm)
 	vm->nvirtio = 0;
 }
 
-int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
-			  const char *serial, uint64_t mmio_base, uint32_t gsi)
+/* Wire a device into KVM (ioeventfds, irqfd) and the MMIO bus; on failure
+ * the device is freed and nothing of it stays. */
+static int attach_virtio(struct vmm_vm *vm, struct vmm_virtio *v, uint64_t mmio_base,
+			 uint32_t gsi)
+{
+	int r = vmm_virtio_attach_kvm(v, vm->vm_fd, mmio_base, gsi);
+	if (!r) {
+		r = vmm_bus_register(&vm->mmio, mmio_base, VMM_VIRTIO_MMIO_SIZE,
+				     &vmm_virtio_mmio_ops, v);
+		if (r)
+			vmm_virtio_detach_kvm(v, vm->vm_fd);
+	}
+	if (r) {
+		vmm_virtio_free(v);
+		return r;
+	}
+	vm->virtio[vm->nvirtio] = v;
+	return vm->nvirtio++;
+}
+
+static int can_add_virtio(const struct vmm_vm *vm)
 {
 	if (LOAD(&vm->state) != VMM_VM_CREATED)
 		return -EBUSY;
-	if (vm->nvirtio == VMM_MAX_VIRTIO)
-		return -ENOSPC;
+	return vm->nvirtio == VMM_MAX_VIRTIO ? -ENOSPC : 0;
+}
+
+int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
+			  const char *serial, uint64_t mmio_base, uint32_t gsi)
+{
 	struct vmm_blk *b;
-	int r = vmm_blk_create(vm->mem, path, read_only, serial, &b);
-	if (r)
-		return r;
-	r = vmm_virtio_attach_kvm(&b->transport, vm->vm_fd, mmio_base, gsi);
-	if (!r) {
-		r = vmm_bus_register(&vm->mmio, mmio_base, VMM_VIRTIO_MMIO_SIZE,
-				     &vmm_virtio_mmio_ops, &b->transport);
-		if (r)
-			vmm_virtio_detach_kvm(&b->transport, vm->vm_fd);
-	}
-	if (r) {
-		vmm_blk_destroy(b);
-		return r;
-	}
-	vm->virtio[vm->nvirtio] = &b->transport;
-	return vm->nvirtio++;
+	int r = can_add_virtio(vm);
+	if (!r)
+		r = vmm_blk_create(vm->mem, path, read_only, serial, &b);
+	return r ? r : attach_virtio(vm, &b->transport, mmio_base, gsi);
+}
+
+int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uint32_t max_frame,
+			  uint64_t mmio_base, uint32_t gsi)
+{
+	struct vmm_net *n;
+	int r = can_add_virtio(vm);
+	if (!r)
+		r = vmm_net_create(vm->mem, tap_fd, mac, max_frame, &n);
+	return r ? r : attach_virtio(vm, &n->transport, mmio_base, gsi);
 }
 
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out)

@@ -98,6 +98,7 @@ struct vmm_virtio_stats {
 	uint64_t io_errors;	/* requests answered with an error status */
 	uint64_t bytes_read, bytes_written;
 	uint64_t interrupts;
+	uint64_t rx_frames, tx_frames;	/* net only: to / from the guest */
 };
 
 /* A virtio-blk device on plain guest memory, without KVM: the native test
@@ -110,13 +111,14 @@ uint32_t vmm_virtio_mmio_read(struct vmm_virtio *v, uint64_t off, uint32_t len);
 void vmm_virtio_mmio_write(struct vmm_virtio *v, uint64_t off, uint32_t value, uint32_t len);
 void vmm_virtio_get_stats(struct vmm_virtio *v, struct vmm_virtio_stats *out);
 /* A virtio-net device on plain guest memory over a frame fd (a tap, or a
- * SOCK_SEQPACKET socket in tests; the caller owns the fd).  For net the
- * stats read: requests = frames, bytes_read = to the guest, bytes_written =
- * from the guest, io_errors = frames dropped on TX. */
+ * SOCK_SEQPACKET socket in tests; the caller owns the fd, non-blocking).
+ * For net the stats read: requests = frames both ways, bytes_read = frame
+ * bytes to the guest, bytes_written = from the guest, io_errors = frames
+ * from the guest the tap refused (dropped). */
 int vmm_virtio_net_new(struct vmm_mem *mem, int tap_fd, const uint8_t *mac,
-		       struct vmm_virtio **out);
-/* What the I/O thread does when the tap is readable. */
-void vmm_virtio_net_rx(struct vmm_virtio *v);
+		       uint32_t max_frame, struct vmm_virtio **out);
+/* What the I/O thread does when the device's backend fd (the tap) is readable. */
+void vmm_virtio_backend_ready(struct vmm_virtio *v);
 
 /* ---- the VM (vm.c) ---- */
 enum vmm_vm_state {
@@ -170,6 +172,12 @@ int vmm_vm_console_input(struct vmm_vm *vm, const void *buf, uint64_t len);
  * Returns the device index. */
 int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
 			  const char *serial, uint64_t mmio_base, uint32_t gsi);
+/* A virtio-net interface on an open tap fd (IFF_TAP | IFF_NO_PI |
+ * IFF_VNET_HDR, vnet header 12 bytes, O_NONBLOCK), which the caller keeps
+ * open until the VM is destroyed.  max_frame: the tap's MTU + 18 (0 if
+ * unknown).  Before start; returns the device index. */
+int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uint32_t max_frame,
+			  uint64_t mmio_base, uint32_t gsi);
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out);
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);

@@ -83,6 +83,8 @@ class VirtioStats:
     bytes_read: int
     bytes_written: int
     interrupts: int
+    rx_frames: int
+    tx_frames: int
 
 
 def _virtio_stats(c: Any) -> VirtioStats:
@@ -191,18 +193,19 @@ class VirtioBlock(VirtioDevice):
 
 
 class VirtioNet(VirtioDevice):
-    """virtio-net over a frame fd (a tap; a SOCK_SEQPACKET socket in tests),
-    which the caller keeps open and closes."""
+    """virtio-net over a non-blocking frame fd (a tap; a SOCK_SEQPACKET
+    socket in tests), which the caller keeps open and closes.  max_frame:
+    the largest frame the fd passes without GSO (0: unknown)."""
 
-    def __init__(self, mem: GuestMemory, fd: int, mac: bytes) -> None:
+    def __init__(self, mem: GuestMemory, fd: int, mac: bytes, max_frame: int = 0) -> None:
         if len(mac) != 6:
             raise ValueError("mac: 6 bytes")
         super().__init__(mem, _new_device("create virtio-net", lib.vmm_virtio_net_new,
-                                          mem.handle, fd, mac))
+                                          mem.handle, fd, mac, max_frame))
 
     def rx(self) -> None:
         """What the I/O thread does when the tap is readable."""
-        lib.vmm_virtio_net_rx(self._dev)
+        lib.vmm_virtio_backend_ready(self._dev)
 
 
 class NativeVm:
@@ -237,6 +240,15 @@ class NativeVm:
         return check(lib.vmm_vm_add_virtio_blk(self._vm, path.encode(), int(read_only),
                                                serial.encode(), mmio_base, gsi),
                      f"attach drive {path}")
+
+    def add_virtio_net(self, tap_fd: int, *, mac: bytes, max_frame: int, mmio_base: int,
+                       gsi: int) -> int:
+        """Attach a virtio-net interface on an open tap fd (kept open by the
+        caller until close()); its device index."""
+        if len(mac) != 6:
+            raise ValueError("mac: 6 bytes")
+        return check(lib.vmm_vm_add_virtio_net(self._vm, tap_fd, mac, max_frame, mmio_base, gsi),
+                     "attach network interface")
 
     def virtio_stats(self, idx: int) -> VirtioStats:
         s = ffi.new("struct vmm_virtio_stats *")
