@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEFAULT_OUT = REPO / "build" / "guests"
 
-SOURCES = ("mg.h", "entry.S", "rt.c", "main.c", "blk.c", "link.ld")
-COMPILE_UNITS = ("entry.S", "rt.c", "main.c", "blk.c")
+SOURCES = ("mg.h", "virtio.h", "entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c", "link.ld")
+COMPILE_UNITS = ("entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c")
 LINKER_SCRIPT = "link.ld"
 
 # Required flags, then the ones that keep gcc from emitting anything a
@@ -95,11 +95,43 @@ def blk_pattern(seed: int, nbytes: int) -> bytes:
 
 
 def fnv1a32(data: bytes) -> int:
-    """The `sum=` of `MG-BLK-READ`: 32-bit FNV-1a of the bytes read."""
+    """The `sum=` of `MG-BLK-READ` and `MG-NET-FRAME`: 32-bit FNV-1a of the bytes."""
     h = 0x811C9DC5
     for b in data:
         h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
     return h
+
+
+# mg=net (net.c): frame format and limits (README.md, "virtio-net").
+NET_ETHERTYPE = 0x88B5          # local experimental ethertype of every frame the guest builds
+NET_HDR = 12                    # struct virtio_net_hdr_v1 (VERSION_1: always 12 bytes)
+NET_FRAME_MIN = 22              # Ethernet header (14) + u32 seq + u32 dev
+NET_FRAME_MAX = 1514            # largest size= (TX frames; RX with mrg=1 may be larger)
+NET_FRAME_DEFAULT = 60          # size= when not given
+NET_BUF_DEFAULT = 2048          # bufsize= when not given (RX buffer, header included)
+NET_BUF_MIN = 64
+NET_BUF_MAX = 65536
+NET_QUEUE_MAX = 256             # largest qsize= (both queues); default min(QueueNumMax, 256)
+NET_TX_SLOTS = 64               # TX frame buffers per device: send keeps min(qsize/2, 64) in flight
+NET_POOL = 1 << 20              # buffer memory, split evenly between the open devices
+NET_SLOT = 1536                 # bytes per TX frame buffer (the first 64 * 1536 of a device's share)
+NET_DST_DEFAULT = b"\xff" * 6
+NET_HOSTILE_ADDR = 0x7FFF00000000
+
+
+def net_frame(seq: int, dev: int, size: int, seed: int, src_mac: bytes,
+              dst_mac: bytes = NET_DST_DEFAULT) -> bytes:
+    """The exact Ethernet frame (no virtio header) `mg=net` sends as frame `seq` of net device `dev`:
+    dst, src, ethertype 0x88b5, u32 LE seq, u32 LE dev, then byte j = (seed + seq + j) & 0xff."""
+    if not NET_FRAME_MIN <= size <= NET_FRAME_MAX or len(src_mac) != 6 or len(dst_mac) != 6:
+        raise ValueError("size 22..1514, 6-byte MACs")
+    head = dst_mac + src_mac + NET_ETHERTYPE.to_bytes(2, "big") + struct.pack("<II", seq & 0xFFFFFFFF, dev)
+    return head + bytes((seed + seq + j) & 0xFF for j in range(size - NET_FRAME_MIN))
+
+
+def net_rx_buffers(qsize: int, bufsize: int = NET_BUF_DEFAULT, ndev: int = 1) -> int:
+    """How many RX buffers the guest posts: min(qsize, (its share of NET_POOL - TX buffers) // bufsize)."""
+    return min(qsize, (NET_POOL // ndev - NET_TX_SLOTS * NET_SLOT) // bufsize)
 
 
 class BuildError(RuntimeError):

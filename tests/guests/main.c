@@ -261,6 +261,7 @@ static const struct {
 	{ "reset", mode_reset },
 	{ "emufail", mode_emufail },
 	{ "blk", mode_blk },
+	{ "net", mode_net },
 };
 
 int main(const char *cmdline)

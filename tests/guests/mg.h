@@ -154,8 +154,9 @@ u32 mg_apic_id(void);
 
 int main(const char *cmdline);
 
-/* blk.c: virtio-mmio (version 2) + virtio-blk driver and the mg=blk mode */
+/* blk.c / net.c: virtio-blk and virtio-net drivers (over virtio.c) and their modes */
 void mode_blk(void);
+void mode_net(void);
 
 /* assembly (entry.S) */
 extern const char mg_ap_tramp_start[], mg_ap_tramp_end[];
