@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,11 +72,12 @@ class Daemon:
 
 
 @contextmanager
-def running_daemon(*args: str) -> Iterator[Daemon]:
-    """`vmmd serve --socket <tmp> *args`, ready to answer."""
+def running_daemon(*args: str, wrap: Sequence[str] = ()) -> Iterator[Daemon]:
+    """`vmmd serve --socket <tmp> *args`, ready to answer; inside `wrap` if given
+    (e.g. `ip netns exec NS`)."""
     tmp = tempfile.mkdtemp(prefix="vmmd-", dir="/tmp")
     log = Path(tmp) / "vmmd.log"
-    cmd = [sys.executable, "-m", "vmmd", "serve", "--socket", f"{tmp}/vmmd.sock",
+    cmd = [*wrap, sys.executable, "-m", "vmmd", "serve", "--socket", f"{tmp}/vmmd.sock",
            "--log-format", "console", *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "wb") as out:

@@ -15,7 +15,7 @@ name and the daemon's details.  No policy lives here.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -104,12 +104,14 @@ class Client:
     # -- lifecycle --
     def create(self, vm_id: str, kernel: str, initrd: str | None = None,
                cmdline: str | None = None, cmdline_append: str | None = None,
-               vcpus: int = 0, memory_mib: int = 0) -> pb.Vm:
+               vcpus: int = 0, memory_mib: int = 0, drives: Sequence[pb.Drive] = (),
+               nets: Sequence[pb.NetworkInterface] = ()) -> pb.Vm:
         """A new VM in CREATED; an empty vm_id lets the daemon choose one.
         0 vcpus / memory_mib mean the daemon's defaults."""
         boot = pb.BootSource(kernel_path=kernel, initrd_path=initrd or "",
                              cmdline=cmdline or "", cmdline_append=cmdline_append or "")
-        config = pb.VmConfig(vcpus=vcpus, memory_mib=memory_mib, boot=boot)
+        config = pb.VmConfig(vcpus=vcpus, memory_mib=memory_mib, boot=boot, drives=drives,
+                             network_interfaces=nets)
         return self._call("CreateVm", pb.CreateVmRequest(vm_id=vm_id, config=config))
 
     def start(self, vm_id: str) -> pb.Vm:

@@ -28,6 +28,17 @@ class DriveSpec:
 
 
 @dataclass(frozen=True)
+class NetSpec:
+    """A network interface: a host tap device given to the guest as virtio-net.
+    mac None: generated, stable for the VM id and interface id."""
+
+    iface_id: str
+    tap: str
+    mac: str | None = None
+    create_tap: bool = False
+
+
+@dataclass(frozen=True)
 class VmSpec:
     vm_id: str
     kernel: str
@@ -36,6 +47,7 @@ class VmSpec:
     vcpus: int = DEFAULT_VCPUS
     mem_mib: int = DEFAULT_MEM_MIB
     drives: tuple[DriveSpec, ...] = ()
+    nets: tuple[NetSpec, ...] = ()
 
     @property
     def mem_bytes(self) -> int:

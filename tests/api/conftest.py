@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +91,14 @@ FIRST_OF_TEST = pytest.StashKey[int]()  # index in DAEMONS of the first one a te
 LOG_LINES = 300
 
 
-def spawn(socket: Path, *args: str) -> Daemon:
-    """Start `python -m vmmd serve --socket SOCKET ARGS...` (not waiting for it).  A VM gets
-    half a second to stop gracefully at shutdown (micro-guests ignore Ctrl-Alt-Del)."""
+def spawn(socket: Path, *args: str, wrap: Sequence[str] = ()) -> Daemon:
+    """Start `python -m vmmd serve --socket SOCKET ARGS...` (not waiting for it), inside
+    `wrap` if given (e.g. `ip netns exec NS`).  A VM gets half a second to stop
+    gracefully at shutdown (micro-guests ignore Ctrl-Alt-Del)."""
     log_path = socket.with_name(f"{socket.name}.{len(DAEMONS)}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vmmd", "serve", "--socket", str(socket),
+            [*wrap, sys.executable, "-m", "vmmd", "serve", "--socket", str(socket),
              "--log-format", "console", "--stop-timeout", "0.5", *args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -140,11 +141,12 @@ def daemon() -> Iterator[Daemon]:
 
 @pytest.fixture()
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """start(*args, socket=None) -> a ready daemon of this test; exit 0 checked at teardown."""
+    """start(*args, socket=None, wrap=()) -> a ready daemon of this test; exit 0 checked at
+    teardown."""
     started: list[Daemon] = []
 
-    def start(*args: str, socket: Path | None = None) -> Daemon:
-        d = spawn(socket or tmp_path / "vmmd.sock", *args)
+    def start(*args: str, socket: Path | None = None, wrap: Sequence[str] = ()) -> Daemon:
+        d = spawn(socket or tmp_path / "vmmd.sock", *args, wrap=wrap)
         started.append(d)
         d.wait_ready()
         return d

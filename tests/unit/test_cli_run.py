@@ -129,3 +129,18 @@ def test_drive_used_twice_for_writing(capsys, kernel: Path, tmp_path: Path) -> N
     img.write_bytes(b"\0" * 4096)
     code, err = run(capsys, "--kernel", str(kernel), "--drive", str(img), "--drive", str(img))
     assert_refused(code, err, "drives[1].path", "in use by another VM")
+
+
+def test_net_unknown_option(capsys, kernel: Path) -> None:  # type: ignore[no-untyped-def]
+    code, err = run(capsys, "--kernel", str(kernel), "--net", "tap0,vhost")
+    assert_refused(code, err, "unknown option 'vhost'")
+
+
+def test_net_malformed_mac(capsys, kernel: Path) -> None:  # type: ignore[no-untyped-def]
+    code, err = run(capsys, "--kernel", str(kernel), "--net", "tap0,mac=02:00:00")
+    assert_refused(code, err, "nets[0].mac", "is not a MAC address")
+
+
+def test_net_same_tap_twice(capsys, kernel: Path) -> None:  # type: ignore[no-untyped-def]
+    code, err = run(capsys, "--kernel", str(kernel), "--net", "tap0", "--net", "tap0")
+    assert_refused(code, err, "nets[1].tap", "used by nets[0]")

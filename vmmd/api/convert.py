@@ -8,13 +8,15 @@ client's own message.
 
 from __future__ import annotations
 
+import dataclasses
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
 from vmmd.errors import InvalidSpecError
 from vmmd.events import ApiStopReason, EventKind, LifecycleEvent
 from vmmd.manager import VmEntry, api_stop_reason
-from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, DriveSpec, VmSpec
+from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, DriveSpec, NetSpec, VmSpec
 from vmmd.vm.boot.cmdline import build_cmdline
 from vmmd.vm.lifecycle import State
 
@@ -52,12 +54,22 @@ EVENT_KINDS = {
 }
 
 
+# Spec field names inside drives[i] / nets[i] -> the request's names.
+_ITEM_FIELDS = {
+    "drives": ("drives", {"path": "path_on_host", "is_root": "is_root_device"}),
+    "nets": ("network_interfaces", {"tap": "host_dev_name", "mac": "guest_mac"}),
+}
+
+
 def api_error(e: InvalidSpecError) -> InvalidSpecError:
-    """The same error, naming the request field instead of the spec field."""
+    """The same error, naming the request field instead of the spec field:
+    drives[1].path -> config.drives[1].path_on_host."""
     field = e.field
-    if field.startswith("drives["):  # drives[i].path -> config.drives[i].path_on_host
-        field = "config." + field.replace(".path", ".path_on_host").replace(".is_root",
-                                                                          ".is_root_device")
+    head, _, rest = field.partition("[")
+    if head in _ITEM_FIELDS:
+        name, renames = _ITEM_FIELDS[head]
+        index, _, attr = rest.partition("].")
+        field = f"config.{name}" + (f"[{index}].{renames.get(attr, attr)}" if rest else "")
     return InvalidSpecError(API_FIELDS.get(field, field), e.problem)
 
 
@@ -85,6 +97,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
         mem_mib=cfg.memory_mib or DEFAULT_MEM_MIB,
         drives=tuple(DriveSpec(drive_id=d.drive_id, path=d.path_on_host, read_only=d.read_only,
                                is_root=d.is_root_device) for d in cfg.drives),
+        nets=tuple(NetSpec(iface_id=n.iface_id, tap=n.host_dev_name, mac=n.guest_mac or None,
+                           create_tap=n.create_tap) for n in cfg.network_interfaces),
     )
 
 
@@ -103,6 +117,9 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
                            cmdline=spec.cmdline),
         drives=[pb.Drive(drive_id=d.drive_id, path_on_host=d.path, read_only=d.read_only,
                          is_root_device=d.is_root) for d in spec.drives],
+        network_interfaces=[pb.NetworkInterface(iface_id=n.iface_id, host_dev_name=n.tap,
+                                                guest_mac=n.mac or "", create_tap=n.create_tap)
+                            for n in spec.nets],
     )
 
 
@@ -125,7 +142,9 @@ def vm_to_proto(entry: VmEntry) -> pb.Vm:
                 device_id=d.drive_id, requests=ds.requests, bytes_read=ds.bytes_read,
                 bytes_written=ds.bytes_written, io_errors=ds.io_errors,
                 bad_requests=ds.bad_chains, interrupts=ds.interrupts)
-                for d, ds in zip(vm.spec.drives, vm.device_stats())],
+                for d, ds in zip(vm.spec.drives, vm.drive_stats())],
+            interfaces=[pb.InterfaceCounters(**dataclasses.asdict(i))
+                        for i in vm.interface_stats()],
         ),
         cmdline=vm.cmdline,
     )

@@ -13,6 +13,7 @@ exits 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -23,7 +24,10 @@ from collections.abc import Sequence
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb
+from vmmd.errors import InvalidSpecError
+from vmmd.spec import DriveSpec, NetSpec
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -37,6 +41,32 @@ def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
                    else keep, help=f"daemon socket (default $VMMD_SOCKET or {DEFAULT_SOCKET})")
     p.add_argument("--json", action="store_true", default=False if top else keep,
                    help="print API messages as JSON")
+
+
+def _drive_arg(text: str) -> DriveSpec:
+    try:
+        d = parse_drive(0, text)
+    except InvalidSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return dataclasses.replace(d, path=os.path.abspath(d.path))
+
+
+def _net_arg(text: str) -> NetSpec:
+    try:
+        return parse_net(0, text)
+    except InvalidSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _devices(args: argparse.Namespace) -> dict[str, list]:  # type: ignore[type-arg]
+    """--drive / --net as API messages, numbered in order (drive0, net0, ...)."""
+    return {
+        "drives": [pb.Drive(drive_id=f"drive{i}", path_on_host=d.path, read_only=d.read_only,
+                            is_root_device=d.is_root) for i, d in enumerate(args.drive)],
+        "nets": [pb.NetworkInterface(iface_id=f"net{i}", host_dev_name=n.tap,
+                                     guest_mac=n.mac or "", create_tap=n.create_tap)
+                 for i, n in enumerate(args.net)],
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--append", help="words added to the kernel command line")
     c.add_argument("--vcpus", type=int, default=0, help="default 1")
     c.add_argument("--mem-mib", type=int, default=0, help="guest RAM in MiB (default 128)")
+    c.add_argument("--drive", action="append", default=[], type=_drive_arg,
+                   metavar="PATH[,ro][,root]", help=DRIVE_HELP)
+    c.add_argument("--net", action="append", default=[], type=_net_arg,
+                   metavar="TAP[,mac=MAC][,create]", help=NET_HELP)
     for verb, text in (("start", "boot a created VM"), ("pause", "pause a running VM"),
                        ("resume", "resume a paused VM"), ("delete", "stop and forget a VM"),
                        ("get", "show one VM")):
@@ -155,7 +189,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
     if cmd == "create":
         show_vms(args, [client.create(args.id, args.kernel, initrd=args.initrd,
                                       cmdline=args.cmdline, cmdline_append=args.append,
-                                      vcpus=args.vcpus, memory_mib=args.mem_mib)])
+                                      vcpus=args.vcpus, memory_mib=args.mem_mib,
+                                      **_devices(args))])
     elif cmd in ("start", "pause", "resume", "get"):
         show_vms(args, [getattr(client, cmd)(args.vm_id)])
     elif cmd == "stop":

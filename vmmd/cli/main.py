@@ -21,8 +21,9 @@ from types import FrameType
 
 from vmmd import log
 from vmmd.cli import demo, serve
+from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.errors import InvalidSpecError, VmmError
-from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, DriveSpec, VmSpec
+from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
 from vmmd.vm.boot.cmdline import build_cmdline
 from vmmd.vm.builder import build_vm
 
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=_int_arg("vcpus"), default=DEFAULT_VCPUS)
     run.add_argument("--mem-mib", type=_int_arg("mem-mib"), default=DEFAULT_MEM_MIB)
     run.add_argument("--drive", action="append", default=[], metavar="PATH[,ro][,root]",
-                     help="a raw disk image as virtio-blk (repeatable; vda, vdb... in order)")
+                     help=DRIVE_HELP)
+    run.add_argument("--net", action="append", default=[], metavar="TAP[,mac=MAC][,create]",
+                     help=NET_HELP)
     run.add_argument("--entry-64bit", action="store_true",
                      help="use the 64-bit entry even when the kernel has a PVH note")
     run.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
@@ -64,16 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_drive(i: int, text: str) -> DriveSpec:
-    """`PATH[,ro][,root]` -> a DriveSpec with id drive<i>."""
-    path, *flags = text.split(",")
-    unknown = [f for f in flags if f not in ("ro", "root")]
-    if unknown:
-        raise InvalidSpecError(f"drive {text!r}", f"unknown option {unknown[0]!r} (ro, root)")
-    return DriveSpec(drive_id=f"drive{i}", path=path, read_only="ro" in flags,
-                     is_root="root" in flags)
-
-
 def _spec(args: argparse.Namespace) -> VmSpec:
     return VmSpec(
         vm_id=f"run-{uuid.uuid4().hex[:8]}",
@@ -83,6 +76,7 @@ def _spec(args: argparse.Namespace) -> VmSpec:
         vcpus=args.vcpus,
         mem_mib=args.mem_mib,
         drives=tuple(parse_drive(i, d) for i, d in enumerate(args.drive)),
+        nets=tuple(parse_net(i, n) for i, n in enumerate(args.net)),
     )
 
 

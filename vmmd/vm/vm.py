@@ -21,6 +21,7 @@ from vmmd.errors import NotFoundError
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
+from vmmd.vm.devices.net import InterfaceStats, interface_stats
 from vmmd.vm.lifecycle import State, check_verb
 
 # Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
@@ -157,10 +158,17 @@ class Vm:
         with self._alive() as native:
             return native.stats()
 
-    def device_stats(self) -> list[VirtioStats]:
-        """Counters of each virtio device, in attachment order."""
+    def drive_stats(self) -> list[VirtioStats]:
+        """Counters of each drive, in the spec's order."""
         with self._alive() as native:
             return [native.virtio_stats(i) for i in range(len(self.spec.drives))]
+
+    def interface_stats(self) -> list[InterfaceStats]:
+        """Counters of each network interface, in the spec's order."""
+        first = len(self.spec.drives)
+        with self._alive() as native:
+            return [interface_stats(n, native.virtio_stats(first + i))
+                    for i, n in enumerate(self.spec.nets)]
 
     def thread_count(self) -> int:
         with self._alive() as native:
