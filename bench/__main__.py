@@ -1,10 +1,11 @@
 """`python -m bench`: run the benchmarks, write build/bench/results.{json,md}, print the table.
 
   --reps N         repetitions of every measure (default: a and in-process 20, b 5, c 3,
-                   blk 3, api 50, rss 1, rate 1)
+                   blk 3, net 3, api 50, rss 1, rate 1)
   --only a,b,c     measures to run (split = the in-process vmmd split; blk = virtio-blk
-                   throughput; api = daemon StartVm -> console; rss = daemon RSS per idle VM;
-                   rate = create+start rate; default all)
+                   throughput; net = virtio-net throughput and round trip; api = daemon
+                   StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
+                   default all)
   --skip-linux     leave out (c), the Linux boots (slow on a PVM host: kernel code is emulated)
   --quick          fewer repetitions (a 5, b 2, c 1) and fewer exits; also BENCH_QUICK=1
   --linux-timeout  hard limit per Linux boot, seconds (default 400)
@@ -23,12 +24,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import blk, daemon, measures, proc, report, targets
+from bench import blk, daemon, measures, net, proc, report, targets
 from vmmd.vm.boot.cmdline import is_pvm_host
 
-SECTIONS = ("a", "b", "c", "split", "blk", "api", "rss", "rate")
-DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "api": 50, "rss": 1, "rate": 1}
-QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "api": 10, "rss": 1, "rate": 1}
+SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate")
+DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "api": 50, "rss": 1,
+                "rate": 1}
+QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "net": 1, "api": 10, "rss": 1,
+              "rate": 1}
 EXITS, QUICK_EXITS = 200_000, 50_000
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "c": lambda: measures.linux(reps["c"], cpu, pvm, args.linux_timeout),
         "split": lambda: measures.in_process(reps["split"]),
         "blk": lambda: blk.throughput(reps["blk"], cpu, args.quick),
+        "net": lambda: net.throughput(reps["net"], cpu, args.quick),
         "api": lambda: daemon.api(reps["api"], None if args.skip_linux else pvm,
                                   args.linux_timeout),
         "rss": lambda: daemon.rss((1, 10, 50)),
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "vmmd, Linux (c)": shlex.join(linux.vmmd()),
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
             "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
-            **blk.commands(cpu), **daemon.commands(),
+            **blk.commands(cpu), **net.commands(cpu), **daemon.commands(),
         },
         "results": results,
     }

@@ -114,3 +114,49 @@ def run_ok(argv: list[str], timeout: float, expect: bytes, marker: bytes | None 
     if r.returncode not in (0, None):
         raise r.fail(f"exit status {r.returncode}")
     return r
+
+
+# ---- an interactive run: the bench talks to the guest while the VMM runs ----
+@dataclass
+class Live:
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    output: bytearray
+
+
+def start(argv: list[str]) -> Live:
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    _live.add(p)
+    return Live(argv, p, bytearray())
+
+
+def wait_for(live: Live, marker: bytes, timeout: float) -> None:
+    """Read the VMM's output until `marker` appeared; RunError on exit or timeout."""
+    assert live.popen.stdout is not None
+    fd = live.popen.stdout.fileno()
+    deadline = time.perf_counter() + timeout
+    while marker not in live.output:
+        left = deadline - time.perf_counter()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RunError(f"no {marker.decode()!r} after {timeout:.0f} s: {' '.join(live.argv)}\n"
+                           + live.output[-600:].decode(errors="replace"))
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise RunError(f"exited before {marker.decode()!r}: {' '.join(live.argv)}\n"
+                           + live.output[-600:].decode(errors="replace"))
+        live.output += chunk
+
+
+def finish(live: Live, timeout: float, expect: bytes) -> None:
+    """Wait for `expect` and the process's exit 0."""
+    wait_for(live, expect, timeout)
+    rc = live.popen.wait(timeout)
+    if rc != 0:
+        raise RunError(f"exit status {rc}: {' '.join(live.argv)}")
+
+
+def stop(live: Live) -> None:
+    _kill(live.popen)
+    if live.popen.stdout is not None:
+        live.popen.stdout.close()

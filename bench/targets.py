@@ -45,24 +45,31 @@ class Guest:
     cmdline: str
     initrd: Path | None = None
     drive: Path | None = None  # a raw image, virtio-blk over virtio-mmio
+    net: tuple[str, str] | None = None  # (tap, guest MAC), virtio-net over virtio-mmio
 
     def vmmd(self) -> list[str]:
         argv = [str(VMMD), "run", "--kernel", str(self.kernel), "--cmdline", self.cmdline,
                 "--vcpus", "1", "--mem-mib", str(MEM_MIB)]
         argv += ["--initrd", str(self.initrd)] if self.initrd else []
+        argv += ["--net", f"{self.net[0]},mac={self.net[1]}"] if self.net else []
         return argv + (["--drive", str(self.drive)] if self.drive else [])
 
     def qemu(self, cpu: str) -> list[str]:
         argv = [*QEMU_BASE, "-cpu", cpu, "-kernel", str(self.kernel), "-append", self.cmdline]
         argv += ["-initrd", str(self.initrd)] if self.initrd else []
-        if self.drive:
-            # acpi=off: the virtio_mmio.device= words on the cmdline; version-2 transport;
-            # cache=writeback,aio=threads (QEMU's defaults) = vmmd's buffered preadv/pwritev.
+        if self.drive or self.net:
+            # acpi=off: the virtio_mmio.device= words on the cmdline; version-2 transport.
             argv[argv.index("-M") + 1] += ",acpi=off"
-            argv += ["-global", "virtio-mmio.force-legacy=false",
-                     "-drive", (f"id=d0,file={self.drive},format=raw,if=none,"
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+        if self.drive:
+            # cache=writeback,aio=threads (QEMU's defaults) = vmmd's buffered preadv/pwritev.
+            argv += ["-drive", (f"id=d0,file={self.drive},format=raw,if=none,"
                                 "cache=writeback,aio=threads"),
                      "-device", "virtio-blk-device,drive=d0"]
+        if self.net:
+            # vhost=off: the data path in QEMU's own process, as vmmd's is in its own.
+            argv += ["-netdev", f"tap,id=n0,ifname={self.net[0]},script=no,downscript=no,vhost=off",
+                     "-device", f"virtio-net-device,netdev=n0,mac={self.net[1]}"]
         return argv
 
 

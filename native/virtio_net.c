@@ -172,9 +172,12 @@ static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 		tx(v);
 		return;
 	}
-	/* New RX buffers: poll the tap again and take what waits there. */
-	set_polling(n, 1);
-	rx(n);
+	/* New RX buffers matter only to a device that ran out: while the tap
+	 * is polled, its next frame finds them anyway (no readv for nothing). */
+	if (n->rx_blocked) {
+		set_polling(n, 1);
+		rx(n);
+	}
 }
 
 /* What the tap may send us: only the offloads the guest accepted.  Without
