@@ -120,6 +120,8 @@ int64_t vmm_console_read(struct vmm_console *c, uint64_t *pos, void *buf, uint64
 	pthread_mutex_lock(&c->lock);
 	uint64_t p = *pos;
 	uint64_t oldest = c->head > VMM_CONSOLE_RING ? c->head - VMM_CONSOLE_RING : 0;
+	if (oldest < c->base)
+		oldest = c->base;
 	if (p < oldest)
 		p = oldest;
 	if (p > c->head)
@@ -139,4 +141,11 @@ int64_t vmm_console_read(struct vmm_console *c, uint64_t *pos, void *buf, uint64
 	*pos = p;
 	pthread_mutex_unlock(&c->lock);
 	return (int64_t)copied;
+}
+
+void vmm_console_set_head(struct vmm_console *c, uint64_t head)
+{
+	pthread_mutex_lock(&c->lock);
+	c->head = c->flushed = c->base = head;
+	pthread_mutex_unlock(&c->lock);
 }

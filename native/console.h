@@ -20,6 +20,7 @@ struct vmm_console {
 	uint8_t *ring;
 	uint64_t head;		/* total bytes ever written */
 	uint64_t flushed;	/* bytes already sent to out_fd / notified */
+	uint64_t base;		/* nothing kept below (a restored VM's first offset) */
 	int out_fd;
 	int notify_fd;		/* eventfd */
 	int timer_fd;		/* one-shot: flush a partial line (I/O thread) */
@@ -34,5 +35,8 @@ void vmm_console_flush(struct vmm_console *c);
 /* The I/O thread calls this when timer_fd fires. */
 void vmm_console_timer(struct vmm_console *c);
 int64_t vmm_console_read(struct vmm_console *c, uint64_t *pos, void *buf, uint64_t len);
+/* A restored VM's console goes on at the offset it had (the bytes before
+ * it are not kept: readers see them as lost). */
+void vmm_console_set_head(struct vmm_console *c, uint64_t head);
 
 #endif

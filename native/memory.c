@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "memory.h"
 
@@ -19,6 +20,7 @@ void vmm_mem_unmap(const struct vmm_mem_region *r)
 {
 	if (r->owned)
 		munmap(r->hva - GUARD, r->size + 2 * GUARD);
+	free(r->dirty);
 }
 
 void vmm_mem_free(struct vmm_mem *mem)
@@ -35,7 +37,7 @@ static int overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
 	return a < b + blen && b < a + alen;
 }
 
-int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *hva)
+static int check_new_region(const struct vmm_mem *mem, uint64_t gpa, uint64_t size)
 {
 	if (!mem || size == 0 || (gpa & 0xfff) || (size & 0xfff))
 		return -EINVAL;
@@ -46,26 +48,91 @@ int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *h
 	for (int i = 0; i < mem->n; i++)
 		if (overlaps(gpa, size, mem->r[i].gpa, mem->r[i].size))
 			return -EEXIST;
-	int owned = 0;
+	return 0;
+}
+
+/* NORESERVE: a 4 GiB guest costs nothing until it touches it.  A PROT_NONE
+ * page on each side: a device bug that overruns guest RAM faults at once
+ * instead of touching the daemon's memory.  fd < 0: anonymous memory. */
+static uint8_t *map_guarded(uint64_t size, int fd, uint64_t offset, int *err)
+{
+	uint8_t *map = mmap(NULL, size + 2 * GUARD, PROT_NONE,
+			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (map == MAP_FAILED) {
+		*err = -errno;
+		return NULL;
+	}
+	void *ram = fd < 0 ? (mprotect(map + GUARD, size, PROT_READ | PROT_WRITE) < 0 ?
+			      MAP_FAILED : map + GUARD)
+		    : mmap(map + GUARD, size, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, (off_t)offset);
+	if (ram == MAP_FAILED) {
+		*err = -errno;
+		munmap(map, size + 2 * GUARD);
+		return NULL;
+	}
+	return map + GUARD;
+}
+
+int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *hva)
+{
+	int r = check_new_region(mem, gpa, size), owned = 0;
+	if (r)
+		return r;
 	if (!hva) {
-		/* NORESERVE: a 4 GiB guest costs nothing until it touches it.  A
-		 * PROT_NONE page on each side: a device bug that overruns guest
-		 * RAM faults at once instead of touching the daemon's memory. */
-		uint8_t *map = mmap(NULL, size + 2 * GUARD, PROT_NONE,
-				    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-		if (map == MAP_FAILED)
-			return -errno;
-		if (mprotect(map + GUARD, size, PROT_READ | PROT_WRITE) < 0) {
-			int err = -errno;
-			munmap(map, size + 2 * GUARD);
-			return err;
-		}
-		hva = map + GUARD;
+		hva = map_guarded(size, -1, 0, &r);
+		if (!hva)
+			return r;
 		owned = 1;
 	}
 	mem->r[mem->n++] = (struct vmm_mem_region){
 		.gpa = gpa, .size = size, .hva = hva, .owned = owned };
 	return 0;
+}
+
+int vmm_mem_add_file_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, int fd,
+			    uint64_t offset)
+{
+	struct stat st;
+	int r = check_new_region(mem, gpa, size);
+	if (r)
+		return r;
+	/* Pages past the end of the file would SIGBUS whoever touches them. */
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	if ((offset & 0xfff) || offset + size < offset || (uint64_t)st.st_size < offset + size)
+		return -EINVAL;
+	uint8_t *hva = map_guarded(size, fd, offset, &r);
+	if (!hva)
+		return r;
+	mem->r[mem->n++] = (struct vmm_mem_region){ .gpa = gpa, .size = size, .hva = hva,
+						    .owned = 1 };
+	return 0;
+}
+
+int vmm_mem_track_dirty(struct vmm_mem *mem)
+{
+	for (int i = 0; i < mem->n; i++) {
+		struct vmm_mem_region *r = &mem->r[i];
+		if (!r->dirty && !(r->dirty = calloc((r->size / 4096 + 63) / 64, 8)))
+			return -ENOMEM;
+	}
+	return 0;
+}
+
+void vmm_mem_mark_dirty(const struct vmm_mem *mem, const void *hva, uint64_t len)
+{
+	const uint8_t *p = hva;
+	for (int i = 0; i < mem->n && len; i++) {
+		const struct vmm_mem_region *r = &mem->r[i];
+		if (!r->dirty || p < r->hva || p >= r->hva + r->size)
+			continue;
+		uint64_t off = (uint64_t)(p - r->hva);
+		uint64_t last = (off + len - 1 < r->size ? off + len - 1 : r->size - 1) / 4096;
+		for (uint64_t pg = off / 4096; pg <= last; pg++)
+			__atomic_fetch_or(&r->dirty[pg / 64], 1ull << (pg % 64), __ATOMIC_RELAXED);
+		return;
+	}
 }
 
 void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len)

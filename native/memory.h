@@ -16,6 +16,9 @@ struct vmm_mem_region {
 	uint64_t size;
 	uint8_t *hva;
 	int owned;		/* mapped by us: unmapped in vmm_mem_free */
+	/* Pages the VMM itself wrote (devices), one bit each, while dirty
+	 * tracking is on (else NULL); KVM logs the guest's own writes. */
+	uint64_t *dirty;
 };
 
 struct vmm_mem {
@@ -23,6 +26,13 @@ struct vmm_mem {
 	struct vmm_mem_region r[VMM_MEM_MAX_REGIONS];
 };
 
+/* Guest RAM from a file, MAP_PRIVATE, between guard pages like any region. */
+int vmm_mem_add_file_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, int fd,
+			    uint64_t offset);
+/* Start recording device writes (a bitmap per region). */
+int vmm_mem_track_dirty(struct vmm_mem *mem);
+/* A device wrote [hva, hva+len) of guest RAM: remember the pages. */
+void vmm_mem_mark_dirty(const struct vmm_mem *mem, const void *hva, uint64_t len);
 /* Host pointer for [gpa, gpa+len) inside one region, else NULL. */
 void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len);
 const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int idx);

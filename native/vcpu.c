@@ -248,6 +248,19 @@ static void answer_probe(struct vmm_vcpu *vc)
 	STORE(&vc->probe_halt, 0);
 }
 
+/* A PIO/MMIO exit is complete (the IN data in RAX, RIP past the
+ * instruction) only once KVM_RUN is entered again.  Before a pause - which a
+ * snapshot may follow - enter it with immediate_exit set: KVM finishes the
+ * instruction and returns at once without running the guest (KVM API doc,
+ * "kvm_run", on completing operations before migration). */
+static void complete_io(struct vmm_vcpu *vc)
+{
+	STORE(&vc->run->immediate_exit, 1);
+	if (ioctl(vc->fd, KVM_RUN, 0) == 0)
+		handle_exit(vc);	/* not expected; keep the exit's effect anyway */
+	STORE(&vc->run->immediate_exit, 0);
+}
+
 static void park(struct vmm_vcpu *vc)
 {
 	struct vmm_vm *vm = vc->vm;
@@ -270,11 +283,15 @@ static void *vcpu_main(void *arg)
 	sigdelset(&set, kick_signal());
 	pthread_sigmask(SIG_SETMASK, &set, NULL);
 
+	int io_exit = 0;	/* the last exit was PIO/MMIO: KVM finishes it on re-entry */
 	for (;;) {
 		STORE(&vc->run->immediate_exit, 0);
 		if (LOAD(&vm->stop_req))
 			break;
 		if (LOAD(&vm->pause_req)) {
+			if (io_exit)
+				complete_io(vc);
+			io_exit = 0;
 			park(vc);
 			continue;
 		}
@@ -290,6 +307,7 @@ static void *vcpu_main(void *arg)
 			stop_with(vc, VMM_STOP_KVM_ERROR, 0, errno);
 			break;
 		}
+		io_exit = vc->run->exit_reason == KVM_EXIT_IO || vc->run->exit_reason == KVM_EXIT_MMIO;
 		if (handle_exit(vc))
 			break;
 	}

@@ -38,5 +38,8 @@ struct kvm_cpuid2 *vmm_x86_supported_cpuid(int kvm_fd);
 int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc);
 int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b);
 int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_state);
+/* Snapshots: the whole state, in the order KVM needs it back. */
+int vmm_x86_save_vcpu(struct vmm_vcpu *vc, struct vmm_vcpu_state *s);
+int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s);
 
 #endif

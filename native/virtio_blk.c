@@ -163,6 +163,7 @@ static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 		if (status != S_OK)
 			v->st.io_errors++;
 		vmm_chain_write(&c, c.writable_len - 1, &status, 1);
+		vmm_chain_mark_written(q, &c);
 		vmm_virtq_push(q, c.head, written + 1);
 		v->st.requests++;
 	}

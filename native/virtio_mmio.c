@@ -320,3 +320,80 @@ void vmm_virtio_free(struct vmm_virtio *v)
 	if (v)
 		v->ops->destroy(v);
 }
+
+/* ---- snapshots ---- */
+void vmm_virtio_save(struct vmm_virtio *v, struct vmm_virtio_state *o)
+{
+	pthread_mutex_lock(&v->lock);
+	memset(o, 0, sizeof(*o));
+	*o = (struct vmm_virtio_state){
+		.device_id = v->ops->device_id, .nqueues = v->ops->num_queues,
+		.status = v->status, .dev_feat_sel = v->dev_feat_sel, .drv_feat_sel = v->drv_feat_sel,
+		.queue_sel = v->queue_sel, .int_status = v->int_status, .config_gen = v->config_gen,
+		.driver_features = v->driver_features,
+	};
+	for (uint32_t i = 0; i < v->ops->num_queues; i++) {
+		const struct vmm_virtq *q = &v->q[i];
+		o->q[i] = (struct vmm_virtq_state){
+			.desc = q->desc_gpa, .avail = q->avail_gpa, .used = q->used_gpa,
+			.size = q->size, .last_avail = q->last_avail, .used_idx = q->used_idx,
+			.signalled_used = q->signalled_used, .ready = (uint8_t)q->ready,
+			.event_idx = (uint8_t)q->event_idx, .indirect = (uint8_t)q->indirect,
+		};
+	}
+	pthread_mutex_unlock(&v->lock);
+}
+
+static int restore_queue(struct vmm_virtq *q, const struct vmm_virtq_state *s,
+			 const struct vmm_mem *mem, uint64_t features)
+{
+	/* untrusted: everything below comes from a file */
+	if (s->size > QUEUE_MAX || (s->size & (s->size - 1)) || s->ready > 1 ||
+	    s->event_idx != !!(features & VMM_VIRTIO_F_EVENT_IDX) ||
+	    s->indirect != !!(features & VMM_VIRTIO_F_INDIRECT_DESC))
+		return -EINVAL;
+	vmm_virtq_reset(q);
+	q->size = s->size;
+	q->desc_gpa = s->desc;
+	q->avail_gpa = s->avail;
+	q->used_gpa = s->used;
+	q->event_idx = s->event_idx;
+	q->indirect = s->indirect;
+	/* Indices are free-running u16 counters: any value is one the driver
+	 * could have reached; a wrong one only makes the queue fail checks. */
+	q->last_avail = s->last_avail;
+	q->used_idx = s->used_idx;
+	q->signalled_used = s->signalled_used;
+	return s->ready ? vmm_virtq_activate(q, mem) : 0;
+}
+
+int vmm_virtio_restore(struct vmm_virtio *v, const struct vmm_virtio_state *s)
+{
+	enum { KNOWN_STATUS = 0x01 | 0x02 | ST_DRIVER_OK | ST_FEATURES_OK |
+	       VMM_VIRTIO_STATUS_NEEDS_RESET | 0x80 };
+	uint64_t f = s->driver_features;
+	if (s->device_id != v->ops->device_id || s->nqueues != v->ops->num_queues ||
+	    (s->status & ~(uint32_t)KNOWN_STATUS) || (f & ~offered(v)) ||
+	    ((s->status & ST_FEATURES_OK) && !(f & VMM_VIRTIO_F_VERSION_1)) ||
+	    (s->int_status & ~(uint32_t)(INT_USED | INT_CONFIG)))
+		return -EINVAL;
+	struct vmm_virtq q[VMM_VIRTIO_MAX_QUEUES];
+	for (uint32_t i = 0; i < v->ops->num_queues; i++) {
+		int r = restore_queue(&q[i], &s->q[i], v->mem, f);
+		if (r)
+			return r;
+	}
+	pthread_mutex_lock(&v->lock);
+	memcpy(v->q, q, sizeof(struct vmm_virtq) * v->ops->num_queues);
+	v->status = s->status;
+	v->dev_feat_sel = s->dev_feat_sel;
+	v->drv_feat_sel = s->drv_feat_sel;
+	v->queue_sel = s->queue_sel;
+	v->int_status = s->int_status;
+	v->config_gen = s->config_gen;
+	v->driver_features = f;
+	if ((v->status & ST_DRIVER_OK) && v->ops->restored)
+		v->ops->restored(v);
+	pthread_mutex_unlock(&v->lock);
+	return 0;
+}

@@ -38,6 +38,10 @@ struct vmm_virtio_ops {
 	void (*destroy)(struct vmm_virtio *v);	/* frees the device and its transport */
 	/* backend_fd is readable (the I/O thread polls it).  Lock held. */
 	void (*backend_ready)(struct vmm_virtio *v);
+	/* The transport state came back from a snapshot with DRIVER_OK set:
+	 * redo what driver_ok set up on the host side, touching no guest
+	 * memory (the VM is paused).  Lock held; may be NULL. */
+	void (*restored)(struct vmm_virtio *v);
 };
 
 struct vmm_virtio {
@@ -70,6 +74,11 @@ void vmm_virtio_detach_kvm(struct vmm_virtio *v, int vm_fd);
 void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q);
 /* The I/O thread: backend_fd is readable. */
 void vmm_virtio_backend_ready(struct vmm_virtio *v);
+/* Snapshots: the transport and queue state; restore validates it all
+ * (-EINVAL) against what the device offers and guest RAM, and changes
+ * nothing unless everything holds. */
+void vmm_virtio_save(struct vmm_virtio *v, struct vmm_virtio_state *out);
+int vmm_virtio_restore(struct vmm_virtio *v, const struct vmm_virtio_state *in);
 /* For device code (lock held): start or stop polling backend_fd. */
 void vmm_virtio_poll_backend(struct vmm_virtio *v, int on);
 /* For device code (lock held): a chain was bad - count it, stop the device. */

@@ -147,6 +147,7 @@ static void rx(struct vmm_net *n)
 		uint16_t used = 0;
 		for (int i = 0; i < k && left; i++) {
 			uint64_t take = left < n->rx[i].writable_len ? left : n->rx[i].writable_len;
+			vmm_chain_mark_written(q, &n->rx[i]);
 			vmm_virtq_push(q, n->rx[i].head, (uint32_t)take);
 			left -= take;
 			used++;
@@ -182,7 +183,7 @@ static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 
 /* What the tap may send us: only the offloads the guest accepted.  Without
  * GSO a frame is at most the tap's MTU (plus Ethernet and VLAN headers). */
-static void driver_ok(struct vmm_virtio *v)
+static void apply_offloads(struct vmm_virtio *v)
 {
 	struct vmm_net *n = (struct vmm_net *)v;
 	uint64_t f = v->driver_features;
@@ -200,6 +201,12 @@ static void driver_ok(struct vmm_virtio *v)
 		n->tap_offloads = off;
 	n->rx_need = (n->tap_offloads & (TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO)) ? MAX_FRAME
 		     : n->rx_need_plain;
+}
+
+static void driver_ok(struct vmm_virtio *v)
+{
+	struct vmm_net *n = (struct vmm_net *)v;
+	apply_offloads(v);
 	set_polling(n, 1);
 	rx(n);
 }
@@ -223,6 +230,7 @@ static const struct vmm_virtio_ops net_ops = {
 	.device_id = VIRTIO_ID_NET, .num_queues = 2, .features = OFFERED,
 	.config_read = config_read, .queue_notify = queue_notify, .reset = net_reset,
 	.driver_ok = driver_ok, .destroy = net_destroy, .backend_ready = backend_ready,
+	.restored = apply_offloads,	/* the tap is polled again once the VM runs */
 };
 
 int vmm_net_create(const struct vmm_mem *mem, int tap_fd, const uint8_t mac[6],

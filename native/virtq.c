@@ -34,7 +34,20 @@ int vmm_virtq_activate(struct vmm_virtq *q, const struct vmm_mem *mem)
 		return -EFAULT;
 	}
 	q->ready = 1;
+	q->mem = mem;
 	return 0;
+}
+
+/* The device writes the used ring (entries, idx, avail_event). */
+static void mark_used_ring(const struct vmm_virtq *q)
+{
+	vmm_mem_mark_dirty(q->mem, q->used, 6 + 8 * (uint64_t)q->size);
+}
+
+void vmm_chain_mark_written(const struct vmm_virtq *q, const struct vmm_chain *c)
+{
+	for (int i = c->nseg - c->nwritable; i < c->nseg; i++)
+		vmm_mem_mark_dirty(q->mem, c->seg[i].iov_base, c->seg[i].iov_len);
 }
 
 void vmm_virtq_reset(struct vmm_virtq *q)
@@ -129,6 +142,7 @@ int vmm_virtq_pop(struct vmm_virtq *q, const struct vmm_mem *mem, struct vmm_cha
 	q->last_avail++;
 	if (q->event_idx) {	/* avail_event: wake us for the next one */
 		store16(q->used + 4 + 8 * q->size, q->last_avail);
+		mark_used_ring(q);
 		/* Full barrier before the next avail idx load: else that load
 		 * may pass the store (x86 too), the driver reads the old
 		 * avail_event and skips its notify, and we miss its entry. */
@@ -148,6 +162,7 @@ void vmm_virtq_push(struct vmm_virtq *q, uint16_t head, uint32_t written)
 	memcpy(e + 4, &written, 4);
 	q->used_idx++;
 	store16(q->used + 2, q->used_idx);	/* release: the entry is visible first */
+	mark_used_ring(q);
 }
 
 int vmm_virtq_need_interrupt(struct vmm_virtq *q)

@@ -26,6 +26,7 @@ struct vmm_virtq {
 	uint16_t used_idx;	/* next used entry we fill */
 	uint16_t signalled_used;	/* used_idx at the last interrupt (EVENT_IDX) */
 	int event_idx, indirect;	/* negotiated features */
+	const struct vmm_mem *mem;	/* set at activation: dirty marking */
 };
 
 struct vmm_chain {
@@ -44,6 +45,8 @@ void vmm_virtq_push(struct vmm_virtq *q, uint16_t head, uint32_t written);
 /* After pushes: should the driver be interrupted (flags / EVENT_IDX)? */
 int vmm_virtq_need_interrupt(struct vmm_virtq *q);
 
+/* The device wrote into c's writable buffers: note them for dirty tracking. */
+void vmm_chain_mark_written(const struct vmm_virtq *q, const struct vmm_chain *c);
 /* Copy helpers across a chain's segments (from = first readable byte). */
 uint64_t vmm_chain_read(const struct vmm_chain *c, uint64_t off, void *buf, uint64_t len);
 uint64_t vmm_chain_write(const struct vmm_chain *c, uint64_t off, const void *buf, uint64_t len);

@@ -135,10 +135,17 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 
 int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
 {
-	if (LOAD(&vm->state) != VMM_VM_CREATED)
+	return vmm_vm_add_ram_region(vm, gpa, size, -1, 0);
+}
+
+int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
+			  uint64_t offset)
+{
+	if (LOAD(&vm->state) != VMM_VM_CREATED || vm->track_dirty)
 		return -EBUSY;
 	int slot = vm->mem->n;
-	int r = vmm_mem_add_region(vm->mem, gpa, size, NULL);
+	int r = fd < 0 ? vmm_mem_add_region(vm->mem, gpa, size, NULL)
+		       : vmm_mem_add_file_region(vm->mem, gpa, size, fd, offset);
 	if (r)
 		return r;
 	const struct vmm_mem_region *reg = vmm_mem_region_at(vm->mem, slot);
@@ -241,7 +248,10 @@ static void join_all(struct vmm_vm *vm)
 	vmm_console_flush(&vm->console);
 }
 
-int vmm_vm_start(struct vmm_vm *vm)
+static int wait_parked(struct vmm_vm *vm, int timeout_ms);
+
+/* paused: every thread parks before running anything (a restored VM). */
+static int start(struct vmm_vm *vm, int paused)
 {
 	pthread_mutex_lock(&vm->ctl_lock);
 	int r = 0;
@@ -249,12 +259,19 @@ int vmm_vm_start(struct vmm_vm *vm)
 		r = -EBUSY;
 	else if (vm->nvcpus == 0 || vm->mem->n == 0)
 		r = -EINVAL;
-	if (!r)
+	if (!r) {
+		STORE(&vm->pause_req, paused);
 		r = vmm_iothread_start(vm, &vm->io);
+	}
 	if (!r) {
 		STORE(&vm->state, VMM_VM_RUNNING);
 		for (int i = 0; i < vm->nvcpus && !r; i++)
 			r = vmm_vcpu_start(vm->vcpus[i]);
+		if (!r && paused) {
+			r = wait_parked(vm, 5000);
+			if (!r)
+				STORE(&vm->state, VMM_VM_PAUSED);
+		}
 		if (r) {
 			struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
 						.reason = VMM_STOP_KVM_ERROR, .vcpu = -1, .err = -r };
@@ -265,6 +282,16 @@ int vmm_vm_start(struct vmm_vm *vm)
 	}
 	pthread_mutex_unlock(&vm->ctl_lock);
 	return r;
+}
+
+int vmm_vm_start(struct vmm_vm *vm)
+{
+	return start(vm, 0);
+}
+
+int vmm_vm_start_paused(struct vmm_vm *vm)
+{
+	return start(vm, 1);
 }
 
 static int wait_parked(struct vmm_vm *vm, int timeout_ms)
@@ -306,6 +333,10 @@ int vmm_vm_pause(struct vmm_vm *vm, int timeout_ms)
 		vmm_iothread_wake(vm->io);
 		r = wait_parked(vm, timeout_ms);
 		if (r == 0 && !LOAD(&vm->stop_reason)) {
+			/* Tell a kvmclock guest it was stopped, not stuck (no soft-lockup
+			 * reports after a long pause); EINVAL without kvmclock is fine. */
+			for (int i = 0; i < vm->nvcpus; i++)
+				ioctl(vm->vcpus[i]->fd, KVM_KVMCLOCK_CTRL, 0);
 			STORE(&vm->state, VMM_VM_PAUSED);
 			struct vmm_event ev = { .type = VMM_EVENT_PAUSED, .vcpu = -1 };
 			vmm_events_push(&vm->events, &ev);

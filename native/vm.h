@@ -49,7 +49,12 @@ struct vmm_vm {
 	int state;			/* enum vmm_vm_state (atomic) */
 	int stop_reason;		/* first reason wins (atomic) */
 	int threads;			/* live C threads (atomic) */
+	int track_dirty;		/* dirty-page logging on (snapshots) */
 };
+
+/* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
+int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
+			  uint64_t offset);
 
 /* Any thread: the VM must stop for `reason`; posts one STOPPED event. */
 void vmm_vm_request_stop(struct vmm_vm *vm, int reason, const struct vmm_event *detail);

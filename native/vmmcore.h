@@ -182,6 +182,96 @@ int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
 
+/* ---- snapshots (state.c, x86.c): everything a paused VM needs to go on ----
+ * KVM structs travel as sized byte blobs (the sizes are checked against the
+ * kernel headers at compile time); restore treats every field as untrusted:
+ * counts and indices are bounded here, values are KVM's to refuse. */
+struct vmm_msr {
+	uint32_t index;
+	uint32_t pad;
+	uint64_t data;
+};
+
+struct vmm_cpuid_entry {	/* struct kvm_cpuid_entry2 without its padding */
+	uint32_t function, index, flags, eax, ebx, ecx, edx;
+};
+
+struct vmm_vcpu_state {
+	uint8_t regs[144];	/* struct kvm_regs */
+	uint8_t sregs[312];	/* struct kvm_sregs */
+	uint8_t xsave[4096];	/* struct kvm_xsave */
+	uint8_t xcrs[392];	/* struct kvm_xcrs */
+	uint8_t debugregs[128];	/* struct kvm_debugregs */
+	uint8_t lapic[1024];	/* struct kvm_lapic_state */
+	uint8_t events[64];	/* struct kvm_vcpu_events */
+	uint32_t mp_state;
+	uint32_t nmsrs;
+	struct vmm_msr msrs[256];
+	uint32_t ncpuid;
+	struct vmm_cpuid_entry cpuid[256];
+};
+
+struct vmm_machine_state {
+	uint8_t pic_master[512];	/* struct kvm_irqchip's chip union, chip 0 */
+	uint8_t pic_slave[512];		/* chip 1 */
+	uint8_t ioapic[512];		/* chip 2 */
+	uint8_t pit[112];		/* struct kvm_pit_state2 */
+	uint64_t clock;			/* kvmclock, ns (struct kvm_clock_data.clock) */
+};
+
+struct vmm_virtq_state {
+	uint64_t desc, avail, used;
+	uint16_t size, last_avail, used_idx, signalled_used;
+	uint8_t ready, event_idx, indirect, pad;
+};
+
+struct vmm_virtio_state {
+	uint32_t device_id, nqueues;
+	uint32_t status, dev_feat_sel, drv_feat_sel, queue_sel, int_status, config_gen;
+	uint64_t driver_features;
+	struct vmm_virtq_state q[2];
+};
+
+struct vmm_legacy_state {	/* the UART and the i8042 */
+	uint8_t ier, lcr, mcr, scr, dll, dlm, thr_ipending, irq_level;
+	uint32_t rx_len;
+	uint8_t rx[64];
+	uint8_t ctr, cmd, status_cmd, outp;
+	uint32_t kbd_len;
+	uint8_t kbd[16];
+	uint64_t console_head;	/* console bytes ever written: stream offsets go on */
+};
+
+/* Save: the VM must be paused.  Restore: created, not started. */
+int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out);
+int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in);
+int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out);
+int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in);
+int vmm_vm_virtio_save(struct vmm_vm *vm, int idx, struct vmm_virtio_state *out);
+/* -EINVAL: a field is impossible (features not offered, a queue outside
+ * RAM...); nothing of the device changed. */
+int vmm_vm_virtio_restore(struct vmm_vm *vm, int idx, const struct vmm_virtio_state *in);
+int vmm_vm_legacy_save(struct vmm_vm *vm, struct vmm_legacy_state *out);
+int vmm_vm_legacy_restore(struct vmm_vm *vm, const struct vmm_legacy_state *in);
+
+/* Guest RAM from a file, MAP_PRIVATE: pages load when touched, writes stay
+ * in this VM (copy-on-write), VMs restored from one file share its page
+ * cache.  The caller may close fd afterwards. */
+int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, uint64_t offset);
+/* Dirty-page tracking: KVM's dirty log on every RAM slot plus the pages
+ * the VMM's own devices write.  After the RAM, before start. */
+int vmm_vm_track_dirty(struct vmm_vm *vm);
+int vmm_vm_tracks_dirty(const struct vmm_vm *vm);
+/* Write guest RAM (regions in order) to fd from offset, paused.  Full:
+ * every page, all-zero pages left as holes (fd pre-sized).  diff: only
+ * pages dirtied since the last write, packed, one bit each in bitmap
+ * (bitmap_len bytes: RAM pages / 8, rounded up).  Either way the dirty log
+ * starts again.  Returns bytes written. */
+int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff,
+			    uint8_t *bitmap, uint64_t bitmap_len);
+/* Start with every vCPU parked: the VM is PAUSED (a restore). */
+int vmm_vm_start_paused(struct vmm_vm *vm);
+
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
 

@@ -275,3 +275,168 @@ int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_
 	*mp_state = mp.mp_state;
 	return 0;
 }
+
+/* ---- snapshots: the vCPU's whole architectural state ---- */
+#define BLOB(field, type) _Static_assert(sizeof(((struct vmm_vcpu_state *)0)->field) == \
+					  sizeof(type), #field " size")
+BLOB(regs, struct kvm_regs);
+BLOB(sregs, struct kvm_sregs);
+BLOB(xsave, struct kvm_xsave);
+BLOB(xcrs, struct kvm_xcrs);
+BLOB(debugregs, struct kvm_debugregs);
+BLOB(lapic, struct kvm_lapic_state);
+BLOB(events, struct kvm_vcpu_events);
+
+#define MAX_STATE_MSRS (sizeof(((struct vmm_vcpu_state *)0)->msrs) / sizeof(struct vmm_msr))
+#define MAX_STATE_CPUID (sizeof(((struct vmm_vcpu_state *)0)->cpuid) / \
+			 sizeof(struct vmm_cpuid_entry))
+
+struct msr_buf {
+	struct kvm_msrs hdr;
+	struct kvm_msr_entry e[MAX_STATE_MSRS];
+};
+
+static int get_blob(int fd, unsigned long req, void *blob)
+{
+	return ioctl(fd, req, blob) < 0 ? -errno : 0;
+}
+
+/* Every MSR KVM lists as saveable that this vCPU can read: KVM_GET_MSRS
+ * stops at the first it cannot, so skip that one and go on. */
+static int save_msrs(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
+{
+	struct { struct kvm_msr_list hdr; uint32_t idx[MAX_STATE_MSRS]; } list;
+	list.hdr.nmsrs = MAX_STATE_MSRS;
+	if (ioctl(vc->vm->kvm_fd, KVM_GET_MSR_INDEX_LIST, &list) < 0)
+		return -errno;
+	struct msr_buf *m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	s->nmsrs = 0;
+	for (uint32_t from = 0; from < list.hdr.nmsrs;) {
+		uint32_t n = list.hdr.nmsrs - from;
+		m->hdr.nmsrs = n;
+		for (uint32_t i = 0; i < n; i++)
+			m->e[i] = (struct kvm_msr_entry){ .index = list.idx[from + i] };
+		int got = ioctl(vc->fd, KVM_GET_MSRS, m);
+		if (got < 0) {
+			free(m);
+			return -errno;
+		}
+		for (int i = 0; i < got; i++)
+			s->msrs[s->nmsrs++] = (struct vmm_msr){ .index = m->e[i].index,
+							       .data = m->e[i].data };
+		from += (uint32_t)got + 1;	/* skip the one KVM could not read */
+	}
+	free(m);
+	return 0;
+}
+
+static int save_cpuid(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
+{
+	struct kvm_cpuid2 *c = calloc(1, cpuid_size());
+	if (!c)
+		return -ENOMEM;
+	c->nent = MAX_CPUID_ENTRIES;
+	int r = ioctl(vc->fd, KVM_GET_CPUID2, c) < 0 ? -errno : 0;
+	if (!r && c->nent > MAX_STATE_CPUID)
+		r = -E2BIG;
+	for (uint32_t i = 0; !r && i < c->nent; i++) {
+		const struct kvm_cpuid_entry2 *e = &c->entries[i];
+		s->cpuid[i] = (struct vmm_cpuid_entry){ e->function, e->index, e->flags, e->eax,
+							e->ebx, e->ecx, e->edx };
+	}
+	s->ncpuid = r ? 0 : c->nent;
+	free(c);
+	return r;
+}
+
+/* Firecracker's order: mp_state, registers, FPU, LAPIC, CPUID, MSRs, events. */
+int vmm_x86_save_vcpu(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
+{
+	struct kvm_mp_state mp;
+	memset(s, 0, sizeof(*s));
+	int r = get_blob(vc->fd, KVM_GET_MP_STATE, &mp);
+	s->mp_state = mp.mp_state;
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_REGS, s->regs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_SREGS, s->sregs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_XSAVE, s->xsave);
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_XCRS, s->xcrs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_DEBUGREGS, s->debugregs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_LAPIC, s->lapic);
+	if (!r)
+		r = save_cpuid(vc, s);
+	if (!r)
+		r = save_msrs(vc, s);
+	if (!r)
+		r = get_blob(vc->fd, KVM_GET_VCPU_EVENTS, s->events);
+	return r;
+}
+
+static int restore_cpuid(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
+{
+	if (s->ncpuid == 0 || s->ncpuid > MAX_STATE_CPUID)
+		return -EINVAL;
+	struct kvm_cpuid2 *c = calloc(1, cpuid_size());
+	if (!c)
+		return -ENOMEM;
+	c->nent = s->ncpuid;
+	for (uint32_t i = 0; i < s->ncpuid; i++) {
+		const struct vmm_cpuid_entry *e = &s->cpuid[i];
+		c->entries[i] = (struct kvm_cpuid_entry2){ .function = e->function, .index = e->index,
+			.flags = e->flags, .eax = e->eax, .ebx = e->ebx, .ecx = e->ecx, .edx = e->edx };
+	}
+	int r = ioctl(vc->fd, KVM_SET_CPUID2, c) < 0 ? -errno : 0;
+	free(c);
+	return r;
+}
+
+static int restore_msrs(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
+{
+	if (s->nmsrs > MAX_STATE_MSRS)
+		return -EINVAL;
+	struct msr_buf *m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	m->hdr.nmsrs = s->nmsrs;
+	for (uint32_t i = 0; i < s->nmsrs; i++)
+		m->e[i] = (struct kvm_msr_entry){ .index = s->msrs[i].index, .data = s->msrs[i].data };
+	int got = ioctl(vc->fd, KVM_SET_MSRS, m);
+	free(m);
+	if (got < 0)
+		return -errno;
+	return (uint32_t)got == s->nmsrs ? 0 : -EINVAL;	/* an MSR KVM refused */
+}
+
+/* KVM's order: CPUID before anything that depends on it, LAPIC after sregs
+ * (the APIC base), MSRs after the LAPIC (TSC deadline), events last. */
+int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
+{
+	struct kvm_mp_state mp = { .mp_state = s->mp_state };
+	int r = restore_cpuid(vc, s);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_MP_STATE, &mp);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_REGS, (void *)s->regs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_SREGS, (void *)s->sregs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_XSAVE, (void *)s->xsave);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_XCRS, (void *)s->xcrs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_DEBUGREGS, (void *)s->debugregs);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_LAPIC, (void *)s->lapic);
+	if (!r)
+		r = restore_msrs(vc, s);
+	if (!r)
+		r = get_blob(vc->fd, KVM_SET_VCPU_EVENTS, (void *)s->events);
+	return r;
+}

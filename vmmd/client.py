@@ -105,13 +105,14 @@ class Client:
     def create(self, vm_id: str, kernel: str, initrd: str | None = None,
                cmdline: str | None = None, cmdline_append: str | None = None,
                vcpus: int = 0, memory_mib: int = 0, drives: Sequence[pb.Drive] = (),
-               nets: Sequence[pb.NetworkInterface] = ()) -> pb.Vm:
+               nets: Sequence[pb.NetworkInterface] = (),
+               track_dirty_pages: bool = False) -> pb.Vm:
         """A new VM in CREATED; an empty vm_id lets the daemon choose one.
         0 vcpus / memory_mib mean the daemon's defaults."""
         boot = pb.BootSource(kernel_path=kernel, initrd_path=initrd or "",
                              cmdline=cmdline or "", cmdline_append=cmdline_append or "")
         config = pb.VmConfig(vcpus=vcpus, memory_mib=memory_mib, boot=boot, drives=drives,
-                             network_interfaces=nets)
+                             network_interfaces=nets, track_dirty_pages=track_dirty_pages)
         return self._call("CreateVm", pb.CreateVmRequest(vm_id=vm_id, config=config))
 
     def start(self, vm_id: str) -> pb.Vm:
@@ -130,6 +131,30 @@ class Client:
 
     def delete(self, vm_id: str) -> None:
         self._call("DeleteVm", pb.DeleteVmRequest(vm_id=vm_id))
+
+    # -- snapshots --
+    def snapshot(self, vm_id: str, snapshot_dir: str, diff: bool = False) -> pb.Snapshot:
+        kind = pb.SNAPSHOT_TYPE_DIFF if diff else pb.SNAPSHOT_TYPE_FULL
+        return self._call("SnapshotVm", pb.SnapshotVmRequest(vm_id=vm_id, snapshot_dir=snapshot_dir,
+                                                            type=kind))
+
+    def restore(self, snapshot_dir: str, vm_id: str = "", resume: bool = False,
+                overrides: pb.DeviceOverrides | None = None,
+                track_dirty_pages: bool = False) -> pb.Vm:
+        return self._call("RestoreVm", pb.RestoreVmRequest(
+            snapshot_dir=snapshot_dir, vm_id=vm_id, resume=resume, overrides=overrides,
+            track_dirty_pages=track_dirty_pages))
+
+    def clone(self, snapshot_dir: str, count: int, id_prefix: str = "", resume: bool = False,
+              overrides: Sequence[pb.DeviceOverrides] = (),
+              track_dirty_pages: bool = False) -> list[pb.Vm]:
+        return list(self._call("CloneVm", pb.CloneVmRequest(
+            snapshot_dir=snapshot_dir, count=count, id_prefix=id_prefix, resume=resume,
+            overrides=overrides, track_dirty_pages=track_dirty_pages)).vms)
+
+    def merge(self, base_dir: str, diff_dir: str) -> pb.Snapshot:
+        return self._call("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=base_dir,
+                                                                    diff_dir=diff_dir))
 
     # -- observation --
     def get(self, vm_id: str) -> pb.Vm:

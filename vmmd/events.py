@@ -22,6 +22,8 @@ class EventKind(enum.Enum):
     RESUMED = "resumed"
     STOPPED = "stopped"
     DELETED = "deleted"
+    SNAPSHOT_TAKEN = "snapshot_taken"
+    RESTORED = "restored"
 
 
 class ApiStopReason(enum.Enum):

@@ -15,13 +15,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from vmmd.errors import AlreadyExistsError, NotFoundError, ResourceExhaustedError, StateError
+from vmmd.errors import (
+    AlreadyExistsError,
+    InvalidSpecError,
+    NotFoundError,
+    ResourceExhaustedError,
+    StateError,
+)
 from vmmd.events import ApiStopReason, EventHub, EventKind, LifecycleEvent, Subscription
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, StopReason
-from vmmd.spec import VmSpec, check_vm_id
-from vmmd.vm.builder import build_vm
+from vmmd.spec import RestoreSpec, VmSpec, check_vm_id
+from vmmd.vm.builder import build_vm, restore_vm
 from vmmd.vm.lifecycle import State
+from vmmd.vm.persist import read as read_snapshot
+from vmmd.vm.snapshot import SnapshotInfo, merge_snapshots
 from vmmd.vm.vm import StopInfo, Vm
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -70,13 +78,31 @@ class Manager:
         self.log = get_logger(__name__)
 
     # -- registry --
-    def _reserve(self, vm_id: str) -> None:
+    def _reserve(self, *vm_ids: str) -> None:
+        """Claim ids for VMs being built: all of them, or none."""
         with self._lock:
-            if vm_id in self._vms:
-                raise AlreadyExistsError(f"vm_id: a VM named {vm_id!r} exists already")
-            if len(self._vms) >= self._max_vms:
-                raise ResourceExhaustedError(f"the daemon hosts its maximum of {self._max_vms} VMs")
-            self._vms[vm_id] = _RESERVED
+            for vm_id in vm_ids:
+                if vm_id in self._vms:
+                    raise AlreadyExistsError(f"vm_id: a VM named {vm_id!r} exists already")
+            if len(self._vms) + len(vm_ids) > self._max_vms:
+                raise ResourceExhaustedError(
+                    f"the daemon hosts at most {self._max_vms} VMs ({len(self._vms)} now, "
+                    f"{len(vm_ids)} more asked for)")
+            for vm_id in vm_ids:
+                self._vms[vm_id] = _RESERVED
+
+    def _unreserve(self, *vm_ids: str) -> None:
+        with self._lock:
+            for vm_id in vm_ids:
+                del self._vms[vm_id]
+
+    def _register(self, vm: Vm, kind: EventKind, started: bool = False) -> VmEntry:
+        entry = VmEntry(vm, started_at=time.time() if started else None)
+        vm.add_listener(lambda ev: self._on_native_event(entry, ev))
+        with self._lock:
+            self._vms[vm.spec.vm_id] = entry
+        self._publish(entry, kind)
+        return entry
 
     def get(self, vm_id: str) -> VmEntry:
         with self._lock:
@@ -109,15 +135,58 @@ class Manager:
         try:
             vm = build_vm(spec, kvm_path=self._kvm_path)
         except BaseException:
-            with self._lock:
-                del self._vms[spec.vm_id]
+            self._unreserve(spec.vm_id)
             raise
-        entry = VmEntry(vm)
-        vm.add_listener(lambda ev: self._on_native_event(entry, ev))
-        with self._lock:
-            self._vms[spec.vm_id] = entry
-        self._publish(entry, EventKind.CREATED)
-        return entry
+        return self._register(vm, EventKind.CREATED)
+
+    # -- snapshots --
+    def snapshot(self, vm_id: str, directory: str, *, diff: bool) -> SnapshotInfo:
+        with self._locked(vm_id) as entry:
+            info = entry.vm.snapshot(directory, diff=diff)
+        self._publish(entry, EventKind.SNAPSHOT_TAKEN)
+        return info
+
+    def restore(self, rs: RestoreSpec, *, resume: bool) -> VmEntry:
+        return self._restore([rs], resume=resume, clones=False)[0]
+
+    def clone(self, specs: list[RestoreSpec], *, resume: bool) -> list[VmEntry]:
+        """VMs from one snapshot (read once): all of them, or none and
+        nothing left behind.  An error about one clone's devices names it:
+        clones[k].drives[j]..."""
+        return self._restore(specs, resume=resume, clones=True)
+
+    def _restore(self, specs: list[RestoreSpec], *, resume: bool, clones: bool) -> list[VmEntry]:
+        ids = [check_vm_id(rs.vm_id) for rs in specs]
+        if len(set(ids)) != len(ids):
+            raise InvalidSpecError("vm_id", "the new VMs' ids are not unique")
+        self._reserve(*ids)
+        vms: list[Vm] = []
+        try:
+            snap = read_snapshot(specs[0].snapshot_dir)
+            for k, rs in enumerate(specs):
+                try:
+                    vms.append(restore_vm(rs, kvm_path=self._kvm_path, snapshot=snap))
+                except InvalidSpecError as e:
+                    if not clones or e.field == "snapshot_dir":
+                        raise
+                    raise InvalidSpecError(f"clones[{k}].{e.field}", e.problem) from None
+            for vm in vms:
+                vm.start_paused()
+                if resume:
+                    vm.resume()
+        except BaseException:
+            for vm in vms:
+                vm.close()
+            self._unreserve(*ids)
+            raise
+        entries = [self._register(vm, EventKind.RESTORED, started=True) for vm in vms]
+        if resume:
+            for entry in entries:
+                self._publish(entry, EventKind.RESUMED)
+        return entries
+
+    def merge(self, base_dir: str, diff_dir: str) -> SnapshotInfo:
+        return merge_snapshots(base_dir, diff_dir)
 
     def start(self, vm_id: str) -> VmEntry:
         with self._locked(vm_id) as entry:

@@ -48,6 +48,7 @@ class VmSpec:
     mem_mib: int = DEFAULT_MEM_MIB
     drives: tuple[DriveSpec, ...] = ()
     nets: tuple[NetSpec, ...] = ()
+    track_dirty: bool = False  # dirty-page logging, for diff snapshots
 
     @property
     def mem_bytes(self) -> int:
@@ -60,3 +61,31 @@ def check_vm_id(vm_id: str) -> str:
             "vm_id", f"{vm_id!r} must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
         )
     return vm_id
+
+
+@dataclass(frozen=True)
+class DriveOverride:
+    """At restore: the snapshot's drive `drive_id` now lives at `path`."""
+
+    drive_id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class NetOverride:
+    """At restore: the snapshot's interface `iface_id` goes onto tap `tap`."""
+
+    iface_id: str
+    tap: str
+    create_tap: bool = False
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    """A VM from a snapshot: its new id, and where its devices go now."""
+
+    snapshot_dir: str
+    vm_id: str
+    drives: tuple[DriveOverride, ...] = ()
+    nets: tuple[NetOverride, ...] = ()
+    track_dirty: bool = False

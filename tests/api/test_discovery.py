@@ -17,7 +17,8 @@ from vmmd.api._gen.grpc.reflection.v1alpha import reflection_pb2_grpc as refl_v1
 
 SERVICE = "vmmd.v1.VmService"
 METHODS = {"CreateVm", "StartVm", "PauseVm", "ResumeVm", "StopVm", "DeleteVm", "GetVm", "ListVms",
-           "StreamConsole", "WriteConsole", "WatchEvents"}
+           "StreamConsole", "WriteConsole", "WatchEvents", "SnapshotVm", "RestoreVm", "CloneVm",
+           "MergeSnapshots"}
 REFLECTION = [pytest.param((refl_v1, refl_v1_grpc), id="v1"),
               pytest.param((refl_v1a, refl_v1a_grpc), id="v1alpha")]
 

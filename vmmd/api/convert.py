@@ -9,6 +9,8 @@ client's own message.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -16,9 +18,21 @@ from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
 from vmmd.errors import InvalidSpecError
 from vmmd.events import ApiStopReason, EventKind, LifecycleEvent
 from vmmd.manager import VmEntry, api_stop_reason
-from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, DriveSpec, NetSpec, VmSpec
+from vmmd.spec import (
+    DEFAULT_MEM_MIB,
+    DEFAULT_VCPUS,
+    DriveOverride,
+    DriveSpec,
+    NetOverride,
+    NetSpec,
+    RestoreSpec,
+    VmSpec,
+)
 from vmmd.vm.boot.cmdline import build_cmdline
 from vmmd.vm.lifecycle import State
+from vmmd.vm.snapshot import SnapshotInfo
+
+MAX_CLONES = 1024
 
 API_FIELDS = {
     "vm_id": "vm_id",
@@ -51,6 +65,8 @@ EVENT_KINDS = {
     EventKind.RESUMED: pb.EVENT_TYPE_RESUMED,
     EventKind.STOPPED: pb.EVENT_TYPE_STOPPED,
     EventKind.DELETED: pb.EVENT_TYPE_DELETED,
+    EventKind.SNAPSHOT_TAKEN: pb.EVENT_TYPE_SNAPSHOT_TAKEN,
+    EventKind.RESTORED: pb.EVENT_TYPE_RESTORED,
 }
 
 
@@ -71,6 +87,58 @@ def api_error(e: InvalidSpecError) -> InvalidSpecError:
         index, _, attr = rest.partition("].")
         field = f"config.{name}" + (f"[{index}].{renames.get(attr, attr)}" if rest else "")
     return InvalidSpecError(API_FIELDS.get(field, field), e.problem)
+
+
+@contextmanager
+def restore_errors() -> Iterator[None]:
+    """RestoreVm/CloneVm: an error about drives[j] / nets[j] is about overrides[j]."""
+    try:
+        yield
+    except InvalidSpecError as e:
+        field, overrides = e.field, "overrides"
+        if field.startswith("clones["):  # clones[k].drives[j].path: the k-th clone's overrides
+            clone, _, field = field.partition("].")
+            overrides = f"overrides[{clone.removeprefix('clones[')}]"
+        for spec_name, (api_name, renames) in _ITEM_FIELDS.items():
+            if field.startswith(spec_name + "["):
+                index, _, attr = field[len(spec_name) + 1:].partition("].")
+                field = f"{overrides}.{api_name}[{index}].{renames.get(attr, attr)}"
+        raise InvalidSpecError(field, e.problem) from None
+
+
+def _overrides(o: pb.DeviceOverrides) -> dict[str, tuple]:  # type: ignore[type-arg]
+    return {
+        "drives": tuple(DriveOverride(d.drive_id, d.path_on_host) for d in o.drives),
+        "nets": tuple(NetOverride(n.iface_id, n.host_dev_name, n.create_tap)
+                      for n in o.network_interfaces),
+    }
+
+
+def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
+    return RestoreSpec(req.snapshot_dir, vm_id, track_dirty=req.track_dirty_pages,
+                       **_overrides(req.overrides))
+
+
+def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
+    if not 1 <= req.count <= MAX_CLONES:
+        raise InvalidSpecError("count", f"{req.count} is outside 1..{MAX_CLONES}")
+    if req.overrides and len(req.overrides) != req.count:
+        raise InvalidSpecError("overrides", f"{len(req.overrides)} entries for {req.count} "
+                               "clones: give none or one per clone")
+    return [RestoreSpec(req.snapshot_dir, f"{prefix}-{i}", track_dirty=req.track_dirty_pages,
+                        **(_overrides(req.overrides[i]) if req.overrides else {}))
+            for i in range(req.count)]
+
+
+SNAPSHOT_TYPES = {"full": pb.SNAPSHOT_TYPE_FULL, "diff": pb.SNAPSHOT_TYPE_DIFF}
+
+
+def snapshot_to_proto(info: SnapshotInfo) -> pb.Snapshot:
+    return pb.Snapshot(
+        snapshot_dir=info.directory, snapshot_id=info.snapshot_id, parent_id=info.parent_id,
+        type=SNAPSHOT_TYPES[info.kind], vm_id=info.vm_id, memory_bytes=info.ram_bytes,
+        pages_written=info.pages_written, memory_file_bytes=info.memory_file_bytes,
+        state_file_bytes=info.state_file_bytes, duration_us=int(info.duration_s * 1e6))
 
 
 def require_id(vm_id: str) -> str:
@@ -99,6 +167,7 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                is_root=d.is_root_device) for d in cfg.drives),
         nets=tuple(NetSpec(iface_id=n.iface_id, tap=n.host_dev_name, mac=n.guest_mac or None,
                            create_tap=n.create_tap) for n in cfg.network_interfaces),
+        track_dirty=cfg.track_dirty_pages,
     )
 
 
@@ -120,6 +189,7 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         network_interfaces=[pb.NetworkInterface(iface_id=n.iface_id, host_dev_name=n.tap,
                                                 guest_mac=n.mac or "", create_tap=n.create_tap)
                             for n in spec.nets],
+        track_dirty_pages=spec.track_dirty,
     )
 
 

@@ -120,6 +120,30 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
         n = self.m.console_input(convert.require_id(request.vm_id), request.data)
         return pb.WriteConsoleResponse(accepted=n)
 
+    @edge
+    def SnapshotVm(self, request: pb.SnapshotVmRequest, context: Any) -> pb.Snapshot:
+        info = self.m.snapshot(convert.require_id(request.vm_id), request.snapshot_dir,
+                               diff=request.type == pb.SNAPSHOT_TYPE_DIFF)
+        return convert.snapshot_to_proto(info)
+
+    @edge
+    def RestoreVm(self, request: pb.RestoreVmRequest, context: Any) -> pb.Vm:
+        spec = convert.restore_spec(request, request.vm_id or self.m.new_id())
+        with convert.restore_errors():
+            entry = self.m.restore(spec, resume=request.resume)
+        return convert.vm_to_proto(entry)
+
+    @edge
+    def CloneVm(self, request: pb.CloneVmRequest, context: Any) -> pb.CloneVmResponse:
+        specs = convert.clone_specs(request, request.id_prefix or self.m.new_id())
+        with convert.restore_errors():
+            entries = self.m.clone(specs, resume=request.resume)
+        return pb.CloneVmResponse(vms=[convert.vm_to_proto(e) for e in entries])
+
+    @edge
+    def MergeSnapshots(self, request: pb.MergeSnapshotsRequest, context: Any) -> pb.Snapshot:
+        return convert.snapshot_to_proto(self.m.merge(request.base_dir, request.diff_dir))
+
     @edge_stream
     def StreamConsole(self, request: pb.StreamConsoleRequest, context: Any) -> Iterator[pb.ConsoleChunk]:
         chunks = self.m.console_stream(convert.require_id(request.vm_id),

@@ -1,6 +1,7 @@
 """`vmmctl`: the command-line client of the vmmd daemon.
 
     vmmctl [--socket PATH] [--json] create|start|pause|resume|stop|delete|get|list|console|events
+           |snapshot|restore|clone|merge
 
 Built on vmmd.client.  Human output by default (a compact table for VMs,
 one line per event); `--json` prints the API's messages as JSON for scripts
@@ -69,6 +70,29 @@ def _devices(args: argparse.Namespace) -> dict[str, list]:  # type: ignore[type-
     }
 
 
+def _pair(text: str, what: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise ClientError("INVALID_ARGUMENT", f"--{what} {text!r}: want ID={what.upper()}")
+    return key, value
+
+
+def _overrides(args: argparse.Namespace, i: int) -> pb.DeviceOverrides:
+    """--drive ID=PATH / --net ID=TAP[,create] for clone number i ({i} in them)."""
+    drives = []
+    for text in args.drive:
+        key, path = _pair(text, "drive")
+        drives.append(pb.DriveOverride(drive_id=key, path_on_host=os.path.abspath(
+            path.replace("{i}", str(i)))))
+    nets = []
+    for text in args.net:
+        key, value = _pair(text, "net")
+        tap, _, opt = value.partition(",")
+        nets.append(pb.InterfaceOverride(iface_id=key, host_dev_name=tap.replace("{i}", str(i)),
+                                         create_tap=opt == "create"))
+    return pb.DeviceOverrides(drives=drives, network_interfaces=nets)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmmctl", description="Control the vmmd daemon.")
     _global_options(p, top=True)
@@ -90,6 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="PATH[,ro][,root]", help=DRIVE_HELP)
     c.add_argument("--net", action="append", default=[], type=_net_arg,
                    metavar="TAP[,mac=MAC][,create]", help=NET_HELP)
+    c.add_argument("--track-dirty", action="store_true",
+                   help="log written pages, for diff snapshots")
+    sn = add("snapshot", help="write a snapshot of a paused VM into a directory")
+    sn.add_argument("vm_id")
+    sn.add_argument("dir", type=os.path.abspath)
+    sn.add_argument("--diff", action="store_true",
+                    help="only the pages written since the VM's last snapshot")
+    for name, text in (("restore", "a new VM from a snapshot (paused unless --resume)"),
+                       ("clone", "--count VMs from one snapshot")):
+        r = add(name, help=text)
+        r.add_argument("dir", type=os.path.abspath)
+        if name == "restore":
+            r.add_argument("--id", default="", help="VM id (default: generated)")
+        else:
+            r.add_argument("--count", type=int, required=True)
+            r.add_argument("--prefix", default="", help="clone ids: PREFIX-0, PREFIX-1, ...")
+        r.add_argument("--resume", action="store_true", help="run at once")
+        r.add_argument("--track-dirty", action="store_true",
+                       help="log written pages, for diff snapshots")
+        r.add_argument("--drive", action="append", default=[], metavar="ID=PATH",
+                       help="the snapshot's drive ID uses PATH (clone: {i} is the clone's number)")
+        r.add_argument("--net", action="append", default=[], metavar="ID=TAP[,create]",
+                       help="the snapshot's interface ID goes onto TAP (clone: {i} as above)")
+    m = add("merge", help="apply a diff snapshot onto its base (the base becomes full)")
+    m.add_argument("base", type=os.path.abspath)
+    m.add_argument("diff", type=os.path.abspath)
     for verb, text in (("start", "boot a created VM"), ("pause", "pause a running VM"),
                        ("resume", "resume a paused VM"), ("delete", "stop and forget a VM"),
                        ("get", "show one VM")):
@@ -129,6 +179,15 @@ def vm_table(vms: Sequence[pb.Vm]) -> str:
                      f"{vm.config.memory_mib}MiB", _uptime(vm.uptime_ms), stop))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]) for r in rows)
+
+
+def show_snapshot(args: argparse.Namespace, snap: pb.Snapshot) -> None:
+    if args.json:
+        print(to_json(snap))
+        return
+    kind = _name(pb.SnapshotType, snap.type, "SNAPSHOT_TYPE_")
+    print(f"{kind} snapshot {snap.snapshot_id} of {snap.vm_id} in {snap.snapshot_dir}: "
+          f"{snap.pages_written} pages, {snap.duration_us / 1000:.1f} ms")
 
 
 def event_line(ev: pb.VmEvent) -> str:
@@ -190,7 +249,21 @@ def run(client: Client, args: argparse.Namespace) -> int:
         show_vms(args, [client.create(args.id, args.kernel, initrd=args.initrd,
                                       cmdline=args.cmdline, cmdline_append=args.append,
                                       vcpus=args.vcpus, memory_mib=args.mem_mib,
-                                      **_devices(args))])
+                                      track_dirty_pages=args.track_dirty, **_devices(args))])
+    elif cmd == "snapshot":
+        show_snapshot(args, client.snapshot(args.vm_id, args.dir, diff=args.diff))
+    elif cmd == "restore":
+        show_vms(args, [client.restore(args.dir, args.id, resume=args.resume,
+                                       overrides=_overrides(args, 0),
+                                       track_dirty_pages=args.track_dirty)])
+    elif cmd == "clone":
+        per_clone = [_overrides(args, i) for i in range(args.count)] \
+            if args.drive or args.net else []
+        show_vms(args, client.clone(args.dir, args.count, args.prefix, resume=args.resume,
+                                    overrides=per_clone, track_dirty_pages=args.track_dirty),
+                 one=False)
+    elif cmd == "merge":
+        show_snapshot(args, client.merge(args.base, args.diff))
     elif cmd in ("start", "pause", "resume", "get"):
         show_vms(args, [getattr(client, cmd)(args.vm_id)])
     elif cmd == "stop":

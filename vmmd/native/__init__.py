@@ -91,6 +91,128 @@ def _virtio_stats(c: Any) -> VirtioStats:
     return VirtioStats(**{f.name: getattr(c, f.name) for f in dataclasses.fields(VirtioStats)})
 
 
+# ---- snapshot state: what the C core saves, as plain values ----
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """One vCPU: KVM structs as byte blobs of fixed sizes (BLOB_SIZES), plus
+    mp_state, the MSRs (index, value) and the CPUID entries."""
+
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes
+    events: bytes
+    mp_state: int
+    msrs: tuple[tuple[int, int], ...]
+    cpuid: tuple[CpuidEntry, ...]
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """The VM-wide KVM state: PIC master and slave, IOAPIC, PIT, kvmclock."""
+
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    pit: bytes
+    clock: int
+
+
+@dataclass(frozen=True)
+class QueueState:
+    desc: int
+    avail: int
+    used: int
+    size: int
+    last_avail: int
+    used_idx: int
+    signalled_used: int
+    ready: int
+    event_idx: int
+    indirect: int
+
+
+@dataclass(frozen=True)
+class VirtioState:
+    device_id: int
+    status: int
+    dev_feat_sel: int
+    drv_feat_sel: int
+    queue_sel: int
+    int_status: int
+    config_gen: int
+    driver_features: int
+    queues: tuple[QueueState, ...]
+
+
+@dataclass(frozen=True)
+class LegacyState:
+    """The UART, the i8042 and where the console output stands."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    thr_ipending: int
+    irq_level: int
+    rx: bytes
+    ctr: int
+    cmd: int
+    status_cmd: int
+    outp: int
+    kbd: bytes
+    console_head: int
+
+
+def _blob_sizes(ctype: str) -> dict[str, int]:
+    t = ffi.typeof(ctype)
+    return {name: f.type.length for name, f in t.fields if f.type.kind == "array"
+            and f.type.item.cname == "uint8_t"}
+
+
+VCPU_BLOBS = ("regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
+BLOB_SIZES = _blob_sizes("struct vmm_vcpu_state")
+MACHINE_BLOB_SIZES = _blob_sizes("struct vmm_machine_state")
+_VCPU_FIELDS = dict(ffi.typeof("struct vmm_vcpu_state").fields)
+MAX_MSRS = _VCPU_FIELDS["msrs"].type.length
+MAX_CPUID = _VCPU_FIELDS["cpuid"].type.length
+LEGACY_RX_MAX, LEGACY_KBD_MAX = 64, 16
+
+
+def _scalars(c: Any, cls: type) -> dict[str, int]:
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(cls)
+            if f.type in ("int", int)}
+
+
+def _set_scalars(c: Any, value: Any) -> None:
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if isinstance(v, int):
+            setattr(c, f.name, v)
+
+
+def _set_blob(c: Any, name: str, data: bytes, limit: int | None = None) -> None:
+    size = limit if limit is not None else len(getattr(c, name))
+    if len(data) > size or (limit is None and len(data) != size):
+        raise ValueError(f"{name}: {len(data)} bytes, want {size}")
+    ffi.memmove(getattr(c, name), data, len(data))
+
+
 def check(rc: int, op: str) -> int:
     """Raise NativeError for a negative errno return; pass counts through."""
     if rc < 0:
@@ -269,9 +391,102 @@ class NativeVm:
         names = [n for n, _ in ffi.typeof("struct vmm_boot_regs").fields]
         return {n: getattr(c, n) for n in names if isinstance(getattr(c, n), int)}, mp[0]
 
+    # -- snapshots --
+    def save_vcpu(self, idx: int) -> VcpuState:
+        c = ffi.new("struct vmm_vcpu_state *")
+        check(lib.vmm_vcpu_save(self._vm, idx, c), f"save vCPU {idx}")
+        return VcpuState(
+            **{b: bytes(ffi.buffer(getattr(c, b))) for b in VCPU_BLOBS}, mp_state=c.mp_state,
+            msrs=tuple((c.msrs[i].index, c.msrs[i].data) for i in range(c.nmsrs)),
+            cpuid=tuple(CpuidEntry(**{f.name: getattr(c.cpuid[i], f.name)
+                                      for f in dataclasses.fields(CpuidEntry)})
+                        for i in range(c.ncpuid)))
+
+    def restore_vcpu(self, idx: int, s: VcpuState) -> None:
+        """ValueError for a state of the wrong shape; NativeError when KVM refuses it."""
+        if len(s.msrs) > MAX_MSRS or len(s.cpuid) > MAX_CPUID:
+            raise ValueError(f"{len(s.msrs)} MSRs / {len(s.cpuid)} CPUID entries: at most "
+                             f"{MAX_MSRS} / {MAX_CPUID}")
+        c = ffi.new("struct vmm_vcpu_state *")
+        for b in VCPU_BLOBS:
+            _set_blob(c, b, getattr(s, b))
+        c.mp_state = s.mp_state
+        c.nmsrs, c.ncpuid = len(s.msrs), len(s.cpuid)
+        for i, (index, data) in enumerate(s.msrs):
+            c.msrs[i].index, c.msrs[i].data = index, data
+        for i, e in enumerate(s.cpuid):
+            _set_scalars(c.cpuid[i], e)
+        check(lib.vmm_vcpu_restore(self._vm, idx, c), f"restore vCPU {idx}")
+
+    def save_machine(self) -> MachineState:
+        c = ffi.new("struct vmm_machine_state *")
+        check(lib.vmm_vm_save_machine(self._vm, c), "save irqchip, PIT and clock")
+        return MachineState(**{b: bytes(ffi.buffer(getattr(c, b))) for b in MACHINE_BLOB_SIZES},
+                            clock=c.clock)
+
+    def restore_machine(self, s: MachineState) -> None:
+        c = ffi.new("struct vmm_machine_state *")
+        for b in MACHINE_BLOB_SIZES:
+            _set_blob(c, b, getattr(s, b))
+        c.clock = s.clock
+        check(lib.vmm_vm_restore_machine(self._vm, c), "restore irqchip, PIT and clock")
+
+    def save_virtio(self, idx: int) -> VirtioState:
+        c = ffi.new("struct vmm_virtio_state *")
+        check(lib.vmm_vm_virtio_save(self._vm, idx, c), f"save device {idx}")
+        queues = tuple(QueueState(**_scalars(c.q[i], QueueState)) for i in range(c.nqueues))
+        return VirtioState(**_scalars(c, VirtioState), queues=queues)
+
+    def restore_virtio(self, idx: int, s: VirtioState) -> None:
+        if len(s.queues) > 2:
+            raise ValueError(f"{len(s.queues)} queues, at most 2")
+        c = ffi.new("struct vmm_virtio_state *")
+        _set_scalars(c, s)
+        c.nqueues = len(s.queues)
+        for i, q in enumerate(s.queues):
+            _set_scalars(c.q[i], q)
+        check(lib.vmm_vm_virtio_restore(self._vm, idx, c), f"restore device {idx}")
+
+    def save_legacy(self) -> LegacyState:
+        c = ffi.new("struct vmm_legacy_state *")
+        check(lib.vmm_vm_legacy_save(self._vm, c), "save UART and i8042")
+        return LegacyState(**_scalars(c, LegacyState), rx=bytes(c.rx[0:c.rx_len]),
+                           kbd=bytes(c.kbd[0:c.kbd_len]))
+
+    def restore_legacy(self, s: LegacyState) -> None:
+        c = ffi.new("struct vmm_legacy_state *")
+        _set_scalars(c, s)
+        _set_blob(c, "rx", s.rx, LEGACY_RX_MAX)
+        _set_blob(c, "kbd", s.kbd, LEGACY_KBD_MAX)
+        c.rx_len, c.kbd_len = len(s.rx), len(s.kbd)
+        check(lib.vmm_vm_legacy_restore(self._vm, c), "restore UART and i8042")
+
+    def add_ram_file(self, gpa: int, size: int, fd: int, offset: int) -> None:
+        check(lib.vmm_vm_add_ram_file(self._vm, gpa, size, fd, offset),
+              f"map RAM at 0x{gpa:x} from the memory file")
+
+    def track_dirty(self) -> None:
+        check(lib.vmm_vm_track_dirty(self._vm), "turn on dirty-page tracking")
+
+    @property
+    def tracks_dirty(self) -> bool:
+        return bool(lib.vmm_vm_tracks_dirty(self._vm))
+
+    def write_memory(self, fd: int, offset: int, *, diff: bool, pages: int) -> tuple[int, bytes]:
+        """Guest RAM to fd (full, or the dirty pages packed); bytes written and,
+        for a diff, the bitmap of the pages written (else b"")."""
+        n = (pages + 7) // 8 if diff else 0
+        bitmap = ffi.new("uint8_t[]", max(n, 1))
+        written = check(lib.vmm_vm_write_memory(self._vm, fd, offset, int(diff), bitmap, n),
+                        "write guest memory")
+        return written, bytes(ffi.buffer(bitmap, n))
+
     # -- lifecycle --
     def start(self) -> None:
         check(lib.vmm_vm_start(self._vm), "start VM")
+
+    def start_paused(self) -> None:
+        check(lib.vmm_vm_start_paused(self._vm), "start VM paused")
 
     def pause(self, timeout_ms: int = 5000) -> None:
         check(lib.vmm_vm_pause(self._vm, timeout_ms), "pause VM")

@@ -24,6 +24,7 @@ _ALLOWED: dict[str, frozenset[State]] = {
     "pause": frozenset({State.RUNNING, State.PAUSED}),
     "resume": frozenset({State.RUNNING, State.PAUSED}),
     "stop": frozenset({State.RUNNING, State.PAUSED}),
+    "snapshot": frozenset({State.PAUSED}),
 }
 
 

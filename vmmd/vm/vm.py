@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from vmmd.errors import NotFoundError
+from vmmd.errors import NotFoundError, StateError
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
+from vmmd.vm import persist
 from vmmd.vm.devices.net import InterfaceStats, interface_stats
 from vmmd.vm.lifecycle import State, check_verb
+from vmmd.vm.snapshot import SnapshotInfo, take_snapshot
 
 # Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
 CLEAN_STOPS = frozenset({StopReason.RESET, StopReason.POWEROFF, StopReason.HALT,
@@ -70,7 +72,7 @@ def describe_stop(ev: Event | None, reason: StopReason) -> StopInfo:
 
 class Vm:
     def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
-                 resources: list[Any] | None = None) -> None:
+                 resources: list[Any] | None = None, snapshot_id: str | None = None) -> None:
         self.spec = spec
         self.cmdline = cmdline if cmdline is not None else spec.cmdline  # as the guest got it
         self._native = native
@@ -85,6 +87,9 @@ class Vm:
         self._console_cond = threading.Condition()
         self._closed = False
         self._native_lock = threading.Lock()  # short C calls vs close(): never a destroyed VM
+        # The snapshot this VM's memory was last written to (or restored from):
+        # what a diff snapshot is relative to.  None: no diff possible.
+        self._snapshot_id = snapshot_id
         self.log = get_logger(__name__, vm_id=spec.vm_id)
 
     # -- lifecycle --
@@ -97,10 +102,41 @@ class Vm:
             check_verb("start", self._state)
             self._native.start()
             self._state = State.RUNNING
-            self._watcher = threading.Thread(target=self._watch, name=f"vm-{self.spec.vm_id}",
-                                             daemon=True)
-            self._watcher.start()
+            self._start_watcher()
         self.log.info("vm.started", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib)
+
+    def start_paused(self) -> None:
+        """A restored VM: its threads come up parked; resume() runs the guest."""
+        with self._lock:
+            check_verb("start", self._state)
+            self._native.start_paused()
+            self._state = State.PAUSED
+            self._start_watcher()
+        self.log.info("vm.restored", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib,
+                      snapshot_id=self._snapshot_id)
+
+    def _start_watcher(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name=f"vm-{self.spec.vm_id}",
+                                         daemon=True)
+        self._watcher.start()
+
+    def snapshot(self, directory: str, *, diff: bool = False) -> SnapshotInfo:
+        """Write a snapshot of this paused VM (full, or only the pages dirtied
+        since its last snapshot) into directory, atomically."""
+        with self._lock:
+            check_verb("snapshot", self._state)
+            if diff and not self._native.tracks_dirty:
+                raise StateError("a diff snapshot needs dirty-page tracking: create or restore "
+                                 "the VM with track_dirty_pages")
+            if diff and self._snapshot_id is None:
+                raise StateError("a diff snapshot needs an earlier snapshot of this VM: take a "
+                                 "full one first")
+            parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
+            info = take_snapshot(self._native, self.spec, self.cmdline,
+                                 persist.snapshot_dir(directory), parent if diff else None)
+            self._snapshot_id = info.snapshot_id
+        self.log.info("vm.snapshot", kind=info.kind, dir=info.directory, ms=info.duration_s * 1e3)
+        return info
 
     def pause(self, timeout_ms: int = 5000) -> None:
         with self._lock:
