@@ -177,24 +177,20 @@ int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, 
 	return vmm_vm_add_ram_region(vm, gpa, size, fd, offset);
 }
 
+/* Best before the RAM: its slots are then made with logging on (changing
+ * a slot later costs an SRCU grace period each, see vm.c). */
 int vmm_vm_track_dirty(struct vmm_vm *vm)
 {
 	int r = created(vm);
-	if (r)
+	if (r || vm->track_dirty)
 		return r;
-	for (int i = 0; i < vm->mem->n && !r; i++) {
-		const struct vmm_mem_region *reg = &vm->mem->r[i];
-		struct kvm_userspace_memory_region kr = {
-			.slot = (uint32_t)i, .flags = KVM_MEM_LOG_DIRTY_PAGES,
-			.guest_phys_addr = reg->gpa, .memory_size = reg->size,
-			.userspace_addr = (uint64_t)(uintptr_t)reg->hva,
-		};
-		r = xioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
-	}
+	vm->track_dirty = 1;
+	for (int i = 0; i < vm->mem->n && !r; i++)
+		r = vmm_vm_set_slot(vm, i);
 	if (!r)
 		r = vmm_mem_track_dirty(vm->mem);
-	if (!r)
-		vm->track_dirty = 1;
+	if (r)
+		vm->track_dirty = 0;
 	return r;
 }
 

@@ -50,7 +50,11 @@ struct vmm_vm {
 	int stop_reason;		/* first reason wins (atomic) */
 	int threads;			/* live C threads (atomic) */
 	int track_dirty;		/* dirty-page logging on (snapshots) */
+	int irqchip;			/* in-kernel irqchip and PIT made */
 };
+
+/* (Re)register RAM region `slot` with KVM, dirty logging as vm says. */
+int vmm_vm_set_slot(struct vmm_vm *vm, int slot);
 
 /* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
 int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,

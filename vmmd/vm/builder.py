@@ -95,10 +95,10 @@ def _native(kvm_path: str) -> Iterator[NativeVm]:
 def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = False) -> Vm:
     p = plan(spec, force_64bit=force_64bit)
     with _resources(p.drives, p.nets) as (resources, taps), _native(kvm_path) as native:
+        if spec.track_dirty:
+            native.track_dirty()  # before the RAM: its slots are made logging
         for region in p.boot.ram:
             native.add_ram(region.gpa, region.size)
-        if spec.track_dirty:
-            native.track_dirty()
         _attach_devices(native, p.drives, p.nets, taps)
         native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, spec.kernel, spec.initrd)
@@ -186,13 +186,13 @@ def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
         _check_drive_sizes(spec, sizes)
     with _override_terms(saved, rs), _resources(drives, nets) as (resources, taps), \
             _native(kvm_path) as native:
+        if spec.track_dirty:
+            native.track_dirty()
         with open(snap.memory_path, "rb") as f:
             offset = persist.MEMORY_OFFSET
             for r in regions:
                 native.add_ram_file(r.gpa, r.size, f.fileno(), offset)
                 offset += r.size
-        if spec.track_dirty:
-            native.track_dirty()
         _attach_devices(native, drives, nets, taps)
         native.create_vcpus(spec.vcpus)
         apply_state(native, snap.state, spec)
