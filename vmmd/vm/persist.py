@@ -204,6 +204,9 @@ def read(path: str) -> Snapshot:
     if state.kind == DIFF and len(state.dirty_bitmap) != (pages + 7) // 8:
         raise DataLossError(f"{d / STATE_FILE}: dirty bitmap of {len(state.dirty_bitmap)} bytes "
                             f"for {pages} pages")
+    if state.kind == DIFF and pages % 8 and state.dirty_bitmap[-1] >> (pages % 8):
+        raise DataLossError(f"{d / STATE_FILE}: dirty bitmap marks pages beyond the {pages} "
+                            "pages of RAM")
     _check_memory(d / MEMORY_FILE, state, ram_bytes)
     return Snapshot(d, state, d / MEMORY_FILE, ram_bytes)
 
@@ -237,13 +240,21 @@ def _copy(src: int, dst: int, start: int, end: int) -> None:
             a += n
 
 
+def _read_as(path: str, field: str) -> Snapshot:
+    """read(), an InvalidSpecError naming the merge request's field."""
+    try:
+        return read(path)
+    except InvalidSpecError as e:
+        raise InvalidSpecError(field, e.problem) from None
+
+
 def merge(base_path: str, diff_path: str) -> tuple[Snapshot, int]:
     """Apply a diff snapshot onto its base: the base directory becomes a full
     snapshot of the diff's moment (with the diff's id, so the next diff of
     the same VM merges onto it too).  New files replace the base's; VMs
     restored from the old ones keep them.  Returns the merged snapshot and
     the pages applied."""
-    base, diff = read(base_path), read(diff_path)
+    base, diff = _read_as(base_path, "base_dir"), _read_as(diff_path, "diff_dir")
     if base.state.kind != FULL:
         raise InvalidSpecError("base_dir", f"{base.directory} is a diff snapshot; merge onto "
                                "a full one")

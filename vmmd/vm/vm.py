@@ -131,9 +131,10 @@ class Vm:
             if diff and self._snapshot_id is None:
                 raise StateError("a diff snapshot needs an earlier snapshot of this VM: take a "
                                  "full one first")
+            target = persist.snapshot_dir(directory)  # a refused directory changes nothing
             parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
-            info = take_snapshot(self._native, self.spec, self.cmdline,
-                                 persist.snapshot_dir(directory), parent if diff else None)
+            info = take_snapshot(self._native, self.spec, self.cmdline, target,
+                                 parent if diff else None)
             self._snapshot_id = info.snapshot_id
         self.log.info("vm.snapshot", kind=info.kind, dir=info.directory, ms=info.duration_s * 1e3)
         return info
