@@ -1,11 +1,11 @@
 """`python -m bench`: run the benchmarks, write build/bench/results.{json,md}, print the table.
 
   --reps N         repetitions of every measure (default: a and in-process 20, b 5, c 3,
-                   blk 3, net 3, api 50, rss 1, rate 1)
+                   blk 3, net 3, api 50, rss 1, rate 1, snap 30)
   --only a,b,c     measures to run (split = the in-process vmmd split; blk = virtio-blk
                    throughput; net = virtio-net throughput and round trip; api = daemon
                    StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
-                   default all)
+                   snap = restore latency, clone density, snapshot cost; default all)
   --skip-linux     leave out (c), the Linux boots (slow on a PVM host: kernel code is emulated)
   --quick          fewer repetitions (a 5, b 2, c 1) and fewer exits; also BENCH_QUICK=1
   --linux-timeout  hard limit per Linux boot, seconds (default 400)
@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import blk, daemon, measures, net, proc, report, targets
+from bench import blk, daemon, measures, net, proc, report, snapshot, targets
 from vmmd.vm.boot.cmdline import is_pvm_host
 
-SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate")
+SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap")
 DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "api": 50, "rss": 1,
-                "rate": 1}
+                "rate": 1, "snap": 30}
 QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "net": 1, "api": 10, "rss": 1,
-              "rate": 1}
+              "rate": 1, "snap": 10}
 EXITS, QUICK_EXITS = 200_000, 50_000
 
 
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {missing[0]} missing (make guest); skipping (c)", file=sys.stderr)
         args.only.remove("c")
 
+    linux_pvm = None if args.skip_linux else pvm  # None: no Linux guests in (snap)
     plan: dict[str, Callable[[], list[dict[str, Any]]]] = {
         "a": lambda: measures.startup(reps["a"], cpu),
         "b": lambda: measures.exit_cost(reps["b"], cpu, exits),
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                                   args.linux_timeout),
         "rss": lambda: daemon.rss((1, 10, 50)),
         "rate": lambda: daemon.rate(20, 4),
+        "snap": lambda: (snapshot.restore_latency(reps["snap"], linux_pvm) + snapshot.density()
+                         + snapshot.creation(linux_pvm)),
     }
     results: list[dict[str, Any]] = []
     for section in (s for s in SECTIONS if s in args.only):
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
             "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
             **blk.commands(cpu), **net.commands(cpu), **daemon.commands(),
+            **snapshot.commands(),
         },
         "results": results,
     }

@@ -24,16 +24,17 @@ from bench.measures import MICRO_TIMEOUT, READY, measure
 from bench.targets import MEM_MIB
 from vmmd.client import Client, ClientError
 
-SERVE = [sys.executable, "-m", "vmmd", "serve", "--log-format", "console", "--max-vms", "100"]
+SERVE = [sys.executable, "-m", "vmmd", "serve", "--log-format", "console"]
 START_TIMEOUT = 30.0
 
 
 @contextmanager
-def served() -> Iterator[tuple[Client, int]]:
+def served(max_vms: int = 100) -> Iterator[tuple[Client, int]]:
     """A fresh daemon on a temporary socket: (its client, its pid)."""
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-") as tmp:
         sock = str(Path(tmp) / "s.sock")
-        p = subprocess.Popen([*SERVE, "--socket", sock], stdin=subprocess.DEVNULL,
+        p = subprocess.Popen([*SERVE, "--max-vms", str(max_vms), "--socket", sock],
+                             stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
         proc._live.add(p)

@@ -41,7 +41,7 @@ static void install_handler(void)
 	sigaction(kick_signal(), &sa, NULL);
 }
 
-int vmm_vcpu_create(struct vmm_vm *vm, int idx, struct vmm_vcpu **out)
+int vmm_vcpu_create(struct vmm_vm *vm, int idx, int bare, struct vmm_vcpu **out)
 {
 	struct vmm_vcpu *vc = calloc(1, sizeof(*vc));
 	if (!vc)
@@ -61,7 +61,8 @@ int vmm_vcpu_create(struct vmm_vm *vm, int idx, struct vmm_vcpu **out)
 		free(vc);
 		return err;
 	}
-	int r = vmm_x86_setup_vcpu(vm, vc);
+	/* bare: a restore sets every register, MSR and CPUID leaf right after */
+	int r = bare ? 0 : vmm_x86_setup_vcpu(vm, vc);
 	if (r < 0) {
 		vmm_vcpu_destroy(vc);
 		return r;

@@ -27,7 +27,8 @@ struct vmm_vcpu {
 	struct vmm_vcpu_stats st;	/* written by the owning thread only */
 };
 
-int vmm_vcpu_create(struct vmm_vm *vm, int idx, struct vmm_vcpu **out);
+/* bare: no CPUID, MSRs, LAPIC or FPU set-up (a snapshot's state follows). */
+int vmm_vcpu_create(struct vmm_vm *vm, int idx, int bare, struct vmm_vcpu **out);
 void vmm_vcpu_destroy(struct vmm_vcpu *vc);
 int vmm_vcpu_start(struct vmm_vcpu *vc);
 void vmm_vcpu_kick(struct vmm_vcpu *vc);

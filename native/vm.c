@@ -194,7 +194,7 @@ struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm)
 	return vm->mem;
 }
 
-int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
+static int create_vcpus(struct vmm_vm *vm, int n, int bare)
 {
 	if (n < 1 || n > VMM_MAX_VCPUS)
 		return -EINVAL;
@@ -203,12 +203,12 @@ int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
 	int r = setup_irqchip(vm);
 	if (r)
 		return r;
-	vm->cpuid_base = vmm_x86_supported_cpuid(vm->kvm_fd);
-	if (!vm->cpuid_base)
+	vm->cpuid_base = bare ? NULL : vmm_x86_supported_cpuid(vm->kvm_fd);
+	if (!bare && !vm->cpuid_base)
 		return errno ? -errno : -ENOMEM;
 	vm->nvcpus = n;	/* CPUID topology needs the count up front */
 	for (int i = 0; i < n && !r; i++) {
-		r = vmm_vcpu_create(vm, i, &vm->vcpus[i]);
+		r = vmm_vcpu_create(vm, i, bare, &vm->vcpus[i]);
 		if (r) {
 			while (i--) {
 				vmm_vcpu_destroy(vm->vcpus[i]);
@@ -220,6 +220,16 @@ int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
 	free(vm->cpuid_base);
 	vm->cpuid_base = NULL;
 	return r;
+}
+
+int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
+{
+	return create_vcpus(vm, n, 0);
+}
+
+int vmm_vm_create_vcpus_bare(struct vmm_vm *vm, int n)
+{
+	return create_vcpus(vm, n, 1);
 }
 
 int vmm_vm_vcpu_count(const struct vmm_vm *vm)

@@ -138,6 +138,8 @@ struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
 /* Creates n vCPUs: CPUID from KVM_GET_SUPPORTED_CPUID with per-vCPU APIC
  * ids and topology, boot MSRs, LAPIC LINT0/LINT1, FPU defaults. */
 int vmm_vm_create_vcpus(struct vmm_vm *vm, int n);
+/* The same without the set-up: for a restore, whose state sets it all. */
+int vmm_vm_create_vcpus_bare(struct vmm_vm *vm, int n);
 int vmm_vm_vcpu_count(const struct vmm_vm *vm);
 int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs);
 /* Registers and KVM mp_state of a vCPU; only while its thread is not in

@@ -171,9 +171,7 @@ class Manager:
                         raise
                     raise InvalidSpecError(f"clones[{k}].{e.field}", e.problem) from None
             for vm in vms:
-                vm.start_paused()
-                if resume:
-                    vm.resume()
+                vm.start_restored(paused=not resume)
         except BaseException:
             for vm in vms:
                 vm.close()

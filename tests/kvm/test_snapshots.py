@@ -53,7 +53,7 @@ def paused_after(vm: Vm, check, what: str) -> None:  # type: ignore[no-untyped-d
 
 def restored(directory: Path, vm_id: str, **kw) -> Vm:  # type: ignore[no-untyped-def]
     vm = restore_vm(RestoreSpec(str(directory), vm_id, **kw))
-    vm.start_paused()
+    vm.start_restored()
     return vm
 
 

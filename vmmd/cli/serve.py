@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import socket
 import stat
@@ -73,10 +74,19 @@ def claim_socket(path: str) -> None:
     raise InvalidSpecError("--socket", f"a daemon is already listening on {path}")
 
 
+def _raise_fd_limit() -> None:
+    """A VM holds ~10 fds (KVM, vCPUs, eventfds, taps, drives): a daemon of many
+    VMs needs more than the usual soft limit of 1024, up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(args: argparse.Namespace) -> int:
     from vmmd.api.server import build_server  # grpc loads only for `serve`
 
     log = get_logger("vmmd.serve")
+    _raise_fd_limit()
     tls = _tls(args)
     claim_socket(args.socket)
     manager = Manager(kvm_path=args.kvm, max_vms=args.max_vms)

@@ -213,6 +213,35 @@ def _set_blob(c: Any, name: str, data: bytes, limit: int | None = None) -> None:
     ffi.memmove(getattr(c, name), data, len(data))
 
 
+_PACKED: dict[int, tuple[VcpuState, Any]] = {}  # id(state) -> (state, its C struct)
+_PACKED_MAX = 256
+
+
+def _vcpu_cdata(s: VcpuState) -> Any:
+    """The C struct of a vCPU state, built once per state object: clones and
+    repeated restores of one snapshot pass the same struct again (C only
+    reads it)."""
+    hit = _PACKED.get(id(s))
+    if hit is not None and hit[0] is s:
+        return hit[1]
+    if len(s.msrs) > MAX_MSRS or len(s.cpuid) > MAX_CPUID:
+        raise ValueError(f"{len(s.msrs)} MSRs / {len(s.cpuid)} CPUID entries: at most "
+                         f"{MAX_MSRS} / {MAX_CPUID}")
+    c = ffi.new("struct vmm_vcpu_state *")
+    for b in VCPU_BLOBS:
+        _set_blob(c, b, getattr(s, b))
+    c.mp_state = s.mp_state
+    c.nmsrs, c.ncpuid = len(s.msrs), len(s.cpuid)
+    for i, (index, data) in enumerate(s.msrs):
+        c.msrs[i].index, c.msrs[i].data = index, data
+    for i, e in enumerate(s.cpuid):
+        _set_scalars(c.cpuid[i], e)
+    if len(_PACKED) >= _PACKED_MAX:
+        _PACKED.pop(next(iter(_PACKED)))
+    _PACKED[id(s)] = (s, c)
+    return c
+
+
 def check(rc: int, op: str) -> int:
     """Raise NativeError for a negative errno return; pass counts through."""
     if rc < 0:
@@ -353,8 +382,10 @@ class NativeVm:
         check(lib.vmm_mem_read(mem, gpa, buf, length), f"read guest 0x{gpa:x}")
         return bytes(ffi.buffer(buf, length))
 
-    def create_vcpus(self, n: int) -> None:
-        check(lib.vmm_vm_create_vcpus(self._vm, n), f"create {n} vCPUs")
+    def create_vcpus(self, n: int, *, bare: bool = False) -> None:
+        """bare: no CPUID/MSR/LAPIC/FPU set-up - a restore sets it all next."""
+        fn = lib.vmm_vm_create_vcpus_bare if bare else lib.vmm_vm_create_vcpus
+        check(fn(self._vm, n), f"create {n} vCPUs")
 
     def add_virtio_blk(self, path: str, *, read_only: bool, serial: str, mmio_base: int,
                        gsi: int) -> int:
@@ -404,19 +435,7 @@ class NativeVm:
 
     def restore_vcpu(self, idx: int, s: VcpuState) -> None:
         """ValueError for a state of the wrong shape; NativeError when KVM refuses it."""
-        if len(s.msrs) > MAX_MSRS or len(s.cpuid) > MAX_CPUID:
-            raise ValueError(f"{len(s.msrs)} MSRs / {len(s.cpuid)} CPUID entries: at most "
-                             f"{MAX_MSRS} / {MAX_CPUID}")
-        c = ffi.new("struct vmm_vcpu_state *")
-        for b in VCPU_BLOBS:
-            _set_blob(c, b, getattr(s, b))
-        c.mp_state = s.mp_state
-        c.nmsrs, c.ncpuid = len(s.msrs), len(s.cpuid)
-        for i, (index, data) in enumerate(s.msrs):
-            c.msrs[i].index, c.msrs[i].data = index, data
-        for i, e in enumerate(s.cpuid):
-            _set_scalars(c.cpuid[i], e)
-        check(lib.vmm_vcpu_restore(self._vm, idx, c), f"restore vCPU {idx}")
+        check(lib.vmm_vcpu_restore(self._vm, idx, _vcpu_cdata(s)), f"restore vCPU {idx}")
 
     def save_machine(self) -> MachineState:
         c = ffi.new("struct vmm_machine_state *")

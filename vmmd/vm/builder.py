@@ -164,7 +164,7 @@ def _check_drive_sizes(spec: VmSpec, sizes: tuple[int, ...]) -> None:
 
 def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
                snapshot: persist.Snapshot | None = None) -> Vm:
-    """A VM from a full snapshot, built but not started (start_paused() next).
+    """A VM from a full snapshot, built but not started (start_restored() next).
     Guest RAM is the memory file mapped copy-on-write: nothing is read now.
     `snapshot`: rs.snapshot_dir already read (clones read it once)."""
     snap = snapshot or persist.read(rs.snapshot_dir)
@@ -194,7 +194,7 @@ def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
                 native.add_ram_file(r.gpa, r.size, f.fileno(), offset)
                 offset += r.size
         _attach_devices(native, drives, nets, taps)
-        native.create_vcpus(spec.vcpus)
-        apply_state(native, snap.state, spec)
+        native.create_vcpus(spec.vcpus, bare=True)
+        apply_state(native, snap, spec)
     return Vm(spec, native, cmdline=cmdline, resources=resources,
               snapshot_id=snap.state.snapshot_id)

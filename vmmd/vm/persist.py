@@ -21,7 +21,7 @@ import struct
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
@@ -126,6 +126,25 @@ class Snapshot:
     state: spb.SnapshotState
     memory_path: Path
     ram_bytes: int
+    # What restore derives from the state (checked, converted), kept with it so
+    # that the next restore of this snapshot does not derive it again.
+    prepared: dict[str, object] = field(default_factory=dict, compare=False)
+
+
+# Checked snapshots by directory, valid while both files are the very same
+# (inode, size, times): a serverless daemon restores one snapshot over and
+# over, and need not read, hash and parse it every time.
+_CACHE: dict[Path, tuple[tuple[int, ...], Snapshot]] = {}
+_CACHE_MAX = 64
+
+
+def _identity(d: Path) -> tuple[int, ...] | None:
+    try:
+        a, b = os.stat(d / STATE_FILE), os.stat(d / MEMORY_FILE)
+    except OSError:
+        return None
+    return tuple(x for st in (a, b) for x in (st.st_dev, st.st_ino, st.st_size,
+                                              st.st_mtime_ns, st.st_ctime_ns))
 
 
 def _read_state(path: Path) -> spb.SnapshotState:
@@ -194,6 +213,19 @@ def read(path: str) -> Snapshot:
     d = Path(path)
     if not d.is_dir():
         raise InvalidSpecError("snapshot_dir", f"{d} is not a directory")
+    key = _identity(d)
+    hit = _CACHE.get(d)
+    if key is not None and hit is not None and hit[0] == key:
+        return hit[1]
+    snap = _read_checked(d)
+    if key is not None and key == _identity(d):  # unchanged while we read it
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[d] = (key, snap)
+    return snap
+
+
+def _read_checked(d: Path) -> Snapshot:
     state = _read_state(d / STATE_FILE)
     if state.kind not in (FULL, DIFF):
         raise DataLossError(f"{d / STATE_FILE}: unknown snapshot kind {state.kind}")

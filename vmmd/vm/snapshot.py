@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, NativeError
-from vmmd.native import NativeVm
+from vmmd.native import LegacyState, MachineState, NativeVm, VcpuState, VirtioState
 from vmmd.spec import VmSpec
 from vmmd.vm import persist, state
 from vmmd.vm.layout import PAGE_SIZE, ram_regions
@@ -75,20 +75,45 @@ def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
     return [(VIRTIO_ID_BLOCK, 1)] * len(spec.drives) + [(VIRTIO_ID_NET, 2)] * len(spec.nets)
 
 
-def apply_state(native: NativeVm, s: spb.SnapshotState, spec: VmSpec) -> None:
-    """Put a checked snapshot's state into a VM built from its spec.  KVM or
-    a device refusing a value means a state no VM could have had here:
-    DataLossError, naming what was refused."""
+@dataclass(frozen=True)
+class Prepared:
+    """A snapshot's state checked and converted for the C core."""
+
+    machine: MachineState
+    vcpus: tuple[VcpuState, ...]
+    devices: tuple[VirtioState, ...]
+    legacy: LegacyState
+
+
+def prepare(snap: persist.Snapshot, spec: VmSpec) -> Prepared:
+    """Check and convert once per snapshot (kept with it: repeated restores
+    and clones of one snapshot skip this)."""
+    cached = snap.prepared.get("state")
+    if isinstance(cached, Prepared):
+        return cached
+    s = snap.state
     if len(s.vcpus) != spec.vcpus:
         raise DataLossError(f"snapshot state: {len(s.vcpus)} vCPU states for {spec.vcpus} vCPUs")
     kinds = device_kinds(spec)
     if len(s.devices) != len(kinds):
         raise DataLossError(f"snapshot state: {len(s.devices)} device states for "
                             f"{len(kinds)} devices")
-    machine = state.restore_machine(s.machine)
-    vcpus = [state.restore_vcpu(v, f"vcpus[{i}]") for i, v in enumerate(s.vcpus)]
-    devices = [state.restore_virtio(d, f"devices[{i}]", *kinds[i]) for i, d in enumerate(s.devices)]
-    legacy = state.restore_legacy(s.legacy)
+    p = Prepared(
+        machine=state.restore_machine(s.machine),
+        vcpus=tuple(state.restore_vcpu(v, f"vcpus[{i}]") for i, v in enumerate(s.vcpus)),
+        devices=tuple(state.restore_virtio(d, f"devices[{i}]", *kinds[i])
+                      for i, d in enumerate(s.devices)),
+        legacy=state.restore_legacy(s.legacy))
+    snap.prepared["state"] = p
+    return p
+
+
+def apply_state(native: NativeVm, snap: persist.Snapshot, spec: VmSpec) -> None:
+    """Put a checked snapshot's state into a VM built from its spec.  KVM or
+    a device refusing a value means a state no VM could have had here:
+    DataLossError, naming what was refused."""
+    p = prepare(snap, spec)
+    machine, vcpus, devices, legacy = p.machine, p.vcpus, p.devices, p.legacy
     try:
         native.restore_machine(machine)
         for i, v in enumerate(vcpus):

@@ -105,15 +105,19 @@ class Vm:
             self._start_watcher()
         self.log.info("vm.started", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib)
 
-    def start_paused(self) -> None:
-        """A restored VM: its threads come up parked; resume() runs the guest."""
+    def start_restored(self, *, paused: bool = True) -> None:
+        """A restored VM: its threads come up parked (resume() runs the guest),
+        or running at once."""
         with self._lock:
             check_verb("start", self._state)
-            self._native.start_paused()
-            self._state = State.PAUSED
+            if paused:
+                self._native.start_paused()
+            else:
+                self._native.start()
+            self._state = State.PAUSED if paused else State.RUNNING
             self._start_watcher()
         self.log.info("vm.restored", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib,
-                      snapshot_id=self._snapshot_id)
+                      snapshot_id=self._snapshot_id, paused=paused)
 
     def _start_watcher(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name=f"vm-{self.spec.vm_id}",
