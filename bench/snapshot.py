@@ -6,7 +6,7 @@ call; the host floor (KVM_CREATE_VM alone, floor.c) stands beside the figures in
   RestoreVm (paused) call -> return, then ResumeVm -> first console bytes on a stream opened
   before the resume; the sum is "RestoreVm -> guest running and printing".  1 vCPU / 128 MiB
   and 2 vCPUs / 512 MiB, each from its own snapshot, 30 restores each.
-- Restore latency, Linux (1 vCPU / 128 MiB, held idle after READY: `vmmd_ready=hold` on
+- Restore latency, Linux (1 vCPU / 128 MiB and 2 / 512, held idle after READY: `vmmd_ready=hold` on
   PVM, `vmmd_init=hold` elsewhere): RestoreVm(resume) call -> return with the VM RUNNING.
   An idle kernel prints nothing on its own, so there is no console byte to wait for.
 - Clone density: clones of the 128 MiB micro-guest snapshot, idle (paused), added in batches
@@ -127,10 +127,11 @@ def _create_vm_floor(reps: int) -> dict[str, Any]:
                    "ms", {"floor": samples})
 
 
-def _linux_held(c: Client, vm_id: str, pvm: bool, track: bool = False) -> None:
+def _linux_held(c: Client, vm_id: str, pvm: bool, track: bool = False, vcpus: int = 1,
+                mem_mib: int = 128) -> None:
     word = "vmmd_ready=hold" if pvm else "vmmd_init=hold"
     c.create(vm_id, str(targets.LINUX_KERNEL), initrd=str(targets.LINUX_INITRD),
-             cmdline=build_cmdline(None, word, pvm_host=pvm), memory_mib=128,
+             cmdline=build_cmdline(None, word, pvm_host=pvm), vcpus=vcpus, memory_mib=mem_mib,
              track_dirty_pages=track)
     stream = c.console(vm_id)
     timer = threading.Timer(LINUX_TIMEOUT, stream.cancel)
@@ -149,21 +150,31 @@ def _linux_held(c: Client, vm_id: str, pvm: bool, track: bool = False) -> None:
 
 
 def _restore_linux(c: Client, tmp: Path, reps: int, pvm: bool) -> list[dict[str, Any]]:
-    snap = tmp / "linux"
-    _linux_held(c, "linux", pvm)
-    c.pause("linux")
-    c.snapshot("linux", str(snap))
-    c.delete("linux")
-    rpc = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        vm = c.restore(str(snap), f"l{i}", resume=True)
-        rpc.append((time.perf_counter() - t0) * 1e3)
-        if vm.state != 2:  # VM_STATE_RUNNING
-            raise proc.RunError(f"restored Linux is in state {vm.state}")
-        c.delete(f"l{i}")
-    return [measure("snap.restore.linux.rpc", "RestoreVm(resume) call → return, VM RUNNING, "
-                    "Linux 1 vCPU / 128 MiB (idle, held after READY)", "ms", {"vmmd": rpc})]
+    out = []
+    for vcpus, mem in ((1, 128), (2, 512)):
+        snap = tmp / f"linux-{vcpus}-{mem}"
+        _linux_held(c, "linux", pvm, vcpus=vcpus, mem_mib=mem)
+        c.pause("linux")
+        c.snapshot("linux", str(snap))
+        c.delete("linux")
+        rpc, paused = [], []
+        for i in range(reps):
+            t0 = time.perf_counter()
+            c.restore(str(snap), f"p{i}")
+            paused.append((time.perf_counter() - t0) * 1e3)
+            c.delete(f"p{i}")
+            t0 = time.perf_counter()
+            vm = c.restore(str(snap), f"l{i}", resume=True)
+            rpc.append((time.perf_counter() - t0) * 1e3)
+            if vm.state != 2:  # VM_STATE_RUNNING
+                raise proc.RunError(f"restored Linux is in state {vm.state}")
+            c.delete(f"l{i}")
+        tag = f"Linux {vcpus} vCPU / {mem} MiB (idle, held after READY)"
+        out += [measure(f"snap.restore.linux{vcpus}.paused", f"RestoreVm (paused) call → return, "
+                        f"{tag}", "ms", {"vmmd": paused}),
+                measure(f"snap.restore.linux{vcpus}.rpc", f"RestoreVm(resume) call → return, VM "
+                        f"RUNNING, {tag}", "ms", {"vmmd": rpc})]
+    return out
 
 
 def density() -> list[dict[str, Any]]:
@@ -194,8 +205,8 @@ def density() -> list[dict[str, Any]]:
                  clones_per_second=round(n / secs, 1), mem_available_mib_after=round(avail),
                  projected_by_memory=int(avail / max(per_rss, 1e-3)) + n, stopped_by=error or
                  "the bench's limit")
-        return [m, measure("snap.density.rss", "daemon RSS per clone (anon / all)", "MiB",
-                           {"anon": [per_anon], "all": [per_rss]})]
+        return [m, measure("snap.density.rss", "daemon RSS per paused clone (all)", "MiB",
+                           {"vmmd": [per_rss]})]
 
 
 def creation(pvm: bool | None) -> list[dict[str, Any]]:
