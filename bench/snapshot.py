@@ -42,7 +42,7 @@ DENSITY_BATCH, DENSITY_MAX = 50, 1000
 def _rss_kib(pid: int) -> tuple[int, int]:
     """(RssAnon, VmRSS) of a process, KiB."""
     text = Path(f"/proc/{pid}/status").read_text()
-    get = lambda k: int(re.search(rf"{k}:\s+(\d+)", text).group(1))  # type: ignore[union-attr]  # noqa: E731
+    get = lambda k: int(re.search(rf"{k}:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
     return get("RssAnon"), get("VmRSS")
 
 

@@ -15,8 +15,6 @@ import struct
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.daemon import running_daemon
 from tests.kvm.test_daemon import ConsoleReader, ticks
 from tests.kvm.test_virtio_net import HOST_MAC, MAC0, host_frame, recv_frames

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.native.conftest import RAM, _ram
-from tests.native.fake_driver import F, FakeDriver, Layout
+from tests.native.fake_driver import F, FakeDriver
 from tests.native.test_virtio_net import MAC, MRG_RXBUF, NET_MAC, RX_LAYOUT, TX_LAYOUT
 from tests.netns import NetNs
 from vmmd.native import VirtioNet
@@ -77,7 +78,6 @@ def test_tap_fd_is_configured_for_the_device(ns: NetNs) -> None:
     taps = Taps()
     (tap,) = ns.call(lambda: taps.open(check_nets((NetSpec("e", "tap0"),), "vm", 0)))
     try:
-        import os
         assert os.get_blocking(tap.fd) is False
         hdr = ctypes.c_int(0)
         fcntl.ioctl(tap.fd, 0x800454D7, hdr)  # TUNGETVNETHDRSZ
@@ -86,5 +86,3 @@ def test_tap_fd_is_configured_for_the_device(ns: NetNs) -> None:
         taps.close()
     assert "tap0" in ns.links()
 
-
-_ = Layout  # the layouts come from test_virtio_net
