@@ -32,7 +32,7 @@ from vmmd.native import (
 from vmmd.spec import DriveSpec, NetSpec, VmSpec
 from vmmd.vm.layout import MAX_VCPUS
 
-U8, U16, U32 = 0xFF, 0xFFFF, 0xFFFF_FFFF
+U8, U16 = 0xFF, 0xFFFF
 
 
 def _bad(where: str, problem: str) -> DataLossError:
