@@ -1,11 +1,13 @@
 /*
  * memory.c - guest RAM regions and bounds-checked access to them.
  */
+#define _GNU_SOURCE	/* SEEK_DATA, SEEK_HOLE */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "memory.h"
 
@@ -207,4 +209,56 @@ int vmm_mem_region_get(const struct vmm_mem *mem, int idx, uint64_t *gpa, uint64
 	*gpa = r->gpa;
 	*size = r->size;
 	return 0;
+}
+
+/* Read [offset, offset + len) of fd into guest RAM at gpa, a piece per
+ * region; only the file's data extents are read (SEEK_DATA/SEEK_HOLE): RAM
+ * is zero already, so a sparse initrd costs its data, not its size.  A file
+ * that ends early is -ENODATA. */
+int64_t vmm_mem_load_fd(struct vmm_mem *mem, uint64_t gpa, int fd, uint64_t offset, uint64_t len)
+{
+	if (gpa + len < gpa || offset + len < offset || (int64_t)(offset + len) < 0)
+		return -EINVAL;
+	for (uint64_t g = gpa, left = len; left;) {	/* all of it RAM, holes too */
+		const struct vmm_mem_region *r = vmm_mem_region_of(mem, g);
+		if (!r)
+			return -EFAULT;
+		uint64_t n = r->size - (g - r->gpa) < left ? r->size - (g - r->gpa) : left;
+		g += n;
+		left -= n;
+	}
+	uint64_t end = offset + len, pos = offset, loaded = 0;
+	while (pos < end) {
+		off_t data = lseek(fd, (off_t)pos, SEEK_DATA);
+		if (data < 0 && errno == ENXIO)
+			break;		/* only a hole (or nothing) left */
+		if (data < 0)
+			data = (off_t)pos;	/* no SEEK_DATA here: read it all */
+		if ((uint64_t)data >= end)
+			break;
+		off_t hole = lseek(fd, data, SEEK_HOLE);
+		uint64_t stop = hole < 0 || (uint64_t)hole > end ? end : (uint64_t)hole;
+		for (uint64_t at = (uint64_t)data; at < stop;) {
+			uint64_t g = gpa + (at - offset);
+			const struct vmm_mem_region *r = vmm_mem_region_of(mem, g);
+			if (!r)
+				return -EFAULT;
+			uint64_t room = r->size - (g - r->gpa), want = stop - at;
+			ssize_t n = pread(fd, r->hva + (g - r->gpa), want < room ? want : room,
+					  (off_t)at);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n < 0)
+				return -errno;
+			if (n == 0)
+				return -ENODATA;
+			at += (uint64_t)n;
+			loaded += (uint64_t)n;
+		}
+		pos = stop;
+	}
+	struct stat st;
+	if (fstat(fd, &st) < 0)
+		return -errno;
+	return (uint64_t)st.st_size < end ? -ENODATA : (int64_t)loaded;
 }

@@ -187,13 +187,15 @@ static const struct vmm_virtio_ops blk_ops_ro = {
 	.config_read = config_read, .queue_notify = queue_notify, .destroy = blk_destroy,
 };
 
-int vmm_blk_create(const struct vmm_mem *mem, const char *path, int read_only,
+int vmm_blk_create(const struct vmm_mem *mem, int image_fd, int read_only,
 		   const char *serial, struct vmm_blk **out)
 {
 	struct vmm_blk *b = calloc(1, sizeof(*b));
 	if (!b)
 		return -ENOMEM;
-	b->fd = open(path, (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+	/* Our own fd on the same open file: the image checked (and locked) by
+	 * the caller is the one served, and no path is opened twice. */
+	b->fd = fcntl(image_fd, F_DUPFD_CLOEXEC, 0);
 	struct stat st;
 	int r = b->fd < 0 ? -errno : fstat(b->fd, &st) < 0 ? -errno : 0;
 	if (!r && !S_ISREG(st.st_mode))
@@ -222,11 +224,11 @@ void vmm_blk_destroy(struct vmm_blk *b)
 	free(b);
 }
 
-int vmm_virtio_blk_new(struct vmm_mem *mem, const char *path, int read_only,
+int vmm_virtio_blk_new(struct vmm_mem *mem, int image_fd, int read_only,
 		       const char *serial, struct vmm_virtio **out)
 {
 	struct vmm_blk *b;
-	int r = vmm_blk_create(mem, path, read_only, serial, &b);
+	int r = vmm_blk_create(mem, image_fd, read_only, serial, &b);
 	if (!r)
 		*out = &b->transport;
 	return r;

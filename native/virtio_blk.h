@@ -17,7 +17,9 @@ struct vmm_blk {
 	char serial[VMM_BLK_ID_BYTES];
 };
 
-int vmm_blk_create(const struct vmm_mem *mem, const char *path, int read_only,
+/* The device keeps its own duplicate of image_fd (a regular file the
+ * caller opened, checked and locked); the caller's fd stays the caller's. */
+int vmm_blk_create(const struct vmm_mem *mem, int image_fd, int read_only,
 		   const char *serial, struct vmm_blk **out);
 void vmm_blk_destroy(struct vmm_blk *b);
 

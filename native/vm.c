@@ -457,13 +457,13 @@ static int can_add_virtio(struct vmm_vm *vm)
 	return vm->nvirtio == VMM_MAX_VIRTIO ? -ENOSPC : setup_irqchip(vm);
 }
 
-int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
+int vmm_vm_add_virtio_blk(struct vmm_vm *vm, int image_fd, int read_only,
 			  const char *serial, uint64_t mmio_base, uint32_t gsi)
 {
 	struct vmm_blk *b;
 	int r = can_add_virtio(vm);
 	if (!r)
-		r = vmm_blk_create(vm->mem, path, read_only, serial, &b);
+		r = vmm_blk_create(vm->mem, image_fd, read_only, serial, &b);
 	return r ? r : attach_virtio(vm, &b->transport, mmio_base, gsi);
 }
 

@@ -22,6 +22,10 @@ int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t le
 int vmm_mem_write(struct vmm_mem *mem, uint64_t gpa, const void *buf, uint64_t len);
 int vmm_mem_region_count(const struct vmm_mem *mem);
 int vmm_mem_region_get(const struct vmm_mem *mem, int idx, uint64_t *gpa, uint64_t *size);
+/* Copy [offset, offset + len) of the file open as fd into guest RAM at gpa,
+ * reading only its data extents (holes stay zero RAM, untouched).  Returns
+ * bytes read; -ENODATA if the file is shorter. */
+int64_t vmm_mem_load_fd(struct vmm_mem *mem, uint64_t gpa, int fd, uint64_t offset, uint64_t len);
 
 /* ---- boot state of a vCPU, filled by the Python boot loader ---- */
 struct vmm_segment {
@@ -104,7 +108,7 @@ struct vmm_virtio_stats {
 /* A virtio-blk device on plain guest memory, without KVM: the native test
  * tier drives it as a fake guest driver would (registers, then notify). */
 struct vmm_virtio;
-int vmm_virtio_blk_new(struct vmm_mem *mem, const char *path, int read_only,
+int vmm_virtio_blk_new(struct vmm_mem *mem, int image_fd, int read_only,
 		       const char *serial, struct vmm_virtio **out);
 void vmm_virtio_free(struct vmm_virtio *v);
 uint32_t vmm_virtio_mmio_read(struct vmm_virtio *v, uint64_t off, uint32_t len);
@@ -170,9 +174,10 @@ int vmm_vm_console_notify_fd(const struct vmm_vm *vm);
 int64_t vmm_vm_console_read(struct vmm_vm *vm, uint64_t *pos, void *buf, uint64_t len);
 uint64_t vmm_vm_console_head(const struct vmm_vm *vm);
 int vmm_vm_console_input(struct vmm_vm *vm, const void *buf, uint64_t len);
-/* A virtio-blk drive at mmio_base (4 KiB slot) raising gsi; before start.
- * Returns the device index. */
-int vmm_vm_add_virtio_blk(struct vmm_vm *vm, const char *path, int read_only,
+/* A virtio-blk drive at mmio_base (4 KiB slot) raising gsi, on the image
+ * open as image_fd (a regular file; the device keeps a duplicate); before
+ * start.  Returns the device index. */
+int vmm_vm_add_virtio_blk(struct vmm_vm *vm, int image_fd, int read_only,
 			  const char *serial, uint64_t mmio_base, uint32_t gsi);
 /* A virtio-net interface on an open tap fd (IFF_TAP | IFF_NO_PI |
  * IFF_VNET_HDR, vnet header 12 bytes, O_NONBLOCK), which the caller keeps

@@ -37,6 +37,11 @@ class StateError(VmmError):
     """The verb is not allowed in the object's current state."""
 
 
+class BusyError(VmmError):
+    """Another operation holds what this one needs (a snapshot directory
+    being written): nothing was changed; the caller may try again."""
+
+
 class ResourceExhaustedError(VmmError):
     """A limit (VM count, memory, fds) would be exceeded."""
 
@@ -53,3 +58,22 @@ class NativeError(VmmError):
         self.errno = err
         name = _errno.errorcode.get(err, str(err))
         super().__init__(f"{op}: {os.strerror(err)} ({name})")
+
+
+MAX_ECHO = 100  # characters of a client's value an error message repeats
+
+
+def shown(value: object) -> str:
+    """A client's value as a message shows it: at most MAX_ECHO characters
+    (a 100 000-character id must not come back in a status message)."""
+    text = str(value)
+    if len(text) <= MAX_ECHO:
+        return text
+    return f"{text[:MAX_ECHO]}... ({len(text)} characters)"
+
+
+def quoted(value: str) -> str:
+    """repr() of a client's string, shortened as shown() does."""
+    if len(value) <= MAX_ECHO:
+        return repr(value)
+    return f"{value[:MAX_ECHO]!r}... ({len(value)} characters)"

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from vmmd.errors import InvalidSpecError
+from vmmd.errors import InvalidSpecError, quoted
 
 MiB = 1 << 20
 DEFAULT_VCPUS = 1
 DEFAULT_MEM_MIB = 128
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Ids of VMs, drives and interfaces.  fullmatch: "$" alone would let "a\n" through.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ID_RULE = "must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,17 @@ class VmSpec:
         return self.mem_mib * MiB
 
 
+def check_id(field: str, value: str) -> str:
+    """An id (VM, drive, interface): the same rule for all, checked whole."""
+    if not value:
+        raise InvalidSpecError(field, "is required")
+    if not _ID_RE.fullmatch(value):
+        raise InvalidSpecError(field, f"{quoted(value)} {ID_RULE}")
+    return value
+
+
 def check_vm_id(vm_id: str) -> str:
-    if not _ID_RE.match(vm_id):
-        raise InvalidSpecError(
-            "vm_id", f"{vm_id!r} must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
-        )
-    return vm_id
+    return check_id("vm_id", vm_id)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ BAD_SPECS: list[tuple[str, str, Callable[[str, Path], pb.VmConfig], str, str]] =
     ("kernel-not-a-kernel", "ok", lambda k, t: config(str(t / "text")), "config.boot.kernel_path",
      "is neither an ELF vmlinux nor a bzImage"),
     ("kernel-directory", "ok", lambda k, t: config(str(t)), "config.boot.kernel_path",
-     "Is a directory"),
+     "is a directory, not a regular file"),
     ("vcpus-33", "ok", lambda k, t: config(k, vcpus=33), "config.vcpus", "33 is outside 1..32"),
     ("memory-1", "ok", lambda k, t: config(k, memory_mib=1), "config.memory_mib", "is outside"),
     ("memory-huge", "ok", lambda k, t: config(k, memory_mib=2**32 - 1), "config.memory_mib",

@@ -8,6 +8,7 @@ faulthandler prints where) instead of quietly touching host memory."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +53,11 @@ def make_driver(disk: Path) -> Iterator[MakeDriver]:
 
     def make(read_only: bool = False, serial: str = "") -> FakeDriver:
         mem = _ram()
-        dev = VirtioBlock(mem, str(disk), read_only=read_only, serial=serial)
+        fd = os.open(disk, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            dev = VirtioBlock(mem, fd, read_only=read_only, serial=serial)
+        finally:
+            os.close(fd)  # the device has its own
         drv = FakeDriver(dev, mem, RAM)
         made.append((mem, dev, drv))
         return drv

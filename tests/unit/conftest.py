@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from vmmd.errors import InvalidSpecError
+from vmmd.vm.boot.loader import BootFile, open_boot_file
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL_LOAD = 0x1000000  # where synthetic vmlinux segments go (16 MiB, as a real vmlinux)
 
 
 class FakeMemory:
-    """Guest RAM from 0 as a bytearray; writes outside it fail like the C core's would."""
+    """Guest RAM from 0 as a bytearray; writes outside it fail like the C core's would.
+    `loads` records each load_file (gpa, length) and `written` counts the bytes
+    stored, so a test can see what the loader did not write."""
 
     def __init__(self, size: int) -> None:
         self.buf = bytearray(size)
@@ -26,6 +31,12 @@ class FakeMemory:
             raise ValueError(f"write of {len(data)} bytes at {gpa:#x} outside guest RAM")
         self.buf[gpa : gpa + len(data)] = data
         self.writes.append((gpa, len(data)))
+
+    def load_file(self, gpa: int, fd: int, offset: int, length: int, field: str) -> None:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise InvalidSpecError(field, "file shrank while loading")
+        self.write(gpa, data)
 
     def read(self, gpa: int, size: int) -> bytes:
         return bytes(self.buf[gpa : gpa + size])
@@ -140,6 +151,13 @@ def write_file(tmp_path: Path) -> Callable[[str, bytes], str]:
         return str(path)
 
     return write
+
+
+@pytest.fixture
+def opened() -> Iterator[Callable[..., BootFile]]:
+    """opened(path, field="kernel") -> the file open as the loader takes it (closed after the test)."""
+    with ExitStack() as stack:
+        yield lambda path, field="kernel": stack.enter_context(open_boot_file(str(path), field))
 
 
 @pytest.fixture

@@ -93,14 +93,14 @@ def test_bad_phentsize_is_refused(make_elf, refused):
     refused("kernel", "e_phentsize 32", parse, bytes(data))
 
 
-def test_built_vmlinux(guest_file, fake_memory):
+def test_built_vmlinux(guest_file, fake_memory, opened):
     path = guest_file("vmlinux")
-    kernel = inspect_kernel(str(path))
+    kernel = inspect_kernel(opened(path))
     assert kernel.kind == "elf"
     assert kernel.low >= 0x100000 and kernel.low <= kernel.entry64 < kernel.high
     assert kernel.pvh_entry is not None, "our guest config enables PVH"
     mem = fake_memory(64 << 20)
-    regs = load(mem, plan_boot(kernel, None, 64 << 20, 1, "console=ttyS0"), str(path))
+    regs = load(mem, plan_boot(kernel, None, 64 << 20, 1, "console=ttyS0"), opened(path))
     assert regs.rip == kernel.pvh_entry
     first = kernel.segments[0]
     with open(path, "rb") as f:
@@ -108,6 +108,15 @@ def test_built_vmlinux(guest_file, fake_memory):
         assert mem.read(first.gpa, 4096) == f.read(4096)
 
 
-def test_built_bzimage(guest_file):
-    kernel = inspect_kernel(str(guest_file("bzImage")))
+def test_built_bzimage(guest_file, opened):
+    kernel = inspect_kernel(opened(guest_file("bzImage")))
     assert kernel.kind == "bzimage" and kernel.entry64 == 0x100200
+
+
+@pytest.mark.parametrize("offset", [2**64 - 1, 2**63, 2**63 - 1])
+def test_note_offset_past_any_file_is_refused(make_elf, write_file, opened, refused, offset):
+    """Found: a PT_NOTE p_offset of 2^64-1 made the file seek fail as an internal error."""
+    data = bytearray(make_elf(pvh_entry=LOAD))
+    struct.pack_into("<Q", data, 64 + 56 + 8, offset)  # the PT_NOTE header, after the PT_LOAD
+    refused("kernel", "truncated: PT_NOTE segment", inspect_kernel,
+            opened(write_file("vmlinux", bytes(data))))

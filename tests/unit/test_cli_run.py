@@ -41,14 +41,14 @@ def test_missing_kernel(capsys, tmp_path: Path) -> None:  # type: ignore[no-unty
 
 def test_kernel_is_a_directory(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     code, err = run(capsys, "--kernel", str(tmp_path))
-    assert_refused(code, err, "kernel", "Is a directory")
+    assert_refused(code, err, "kernel", "is a directory, not a regular file")
 
 
 def test_kernel_is_a_fifo(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     code, err = run(capsys, "--kernel", str(fifo))
-    assert_refused(code, err, "kernel", "not a regular file")
+    assert_refused(code, err, "kernel", "is a FIFO, not a regular file")
 
 
 def test_kernel_that_is_not_a_kernel(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

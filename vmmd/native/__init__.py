@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 from dataclasses import dataclass
 from typing import Any
 
-from vmmd.errors import NativeError
+from vmmd.errors import InvalidSpecError, NativeError
 
 from ._core import ffi, lib  # type: ignore[import-not-found]
 
@@ -282,6 +283,10 @@ class GuestMemory:
         check(lib.vmm_mem_read(self._mem, gpa, buf, length), f"read guest 0x{gpa:x}")
         return bytes(ffi.buffer(buf, length))
 
+    def load_file(self, gpa: int, fd: int, offset: int, length: int) -> int:
+        """Bytes of fd read into RAM (its data extents only)."""
+        return check(lib.vmm_mem_load_fd(self._mem, gpa, fd, offset, length), "load file")
+
     @property
     def handle(self) -> Any:
         return self._mem
@@ -336,11 +341,12 @@ def _new_device(op: str, fn: Any, *args: Any) -> Any:
 
 
 class VirtioBlock(VirtioDevice):
-    def __init__(self, mem: GuestMemory, path: str, *, read_only: bool = False,
+    """virtio-blk over an image open as fd (the device keeps its own duplicate)."""
+
+    def __init__(self, mem: GuestMemory, fd: int, *, read_only: bool = False,
                  serial: str = "") -> None:
-        super().__init__(mem, _new_device(f"open drive {path}", lib.vmm_virtio_blk_new,
-                                          mem.handle, path.encode(), int(read_only),
-                                          serial.encode()))
+        super().__init__(mem, _new_device("create virtio-blk", lib.vmm_virtio_blk_new,
+                                          mem.handle, fd, int(read_only), serial.encode()))
 
 
 class VirtioNet(VirtioDevice):
@@ -376,6 +382,15 @@ class NativeVm:
         mem = lib.vmm_vm_mem(self._vm)
         check(lib.vmm_mem_write(mem, gpa, data, len(data)), f"write guest 0x{gpa:x}")
 
+    def load_file(self, gpa: int, fd: int, offset: int, length: int, field: str) -> None:
+        """[offset, offset + length) of fd into guest RAM at gpa: only the file's
+        data is read (holes stay zero RAM); InvalidSpecError(field) if the file
+        is shorter."""
+        rc = lib.vmm_mem_load_fd(lib.vmm_vm_mem(self._vm), gpa, fd, offset, length)
+        if rc == -errno.ENODATA:
+            raise InvalidSpecError(field, "file shrank while loading")
+        check(rc, f"load {field} into guest 0x{gpa:x}")
+
     def read(self, gpa: int, length: int) -> bytes:
         buf = ffi.new("uint8_t[]", length)
         mem = lib.vmm_vm_mem(self._vm)
@@ -387,12 +402,14 @@ class NativeVm:
         fn = lib.vmm_vm_create_vcpus_bare if bare else lib.vmm_vm_create_vcpus
         check(fn(self._vm, n), f"create {n} vCPUs")
 
-    def add_virtio_blk(self, path: str, *, read_only: bool, serial: str, mmio_base: int,
+    def add_virtio_blk(self, fd: int, *, read_only: bool, serial: str, mmio_base: int,
                        gsi: int) -> int:
-        """Attach a virtio-blk drive in the 4 KiB slot at mmio_base; its index."""
-        return check(lib.vmm_vm_add_virtio_blk(self._vm, path.encode(), int(read_only),
+        """Attach a virtio-blk drive on the image open as fd (checked and locked by
+        the caller; the device keeps a duplicate) in the 4 KiB slot at mmio_base;
+        its index."""
+        return check(lib.vmm_vm_add_virtio_blk(self._vm, fd, int(read_only),
                                                serial.encode(), mmio_base, gsi),
-                     f"attach drive {path}")
+                     "attach drive")
 
     def add_virtio_net(self, tap_fd: int, *, mac: bytes, max_frame: int, mmio_base: int,
                        gsi: int) -> int:

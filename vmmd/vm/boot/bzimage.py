@@ -43,6 +43,12 @@ from vmmd.vm.layout import COMMAND_LINE_SIZE, HIMEM_START, IDENTITY_MAP_END
 SECTOR_SIZE = 512
 DEFAULT_SETUP_SECTS = 4  # setup_sects == 0 means 4
 ENTRY64_OFFSET = 0x200
+# The real-mode part (boot sector + setup) must fit its 32 KiB segment with the stack and heap
+# above it (boot.rst, "memory layout"): at most 63 setup sectors.  Real kernels have ~30.
+MAX_SETUP_SECTS = 63
+# cmdline_size: protocol 2.06+ kernels take at least 255 bytes; x86 Linux's COMMAND_LINE_SIZE is
+# 2048 (some configs raise it, never near a megabyte).  Outside this range the header is garbage.
+CMDLINE_SIZE_RANGE = (255, 1 << 20)
 
 
 def is_bzimage(head: bytes) -> bool:
@@ -62,6 +68,25 @@ def _check_header(hdr: bytes) -> None:
         raise kernel_error("zImage (not loaded high) is not supported")
     if not XLOADFLAGS.get(hdr) & XLF_KERNEL_64:
         raise kernel_error("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)")
+    _check_plausible(hdr)
+
+
+def _check_plausible(hdr: bytes) -> None:
+    """Fields no real kernel has: a file that claims them is damaged or hostile."""
+    align = KERNEL_ALIGNMENT.get(hdr)
+    if align == 0 or align & (align - 1):
+        raise kernel_error(f"corrupt bzImage: kernel_alignment {align:#x} is not a power of two")
+    if SETUP_SECTS.get(hdr) > MAX_SETUP_SECTS:
+        raise kernel_error(f"corrupt bzImage: setup_sects {SETUP_SECTS.get(hdr)} exceeds "
+                           f"{MAX_SETUP_SECTS} (the real-mode part would pass 32 KiB)")
+    size = CMDLINE_SIZE.get(hdr)
+    if not CMDLINE_SIZE_RANGE[0] <= size <= CMDLINE_SIZE_RANGE[1]:
+        raise kernel_error(f"corrupt bzImage: cmdline_size {size:#x} is outside "
+                           f"{CMDLINE_SIZE_RANGE[0]}..{CMDLINE_SIZE_RANGE[1]}")
+    pref = PREF_ADDRESS.get(hdr)
+    if pref < HIMEM_START or pref % align:
+        raise kernel_error(f"corrupt bzImage: pref_address {pref:#x} is below {HIMEM_START:#x} "
+                           f"or not aligned to kernel_alignment {align:#x}")
 
 
 def _setup_header(hdr: bytes) -> bytes:
@@ -80,8 +105,6 @@ def _decompress_buffer(hdr: bytes) -> int:
     if not RELOCATABLE_KERNEL.get(hdr):
         return pref
     align = KERNEL_ALIGNMENT.get(hdr)
-    if align == 0 or align & (align - 1):
-        raise kernel_error(f"corrupt bzImage: kernel_alignment {align:#x} is not a power of two")
     return max(-(-HIMEM_START // align) * align, pref)
 
 

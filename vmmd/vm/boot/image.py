@@ -56,9 +56,14 @@ def kernel_error(problem: str) -> InvalidSpecError:
 
 
 def read_exact(f: BinaryIO, offset: int, size: int, what: str) -> bytes:
-    """Read `size` bytes at `offset` or raise a 'truncated' kernel error naming `what`."""
-    f.seek(offset)
-    data = f.read(size)
+    """Read `size` bytes at `offset` or raise a 'truncated' kernel error naming `what`.
+    Offsets come from the file itself: one past what a file can have (2^64 - 1) is
+    the same 'truncated', not a crash."""
+    try:
+        f.seek(offset)
+        data = f.read(size)
+    except (OSError, OverflowError, ValueError):
+        data = b""
     if len(data) != size:
         raise kernel_error(f"truncated: {what} at offset {offset:#x} needs {size} bytes")
     return data

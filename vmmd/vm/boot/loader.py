@@ -5,19 +5,21 @@ This module owns the order of booting a Linux guest: `inspect_kernel` validates 
 vCPUs) before any VM exists, and `load` writes the kernel, initrd, cmdline, zero page or PVH
 start_info, GDT/IDT, page tables and MP table into guest memory and returns the boot vCPU's
 registers.  Every refusal is an InvalidSpecError naming the field ("kernel", "initrd",
-"memory", "cmdline", "vcpus").  Files are read once, in chunks.
+"memory", "cmdline", "vcpus").  Each file is opened once (`open_boot_file`, through
+vm/hostfiles.py: regular files only, never blocking) and loaded from that fd; only its data is
+read, straight into guest RAM, and nothing else is written there: fresh RAM is zero already, so
+a segment's bss or a sparse initrd costs no memory.
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
-from vmmd.errors import InvalidSpecError
+from vmmd.errors import InvalidSpecError, shown
 from vmmd.vm.boot.bzimage import is_bzimage, parse_bzimage
 from vmmd.vm.boot.cmdline import encode_cmdline
 from vmmd.vm.boot.cpu import BootRegs, boot_cpu_state
@@ -25,6 +27,7 @@ from vmmd.vm.boot.elf import is_elf, parse_elf
 from vmmd.vm.boot.image import KernelImage, LoadSegment, kernel_error
 from vmmd.vm.boot.mptable import build_mptable
 from vmmd.vm.boot.params import HEADER, build_start_info, build_zero_page, memory_map
+from vmmd.vm.hostfiles import open_file
 from vmmd.vm.layout import (
     CMDLINE_START,
     MMIO_HOLE_START,
@@ -41,18 +44,39 @@ from vmmd.vm.layout import (
 )
 
 __all__ = [
-    "BootPlan", "BootRegs", "GuestMemory", "KernelImage",
-    "inspect_initrd", "inspect_kernel", "load", "plan_boot",
+    "BootFile", "BootPlan", "BootRegs", "GuestMemory", "KernelImage",
+    "inspect_initrd", "inspect_kernel", "load", "open_boot_file", "plan_boot",
 ]  # fmt: skip
-
-COPY_CHUNK = 4 * MiB
-_ZEROS = bytes(COPY_CHUNK)
 
 
 class GuestMemory(Protocol):
-    """Guest RAM as the loader sees it: writes at guest physical addresses."""
+    """Guest RAM as the loader sees it: writes at guest physical addresses, and
+    file contents read into it (only the file's data; holes stay as they are).
+    load_file raises InvalidSpecError(field) if the file is shorter."""
 
     def write(self, gpa: int, data: bytes) -> None: ...
+
+    def load_file(self, gpa: int, fd: int, offset: int, length: int, field: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class BootFile:
+    """A kernel or initrd open for loading: checked once, used through its fd."""
+
+    path: str
+    field: str  # "kernel" | "initrd"
+    fd: int
+    size: int
+
+
+@contextmanager
+def open_boot_file(path: str, field: str) -> Iterator[BootFile]:
+    """The file as a BootFile while the block runs (closed after)."""
+    fd, st = open_file(path, lambda problem: InvalidSpecError(field, problem))
+    try:
+        yield BootFile(path, field, fd, st.st_size)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -74,35 +98,23 @@ class BootPlan:
         return ram_regions(self.mem_bytes)
 
 
-@contextmanager
-def _open_regular(path: str, field: str) -> Iterator[tuple[BinaryIO, int]]:
-    """Open a regular file (never blocking on a FIFO) as (file, size); errors name `field`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise InvalidSpecError(field, f"{path} is not a regular file")
-            yield f, st.st_size
-    except OSError as e:
-        raise InvalidSpecError(field, f"cannot read {path}: {e.strerror}") from e
-
-
-def inspect_kernel(path: str) -> KernelImage:
+def inspect_kernel(kernel: BootFile) -> KernelImage:
     """Validate a kernel file (ELF vmlinux or bzImage) and describe how to load it."""
-    with _open_regular(path, "kernel") as (f, size):
-        head = f.read(HEADER.offset + 4)
+    with open(kernel.fd, "rb", closefd=False) as f:
+        try:
+            head = f.read(HEADER.offset + 4)
+        except OSError as e:
+            raise kernel_error(f"cannot read {shown(kernel.path)}: {e.strerror}") from None
         if is_elf(head):
-            return parse_elf(f, size)
+            return parse_elf(f, kernel.size)
         if is_bzimage(head):
-            return parse_bzimage(f, size)
-        raise kernel_error(f"{path} is neither an ELF vmlinux nor a bzImage")
+            return parse_bzimage(f, kernel.size)
+        raise kernel_error(f"{shown(kernel.path)} is neither an ELF vmlinux nor a bzImage")
 
 
-def inspect_initrd(path: str) -> int:
-    """The size of an initrd file, checked to be a readable regular file."""
-    with _open_regular(path, "initrd") as (_, size):
-        return size
+def inspect_initrd(initrd: BootFile) -> int:
+    """The size of an initrd file (opened: a readable regular file)."""
+    return initrd.size
 
 
 def _align_up(value: int, align: int) -> int:
@@ -158,48 +170,30 @@ def plan_boot(
     )
 
 
-def _copy(mem: GuestMemory, f: BinaryIO, seg: LoadSegment, field: str) -> None:
-    f.seek(seg.offset)
-    for done in range(0, seg.file_size, COPY_CHUNK):
-        want = min(COPY_CHUNK, seg.file_size - done)
-        chunk = f.read(want)
-        if len(chunk) != want:
-            raise InvalidSpecError(field, "file shrank while loading")
-        mem.write(seg.gpa + done, chunk)
-    for done in range(seg.file_size, seg.mem_size, COPY_CHUNK):
-        mem.write(seg.gpa + done, _ZEROS[: min(COPY_CHUNK, seg.mem_size - done)])
+def _load_file(mem: GuestMemory, f: BootFile, segments: tuple[LoadSegment, ...]) -> None:
+    """Each segment's file bytes into RAM; the rest of it (mem_size beyond
+    file_size) is left as the zero RAM it is."""
+    for seg in segments:
+        mem.load_file(seg.gpa, f.fd, seg.offset, seg.file_size, f.field)
 
 
-def _load_file(
-    mem: GuestMemory, path: str, field: str, size: int, segments: tuple[LoadSegment, ...]
-) -> None:
-    """Copy `segments` of a file that must still be `size` bytes long."""
-    with _open_regular(path, field) as (f, actual):
-        if actual != size:
-            raise InvalidSpecError(
-                field, f"{path} changed size since it was checked ({size} -> {actual} bytes)"
-            )
-        for seg in segments:
-            _copy(mem, f, seg, field)
-
-
-def load(
-    mem: GuestMemory, plan: BootPlan, kernel_path: str, initrd_path: str | None = None
-) -> BootRegs:
-    """Write everything the guest needs to boot into `mem`; return the boot vCPU's registers."""
-    kernel = plan.kernel
-    _load_file(mem, kernel_path, "kernel", kernel.file_size, kernel.segments)
+def load(mem: GuestMemory, plan: BootPlan, kernel: BootFile,
+         initrd: BootFile | None = None) -> BootRegs:
+    """Write everything the guest needs to boot into `mem` (fresh, zeroed RAM);
+    return the boot vCPU's registers."""
+    _load_file(mem, kernel, plan.kernel.segments)
     if plan.initrd is not None:
-        if initrd_path is None:
-            raise ValueError("the plan has an initrd but no initrd_path was given")
+        if initrd is None:
+            raise ValueError("the plan has an initrd but no initrd file was given")
         size = plan.initrd.size
-        _load_file(mem, initrd_path, "initrd", size, (LoadSegment(0, plan.initrd.gpa, size, size),))
+        _load_file(mem, initrd, (LoadSegment(0, plan.initrd.gpa, size, size),))
     mem.write(CMDLINE_START, plan.cmdline)
     memmap = memory_map(plan.mem_bytes)
     if plan.pvh:
         mem.write(PVH_INFO_START, build_start_info(plan.initrd, memmap))
     else:
-        mem.write(ZERO_PAGE_START, build_zero_page(kernel.setup_header, plan.initrd, memmap))
+        mem.write(ZERO_PAGE_START, build_zero_page(plan.kernel.setup_header, plan.initrd,
+                                                   memmap))
     mem.write(MPTABLE_START, build_mptable(plan.vcpus))
     regs, structures = boot_cpu_state(plan.entry, pvh=plan.pvh)
     for gpa, data in structures:

@@ -1,23 +1,28 @@
 """Drives: validation of host files, exclusive use, cmdline words, attachment.
 
 Every drive is checked before the VM exists: the file must be a readable
-regular file, writable unless the drive is read-only, and not in use by
-another VM for writing.  That last rule is an flock on the image (exclusive
-for a writable drive, shared for a read-only one) held for the VM's life, so
-it also holds between daemons.  Device order is the spec's order: the first
-drive is /dev/vda in the guest.
+regular file on an ordinary filesystem (vm/hostfiles.py: no FIFO, device,
+directory, procfs or sysfs file), writable unless the drive is read-only,
+and not in use by another VM for writing.  That last rule is an flock on the
+image (exclusive for a writable drive, shared for a read-only one) held for
+the VM's life, so it also holds between daemons.  The fd that was checked
+and locked is the one the C device serves (it keeps a duplicate): the image
+is opened once.  Device order is the spec's order: the first drive is
+/dev/vda in the guest.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
 from dataclasses import dataclass
 
-from vmmd.errors import InvalidSpecError
-from vmmd.spec import DriveSpec
+from vmmd.errors import InvalidSpecError, quoted, shown
+from vmmd.spec import DriveSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
+from vmmd.vm.hostfiles import check_path, open_file
 from vmmd.vm.layout import virtio_mmio_slot
 
 SERIAL_BYTES = 20  # VIRTIO_BLK_ID_BYTES
@@ -48,13 +53,11 @@ def check_drives(drives: tuple[DriveSpec, ...], first_slot: int = 0) -> tuple[Dr
         raise InvalidSpecError(_field(roots[1], "is_root"), "only one drive can be the root device")
     plans = []
     for i, d in enumerate(drives):
-        if not d.drive_id:
-            raise InvalidSpecError(_field(i, "drive_id"), "is required")
+        check_id(_field(i, "drive_id"), d.drive_id)
         if d.drive_id in seen:
-            raise InvalidSpecError(_field(i, "drive_id"), f"{d.drive_id!r} is used twice")
+            raise InvalidSpecError(_field(i, "drive_id"), f"{quoted(d.drive_id)} is used twice")
         seen.add(d.drive_id)
-        if not d.path:
-            raise InvalidSpecError(_field(i, "path"), "is required")
+        check_path(d.path, lambda problem, i=i: InvalidSpecError(_field(i, "path"), problem))
         try:
             region, irq = virtio_mmio_slot(first_slot + i)
         except ValueError:
@@ -73,50 +76,49 @@ def cmdline_words(plans: tuple[DrivePlan, ...], cmdline: str) -> list[str]:
 
 
 class DriveLocks:
-    """Open, check and lock every drive's image; close() releases them."""
+    """Open, check and lock every drive's image; close() releases them.
+    fds[i] is drive i's image, as the C device is to serve it."""
 
     def __init__(self) -> None:
-        self._fds: list[int] = []
+        self.fds: list[int] = []
 
     def acquire(self, plans: tuple[DrivePlan, ...]) -> None:
         try:
             for p in plans:
-                self._fds.append(_open_locked(p))
+                self.fds.append(_open_locked(p))
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        for fd in self._fds:
+        for fd in self.fds:
             os.close(fd)
-        self._fds = []
+        self.fds = []
 
 
 def _open_locked(p: DrivePlan) -> int:
     path, field = p.spec.path, _field(p.index, "path")
-    flags = (os.O_RDONLY if p.spec.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
+    shown_path = shown(path)
+
+    def fail(problem: str) -> InvalidSpecError:
+        return InvalidSpecError(field, problem)
+
+    denied = f"{shown_path} is not writable; make the drive read-only or fix its permissions"
+    fd, st = open_file(path, fail, write=not p.spec.read_only,
+                       errno_problems=None if p.spec.read_only else
+                       {errno.EACCES: denied, errno.EROFS: denied})
     try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        if not p.spec.read_only and e.errno in (13, 30):  # EACCES, EROFS
-            raise InvalidSpecError(field, f"{path} is not writable; make the drive read-only "
-                                          f"or fix its permissions") from None
-        raise InvalidSpecError(field, f"cannot open {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidSpecError(field, f"{path} is not a regular file")
         if not p.spec.read_only and not st.st_mode & 0o222:
             # Root may open it anyway; a file marked read-only still is not ours to write.
-            raise InvalidSpecError(field, f"{path} is a read-only file (mode "
+            raise InvalidSpecError(field, f"{shown_path} is a read-only file (mode "
                                           f"{stat.S_IMODE(st.st_mode):04o}); make the drive read-only")
         if st.st_size < 512:
-            raise InvalidSpecError(field, f"{path} is smaller than one 512-byte sector")
+            raise InvalidSpecError(field, f"{shown_path} is smaller than one 512-byte sector")
         mode = fcntl.LOCK_SH if p.spec.read_only else fcntl.LOCK_EX
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InvalidSpecError(field, f"{path} is in use by another VM"
+            raise InvalidSpecError(field, f"{shown_path} is in use by another VM"
                                           + ("" if p.spec.read_only else " (writable drives are exclusive)")) from None
     except BaseException:
         os.close(fd)

@@ -21,16 +21,15 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from vmmd.errors import InvalidSpecError, NativeError
+from vmmd.errors import InvalidSpecError, NativeError, quoted
 from vmmd.native import VirtioStats
-from vmmd.spec import NetSpec
+from vmmd.spec import NetSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.layout import virtio_mmio_slot
 
 IFNAMSIZ = 16
-_TAP_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TAP_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 
 # linux/if_tun.h, linux/sockios.h
 TUNSETIFF = 0x400454CA
@@ -57,8 +56,8 @@ def _field(i: int, name: str) -> str:
 
 
 def parse_mac(text: str, field: str) -> bytes:
-    if not _MAC_RE.match(text):
-        raise InvalidSpecError(field, f"{text!r} is not a MAC address like 02:00:00:00:00:01")
+    if not _MAC_RE.fullmatch(text):
+        raise InvalidSpecError(field, f"{quoted(text)} is not a MAC address like 02:00:00:00:00:01")
     mac = bytes.fromhex(text.replace(":", ""))
     if mac[0] & 1:
         raise InvalidSpecError(field, f"{text} is a multicast address; a guest needs a unicast one")
@@ -84,18 +83,14 @@ def check_nets(nets: tuple[NetSpec, ...], vm_id: str, first_slot: int) -> tuple[
     macs: dict[bytes, int] = {}
     plans = []
     for i, n in enumerate(nets):
-        if not n.iface_id:
-            raise InvalidSpecError(_field(i, "iface_id"), "is required")
-        if not _ID_RE.match(n.iface_id):
-            raise InvalidSpecError(_field(i, "iface_id"), f"{n.iface_id!r} must be 1-64 "
-                                   "characters of A-Z a-z 0-9 _ . - starting alphanumeric")
+        check_id(_field(i, "iface_id"), n.iface_id)
         if n.iface_id in ids:
-            raise InvalidSpecError(_field(i, "iface_id"), f"{n.iface_id!r} is used twice")
+            raise InvalidSpecError(_field(i, "iface_id"), f"{quoted(n.iface_id)} is used twice")
         ids.add(n.iface_id)
         if not n.tap:
             raise InvalidSpecError(_field(i, "tap"), "is required")
-        if not _TAP_RE.match(n.tap):
-            raise InvalidSpecError(_field(i, "tap"), f"{n.tap!r} is not a network device name "
+        if not _TAP_RE.fullmatch(n.tap):
+            raise InvalidSpecError(_field(i, "tap"), f"{quoted(n.tap)} is not a network device name "
                                    f"(1-{IFNAMSIZ - 1} characters of A-Z a-z 0-9 _ . -)")
         if n.tap in taps:
             raise InvalidSpecError(_field(i, "tap"), f"{n.tap} is used by nets[{taps[n.tap]}] "
