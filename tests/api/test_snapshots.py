@@ -257,7 +257,7 @@ BAD_DIRS: list[tuple[str, Callable[[Path], str], str]] = [
     ("empty", lambda t: "", "'' is not an absolute path"),
     ("relative", lambda t: "snaps/one", "'snaps/one' is not an absolute path"),
     ("parent-missing", lambda t: str(t / "no" / "such"), "No such file or directory"),
-    ("a-file", lambda t: str(t / "file"), "File exists"),
+    ("a-file", lambda t: str(t / "file"), "file is not a directory"),
 ]
 
 
@@ -299,7 +299,7 @@ def test_snapshot_and_restore_paused(stub: Stub, ticker: Callable[..., bytes],
     assert snap.memory_file_bytes == persist.MEMORY_OFFSET + (MEM_MIB << 20)
     assert 0 < snap.pages_written < (MEM_MIB << 20) // 4096  # zero pages are not written
     assert snap.state_file_bytes == (tmp_path / "s" / "vmstate").stat().st_size
-    assert files(tmp_path / "s") == ["memory", "vmstate"]
+    assert files(tmp_path / "s") == [".vmmd-snapshot", "memory", "vmstate"]
     assert stub.GetVm(pb.GetVmRequest(vm_id="t"), timeout=HANG_S).state == pb.VM_STATE_PAUSED
 
     vm = restore(stub, tmp_path / "s", "r")
@@ -345,7 +345,7 @@ def test_snapshot_into_the_same_dir_replaces_it(stub: Stub, ticker: Callable[...
     later = tick_on(stub, "t")
     second = snapshot(stub, "t", tmp_path / "s")
     assert second.snapshot_id != first.snapshot_id
-    assert files(tmp_path / "s") == ["memory", "vmstate"]
+    assert files(tmp_path / "s") == [".vmmd-snapshot", "memory", "vmstate"]
     restore(stub, tmp_path / "s", "r", resume=True)
     assert_continues(stub, "r", later)
 
@@ -606,4 +606,4 @@ def test_merge_refuses_mismatched_snapshots(stub: Stub, golden: Golden,
     err = rpc_error(merge, pb.MergeSnapshotsRequest(base_dir=str(base), diff_dir="/nonexistent"))
     refusal(err, Code.INVALID_ARGUMENT, "diff_dir", "/nonexistent is not a directory")
     assert (base / "vmstate").read_bytes() == before
-    assert files(base) == ["memory", "vmstate"]
+    assert files(base) == [".vmmd-snapshot", "memory", "vmstate"]

@@ -57,18 +57,23 @@ def diff_writer(pages: dict[int, int], bitmap_len: int = PAGES // 8) -> Callable
     return write_ram
 
 
+def write(d: Path, state: spb.SnapshotState,
+          write_ram: Callable[[int], tuple[int, bytes]]) -> tuple[int, int]:
+    """persist.write() into d as the daemon does it: the directory opened and locked."""
+    with persist.writing(str(d)) as target:
+        return persist.write(target, state, write_ram)
+
+
 def write_full(d: Path, pages: dict[int, int] = BASE_PAGES) -> spb.SnapshotState:
-    d.mkdir(exist_ok=True)
     state = make_state()
-    persist.write(d, state, full_writer(pages))
+    write(d, state, full_writer(pages))
     return state
 
 
 def write_diff(d: Path, parent: str, pages: dict[int, int] = DIFF_PAGES,
                bitmap_len: int = PAGES // 8) -> spb.SnapshotState:
-    d.mkdir(exist_ok=True)
     state = make_state(persist.DIFF, parent)
-    persist.write(d, state, diff_writer(pages, bitmap_len))
+    write(d, state, diff_writer(pages, bitmap_len))
     return state
 
 
@@ -103,7 +108,10 @@ def refused(exc: type[Exception], says: str, d: Path) -> Exception:
 
 
 def files(d: Path) -> list[str]:
-    return sorted(os.listdir(d))
+    """What d holds besides the marker every snapshot directory has."""
+    names = os.listdir(d)
+    assert persist.MARKER_FILE in names
+    return sorted(n for n in names if n != persist.MARKER_FILE)
 
 
 @pytest.fixture()
@@ -197,7 +205,7 @@ def test_payload_version_must_match_the_frame(tmp_path: Path) -> None:
     d.mkdir()
     state = make_state()
     state.format_version = 2
-    persist.write(d, state, full_writer({}))
+    write(d, state, full_writer({}))
     refused(DataLossError, "state says format 2", d)
 
 
@@ -288,8 +296,8 @@ def test_relative_path_is_invalid_argument(path: str) -> None:
         persist.read(path)
     assert info.value.field == "snapshot_dir"
     assert "is not an absolute path" in info.value.problem
-    with pytest.raises(InvalidSpecError) as info:
-        persist.snapshot_dir(path)
+    with pytest.raises(InvalidSpecError) as info, persist.writing(path):
+        pass
     assert info.value.field == "snapshot_dir"
 
 
@@ -303,10 +311,11 @@ def test_not_a_directory_is_invalid_argument(tmp_path: Path) -> None:
 
 
 def test_snapshot_dir_is_made_only_under_an_existing_parent(tmp_path: Path) -> None:
-    assert persist.snapshot_dir(str(tmp_path / "new")) == tmp_path / "new"
+    with persist.writing(str(tmp_path / "new")) as d:
+        assert d.path == tmp_path / "new"
     assert (tmp_path / "new").is_dir()
-    with pytest.raises(InvalidSpecError) as info:
-        persist.snapshot_dir(str(tmp_path / "no" / "such"))
+    with pytest.raises(InvalidSpecError) as info, persist.writing(str(tmp_path / "no" / "such")):
+        pass
     assert info.value.field == "snapshot_dir" and "No such file" in info.value.problem
     assert not (tmp_path / "no").exists()
 
@@ -323,7 +332,7 @@ def test_failed_write_leaves_the_previous_snapshot(snap: tuple[Path, spb.Snapsho
 
     new = make_state()
     with pytest.raises(OSError):
-        persist.write(d, new, failing)
+        write(d, new, failing)
     assert files(d) == ["memory", "vmstate"]  # no temp files left
     s = persist.read(str(d))
     assert s.state == old
@@ -334,7 +343,7 @@ def test_write_replaces_a_snapshot_with_new_files(snap: tuple[Path, spb.Snapshot
     d, _ = snap
     with open(d / "memory", "rb") as held:
         new = make_state()
-        persist.write(d, new, full_writer({3: 0x44}))
+        write(d, new, full_writer({3: 0x44}))
         assert persist.read(str(d)).state == new
         assert ram(d) == expected_ram({3: 0x44})
         assert os.fstat(held.fileno()).st_ino != (d / "memory").stat().st_ino
@@ -349,7 +358,7 @@ def test_full_memory_file_is_sparse(tmp_path: Path) -> None:
     state = make_state()
     state.ClearField("memory")
     state.memory.append(spb.MemoryRegion(guest_address=0, size=64 << 20))
-    persist.write(d, state, full_writer({0: 1}))
+    write(d, state, full_writer({0: 1}))
     st = (d / "memory").stat()
     assert st.st_size == persist.MEMORY_OFFSET + (64 << 20)
     assert st.st_blocks * 512 < 1 << 20  # holes, not 64 MiB of zeros
@@ -446,7 +455,7 @@ def test_merge_refuses_another_memory_layout(snap: tuple[Path, spb.SnapshotState
     d.mkdir()
     state = make_state(persist.DIFF, base.snapshot_id)
     state.memory[1].guest_address = 0x200000
-    persist.write(d, state, diff_writer({1: 1}))
+    write(d, state, diff_writer({1: 1}))
     with pytest.raises(DataLossError, match="memory layout differs"):
         persist.merge(str(base_dir), str(d))
 
@@ -462,8 +471,8 @@ def test_merge_refuses_a_bitmap_marking_pages_beyond_ram(tmp_path: Path) -> None
     base_dir.mkdir()
     diff_dir.mkdir()
     base = twelve(make_state())
-    persist.write(base_dir, base, full_writer({0: 1}))
-    persist.write(diff_dir, twelve(make_state(persist.DIFF, base.snapshot_id)),
+    write(base_dir, base, full_writer({0: 1}))
+    write(diff_dir, twelve(make_state(persist.DIFF, base.snapshot_id)),
                   diff_writer({13: 0xEE}))
     refused(DataLossError, "dirty bitmap marks pages beyond the 12 pages of RAM", diff_dir)
     with pytest.raises(DataLossError):
@@ -481,3 +490,155 @@ def test_merge_names_the_unreadable_directory(chain, which: str) -> None:  # typ
     with pytest.raises(InvalidSpecError) as info:
         persist.merge(*(("rel", str(diff_dir)) if which == "base_dir" else (str(base_dir), "rel")))
     assert info.value.field == which and "is not an absolute path" in info.value.problem
+
+
+# ---- hostile directories and files (found: each hung, crashed or wrote elsewhere) ----
+def _bounded(fn: Callable[[], object], seconds: float = 10.0) -> object:
+    """fn() in a thread; a call that blocks (a FIFO read) fails the test instead of hanging it."""
+    import threading
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(_outcome(fn)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} blocked for {seconds} s"
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
+
+
+def _outcome(fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except BaseException as e:  # noqa: BLE001 - handed back to the test thread
+        return e
+
+
+@pytest.mark.parametrize("name", ["memory", "vmstate"])
+def test_a_fifo_in_a_snapshot_is_refused_at_once(snap: tuple[Path, spb.SnapshotState],
+                                                 name: str) -> None:
+    d, _ = snap
+    (d / name).unlink()
+    os.mkfifo(d / name)
+    with pytest.raises(DataLossError, match=f"{name}: .*is a FIFO, not a regular file"):
+        _bounded(lambda: persist.read(str(d)))
+
+
+@pytest.mark.parametrize("name", ["memory", "vmstate"])
+def test_a_directory_or_symlink_in_a_snapshot_is_refused(snap: tuple[Path, spb.SnapshotState],
+                                                         tmp_path: Path, name: str) -> None:
+    d, _ = snap
+    target = tmp_path / "elsewhere"
+    os.rename(d / name, target)
+    (d / name).mkdir()
+    with pytest.raises(DataLossError, match="is a directory, not a regular file"):
+        persist.read(str(d))
+    (d / name).rmdir()
+    (d / name).symlink_to(target)  # the very file, behind a link: still refused
+    with pytest.raises(DataLossError, match="is a symbolic link"):
+        persist.read(str(d))
+
+
+def test_planted_temp_links_are_never_written_through(snap: tuple[Path, spb.SnapshotState],
+                                                      tmp_path: Path) -> None:
+    """Found: a `.memory.tmp` symlink made SnapshotVm overwrite its target.  Temp files are made
+    O_EXCL | O_NOFOLLOW under random names; links left with our temp names are removed."""
+    d, _ = snap
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for name in (".memory.tmp", ".vmstate.tmp", ".memory.0123456789abcdef.tmp",
+                 ".vmstate.fedcba9876543210.tmp"):
+        (d / name).symlink_to(victim)
+    state = make_state()
+    write(d, state, full_writer({2: 0x42}))
+    assert victim.read_bytes() == b"precious"
+    assert persist.read(str(d)).state == state
+    assert files(d) == [".memory.tmp", ".vmstate.tmp", "memory", "vmstate"]  # not ours: kept
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(snap: tuple[Path, spb.SnapshotState]
+                                                         ) -> None:
+    d, state = snap
+    (d / ".memory.00112233445566aa.tmp").write_bytes(b"half")
+    (d / ".vmstate.00112233445566aa.tmp").write_bytes(b"")
+    assert persist.read(str(d)).state == state  # a reader ignores them
+    write(d, make_state(), full_writer({}))
+    assert files(d) == ["memory", "vmstate"]
+
+
+@pytest.mark.parametrize("contents", [{"memory": b"mine", "vmstate": b"also mine"},
+                                      {"notes.txt": b"x"}, {"vmstate": b"NOTVMMD!" + bytes(60)}])
+def test_a_directory_of_other_files_is_refused(tmp_path: Path, contents: dict[str, bytes]) -> None:
+    """Found: SnapshotVm overwrote unrelated files named memory/vmstate."""
+    d = tmp_path / "theirs"
+    d.mkdir()
+    for name, data in contents.items():
+        (d / name).write_bytes(data)
+    with pytest.raises(InvalidSpecError) as info, persist.writing(str(d)):
+        pass
+    assert info.value.field == "snapshot_dir"
+    assert "holds files vmmd did not write" in info.value.problem
+    assert sorted(os.listdir(d)) == sorted(contents)  # untouched, no marker added
+    assert all((d / n).read_bytes() == data for n, data in contents.items())
+
+
+def test_a_snapshot_from_before_markers_is_still_ours(snap: tuple[Path, spb.SnapshotState]) -> None:
+    d, _ = snap
+    (d / persist.MARKER_FILE).unlink()
+    state = make_state()
+    write(d, state, full_writer({}))
+    assert persist.read(str(d)).state == state and files(d) == ["memory", "vmstate"]
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("/", "holds files vmmd did not write"),
+    ("/proc", "is on procfs"),
+    ("/sys/kernel", "is on sysfs"),
+    ("/tmp/a\0b", "contains a NUL byte"),
+])
+def test_system_directories_are_refused(path: str, says: str) -> None:
+    with pytest.raises(InvalidSpecError) as info, persist.writing(path):
+        pass
+    assert info.value.field == "snapshot_dir" and says in info.value.problem
+
+
+def test_a_symlinked_snapshot_directory_is_refused(snap: tuple[Path, spb.SnapshotState],
+                                                   tmp_path: Path) -> None:
+    d, _ = snap
+    (tmp_path / "link").symlink_to(d)
+    for use in (lambda: persist.read(str(tmp_path / "link")),
+                lambda: persist.writing(str(tmp_path / "link")).__enter__()):
+        with pytest.raises(InvalidSpecError, match="is a symbolic link"):
+            use()
+
+
+def test_a_second_writer_is_refused_and_a_reader_waits(snap: tuple[Path, spb.SnapshotState]
+                                                       ) -> None:
+    """Found: two SnapshotVm into one directory tore it; a restore racing a snapshot saw a
+    momentary mix (DATA_LOSS).  Now: one writer at a time, readers see a whole snapshot."""
+    import threading
+    import time
+
+    from vmmd.errors import BusyError
+    d, old = snap
+    new = make_state()
+    entered, go = threading.Event(), threading.Event()
+
+    def slow_ram(fd: int) -> tuple[int, bytes]:
+        entered.set()
+        go.wait(10)
+        return full_writer({5: 0x55})(fd)
+
+    writer = threading.Thread(target=write, args=(d, new, slow_ram))
+    writer.start()
+    assert entered.wait(10)
+    with pytest.raises(BusyError, match="being written into"):
+        write(d, make_state(), full_writer({}))
+    got: list[spb.SnapshotState] = []
+    reader = threading.Thread(target=lambda: got.append(persist.read(str(d)).state))
+    reader.start()
+    time.sleep(0.2)
+    assert reader.is_alive()  # waiting for the writer, not reading half of it
+    go.set()
+    writer.join(10)
+    reader.join(10)
+    assert got == [new] and old != new

@@ -15,16 +15,24 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from vmmd.errors import DataLossError, InvalidSpecError
+from vmmd.errors import DataLossError, InvalidSpecError, quoted
 from vmmd.native import NativeVm
 from vmmd.spec import RestoreSpec, VmSpec
 from vmmd.vm import persist, state
 from vmmd.vm.boot.cmdline import append_words
-from vmmd.vm.boot.loader import BootPlan, inspect_initrd, inspect_kernel, load, plan_boot
+from vmmd.vm.boot.loader import (
+    BootFile,
+    BootPlan,
+    inspect_initrd,
+    inspect_kernel,
+    load,
+    open_boot_file,
+    plan_boot,
+)
 from vmmd.vm.devices import block, net
 from vmmd.vm.layout import ram_regions
 from vmmd.vm.snapshot import apply_state
@@ -37,27 +45,30 @@ class Plan:
     boot: BootPlan
     drives: tuple[block.DrivePlan, ...]
     nets: tuple[net.NetPlan, ...]
+    kernel: BootFile  # open while the caller's `files` stack is
+    initrd: BootFile | None
 
 
-def plan(spec: VmSpec, *, force_64bit: bool = False) -> Plan:
+def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     """Validate a spec against its files; raises InvalidSpecError naming the field.
-    The command line gains the words that announce the devices."""
+    The kernel and initrd are opened once, into `files`, and loaded from those
+    fds later.  The command line gains the words that announce the devices."""
     drives = block.check_drives(spec.drives)
     nets = net.check_nets(spec.nets, spec.vm_id, first_slot=len(drives))
     cmdline = append_words(spec.cmdline, *block.cmdline_words(drives, spec.cmdline),
                            *net.cmdline_words(nets))
-    kernel = inspect_kernel(spec.kernel)
-    initrd_size = inspect_initrd(spec.initrd) if spec.initrd else None
-    boot = plan_boot(kernel, initrd_size, spec.mem_bytes, spec.vcpus, cmdline,
-                     force_64bit=force_64bit)
+    kernel = files.enter_context(open_boot_file(spec.kernel, "kernel"))
+    initrd = files.enter_context(open_boot_file(spec.initrd, "initrd")) if spec.initrd else None
+    boot = plan_boot(inspect_kernel(kernel), inspect_initrd(initrd) if initrd else None,
+                     spec.mem_bytes, spec.vcpus, cmdline, force_64bit=force_64bit)
     spec = dataclasses.replace(spec, nets=tuple(n.spec for n in nets))
-    return Plan(spec, boot, drives, nets)
+    return Plan(spec, boot, drives, nets, kernel, initrd)
 
 
-def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...],
+def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...], images: list[int],
                     nets: tuple[net.NetPlan, ...], taps: list[net.Tap]) -> None:
-    for d in drives:
-        native.add_virtio_blk(d.spec.path, read_only=d.spec.read_only,
+    for d, fd in zip(drives, images, strict=True):
+        native.add_virtio_blk(fd, read_only=d.spec.read_only,
                               serial=block.serial(d.spec.drive_id), mmio_base=d.mmio_base,
                               gsi=d.irq)
     for n, tap in zip(nets, taps):
@@ -65,15 +76,25 @@ def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...],
                               gsi=n.irq)
 
 
+@dataclass
+class _Held:
+    """What a VM under construction holds on the host: its drive images
+    (open, checked, locked: fds in drive order) and its taps."""
+
+    resources: list[Any]  # closed with the VM
+    images: list[int]
+    taps: list[net.Tap]
+
+
 @contextmanager
 def _resources(drives: tuple[block.DrivePlan, ...],
-               nets: tuple[net.NetPlan, ...]) -> Iterator[tuple[list[Any], list[net.Tap]]]:
-    """Drive locks and taps for a VM under construction; released again if
+               nets: tuple[net.NetPlan, ...]) -> Iterator[_Held]:
+    """Drive images and taps for a VM under construction; released again if
     the construction fails (the VM's own close() releases them later)."""
     locks, taps = block.DriveLocks(), net.Taps()
     try:
         locks.acquire(drives)
-        yield [locks, taps], taps.open(nets)
+        yield _Held([locks, taps], locks.fds, taps.open(nets))
     except BaseException:
         taps.close()
         locks.close()
@@ -93,17 +114,24 @@ def _native(kvm_path: str) -> Iterator[NativeVm]:
 
 
 def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = False) -> Vm:
-    p = plan(spec, force_64bit=force_64bit)
-    with _resources(p.drives, p.nets) as (resources, taps), _native(kvm_path) as native:
+    with ExitStack() as files:
+        p = plan(spec, files, force_64bit=force_64bit)
+        return _build(p, kvm_path)
+
+
+def _build(p: Plan, kvm_path: str) -> Vm:
+    spec = p.spec
+    with _resources(p.drives, p.nets) as held, _native(kvm_path) as native:
         if spec.track_dirty:
             native.track_dirty()  # before the RAM: its slots are made logging
         for region in p.boot.ram:
             native.add_ram(region.gpa, region.size)
-        _attach_devices(native, p.drives, p.nets, taps)
+        _attach_devices(native, p.drives, held.images, p.nets, held.taps)
         native.create_vcpus(spec.vcpus)
-        regs = load(native, p.boot, spec.kernel, spec.initrd)
+        regs = load(native, p.boot, p.kernel, p.initrd)
         native.set_boot_regs(0, regs)
-    return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(), resources=resources)
+    return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(),
+              resources=held.resources)
 
 
 # ---- restore ----
@@ -116,13 +144,13 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
     for j, o in enumerate(rs.drives):
         if o.drive_id not in drives:
             raise InvalidSpecError(f"drives[{j}].drive_id", f"the snapshot has no drive "
-                                   f"{o.drive_id!r} (it has {sorted(drives) or 'none'})")
+                                   f"{quoted(o.drive_id)} (it has {sorted(drives) or 'none'})")
         i = drives[o.drive_id]
         new_drives[i] = dataclasses.replace(new_drives[i], path=o.path)
     for j, o in enumerate(rs.nets):
         if o.iface_id not in nets:
             raise InvalidSpecError(f"nets[{j}].iface_id", f"the snapshot has no interface "
-                                   f"{o.iface_id!r} (it has {sorted(nets) or 'none'})")
+                                   f"{quoted(o.iface_id)} (it has {sorted(nets) or 'none'})")
         i = nets[o.iface_id]
         new_nets[i] = dataclasses.replace(new_nets[i], tap=o.tap, create_tap=o.create_tap)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
@@ -162,12 +190,17 @@ def _check_drive_sizes(spec: VmSpec, sizes: tuple[int, ...]) -> None:
                                    f"snapshot's drive had {size}")
 
 
-def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
-               snapshot: persist.Snapshot | None = None) -> Vm:
+def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm") -> Vm:
     """A VM from a full snapshot, built but not started (start_restored() next).
-    Guest RAM is the memory file mapped copy-on-write: nothing is read now.
-    `snapshot`: rs.snapshot_dir already read (clones read it once)."""
-    snap = snapshot or persist.read(rs.snapshot_dir)
+    Guest RAM is the memory file mapped copy-on-write: nothing is read now."""
+    with persist.opened(rs.snapshot_dir) as (snap, memory_fd):
+        return restore_from(rs, snap, memory_fd, kvm_path=kvm_path)
+
+
+def restore_from(rs: RestoreSpec, snap: persist.Snapshot, memory_fd: int, *,
+                 kvm_path: str = "/dev/kvm") -> Vm:
+    """restore_vm() of a snapshot already open (clones open it once): its
+    memory file mapped from memory_fd, the very file that was checked."""
     if snap.state.kind != persist.FULL:
         raise InvalidSpecError("snapshot_dir", f"{snap.directory} is a diff snapshot: merge it "
                                "onto its base first (MergeSnapshots, `vmmctl merge`)")
@@ -184,17 +217,16 @@ def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
         drives = block.check_drives(spec.drives)
         nets = net.check_nets(spec.nets, spec.vm_id, first_slot=len(drives))
         _check_drive_sizes(spec, sizes)
-    with _override_terms(saved, rs), _resources(drives, nets) as (resources, taps), \
+    with _override_terms(saved, rs), _resources(drives, nets) as held, \
             _native(kvm_path) as native:
         if spec.track_dirty:
             native.track_dirty()
-        with open(snap.memory_path, "rb") as f:
-            offset = persist.MEMORY_OFFSET
-            for r in regions:
-                native.add_ram_file(r.gpa, r.size, f.fileno(), offset)
-                offset += r.size
-        _attach_devices(native, drives, nets, taps)
+        offset = persist.MEMORY_OFFSET
+        for r in regions:
+            native.add_ram_file(r.gpa, r.size, memory_fd, offset)
+            offset += r.size
+        _attach_devices(native, drives, held.images, nets, held.taps)
         native.create_vcpus(spec.vcpus, bare=True)
         apply_state(native, snap, spec)
-    return Vm(spec, native, cmdline=cmdline, resources=resources,
+    return Vm(spec, native, cmdline=cmdline, resources=held.resources,
               snapshot_id=snap.state.snapshot_id)

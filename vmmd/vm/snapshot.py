@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, NativeError
@@ -40,7 +39,7 @@ class SnapshotInfo:
     duration_s: float
 
 
-def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: Path,
+def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: persist.SnapshotDir,
                   parent: str | None) -> SnapshotInfo:
     t0 = time.monotonic()
     regions = ram_regions(spec.mem_bytes)
@@ -65,7 +64,7 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: Path,
         return written, bitmap
 
     mem_size, state_size = persist.write(directory, s, write_ram)
-    return SnapshotInfo(spec.vm_id, str(directory), s.snapshot_id, s.parent_id,
+    return SnapshotInfo(spec.vm_id, str(directory.path), s.snapshot_id, s.parent_id,
                         "diff" if parent else "full", ram_bytes, written // PAGE_SIZE, mem_size,
                         state_size, time.monotonic() - t0)
 
@@ -130,7 +129,5 @@ def merge_snapshots(base_dir: str, diff_dir: str) -> SnapshotInfo:
     merged, applied = persist.merge(base_dir, diff_dir)
     st = merged.state
     return SnapshotInfo(st.spec.vm_id, str(merged.directory), st.snapshot_id, "", "full",
-                        merged.ram_bytes,
-                        applied, merged.memory_path.stat().st_size,
-                        (merged.directory / persist.STATE_FILE).stat().st_size,
-                        time.monotonic() - t0)
+                        merged.ram_bytes, applied, merged.memory_file_bytes,
+                        merged.state_file_bytes, time.monotonic() - t0)

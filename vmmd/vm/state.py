@@ -10,10 +10,12 @@ left to KVM, which the builder asks next.
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
-from vmmd.errors import DataLossError
+from vmmd.errors import DataLossError, InvalidSpecError, shown
 from vmmd.native import (
     BLOB_SIZES,
     LEGACY_KBD_MAX,
@@ -29,7 +31,9 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import DriveSpec, NetSpec, VmSpec
+from vmmd.spec import DriveSpec, NetSpec, VmSpec, check_vm_id
+from vmmd.vm.boot.cmdline import encode_cmdline
+from vmmd.vm.hostfiles import check_path, kind_of
 from vmmd.vm.layout import MAX_VCPUS
 
 U8, U16 = 0xFF, 0xFFFF
@@ -152,11 +156,37 @@ def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
               for n in spec.nets])
 
 
+def _saved_path(path: str, where: str, *, required: bool) -> None:
+    """A path the snapshot names (kernel, initrd): the shape CreateVm takes.
+    Its file is not needed to restore (a snapshot may move between hosts),
+    but if it is there it must be a regular file, as CreateVm would insist."""
+    if not path and not required:
+        return
+    check_path(path, lambda problem: _bad(where, problem))
+    if not os.path.isabs(path):
+        raise _bad(where, f"{shown(path)!r} is not an absolute path")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _bad(where, f"{shown(path)} is {kind_of(st.st_mode)}, not a kernel file")
+
+
 def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
-    """The saved spec (checked as any spec is, by the builder), the guest's
-    command line and the drives' sizes."""
+    """The saved spec, the guest's command line and the drives' sizes.  The
+    file is untrusted (only checksummed), so the spec gets the checks
+    CreateVm gives one (ids, paths, command line, sizes) here, and the
+    device checks in the builder, like any spec."""
     if not 1 <= m.vcpus <= MAX_VCPUS:
         raise _bad("spec.vcpus", f"{m.vcpus} is outside 1..{MAX_VCPUS}")
+    try:
+        check_vm_id(m.vm_id)
+        encode_cmdline(m.cmdline)
+    except InvalidSpecError as e:
+        raise _bad(f"spec.{e.field}", e.problem) from None
+    _saved_path(m.kernel, "spec.kernel", required=True)
+    _saved_path(m.initrd, "spec.initrd", required=False)
     spec = VmSpec(
         vm_id=m.vm_id, kernel=m.kernel, cmdline=m.cmdline, initrd=m.initrd or None,
         vcpus=m.vcpus, mem_mib=m.mem_mib, track_dirty=m.track_dirty_pages,
