@@ -15,20 +15,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vmmd.budget import BudgetInfo, MemoryBudget
 from vmmd.errors import (
     AlreadyExistsError,
     InvalidSpecError,
     NotFoundError,
     ResourceExhaustedError,
     StateError,
+    quoted,
 )
 from vmmd.events import ApiStopReason, EventHub, EventKind, LifecycleEvent, Subscription
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, StopReason
 from vmmd.spec import RestoreSpec, VmSpec, check_vm_id
-from vmmd.vm.builder import build_vm, restore_vm
+from vmmd.vm import persist
+from vmmd.vm.builder import build_vm, restore_from
+from vmmd.vm.console import ConsoleCursor
+from vmmd.vm.layout import check_memory_size
 from vmmd.vm.lifecycle import State
-from vmmd.vm.persist import read as read_snapshot
 from vmmd.vm.snapshot import SnapshotInfo, merge_snapshots
 from vmmd.vm.vm import StopInfo, Vm
 
@@ -56,6 +60,7 @@ class VmEntry:
     stopped_at: float | None = None
     stop_requested: bool = False
     deleted: bool = False  # set under `lock`; a deleted entry is never touched again
+    memory_bytes: int = 0  # reserved in the memory budget; given back at delete
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -69,9 +74,11 @@ class VmEntry:
 
 
 class Manager:
-    def __init__(self, *, kvm_path: str = "/dev/kvm", max_vms: int = DEFAULT_MAX_VMS) -> None:
+    def __init__(self, *, kvm_path: str = "/dev/kvm", max_vms: int = DEFAULT_MAX_VMS,
+                 memory_budget: int | None = None) -> None:
         self._kvm_path = kvm_path
         self._max_vms = max_vms
+        self.memory = MemoryBudget(memory_budget)
         self._lock = threading.Lock()
         self._vms: dict[str, VmEntry | object] = {}
         self.events = EventHub()
@@ -83,7 +90,7 @@ class Manager:
         with self._lock:
             for vm_id in vm_ids:
                 if vm_id in self._vms:
-                    raise AlreadyExistsError(f"vm_id: a VM named {vm_id!r} exists already")
+                    raise AlreadyExistsError(f"vm_id: a VM named {quoted(vm_id)} exists already")
             if len(self._vms) + len(vm_ids) > self._max_vms:
                 raise ResourceExhaustedError(
                     f"the daemon hosts at most {self._max_vms} VMs ({len(self._vms)} now, "
@@ -96,8 +103,10 @@ class Manager:
             for vm_id in vm_ids:
                 del self._vms[vm_id]
 
-    def _register(self, vm: Vm, kind: EventKind, started: bool = False) -> VmEntry:
-        entry = VmEntry(vm, started_at=time.time() if started else None)
+    def _register(self, vm: Vm, kind: EventKind, memory_bytes: int,
+                  started: bool = False) -> VmEntry:
+        entry = VmEntry(vm, started_at=time.time() if started else None,
+                        memory_bytes=memory_bytes)
         vm.add_listener(lambda ev: self._on_native_event(entry, ev))
         with self._lock:
             self._vms[vm.spec.vm_id] = entry
@@ -108,7 +117,7 @@ class Manager:
         with self._lock:
             entry = self._vms.get(vm_id)
         if not isinstance(entry, VmEntry):
-            raise NotFoundError(f"vm_id: no VM named {vm_id!r}")
+            raise NotFoundError(f"vm_id: no VM named {quoted(vm_id)}")
         return entry
 
     @contextmanager
@@ -118,7 +127,7 @@ class Manager:
         entry = self.get(vm_id)
         with entry.lock:
             if entry.deleted:
-                raise NotFoundError(f"vm_id: VM {vm_id!r} was deleted")
+                raise NotFoundError(f"vm_id: VM {quoted(vm_id)} was deleted")
             yield entry
 
     def list(self) -> list[VmEntry]:
@@ -132,12 +141,19 @@ class Manager:
     def create(self, spec: VmSpec) -> VmEntry:
         check_vm_id(spec.vm_id)
         self._reserve(spec.vm_id)
+        memory = 0
         try:
+            check_memory_size(spec.mem_bytes)  # a bad size says so, not "over budget"
+            memory = self.memory.reserve(spec.mem_bytes)
             vm = build_vm(spec, kvm_path=self._kvm_path)
         except BaseException:
+            self.memory.release(memory)
             self._unreserve(spec.vm_id)
             raise
-        return self._register(vm, EventKind.CREATED)
+        return self._register(vm, EventKind.CREATED, memory)
+
+    def memory_info(self) -> BudgetInfo:
+        return self.memory.info()
 
     # -- snapshots --
     def snapshot(self, vm_id: str, directory: str, *, diff: bool) -> SnapshotInfo:
@@ -161,23 +177,27 @@ class Manager:
             raise InvalidSpecError("vm_id", "the new VMs' ids are not unique")
         self._reserve(*ids)
         vms: list[Vm] = []
+        memory = 0
         try:
-            snap = read_snapshot(specs[0].snapshot_dir)
-            for k, rs in enumerate(specs):
-                try:
-                    vms.append(restore_vm(rs, kvm_path=self._kvm_path, snapshot=snap))
-                except InvalidSpecError as e:
-                    if not clones or e.field == "snapshot_dir":
-                        raise
-                    raise InvalidSpecError(f"clones[{k}].{e.field}", e.problem) from None
+            with persist.opened(specs[0].snapshot_dir) as (snap, memory_fd):
+                memory = self.memory.reserve(snap.ram_bytes, len(specs))
+                for k, rs in enumerate(specs):
+                    try:
+                        vms.append(restore_from(rs, snap, memory_fd, kvm_path=self._kvm_path))
+                    except InvalidSpecError as e:
+                        if not clones or e.field == "snapshot_dir":
+                            raise
+                        raise InvalidSpecError(f"clones[{k}].{e.field}", e.problem) from None
             for vm in vms:
                 vm.start_restored(paused=not resume)
         except BaseException:
             for vm in vms:
                 vm.close()
+            self.memory.release(memory)
             self._unreserve(*ids)
             raise
-        entries = [self._register(vm, EventKind.RESTORED, started=True) for vm in vms]
+        each = memory // len(vms)
+        entries = [self._register(vm, EventKind.RESTORED, each, started=True) for vm in vms]
         if resume:
             for entry in entries:
                 self._publish(entry, EventKind.RESUMED)
@@ -235,6 +255,7 @@ class Manager:
                 entry.stop_requested = True
             entry.deleted = True
             entry.vm.close()
+            self.memory.release(entry.memory_bytes)
             self._publish_stop(entry)  # STOPPED always comes before DELETED
             with self._lock:
                 del self._vms[vm_id]
@@ -246,20 +267,18 @@ class Manager:
             raise StateError(f"cannot write to the console of a VM that is {entry.vm.state.value}")
         return entry.vm.console_input(data)
 
-    def subscribe(self, vm_id: str | None) -> Subscription:
+    def subscribe(self, vm_id: str | None,
+                  notify: Callable[[], None] | None = None) -> Subscription:
+        """Lifecycle events (of one VM, or all); notify() is called from the
+        publishing thread as each is queued."""
         if vm_id:
             self.get(vm_id)
-        return self.events.subscribe(vm_id or None)
+        return self.events.subscribe(vm_id or None, notify)
 
-    def console_stream(self, vm_id: str, *, from_start: bool, follow: bool,
-                       cancelled: threading.Event) -> Iterator[tuple[bytes, int, int]]:
-        """(data, offset, lost) chunks of the console; ends when the VM stops
-        (after the last bytes), when not following, or when cancelled.  An
-        unknown id fails here, before the first chunk is asked for."""
-        from vmmd.vm.console import follow_console  # local: only the daemon needs it
-        entry = self.get(vm_id)
-        return follow_console(entry.vm, from_start=from_start, follow=follow,
-                              cancelled=cancelled)
+    def console_cursor(self, vm_id: str, *, from_start: bool) -> ConsoleCursor:
+        """A reader of the VM's console (history first if from_start).  An
+        unknown id fails here, before anything is read."""
+        return ConsoleCursor(self.get(vm_id).vm, from_start=from_start)
 
     def shutdown(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every VM (graceful, in parallel, then forced) and delete them."""

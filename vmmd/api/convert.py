@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
+from vmmd.budget import BudgetInfo
 from vmmd.errors import InvalidSpecError
 from vmmd.events import ApiStopReason, EventKind, LifecycleEvent
 from vmmd.manager import VmEntry, api_stop_reason
@@ -224,6 +225,11 @@ def vm_to_proto(entry: VmEntry) -> pb.Vm:
             reason=STOP_REASONS[api_stop_reason(info, entry.stop_requested)],
             message=info.message))
     return msg
+
+
+def budget_to_proto(b: BudgetInfo) -> pb.MemoryBudget:
+    return pb.MemoryBudget(budget_bytes=b.budget_bytes, committed_bytes=b.committed_bytes,
+                           overhead_per_vm_bytes=b.overhead_per_vm_bytes)
 
 
 def event_to_proto(ev: LifecycleEvent) -> pb.VmEvent:

@@ -8,15 +8,16 @@ refused), the manager and the gRPC server.  SIGTERM/SIGINT stop every VM
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import resource
 import signal
 import socket
 import stat
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmmd.budget import parse_budget
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
 from vmmd.manager import DEFAULT_MAX_VMS, Manager
@@ -35,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--max-vms", type=int, default=DEFAULT_MAX_VMS)
+    p.add_argument("--memory-budget", default="auto", metavar="SIZE",
+                   help="guest RAM (plus a per-VM overhead) the daemon may promise: a size "
+                        "(20G, 4096 = MiB), auto (MemTotal minus a reserve, the default) or "
+                        "unlimited")
     p.add_argument("--stop-timeout", type=float, default=10.0,
                    help="seconds a VM gets to stop gracefully at shutdown")
     p.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
@@ -83,33 +88,45 @@ def _raise_fd_limit() -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from vmmd.api.server import build_server  # grpc loads only for `serve`
-
-    log = get_logger("vmmd.serve")
     _raise_fd_limit()
     tls = _tls(args)
+    budget = parse_budget(args.memory_budget)
     claim_socket(args.socket)
-    manager = Manager(kvm_path=args.kvm, max_vms=args.max_vms)
+    manager = Manager(kvm_path=args.kvm, max_vms=args.max_vms, memory_budget=budget)
+    return asyncio.run(_serve(args, manager, tls, budget))
+
+
+async def _serve(args: argparse.Namespace, manager: Manager, tls: TlsConfig | None,
+                 budget: int | None) -> int:
+    """The server on this loop until SIGTERM/SIGINT, then every VM stopped."""
+    from vmmd.api.discovery import NOT_SERVING  # grpc loads only for `serve`
+    from vmmd.api.server import build_server
+
+    log = get_logger("vmmd.serve")
     old_umask = os.umask(0o177)  # the socket is born 0600
     try:
-        api = build_server(manager, args.socket, listen=args.listen, tls=tls)
+        api = await build_server(manager, args.socket, listen=args.listen, tls=tls)
     finally:
         os.umask(old_umask)
     os.chmod(args.socket, 0o600)
-    log.info("daemon.listening", socket=args.socket, listen=args.listen, pid=os.getpid())
-    done = threading.Event()
+    log.info("daemon.listening", socket=args.socket, listen=args.listen, pid=os.getpid(),
+             memory_budget_mib=budget // (1 << 20) if budget is not None else "unlimited")
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(signum: int) -> None:
         log.info("daemon.signal", signal=signal.Signals(signum).name)
         done.set()
 
     for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
-    while not done.wait(1.0):
-        pass
+        loop.add_signal_handler(s, on_signal, s)
+    await done.wait()
     log.info("daemon.stopping", vms=len(manager.list()))
-    manager.shutdown(args.stop_timeout)
-    api.stop()
+    # The VMs stop on a thread of their own (their verbs block); API calls
+    # still answer meanwhile, with the health service NOT_SERVING.
+    api.health.set_all(NOT_SERVING)
+    await loop.run_in_executor(None, manager.shutdown, args.stop_timeout)
+    await api.stop()
     try:
         os.unlink(args.socket)
     except FileNotFoundError:
