@@ -12,6 +12,7 @@ import enum
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -43,9 +44,14 @@ class LifecycleEvent:
 
 
 class Subscription:
-    def __init__(self, hub: EventHub, vm_id: str | None, maxsize: int = 1024) -> None:
+    """notify, if given, is called (from the publisher's thread; it must not
+    block) after each event is queued, and at the end."""
+
+    def __init__(self, hub: EventHub, vm_id: str | None, maxsize: int = 1024,
+                 notify: Callable[[], None] | None = None) -> None:
         self.vm_id = vm_id
         self._hub = hub
+        self._notify = notify
         self.closed = False  # the hub ended this subscription
         self._q: queue.Queue[LifecycleEvent | None] = queue.Queue(maxsize)
 
@@ -55,17 +61,19 @@ class Subscription:
         while True:
             try:
                 self._q.put_nowait(ev)
-                return
+                break
             except queue.Full:
                 try:
                     self._q.get_nowait()  # drop the oldest
                 except queue.Empty:
                     pass
+        if self._notify is not None:
+            self._notify()
 
     def get(self, timeout: float | None = None) -> LifecycleEvent | None:
-        """The next event; None on timeout or once closed."""
+        """The next event; None on timeout (0: none queued) or once closed."""
         try:
-            ev = self._q.get(timeout=timeout)
+            ev = self._q.get(timeout=timeout) if timeout != 0 else self._q.get_nowait()
         except queue.Empty:
             return None
         if ev is None:
@@ -81,6 +89,8 @@ class Subscription:
             self._q.put_nowait(None)
         except queue.Full:
             pass
+        if self._notify is not None:
+            self._notify()
 
 
 class EventHub:
@@ -88,8 +98,9 @@ class EventHub:
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
 
-    def subscribe(self, vm_id: str | None = None) -> Subscription:
-        sub = Subscription(self, vm_id)
+    def subscribe(self, vm_id: str | None = None,
+                  notify: Callable[[], None] | None = None) -> Subscription:
+        sub = Subscription(self, vm_id, notify=notify)
         with self._lock:
             self._subs.append(sub)
         return sub

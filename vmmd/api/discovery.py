@@ -8,8 +8,9 @@ server itself.  Implemented here from the standard protos in proto/grpc/
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -33,13 +34,17 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     def __init__(self, services: list[str]) -> None:
         self._status = {name: SERVING for name in ["", *services]}
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        self._watchers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
     def set_all(self, status: int) -> None:
-        with self._changed:
+        """Any thread; Watch streams hear of it at once."""
+        with self._lock:
             for name in self._status:
                 self._status[name] = status
-            self._changed.notify_all()
+            watchers = list(self._watchers)
+        for loop, changed in watchers:
+            loop.call_soon_threadsafe(changed.set)
 
     def Check(self, request: Any, context: Any) -> Any:
         status = self._status.get(request.service)
@@ -47,15 +52,23 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"service: unknown {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    def Watch(self, request: Any, context: Any) -> Iterator[Any]:
-        last = None
-        while context.is_active():
-            status = self._status.get(request.service, SERVICE_UNKNOWN)
-            if status != last:
-                last = status
-                yield health_pb2.HealthCheckResponse(status=status)
-            with self._changed:
-                self._changed.wait(0.5)
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        """A coroutine on the server's loop: an open Watch holds no thread."""
+        me = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._watchers.add(me)
+        try:
+            last = None
+            while True:
+                me[1].clear()
+                status = self._status.get(request.service, SERVICE_UNKNOWN)
+                if status != last:
+                    last = status
+                    yield health_pb2.HealthCheckResponse(status=status)
+                await me[1].wait()
+        finally:
+            with self._lock:
+                self._watchers.discard(me)
 
 
 def _file_bytes(fd: Any, seen: set[str]) -> list[bytes]:

@@ -1,21 +1,30 @@
 """Building the gRPC server: VmService, health, reflection, on a Unix socket
-(and optionally TCP with TLS / mTLS)."""
+(and optionally TCP with TLS / mTLS).
+
+The server runs on an asyncio event loop (grpc.aio).  Streams (console,
+events, health Watch) are coroutines on that loop: an open stream holds no
+thread, so thousands of followers never starve the unary calls.  Unary
+calls are plain functions run on a bounded pool whose idle threads exit
+(pool.py).
+"""
 
 from __future__ import annotations
 
-from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
 from vmmd.api._gen.vmmd.v1 import vmm_pb2, vmm_pb2_grpc
 from vmmd.api.discovery import NOT_SERVING, HealthServicer, add_discovery_services
+from vmmd.api.pool import ElasticPool
 from vmmd.api.servicer import VmServicer
 from vmmd.manager import Manager
 
 SERVICE_NAME = vmm_pb2.DESCRIPTOR.services_by_name["VmService"].full_name
-# Streams (console, events) hold a worker each while open.
-MAX_WORKERS = 128
+# Unary calls running at once (more wait in the pool's queue); streams are
+# not counted here: they run on the event loop.
+MAX_WORKERS = 64
+IDLE_THREAD_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -27,19 +36,22 @@ class TlsConfig:
 
 @dataclass
 class ApiServer:
-    server: grpc.Server
+    server: grpc.aio.Server
     health: HealthServicer
     ports: list[int]
+    pool: ElasticPool
 
-    def stop(self, grace_s: float = 2.0) -> None:
+    async def stop(self, grace_s: float = 2.0) -> None:
         self.health.set_all(NOT_SERVING)
-        self.server.stop(grace_s).wait()
+        await self.server.stop(grace_s)
+        self.pool.shutdown()
 
 
-def build_server(manager: Manager, unix_socket: str | None, *, listen: str | None = None,
-                 tls: TlsConfig | None = None) -> ApiServer:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=MAX_WORKERS,
-                                                    thread_name_prefix="grpc"))
+async def build_server(manager: Manager, unix_socket: str | None, *, listen: str | None = None,
+                       tls: TlsConfig | None = None) -> ApiServer:
+    """Build and start the server; call on the loop that will run it."""
+    pool = ElasticPool(MAX_WORKERS, idle_s=IDLE_THREAD_S, name="api")
+    server = grpc.aio.server(migration_thread_pool=pool)
     vmm_pb2_grpc.add_VmServiceServicer_to_server(VmServicer(manager), server)
     health = add_discovery_services(server, [SERVICE_NAME])
     ports = []
@@ -52,5 +64,5 @@ def build_server(manager: Manager, unix_socket: str | None, *, listen: str | Non
             [(tls.private_key, tls.cert_chain)], root_certificates=tls.client_ca,
             require_client_auth=tls.client_ca is not None)
         ports.append(server.add_secure_port(listen, creds))
-    server.start()
-    return ApiServer(server, health, ports)
+    await server.start()
+    return ApiServer(server, health, ports, pool)

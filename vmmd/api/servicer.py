@@ -1,11 +1,17 @@
 """VmService: each method parses, calls the manager, converts.  Errors are
-mapped to status codes once, by the `edge` decorator (status.py)."""
+mapped to status codes once, by the `edge` decorators (status.py).
+
+Unary methods are plain functions (the server runs them on its thread pool:
+the manager blocks).  Streaming methods are coroutines on the server's event
+loop: a follower waits on an asyncio event that the VM's watcher thread (or
+the event publisher) sets, so an open stream holds no thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -43,26 +49,38 @@ def edge(fn: F) -> F:
 
 
 def edge_stream(fn: F) -> F:
-    """The same for server-streaming methods (generators)."""
+    """The same for server-streaming methods (async generators)."""
     @functools.wraps(fn)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[Any]:
         try:
-            yield from fn(self, request, context)
-        except Exception as e:  # noqa: BLE001
-            _abort(context, e)
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status
+            if isinstance(e, InvalidSpecError):
+                e = convert.api_error(e)
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("api.internal_error", error=message)
+            await context.abort(code, message)
     return wrapper  # type: ignore[return-value]
 
 
-def _cancel_event(context: grpc.ServicerContext) -> threading.Event:
-    ev = threading.Event()
-    context.add_callback(ev.set)
-    return ev
+class _Wake:
+    """An asyncio event another thread may set (through the loop)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self._loop.call_soon_threadsafe(self.event.set)
 
 
-def _attached(context: grpc.ServicerContext) -> None:
+async def _attached(context: grpc.aio.ServicerContext) -> None:
     """Send the response headers as soon as a stream is attached (VM found,
     watcher subscribed): a client that waits for them misses nothing later."""
-    context.send_initial_metadata(())
+    await context.send_initial_metadata(())
 
 
 def _still_there(entries: list[VmEntry]) -> Iterator[pb.Vm]:
@@ -113,7 +131,8 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
 
     @edge
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        return pb.ListVmsResponse(vms=list(_still_there(self.m.list())))
+        return pb.ListVmsResponse(vms=list(_still_there(self.m.list())),
+                                  memory=convert.budget_to_proto(self.m.memory_info()))
 
     @edge
     def WriteConsole(self, request: pb.WriteConsoleRequest, context: Any) -> pb.WriteConsoleResponse:
@@ -145,25 +164,44 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
         return convert.snapshot_to_proto(self.m.merge(request.base_dir, request.diff_dir))
 
     @edge_stream
-    def StreamConsole(self, request: pb.StreamConsoleRequest, context: Any) -> Iterator[pb.ConsoleChunk]:
-        chunks = self.m.console_stream(convert.require_id(request.vm_id),
-                                       from_start=request.from_start, follow=request.follow,
-                                       cancelled=_cancel_event(context))
-        _attached(context)
-        for data, offset, lost in chunks:
-            yield pb.ConsoleChunk(data=data, offset=offset, lost_bytes=lost)
+    async def StreamConsole(self, request: pb.StreamConsoleRequest,
+                            context: Any) -> AsyncIterator[pb.ConsoleChunk]:
+        """History, then (following) live output until the VM stops or is
+        deleted; a cancelled call just ends the coroutine."""
+        cursor = self.m.console_cursor(convert.require_id(request.vm_id),
+                                       from_start=request.from_start)
+        wake = _Wake()
+        unwatch = cursor.watch(wake)
+        try:
+            await _attached(context)
+            while True:
+                wake.event.clear()  # before reading: what comes after wakes us
+                chunk = cursor.read()
+                if chunk is not None:
+                    data, offset, lost = chunk
+                    yield pb.ConsoleChunk(data=data, offset=offset, lost_bytes=lost)
+                elif not request.follow or cursor.ended:
+                    return
+                else:
+                    await wake.event.wait()
+        finally:
+            unwatch()
 
     @edge_stream
-    def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> Iterator[pb.VmEvent]:
-        cancelled = _cancel_event(context)
-        sub = self.m.subscribe(request.vm_id or None)
-        _attached(context)
+    async def WatchEvents(self, request: pb.WatchEventsRequest,
+                          context: Any) -> AsyncIterator[pb.VmEvent]:
+        wake = _Wake()
+        sub = self.m.subscribe(request.vm_id or None, wake)
         try:
-            while not cancelled.is_set():
-                ev = sub.get(timeout=0.5)
+            await _attached(context)
+            while True:
+                wake.event.clear()
+                ev = sub.get(timeout=0)
                 if ev is not None:
                     yield convert.event_to_proto(ev)
                 elif sub.closed:
                     return
+                else:
+                    await wake.event.wait()
         finally:
             sub.close()

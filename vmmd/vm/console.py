@@ -2,40 +2,58 @@
 
 Each reader keeps its own absolute position in the VM's console output; the
 C core keeps the last 256 KiB.  A reader that falls behind the ring is told
-how many bytes it lost.
+how many bytes it lost.  Reading never blocks: a stream asks for what is
+there, and waits (on its own terms: an asyncio event, a thread event) for
+the VM's console watcher to say more may have come.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 
 from vmmd.errors import NotFoundError
 from vmmd.vm.vm import Vm
 
 CHUNK = 16 * 1024
-POLL_S = 0.5  # how often a blocked reader looks at `cancelled`
 
 
-def follow_console(vm: Vm, *, from_start: bool, follow: bool,
-                   cancelled: threading.Event) -> Iterator[tuple[bytes, int, int]]:
-    """Yield (data, offset, lost_bytes); stop at the end of output when not
-    following, once the VM stopped and everything was read, once it was
-    deleted, or on cancel."""
-    try:
-        pos = 0 if from_start else vm.console_head()
-        while not cancelled.is_set():
+class ConsoleCursor:
+    """One reader's place in a VM's console output."""
+
+    def __init__(self, vm: Vm, *, from_start: bool) -> None:
+        self._vm = vm
+        self._ended = False
+        try:
+            self._pos = 0 if from_start else vm.console_head()
+        except NotFoundError:  # deleted already: nothing to read
+            self._pos, self._ended = 0, True
+
+    def watch(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn() is called (from another thread) when more may be readable or
+        the output ended; returns the function ending the watch."""
+        return self._vm.watch_console(fn)
+
+    def read(self) -> tuple[bytes, int, int] | None:
+        """(data, offset, lost_bytes) of what is readable now; None when
+        nothing is (see ended)."""
+        if self._ended:
+            return None
+        try:
             # Looked at before reading: once stopped, every byte is readable,
             # so an empty read after it really is the end.
-            stopped = vm.stop_info is not None
-            data, new_pos = vm.console_read(pos, CHUNK)
-            if data:
-                start = new_pos - len(data)
-                yield data, start, start - pos
-                pos = new_pos
-                continue
-            if not follow or stopped:
-                return
-            vm.wait_console(pos, POLL_S)
-    except NotFoundError:  # deleted under us: its output ended
-        return
+            stopped = self._vm.stop_info is not None
+            data, new_pos = self._vm.console_read(self._pos, CHUNK)
+        except NotFoundError:  # deleted under us: its output ended
+            self._ended = True
+            return None
+        if not data:
+            self._ended = stopped
+            return None
+        start = new_pos - len(data)
+        lost, self._pos = start - self._pos, new_pos
+        return data, start, lost
+
+    @property
+    def ended(self) -> bool:
+        """The VM stopped (or was deleted) and everything was read."""
+        return self._ended

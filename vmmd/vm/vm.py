@@ -84,7 +84,10 @@ class Vm:
         self._watcher: threading.Thread | None = None
         self._stop_info: StopInfo | None = None
         self._listeners: list[Callable[[Event], None]] = []
-        self._console_cond = threading.Condition()
+        # Called (from the watcher thread, or close()) when console output may
+        # be readable, the VM stopped or it was deleted: stream readers wake.
+        self._console_watchers: set[Callable[[], None]] = set()
+        self._watchers_lock = threading.Lock()
         self._closed = False
         self._native_lock = threading.Lock()  # short C calls vs close(): never a destroyed VM
         # The snapshot this VM's memory was last written to (or restored from):
@@ -135,10 +138,11 @@ class Vm:
             if diff and self._snapshot_id is None:
                 raise StateError("a diff snapshot needs an earlier snapshot of this VM: take a "
                                  "full one first")
-            target = persist.snapshot_dir(directory)  # a refused directory changes nothing
-            parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
-            info = take_snapshot(self._native, self.spec, self.cmdline, target,
-                                 parent if diff else None)
+            # A refused directory changes nothing (the diff chain stays).
+            with persist.writing(directory) as target:
+                parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
+                info = take_snapshot(self._native, self.spec, self.cmdline, target,
+                                     parent if diff else None)
             self._snapshot_id = info.snapshot_id
         self.log.info("vm.snapshot", kind=info.kind, dir=info.directory, ms=info.duration_s * 1e3)
         return info
@@ -180,12 +184,34 @@ class Vm:
     def add_listener(self, fn: Callable[[Event], None]) -> None:
         self._listeners.append(fn)
 
+    def watch_console(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call fn (from another thread; it must not block) whenever console
+        output may have arrived, the VM stopped or was deleted; returns the
+        function that ends the watch."""
+        with self._watchers_lock:
+            self._console_watchers.add(fn)
+        return lambda: self._unwatch_console(fn)
+
+    def _unwatch_console(self, fn: Callable[[], None]) -> None:
+        with self._watchers_lock:
+            self._console_watchers.discard(fn)
+
+    def _console_changed(self) -> None:
+        with self._watchers_lock:
+            watchers = list(self._console_watchers)
+        for fn in watchers:
+            fn()
+
     def wait_console(self, pos: int, timeout: float) -> None:
         """Sleep until console output beyond `pos` is readable, the VM
         stopped, or `timeout` passed."""
-        with self._console_cond:
+        woken = threading.Event()
+        unwatch = self.watch_console(woken.set)
+        try:
             if self.console_head() == pos and not self._stopped.is_set():
-                self._console_cond.wait(timeout)
+                woken.wait(timeout)
+        finally:
+            unwatch()
 
     # -- observation: safe from any thread, NotFoundError once closed --
     @contextmanager
@@ -242,8 +268,7 @@ class Vm:
         for res in self._resources:
             res.close()
         self._resources = []
-        with self._console_cond:
-            self._console_cond.notify_all()
+        self._console_changed()
         if self._wake >= 0:
             os.close(self._wake)
             self._wake = -1
@@ -268,8 +293,7 @@ class Vm:
                     os.eventfd_read(cfd)
                 except BlockingIOError:
                     pass
-                with self._console_cond:
-                    self._console_cond.notify_all()
+                self._console_changed()
             while (ev := self._native.next_event()) is not None:
                 self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
                 for fn in self._listeners:
@@ -295,8 +319,7 @@ class Vm:
                 level = self.log.info if info.clean else self.log.error
                 level("vm.stopped", reason=info.reason.name, detail=info.message)
             self._stopped.set()
-        with self._console_cond:
-            self._console_cond.notify_all()
+        self._console_changed()
         assert self._stop_info is not None
         return self._stop_info
 
