@@ -18,6 +18,11 @@ struct vmm_mem *vmm_mem_new(void);
 void vmm_mem_free(struct vmm_mem *mem);
 /* hva == NULL: the core maps anonymous memory itself (and unmaps it). */
 int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *hva);
+/* Guest RAM from a file, MAP_PRIVATE, between guard pages like any region.
+ * Should the file shrink later, an access to a page past its end fails that
+ * access (-EFAULT) and stops the VM the memory belongs to, nothing else. */
+int vmm_mem_add_file_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, int fd,
+			    uint64_t offset);
 int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t len);
 int vmm_mem_write(struct vmm_mem *mem, uint64_t gpa, const void *buf, uint64_t len);
 int vmm_mem_region_count(const struct vmm_mem *mem);

@@ -1,0 +1,131 @@
+"""Guest RAM mapped from a file that shrinks (a restored VM's RAM is its
+snapshot's memory file, MAP_PRIVATE): touching a page past the new end
+raises SIGBUS.  The core catches it where it touches guest RAM: memory
+reads and writes fail with EFAULT, and the process goes on.  A SIGBUS
+elsewhere still kills the process, through the handler that was there first.
+
+Each scenario runs in a child Python (with faulthandler on, as under
+pytest): without the fix the child dies of SIGBUS and the test fails,
+instead of pytest dying with it."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.native.conftest import RAM
+from vmmd.errors import NativeError
+from vmmd.native import GuestMemory
+
+REPO = Path(__file__).resolve().parents[2]
+RAM_BYTES = sum(size for _, size in RAM)
+
+
+def run_child(scenario: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    code = f"from tests.native.test_sigbus import {scenario}; {scenario}({str(tmp)!r})"
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], check=False,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def survived(scenario: str, tmp: Path) -> None:
+    p = run_child(scenario, tmp)
+    died = f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else ""
+    assert p.returncode == 0 and p.stdout.endswith("OK\n"), (
+        f"exit {p.returncode} {died}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+
+
+# ---- the scenarios (in the child) ----
+def file_ram(tmp: Path) -> tuple[GuestMemory, Path]:
+    """GuestMemory laid out as conftest's RAM, both regions from one sparse file."""
+    path = Path(tmp) / "memory"
+    path.write_bytes(b"")
+    os.truncate(path, RAM_BYTES)
+    mem = GuestMemory()
+    with open(path, "rb") as f:  # as a restore opens the snapshot's memory
+        offset = 0
+        for gpa, size in RAM:
+            mem.add_file_region(gpa, size, f.fileno(), offset)
+            offset += size
+    return mem, path
+
+
+def efault(fn, *args) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn(*args)
+    except NativeError as e:
+        assert e.errno == errno.EFAULT, e
+    else:
+        raise AssertionError(f"{fn.__name__}{args[:1]}: no error")
+
+
+def memory_access(tmp: str) -> None:
+    """vmm_mem_read/write: EFAULT for pages past the cut, again and again
+    (SIGBUS is not left blocked after a jump), on any thread; pages before
+    the cut keep what was written."""
+    mem, path = file_ram(Path(tmp))
+    mem.write(0x1000, b"kept")
+    os.truncate(path, 0x8000)
+    assert mem.read(0x1000, 4) == b"kept"
+    for _ in range(3):
+        efault(mem.read, 0x9000, 1)
+    efault(mem.write, 0x9000, b"x")
+    efault(mem.read, 0x7000, 0x2000)  # runs into the cut
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            efault(mem.read, 0x10000, 16)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert not errors, errors
+    mem.close()
+    print("OK")
+
+
+def foreign_sigbus(tmp: str) -> None:
+    """A SIGBUS outside guest RAM (another truncated mapping) is not ours."""
+    mem, _ = file_ram(Path(tmp))  # the handler is in
+    other = Path(tmp) / "other"
+    other.write_bytes(bytes(8192))
+    with open(other, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 8192)
+    os.truncate(other, 0)
+    print("touching", flush=True)
+    m[4096]  # the access is the point
+    print("survived")
+    mem.close()
+
+
+# ---- the tests ----
+def test_memory_read_and_write_past_the_cut_fail_with_efault(tmp_path: Path) -> None:
+    survived("memory_access", tmp_path)
+
+
+def test_a_sigbus_elsewhere_still_kills_through_faulthandler(tmp_path: Path) -> None:
+    p = run_child("foreign_sigbus", tmp_path)
+    assert p.returncode == -signal.SIGBUS, (p.returncode, p.stdout, p.stderr)
+    assert p.stdout == "touching\n"
+    assert "Fatal Python error: Bus error" in p.stderr, p.stderr  # chained to faulthandler
+
+
+@pytest.mark.parametrize("cut", [0, 0x1000])
+def test_a_file_too_short_is_refused_at_mapping(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "memory"
+    path.write_bytes(bytes(cut))
+    with GuestMemory() as mem, open(path, "rb") as f:
+        with pytest.raises(NativeError) as e:
+            mem.add_file_region(0, 0x2000, f.fileno())
+        assert e.value.errno == errno.EINVAL
