@@ -1,6 +1,7 @@
-"""Guest RAM mapped from a file that shrinks (a restored VM's RAM is its
-snapshot's memory file, MAP_PRIVATE): touching a page past the new end
-raises SIGBUS.  The core catches it where it touches guest RAM: memory
+"""Guest RAM mapped from a file that shrinks under the device (a restored
+VM's RAM is its snapshot's memory file, MAP_PRIVATE): touching a page past
+the new end raises SIGBUS.  The core catches it where it touches guest RAM:
+the device is faulted for good (NEEDS_RESET, no queue served again), memory
 reads and writes fail with EFAULT, and the process goes on.  A SIGBUS
 elsewhere still kills the process, through the handler that was there first.
 
@@ -14,6 +15,7 @@ import errno
 import mmap
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -22,11 +24,13 @@ from pathlib import Path
 import pytest
 
 from tests.native.conftest import RAM
+from tests.native.fake_driver import S_OK, T_IN, Buf, FakeDriver, Status
 from vmmd.errors import NativeError
-from vmmd.native import GuestMemory
+from vmmd.native import GuestMemory, VirtioBlock
 
 REPO = Path(__file__).resolve().parents[2]
 RAM_BYTES = sum(size for _, size in RAM)
+DISK = bytes(range(256)) * 256  # 64 KiB
 
 
 def run_child(scenario: str, tmp: Path) -> subprocess.CompletedProcess[str]:
@@ -58,6 +62,17 @@ def file_ram(tmp: Path) -> tuple[GuestMemory, Path]:
     return mem, path
 
 
+def drive(tmp: Path, mem: GuestMemory) -> tuple[VirtioBlock, FakeDriver]:
+    disk = Path(tmp) / "disk.img"
+    disk.write_bytes(DISK)
+    dev = VirtioBlock(mem, str(disk))
+    drv = FakeDriver(dev, mem, RAM)
+    drv.init()
+    status, data = drv.blk_read(0, 1)
+    assert (status, data) == (S_OK, DISK[:512])  # works while the file is whole
+    return dev, drv
+
+
 def efault(fn, *args) -> None:  # type: ignore[no-untyped-def]
     try:
         fn(*args)
@@ -65,6 +80,54 @@ def efault(fn, *args) -> None:  # type: ignore[no-untyped-def]
         assert e.errno == errno.EFAULT, e
     else:
         raise AssertionError(f"{fn.__name__}{args[:1]}: no error")
+
+
+def rings_gone(tmp: str) -> None:
+    """The whole file cut: the notify reads the avail ring from a page that is gone."""
+    mem, path = file_ram(Path(tmp))
+    dev, drv = drive(Path(tmp), mem)
+    chain, _ = drv.blk_chain(T_IN, 0, drv.data_bufs(512, True))
+    drv.publish(drv.add_chain(chain))
+    os.truncate(path, 0)
+    drv.notify()
+    assert drv.needs_reset, drv.status
+    st = dev.stats()
+    assert (st.requests, st.bad_chains, st.notifies) == (1, 0, 2), st  # not a guest error
+    efault(mem.read, drv.used, 2)
+    # Faulted for good: a reset leaves NEEDS_RESET, and no notify is served again.
+    drv.reset()
+    assert drv.status == Status.NEEDS_RESET, drv.status
+    drv.set_reg(0x070, Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK)
+    drv.notify()
+    assert dev.stats().notifies == 2
+    dev.close()
+    mem.close()
+    print("OK")
+
+
+def buffer_gone(tmp: str) -> None:
+    """Rings, header and status stay; the data buffer's page is gone.  The
+    kernel's own write into it (preadv) fails with EFAULT, without a signal:
+    the device touches the buffers to find the page, and faults the same."""
+    mem, path = file_ram(Path(tmp))
+    dev, drv = drive(Path(tmp), mem)
+    cut = 0x80000
+    hdr = drv.alloc(16)
+    mem.write(hdr, struct.pack("<IIQ", T_IN, 0, 0))
+    status_at = drv.alloc(1, b"\xff")
+    data = drv.data_bufs(4096, True, at=0x100000)
+    assert status_at < cut and drv.used < cut
+    drv.publish(drv.add_chain([Buf(hdr, 16), *data, Buf(status_at, 1, write=True)]))
+    os.truncate(path, cut)
+    drv.notify()
+    assert drv.needs_reset, drv.status
+    assert drv.collect() == []  # the request is not completed (no IOERR for the guest)
+    assert mem.read(status_at, 1) == b"\xff"
+    assert dev.stats().io_errors == 0
+    efault(mem.read, 0x100000, 1)
+    dev.close()
+    mem.close()
+    print("OK")
 
 
 def memory_access(tmp: str) -> None:
@@ -110,6 +173,14 @@ def foreign_sigbus(tmp: str) -> None:
 
 
 # ---- the tests ----
+def test_notify_with_the_rings_gone_faults_the_device(tmp_path: Path) -> None:
+    survived("rings_gone", tmp_path)
+
+
+def test_io_into_a_vanished_buffer_faults_the_device(tmp_path: Path) -> None:
+    survived("buffer_gone", tmp_path)
+
+
 def test_memory_read_and_write_past_the_cut_fail_with_efault(tmp_path: Path) -> None:
     survived("memory_access", tmp_path)
 
