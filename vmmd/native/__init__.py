@@ -30,6 +30,7 @@ class StopReason(enum.IntEnum):
     KVM_ERROR = lib.VMM_STOP_KVM_ERROR
     REQUESTED = lib.VMM_STOP_REQUESTED
     POWEROFF = lib.VMM_STOP_POWEROFF
+    MEMORY_FAULT = lib.VMM_STOP_MEMORY_FAULT  # guest RAM's file shrank; code = the address
 
 
 class EventType(enum.IntEnum):

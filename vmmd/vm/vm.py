@@ -40,6 +40,7 @@ REASON_TEXT = {
     StopReason.INTERNAL_ERROR: "KVM internal error",
     StopReason.KVM_ERROR: "KVM_RUN failed",
     StopReason.REQUESTED: "stopped by request",
+    StopReason.MEMORY_FAULT: "guest memory became unreadable (its backing file shrank)",
 }
 
 
@@ -65,6 +66,8 @@ def describe_stop(ev: Event | None, reason: StopReason) -> StopInfo:
             text += f", hardware reason {ev.code:#x}"
         if reason == StopReason.INTERNAL_ERROR:
             text += f", code {ev.code}"
+        if reason == StopReason.MEMORY_FAULT:
+            text += f" at guest address {ev.code:#x}"
         if ev.err:
             text += f": {os.strerror(ev.err)}"
     return StopInfo(reason, reason in CLEAN_STOPS, text)
