@@ -106,6 +106,32 @@ def test_truncated_memory_crashes_only_the_clones_mapped_on_it(
         assert [v.vm_id for v in c.list()] == ["bystander"]
 
 
+def test_diff_snapshot_of_a_clone_whose_dirty_pages_vanished(
+        daemon: Daemon, microguests: dict[str, Path], tmp_path: Path) -> None:
+    """A diff snapshot reads no page itself: the kernel's pwrite from the
+    vanished dirty pages fails (EFAULT, no signal), and it ends the same way."""
+    snap = tmp_path / "s"
+    with daemon.client() as c:
+        c.create("src", str(microguests["pvh"]), cmdline="mg=tick ms=1", memory_mib=32)
+        c.start("src")
+        c.pause("src")
+        c.snapshot("src", str(snap))
+        c.delete("src")
+        head = c.restore(str(snap), "ticker", resume=True,
+                         track_dirty_pages=True).counters.console_bytes
+        wait_until(lambda: c.get("ticker").counters.console_bytes > head + 100, "ticks")
+        c.pause("ticker")  # the mailbox page (the last tick's number) is dirty
+        cut_image(snap)
+        with pytest.raises(ClientError) as err:
+            c.snapshot("ticker", str(tmp_path / "diff"), diff=True)
+        assert err.value.code == "DATA_LOSS", err.value
+        vm = crashed(c, "ticker")
+        m = MEMORY_FAULT.match(vm.stop.message)
+        assert m and IMAGE <= int(m[1], 16) < IMAGE_END, vm.stop.message
+        assert not (tmp_path / "diff" / persist.MEMORY_FILE).exists()
+        alive(daemon, c)
+
+
 PROGRESS = 0x200020  # the mailbox's progress word (blk op=multi completions)
 
 
