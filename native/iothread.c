@@ -18,6 +18,7 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include "guard.h"
 #include "iothread.h"
 #include "vcpu.h"
 
@@ -116,7 +117,7 @@ static void *io_main(void *arg)
 	struct epoll_event evs[16];
 	int rounds = 0;
 	sigset_t set;
-	sigfillset(&set);
+	vmm_guard_thread_sigset(&set);	/* SIGBUS stays deliverable: devices run guarded */
 	pthread_sigmask(SIG_SETMASK, &set, NULL);
 	while (!LOAD(&io->quit)) {
 		if (LOAD(&io->vm->pause_req) && !LOAD(&io->vm->stop_req)) {

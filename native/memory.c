@@ -1,5 +1,7 @@
 /*
  * memory.c - guest RAM regions and bounds-checked access to them.
+ * vmm_mem_read/write (Python, a vCPU fetching an instruction) run under a
+ * guard: RAM whose file shrank fails them with -EFAULT and stops the VM.
  */
 #define _GNU_SOURCE	/* SEEK_DATA, SEEK_HOLE */
 #include <errno.h>
@@ -9,10 +11,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "guard.h"
 #include "memory.h"
 
 struct vmm_mem *vmm_mem_new(void)
 {
+	vmm_guard_init();	/* before any guest RAM exists */
 	return calloc(1, sizeof(struct vmm_mem));
 }
 
@@ -161,6 +165,18 @@ const struct vmm_mem_region *vmm_mem_region_of(const struct vmm_mem *mem, uint64
 	return NULL;
 }
 
+uint64_t vmm_mem_fault(const struct vmm_mem *mem, const void *hva)
+{
+	const uint8_t *p = hva;
+	uint64_t gpa = ~0ull;
+	for (int i = 0; i < mem->n; i++)
+		if (p >= mem->r[i].hva && p < mem->r[i].hva + mem->r[i].size)
+			gpa = mem->r[i].gpa + (uint64_t)(p - mem->r[i].hva);
+	if (mem->on_fault)
+		mem->on_fault(mem->fault_ctx, gpa);
+	return gpa;
+}
+
 /* Copies may span adjacent regions; each piece is checked on its own. */
 static int mem_copy(const struct vmm_mem *mem, uint64_t gpa, uint8_t *buf,
 		    uint64_t len, int to_guest)
@@ -182,18 +198,31 @@ static int mem_copy(const struct vmm_mem *mem, uint64_t gpa, uint8_t *buf,
 	return 0;
 }
 
-int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t len)
+static int guarded_copy(const struct vmm_mem *mem, uint64_t gpa, uint8_t *buf,
+			uint64_t len, int to_guest)
 {
+	struct vmm_guard g;
+	int r;
 	if (gpa + len < gpa)
 		return -EFAULT;
-	return mem_copy(mem, gpa, buf, len, 0);
+	if (VMM_GUARD_ENTER(&g, mem) == 0) {
+		r = mem_copy(mem, gpa, buf, len, to_guest);
+	} else {
+		vmm_mem_fault(mem, g.fault_addr);
+		r = -EFAULT;
+	}
+	vmm_guard_leave(&g);
+	return r;
+}
+
+int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t len)
+{
+	return guarded_copy(mem, gpa, buf, len, 0);
 }
 
 int vmm_mem_write(struct vmm_mem *mem, uint64_t gpa, const void *buf, uint64_t len)
 {
-	if (gpa + len < gpa)
-		return -EFAULT;
-	return mem_copy(mem, gpa, (uint8_t *)buf, len, 1);
+	return guarded_copy(mem, gpa, (uint8_t *)buf, len, 1);
 }
 
 int vmm_mem_region_count(const struct vmm_mem *mem)

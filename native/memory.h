@@ -24,11 +24,12 @@ struct vmm_mem_region {
 struct vmm_mem {
 	int n;
 	struct vmm_mem_region r[VMM_MEM_MAX_REGIONS];
+	/* Told when a guarded access found a page of this RAM gone (guard.h):
+	 * the VM stops.  NULL without a VM (native tests). */
+	void (*on_fault)(void *ctx, uint64_t gpa);
+	void *fault_ctx;
 };
 
-/* Guest RAM from a file, MAP_PRIVATE, between guard pages like any region. */
-int vmm_mem_add_file_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, int fd,
-			    uint64_t offset);
 /* Start recording device writes (a bitmap per region). */
 int vmm_mem_track_dirty(struct vmm_mem *mem);
 /* A device wrote [hva, hva+len) of guest RAM: remember the pages. */
@@ -40,5 +41,8 @@ const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int id
 void vmm_mem_unmap(const struct vmm_mem_region *r);
 /* The region holding guest address gpa, or NULL. */
 const struct vmm_mem_region *vmm_mem_region_of(const struct vmm_mem *mem, uint64_t gpa);
+/* A guard caught a fault at host address hva of this RAM: tell on_fault.
+ * Returns the guest physical address (or ~0 if hva is not guest RAM). */
+uint64_t vmm_mem_fault(const struct vmm_mem *mem, const void *hva);
 
 #endif

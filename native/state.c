@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 
+#include "guard.h"
 #include "vcpu.h"
 #include "vm.h"
 
@@ -235,22 +236,13 @@ static int take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t word
 }
 
 /* Full: runs of non-zero pages at their place (zero pages stay holes).
- * Diff: dirty pages packed at *pos, their bits set from page `first` on. */
-static int64_t write_region(struct vmm_vm *vm, int slot, int fd, uint64_t *pos, int diff,
-			    uint8_t *bitmap, uint64_t first)
+ * Diff: dirty pages packed at *pos, their bits set from page `first` on.
+ * The caller runs it under a guard: the zero-page check reads guest RAM. */
+static int64_t write_pages(const struct vmm_mem *mem, const struct vmm_mem_region *reg,
+			   const uint64_t *bits, int fd, uint64_t *pos, int diff, uint8_t *bitmap,
+			   uint64_t first)
 {
-	struct vmm_mem_region *reg = &vm->mem->r[slot];
-	uint64_t pages = reg->size / PAGE, words = (pages + 63) / 64, written = 0;
-	uint64_t *bits = NULL;
-	if (vm->track_dirty) {
-		if (!(bits = calloc(words, 8)))
-			return -ENOMEM;
-		int r = take_dirty(vm, slot, bits, words);
-		if (r) {
-			free(bits);
-			return r;
-		}
-	}
+	uint64_t pages = reg->size / PAGE, written = 0;
 	int r = 0;
 	for (uint64_t pg = 0; pg < pages && !r;) {
 		int want = diff ? (int)((bits[pg / 64] >> (pg % 64)) & 1) : !page_is_zero(reg->hva + pg * PAGE);
@@ -264,6 +256,14 @@ static int64_t write_region(struct vmm_vm *vm, int slot, int fd, uint64_t *pos, 
 			end++;
 		uint64_t len = (end - pg) * PAGE;
 		r = write_all(fd, reg->hva + pg * PAGE, len, diff ? *pos : *pos + pg * PAGE);
+		if (r == -EFAULT) {
+			/* The kernel's read of our RAM failed: a page is gone.  Touch
+			 * them, so the guard says which; if none faults now, say the run. */
+			struct iovec run = { reg->hva + pg * PAGE, len };
+			vmm_guard_probe(&run, 1);
+			vmm_mem_fault(mem, run.iov_base);
+			return -EFAULT;
+		}
 		if (diff) {
 			for (uint64_t p = pg; p < end; p++)
 				bitmap[(first + p) / 8] |= (uint8_t)(1u << ((first + p) % 8));
@@ -274,8 +274,44 @@ static int64_t write_region(struct vmm_vm *vm, int slot, int fd, uint64_t *pos, 
 	}
 	if (!diff)
 		*pos += reg->size;
-	free(bits);
 	return r ? r : (int64_t)written;
+}
+
+/* write_pages under a guard: RAM whose file shrank fails it, and stops the VM. */
+static int64_t write_guarded(struct vmm_vm *vm, const struct vmm_mem_region *reg,
+			     const uint64_t *bits, int fd, uint64_t *pos, int diff,
+			     uint8_t *bitmap, uint64_t first)
+{
+	struct vmm_guard g;
+	int64_t n;
+	if (VMM_GUARD_ENTER(&g, vm->mem) == 0) {
+		n = write_pages(vm->mem, reg, bits, fd, pos, diff, bitmap, first);
+	} else {
+		vmm_mem_fault(vm->mem, g.fault_addr);
+		n = -EFAULT;
+	}
+	vmm_guard_leave(&g);
+	return n;
+}
+
+static int64_t write_region(struct vmm_vm *vm, int slot, int fd, uint64_t *pos, int diff,
+			    uint8_t *bitmap, uint64_t first)
+{
+	struct vmm_mem_region *reg = &vm->mem->r[slot];
+	uint64_t words = (reg->size / PAGE + 63) / 64;
+	uint64_t *bits = NULL;
+	if (vm->track_dirty) {
+		if (!(bits = calloc(words, 8)))
+			return -ENOMEM;
+		int r = take_dirty(vm, slot, bits, words);
+		if (r) {
+			free(bits);
+			return r;
+		}
+	}
+	int64_t n = write_guarded(vm, reg, bits, fd, pos, diff, bitmap, first);
+	free(bits);
+	return n;
 }
 
 int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff,

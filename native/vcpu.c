@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "guard.h"
 #include "vcpu.h"
 
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
@@ -279,8 +280,9 @@ static void *vcpu_main(void *arg)
 	struct vmm_vcpu *vc = arg;
 	struct vmm_vm *vm = vc->vm;
 	sigset_t set;
-	/* Process signals (SIGINT, SIGTERM) belong to Python's main thread. */
-	sigfillset(&set);
+	/* Process signals (SIGINT, SIGTERM) belong to Python's main thread;
+	 * fault signals stay deliverable (MMIO writes run devices guarded). */
+	vmm_guard_thread_sigset(&set);
 	sigdelset(&set, kick_signal());
 	pthread_sigmask(SIG_SETMASK, &set, NULL);
 

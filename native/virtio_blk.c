@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "guard.h"
 #include "virtio_blk.h"
 
 enum {
@@ -102,6 +103,16 @@ static int full_io(int fd, struct iovec *iov, int n, uint64_t off, uint64_t tota
 	return 0;
 }
 
+/* The transfer failed.  EFAULT on buffers inside guest RAM means a page of
+ * it vanished (its file shrank): touching them faults inside the caller's
+ * guard, and the VM stops.  Else it is an I/O error for the guest. */
+static uint8_t io_error(const struct vmm_chain *c)
+{
+	if (errno == EFAULT)
+		vmm_guard_probe(c->seg, c->nseg);
+	return S_IOERR;
+}
+
 /* Serve one request; returns the status byte and bytes written to the guest. */
 static uint8_t serve(struct vmm_blk *b, const struct vmm_chain *c, uint32_t *written)
 {
@@ -113,18 +124,20 @@ static uint8_t serve(struct vmm_blk *b, const struct vmm_chain *c, uint32_t *wri
 	switch (hdr.type) {
 	case T_IN: {
 		int n = data_iov(c, 1, iov, &total);
-		if (!in_range(b, hdr.sector, total) ||
-		    full_io(b->fd, iov, n, hdr.sector * SECTOR, total, 0))
+		if (!in_range(b, hdr.sector, total))
 			return S_IOERR;
+		if (full_io(b->fd, iov, n, hdr.sector * SECTOR, total, 0))
+			return io_error(c);
 		st->bytes_read += total;
 		*written = (uint32_t)total;
 		return S_OK;
 	}
 	case T_OUT: {
 		int n = data_iov(c, 0, iov, &total);
-		if (b->read_only || !in_range(b, hdr.sector, total) ||
-		    full_io(b->fd, iov, n, hdr.sector * SECTOR, total, 1))
+		if (b->read_only || !in_range(b, hdr.sector, total))
 			return S_IOERR;
+		if (full_io(b->fd, iov, n, hdr.sector * SECTOR, total, 1))
+			return io_error(c);
 		st->bytes_written += total;
 		return S_OK;
 	}

@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 
+#include "guard.h"
 #include "virtio_mmio.h"
 
 enum {
@@ -74,7 +75,8 @@ void vmm_virtio_signal_used(struct vmm_virtio *v, uint32_t q)
 
 static void reset(struct vmm_virtio *v)
 {
-	v->status = 0;
+	/* A faulted device stays broken: its memory will not come back. */
+	v->status = v->faulted ? VMM_VIRTIO_STATUS_NEEDS_RESET : 0;
 	v->driver_features = 0;
 	v->int_status = 0;
 	v->dev_feat_sel = v->drv_feat_sel = v->queue_sel = 0;
@@ -94,8 +96,20 @@ static struct vmm_virtq *selected(struct vmm_virtio *v)
  * consumes none before it, whatever a guest-controlled notify says. */
 static void serve_queue(struct vmm_virtio *v, uint32_t q)
 {
-	if (v->status & ST_DRIVER_OK)
+	if ((v->status & ST_DRIVER_OK) && !v->faulted)
 		v->ops->queue_notify(v, q);
+}
+
+/* Back from a guard's jump (lock held): the page at g->fault_addr is gone.
+ * Whatever the device was doing is abandoned half-way; it never runs again.
+ * No interrupt for the NEEDS_RESET: it would only wake the guest into the
+ * missing memory, and its crash there could win the VM's stop reason. */
+static void memory_fault(struct vmm_virtio *v, const struct vmm_guard *g)
+{
+	v->faulted = 1;
+	v->status |= VMM_VIRTIO_STATUS_NEEDS_RESET;
+	vmm_virtio_poll_backend(v, 0);	/* a readable tap would spin the I/O thread */
+	vmm_mem_fault(v->mem, g->fault_addr);
 }
 
 static uint32_t reg_read(struct vmm_virtio *v, uint64_t off)
@@ -220,9 +234,14 @@ static void mmio_write(void *priv, uint64_t off, const uint8_t *data, uint32_t l
 	if (off >= R_CONFIG || len != 4 || (off & 3))
 		return;	/* config is read-only here; registers are 32-bit */
 	uint32_t val;
+	struct vmm_guard g;
 	memcpy(&val, data, 4);
 	pthread_mutex_lock(&v->lock);
-	reg_write(v, off, val);
+	if (VMM_GUARD_ENTER(&g, v->mem) == 0)
+		reg_write(v, off, val);
+	else
+		memory_fault(v, &g);
+	vmm_guard_leave(&g);
 	pthread_mutex_unlock(&v->lock);
 }
 
@@ -249,18 +268,29 @@ void vmm_virtio_mmio_write(struct vmm_virtio *v, uint64_t off, uint32_t value, u
 void vmm_virtio_kick(struct vmm_virtio *v, uint32_t q)
 {
 	uint64_t cnt;
+	struct vmm_guard g;
 	if (v->kick_fd[q] >= 0 && read(v->kick_fd[q], &cnt, sizeof(cnt)) < 0)
 		return;	/* spurious wake-up */
 	pthread_mutex_lock(&v->lock);
-	serve_queue(v, q);
+	if (VMM_GUARD_ENTER(&g, v->mem) == 0)
+		serve_queue(v, q);
+	else
+		memory_fault(v, &g);
+	vmm_guard_leave(&g);
 	pthread_mutex_unlock(&v->lock);
 }
 
 void vmm_virtio_backend_ready(struct vmm_virtio *v)
 {
+	struct vmm_guard g;
 	pthread_mutex_lock(&v->lock);
-	if (v->ops->backend_ready)
-		v->ops->backend_ready(v);
+	if (VMM_GUARD_ENTER(&g, v->mem) == 0) {
+		if (v->ops->backend_ready && !v->faulted)
+			v->ops->backend_ready(v);
+	} else {
+		memory_fault(v, &g);
+	}
+	vmm_guard_leave(&g);
 	pthread_mutex_unlock(&v->lock);
 }
 
@@ -367,6 +397,8 @@ static int restore_queue(struct vmm_virtq *q, const struct vmm_virtq_state *s,
 	return s->ready ? vmm_virtq_activate(q, mem) : 0;
 }
 
+/* No guard here: restoring reads no ring, it only checks the rings' place
+ * in RAM (the VM is not started; the first kick reads them, guarded). */
 int vmm_virtio_restore(struct vmm_virtio *v, const struct vmm_virtio_state *s)
 {
 	enum { KNOWN_STATUS = 0x01 | 0x02 | ST_DRIVER_OK | ST_FEATURES_OK |

@@ -7,6 +7,13 @@
  * QueueNotify normally never exits to us: KVM signals a per-queue ioeventfd
  * that the VM's I/O thread serves (vmm_virtio_kick).  The interrupt goes
  * out through an irqfd.  Without KVM (native tests) both are plain calls.
+ *
+ * Every entry that may touch guest RAM (kick, backend ready, register
+ * writes: DRIVER_OK starts net RX, a notify without ioeventfd serves the
+ * queue) runs the device under a guard (guard.h), with the lock held.  If
+ * guest RAM vanished under it (its file shrank), the device is faulted for
+ * good: NEEDS_RESET, no queue served again, even after a reset; and the VM
+ * is told to stop (vmm_mem's on_fault).
  */
 #ifndef VMM_VIRTIO_MMIO_H
 #define VMM_VIRTIO_MMIO_H
@@ -54,6 +61,7 @@ struct vmm_virtio {
 	uint64_t base;			/* guest physical MMIO base */
 	uint32_t status, dev_feat_sel, drv_feat_sel, queue_sel, int_status, config_gen;
 	uint64_t driver_features;
+	int faulted;			/* guest RAM vanished under the device */
 	struct vmm_virtq q[VMM_VIRTIO_MAX_QUEUES];
 	struct vmm_virtio_stats st;
 	/* A host fd with input for the device (a tap), -1 if none.  The I/O

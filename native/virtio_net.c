@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <linux/if_tun.h>
 
+#include "guard.h"
 #include "virtio_net.h"
 
 enum {
@@ -65,6 +66,8 @@ static void tx(struct vmm_virtio *v)
 		do {
 			w = writev(n->tap_fd, c.seg, c.nseg);
 		} while (w < 0 && errno == EINTR);
+		if (w < 0 && errno == EFAULT)
+			vmm_guard_probe(c.seg, c.nseg);	/* a page vanished: faults, see guard.h */
 		if (w < 0) {
 			v->st.io_errors++;	/* tap full, gone or header refused: dropped */
 		} else {
@@ -138,6 +141,8 @@ static void rx(struct vmm_net *n)
 		do {
 			got = readv(n->tap_fd, n->rx_iov, niov);
 		} while (got < 0 && errno == EINTR);
+		if (got < 0 && errno == EFAULT)
+			vmm_guard_probe(n->rx_iov, niov);	/* a page vanished: faults, see guard.h */
 		if (got <= 0) {
 			q->last_avail -= (uint16_t)k;	/* tap empty: give the chains back */
 			break;

@@ -64,6 +64,16 @@ static void on_i8042_reset(void *ctx)
 	vmm_vm_request_stop(ctx, VMM_STOP_RESET, &ev);
 }
 
+/* A guard caught guest RAM gone under the VMM (guard.h): whichever thread
+ * it was - the I/O thread, a vCPU, Python writing a snapshot - only this VM
+ * stops, with the guest physical address. */
+static void on_memory_fault(void *ctx, uint64_t gpa)
+{
+	struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_MEMORY_FAULT,
+				.vcpu = -1, .code = gpa };
+	vmm_vm_request_stop(ctx, VMM_STOP_MEMORY_FAULT, &ev);
+}
+
 static int create_machine(struct vmm_vm *vm)
 {
 	uint64_t idmap = IDENTITY_MAP_ADDR;
@@ -134,6 +144,10 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 	if (r >= 0) {
 		vm->mem = vmm_mem_new();
 		r = vm->mem ? 0 : -ENOMEM;
+	}
+	if (r >= 0) {
+		vm->mem->on_fault = on_memory_fault;
+		vm->mem->fault_ctx = vm;
 	}
 	if (r >= 0)
 		r = create_devices(vm);

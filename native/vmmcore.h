@@ -18,6 +18,11 @@ struct vmm_mem *vmm_mem_new(void);
 void vmm_mem_free(struct vmm_mem *mem);
 /* hva == NULL: the core maps anonymous memory itself (and unmaps it). */
 int vmm_mem_add_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, void *hva);
+/* Guest RAM from a file, MAP_PRIVATE, between guard pages like any region.
+ * Should the file shrink later, an access to a page past its end fails that
+ * access (-EFAULT) and stops the VM the memory belongs to, nothing else. */
+int vmm_mem_add_file_region(struct vmm_mem *mem, uint64_t gpa, uint64_t size, int fd,
+			    uint64_t offset);
 int vmm_mem_read(const struct vmm_mem *mem, uint64_t gpa, void *buf, uint64_t len);
 int vmm_mem_write(struct vmm_mem *mem, uint64_t gpa, const void *buf, uint64_t len);
 int vmm_mem_region_count(const struct vmm_mem *mem);
@@ -64,7 +69,9 @@ enum vmm_stop_reason {
 	VMM_STOP_INTERNAL_ERROR = 6,	/* other KVM internal error; code = suberror */
 	VMM_STOP_KVM_ERROR = 7,	/* an ioctl failed; err = errno */
 	VMM_STOP_REQUESTED = 8,	/* vmm_vm_stop() from outside */
-	VMM_STOP_POWEROFF = 9		/* KVM_EXIT_SYSTEM_EVENT shutdown */
+	VMM_STOP_POWEROFF = 9,		/* KVM_EXIT_SYSTEM_EVENT shutdown */
+	VMM_STOP_MEMORY_FAULT = 10	/* guest RAM vanished under the VMM (its file
+					 * shrank); code = the guest physical address */
 };
 
 struct vmm_event {
@@ -273,7 +280,8 @@ int vmm_vm_tracks_dirty(const struct vmm_vm *vm);
  * every page, all-zero pages left as holes (fd pre-sized).  diff: only
  * pages dirtied since the last write, packed, one bit each in bitmap
  * (bitmap_len bytes: RAM pages / 8, rounded up).  Either way the dirty log
- * starts again.  Returns bytes written. */
+ * starts again.  Returns bytes written; -EFAULT when a page of guest RAM is
+ * gone (its file shrank): the VM then stops with VMM_STOP_MEMORY_FAULT. */
 int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff,
 			    uint8_t *bitmap, uint64_t bitmap_len);
 /* Start with every vCPU parked: the VM is PAUSED (a restore). */

@@ -31,6 +31,7 @@ class StopReason(enum.IntEnum):
     KVM_ERROR = lib.VMM_STOP_KVM_ERROR
     REQUESTED = lib.VMM_STOP_REQUESTED
     POWEROFF = lib.VMM_STOP_POWEROFF
+    MEMORY_FAULT = lib.VMM_STOP_MEMORY_FAULT  # guest RAM's file shrank; code = the address
 
 
 class EventType(enum.IntEnum):
@@ -274,6 +275,11 @@ class GuestMemory:
 
     def add_region(self, gpa: int, size: int) -> None:
         check(lib.vmm_mem_add_region(self._mem, gpa, size, ffi.NULL), "add memory region")
+
+    def add_file_region(self, gpa: int, size: int, fd: int, offset: int = 0) -> None:
+        """RAM mapped from fd (MAP_PRIVATE) as a restored VM's is; fd may be closed after."""
+        check(lib.vmm_mem_add_file_region(self._mem, gpa, size, fd, offset),
+              "add memory region from a file")
 
     def write(self, gpa: int, data: bytes) -> None:
         check(lib.vmm_mem_write(self._mem, gpa, data, len(data)), f"write guest 0x{gpa:x}")

@@ -36,7 +36,7 @@ from vmmd.vm.boot.loader import (
 from vmmd.vm.devices import block, net
 from vmmd.vm.layout import ram_regions
 from vmmd.vm.snapshot import apply_state
-from vmmd.vm.vm import Vm
+from vmmd.vm.vm import MemoryFile, Vm
 
 
 @dataclass(frozen=True)
@@ -229,4 +229,5 @@ def restore_from(rs: RestoreSpec, snap: persist.Snapshot, memory_fd: int, *,
         native.create_vcpus(spec.vcpus, bare=True)
         apply_state(native, snap, spec)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources,
-              snapshot_id=snap.state.snapshot_id)
+              snapshot_id=snap.state.snapshot_id,
+              memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

@@ -11,6 +11,7 @@ each device's transport (validated against guest RAM), UART and i8042.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -39,8 +40,19 @@ class SnapshotInfo:
     duration_s: float
 
 
+def memory_unreadable(backing: str | None = None) -> DataLossError:
+    """Writing guest RAM found a page of it gone (the C core stopped the VM):
+    its backing file was truncated under it.  `backing` names that file when
+    the caller knows it (a restored VM: its snapshot's memory file)."""
+    return DataLossError("guest memory of this VM is no longer readable: its backing file"
+                         f"{f' {backing}' if backing else ''} was truncated, and the VM "
+                         "stopped")
+
+
 def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: persist.SnapshotDir,
-                  parent: str | None) -> SnapshotInfo:
+                  parent: str | None, *, backing: str | None = None) -> SnapshotInfo:
+    """`backing`: the file guest RAM is mapped from, if any, for the error
+    when it turns out truncated (the Vm does not pass it yet)."""
     t0 = time.monotonic()
     regions = ram_regions(spec.mem_bytes)
     ram_bytes = sum(r.size for r in regions)
@@ -59,8 +71,14 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: persi
 
     def write_ram(fd: int) -> tuple[int, bytes]:
         nonlocal written
-        written, bitmap = native.write_memory(fd, persist.MEMORY_OFFSET, diff=parent is not None,
-                                              pages=ram_bytes // PAGE_SIZE)
+        try:
+            written, bitmap = native.write_memory(fd, persist.MEMORY_OFFSET,
+                                                  diff=parent is not None,
+                                                  pages=ram_bytes // PAGE_SIZE)
+        except NativeError as e:
+            if e.errno == errno.EFAULT:  # only a vanished page of guest RAM
+                raise memory_unreadable(backing) from None
+            raise
         return written, bitmap
 
     mem_size, state_size = persist.write(directory, s, write_ram)

@@ -40,6 +40,7 @@ REASON_TEXT = {
     StopReason.INTERNAL_ERROR: "KVM internal error",
     StopReason.KVM_ERROR: "KVM_RUN failed",
     StopReason.REQUESTED: "stopped by request",
+    StopReason.MEMORY_FAULT: "guest memory became unreadable (its backing file shrank)",
 }
 
 
@@ -65,18 +66,48 @@ def describe_stop(ev: Event | None, reason: StopReason) -> StopInfo:
             text += f", hardware reason {ev.code:#x}"
         if reason == StopReason.INTERNAL_ERROR:
             text += f", code {ev.code}"
+        if reason == StopReason.MEMORY_FAULT:
+            text += f" at guest address {ev.code:#x}"
         if ev.err:
             text += f": {os.strerror(ev.err)}"
     return StopInfo(reason, reason in CLEAN_STOPS, text)
 
 
+class MemoryFile:
+    """The file a restored VM's RAM is mapped from (its snapshot's memory),
+    kept open to tell, if the VM dies, whether someone truncated it."""
+
+    def __init__(self, path: str, fd: int, size: int) -> None:
+        self.path = path
+        self._fd = os.dup(fd)
+        self._size = size
+
+    def shrunk(self) -> str | None:
+        """What happened to the file, in words, if it is shorter than mapped."""
+        if self._fd < 0:
+            return None
+        now = os.fstat(self._fd).st_size
+        if now >= self._size:
+            return None
+        return f"its memory file {self.path} was truncated to {now} bytes (mapped: {self._size})"
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class Vm:
     def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
-                 resources: list[Any] | None = None, snapshot_id: str | None = None) -> None:
+                 resources: list[Any] | None = None, snapshot_id: str | None = None,
+                 memory_file: MemoryFile | None = None) -> None:
         self.spec = spec
         self.cmdline = cmdline if cmdline is not None else spec.cmdline  # as the guest got it
         self._native = native
         self._resources = resources or []  # closed with the VM (drive locks...)
+        self._memory_file = memory_file
+        if memory_file is not None:
+            self._resources.append(memory_file)
         self._state = State.CREATED
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -142,7 +173,9 @@ class Vm:
             with persist.writing(directory) as target:
                 parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
                 info = take_snapshot(self._native, self.spec, self.cmdline, target,
-                                     parent if diff else None)
+                                     parent if diff else None,
+                                     backing=self._memory_file.path if self._memory_file
+                                     else None)
             self._snapshot_id = info.snapshot_id
         self.log.info("vm.snapshot", kind=info.kind, dir=info.directory, ms=info.duration_s * 1e3)
         return info
@@ -314,6 +347,11 @@ class Vm:
         with self._lock:
             if self._stop_info is None:
                 info = describe_stop(ev, self._native.stop_reason)
+                shrunk = self._memory_file.shrunk() if self._memory_file else None
+                if shrunk and not info.clean:
+                    # Whatever KVM called it (PVM reports a triple fault), the guest
+                    # lost its memory: say so, naming the file.
+                    info = StopInfo(info.reason, False, f"{info.message}; {shrunk}")
                 self._stop_info = info
                 self._state = State.STOPPED if info.clean else State.CRASHED
                 level = self.log.info if info.clean else self.log.error
