@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
-from vmmd.errors import DataLossError, InvalidSpecError
+from vmmd.errors import DataLossError, InvalidSpecError, ResourceExhaustedError
 from vmmd.vm import persist
 
 PAGE = persist.PAGE
@@ -331,7 +331,7 @@ def test_failed_write_leaves_the_previous_snapshot(snap: tuple[Path, spb.Snapsho
         raise OSError(28, "No space left on device")
 
     new = make_state()
-    with pytest.raises(OSError):
+    with pytest.raises(ResourceExhaustedError, match="no space left for the snapshot"):
         write(d, new, failing)
     assert files(d) == ["memory", "vmstate"]  # no temp files left
     s = persist.read(str(d))

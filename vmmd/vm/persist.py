@@ -44,7 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
-from vmmd.errors import BusyError, DataLossError, InvalidSpecError, shown
+from vmmd.errors import (
+    BusyError,
+    DataLossError,
+    InvalidSpecError,
+    NativeError,
+    ResourceExhaustedError,
+    shown,
+)
 from vmmd.vm.hostfiles import PSEUDO_FILESYSTEMS, check_path, fs_type, open_file
 
 STATE_FILE, MEMORY_FILE = "vmstate", "memory"
@@ -232,6 +239,20 @@ def _temp(d: SnapshotDir, name: str) -> Iterator[tuple[int, str]]:
     os.close(fd)
 
 
+@contextmanager
+def _full_disk(d: SnapshotDir, field: str = "snapshot_dir") -> Iterator[None]:
+    """A filesystem out of space (or quota) is the host's limit, not our bug:
+    RESOURCE_EXHAUSTED naming the directory.  The temp files are gone by then
+    (_temp) and the previous snapshot is untouched."""
+    try:
+        yield
+    except (OSError, NativeError) as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ResourceExhaustedError(f"{field}: no space left for the snapshot in "
+                                     f"{shown(d.path)} ({os.strerror(e.errno)})") from None
+
+
 def _commit(d: SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
     # memory first: a crash before the state rename leaves the old state,
     # whose id the new memory header does not carry - refused, not mixed.
@@ -247,7 +268,8 @@ def write(d: SnapshotDir, state: spb.SnapshotState,
     the bitmap goes into the state.  Returns the sizes of the memory and
     state files."""
     ram_bytes = sum(r.size for r in state.memory)
-    with _temp(d, MEMORY_FILE) as (mfd, mtmp), _temp(d, STATE_FILE) as (sfd, stmp):
+    with _full_disk(d), _temp(d, MEMORY_FILE) as (mfd, mtmp), \
+            _temp(d, STATE_FILE) as (sfd, stmp):
         os.pwrite(mfd, memory_header(state.snapshot_id, state.kind, ram_bytes), 0)
         if state.kind == FULL:
             os.ftruncate(mfd, MEMORY_OFFSET + ram_bytes)  # holes for zero pages
@@ -517,7 +539,8 @@ def _merge_into(d: SnapshotDir, base: Snapshot, bf: int, diff: Snapshot, df: int
     state.kind, state.parent_id = FULL, ""
     state.ClearField("dirty_bitmap")
     applied = 0
-    with _temp(d, MEMORY_FILE) as (out, mtmp), _temp(d, STATE_FILE) as (sfd, stmp):
+    with _full_disk(d, "base_dir"), _temp(d, MEMORY_FILE) as (out, mtmp), \
+            _temp(d, STATE_FILE) as (sfd, stmp):
         end = MEMORY_OFFSET + base.ram_bytes
         os.ftruncate(out, end)
         os.pwrite(out, memory_header(state.snapshot_id, FULL, base.ram_bytes), 0)
