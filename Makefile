@@ -85,7 +85,7 @@ $(STAMPS)/native: $(STAMPS)/venv $(NATIVE_SRC)
 	$(PY) setup.py -q build_ext --inplace
 	@$(PY) -c "import vmmd.native" && touch $@
 
-# gRPC code generated from proto/ into vmmd/api/_gen/ (not committed).
+# gRPC code generated from proto/ into vmmd/_proto/ (not committed).
 proto: $(STAMPS)/proto
 $(STAMPS)/proto: $(STAMPS)/venv $(PROTO_SRC)
 	$(PY) proto/generate.py
@@ -103,7 +103,7 @@ $(GUEST)/initramfs.cpio.gz: $(IMAGE_INPUTS) $(STAMPS)/deps
 	@touch $@
 
 clean:
-	rm -rf build vmmd/native/_core.* vmmd/api/_gen .pytest_cache
+	rm -rf build vmmd/native/_core.* vmmd/_proto .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV)

@@ -1,11 +1,13 @@
-"""Generate the Python gRPC code for every .proto under proto/ into vmmd/api/_gen/.
+"""Generate the Python gRPC code for every .proto under proto/ into vmmd/_proto/.
 
 protoc names imports after the proto file path (`vmmd.v1.vmm_pb2`,
 `grpc.health.v1.health_pb2`), which would collide with the `vmmd` and `grpc`
 packages themselves; the generated tree is therefore placed under the
-package vmmd.api._gen (mirroring proto/) and its cross-imports rewritten to
+package vmmd._proto (mirroring proto/) and its cross-imports rewritten to
 it.  Descriptor file names stay `vmmd/v1/vmm.proto` etc., so reflection
-shows the same files a client compiles from proto/.
+shows the same files a client compiles from proto/.  One private package for
+all of them: the API uses vmm/health/reflection, the snapshot code uses
+snapshot.proto, and neither lives inside the other.
 Run by the Makefile (needs grpcio-tools, a dev dependency).
 """
 
@@ -20,8 +22,8 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
-OUT = ROOT.parent / "vmmd" / "api" / "_gen"
-PKG = "vmmd.api._gen"
+OUT = ROOT.parent / "vmmd" / "_proto"
+PKG = "vmmd._proto"
 
 
 def main() -> int:

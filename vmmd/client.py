@@ -20,8 +20,8 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 from vmmd.paths import DEFAULT_SOCKET
 
 T = TypeVar("T")

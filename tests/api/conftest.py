@@ -25,9 +25,9 @@ import grpc
 import pytest
 
 from tests.conftest import REPO
-from vmmd.api._gen.grpc.health.v1 import health_pb2, health_pb2_grpc
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 T = TypeVar("T")
 S = TypeVar("S", bound=grpc.Call)

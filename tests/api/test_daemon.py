@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.api.conftest import HANG_S, REPO, Daemon, attached, collect, list_ids
-from vmmd.api._gen.grpc.health.v1 import health_pb2
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.grpc.health.v1 import health_pb2
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

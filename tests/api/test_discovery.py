@@ -9,11 +9,11 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from tests.api.conftest import HANG_S, Daemon
-from vmmd.api._gen.grpc.health.v1 import health_pb2
-from vmmd.api._gen.grpc.reflection.v1 import reflection_pb2 as refl_v1
-from vmmd.api._gen.grpc.reflection.v1 import reflection_pb2_grpc as refl_v1_grpc
-from vmmd.api._gen.grpc.reflection.v1alpha import reflection_pb2 as refl_v1a
-from vmmd.api._gen.grpc.reflection.v1alpha import reflection_pb2_grpc as refl_v1a_grpc
+from vmmd._proto.grpc.health.v1 import health_pb2
+from vmmd._proto.grpc.reflection.v1 import reflection_pb2 as refl_v1
+from vmmd._proto.grpc.reflection.v1 import reflection_pb2_grpc as refl_v1_grpc
+from vmmd._proto.grpc.reflection.v1alpha import reflection_pb2 as refl_v1a
+from vmmd._proto.grpc.reflection.v1alpha import reflection_pb2_grpc as refl_v1a_grpc
 
 SERVICE = "vmmd.v1.VmService"
 METHODS = {"CreateVm", "StartVm", "PauseVm", "ResumeVm", "StopVm", "DeleteVm", "GetVm", "ListVms",

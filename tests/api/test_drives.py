@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from tests.api.conftest import config, list_ids, rpc_error
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 
 @pytest.fixture()

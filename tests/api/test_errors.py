@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from tests.api.conftest import config, list_ids, rpc_error
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from tests.api.conftest import Daemon, config, rpc_error, spawn
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 from vmmd.vm import persist
 
 pytestmark = pytest.mark.kvm

@@ -19,9 +19,9 @@ import grpc
 import pytest
 
 from tests.api.conftest import Daemon, config, rpc_error
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 pytestmark = pytest.mark.kvm
 

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from tests.api.conftest import HANG_S, Daemon, list_ids, rpc_error, wait_stopped
-from vmmd.api._gen.grpc.health.v1 import health_pb2
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.grpc.health.v1 import health_pb2
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 pytestmark = pytest.mark.kvm
 

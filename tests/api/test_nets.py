@@ -14,8 +14,8 @@ import pytest
 
 from tests.api.conftest import HANG_S, Daemon, assert_clean_exit, config, list_ids, rpc_error, spawn
 from tests.netns import NetNs
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
 TAPS = ("tap0", "tap1", "busy0")
 

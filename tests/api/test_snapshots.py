@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from tests.api.conftest import HANG_S, attached, config, list_ids, rpc_error
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 from vmmd.vm import persist
 
 pytestmark = pytest.mark.kvm

@@ -19,7 +19,7 @@ from tests.daemon import running_daemon
 from tests.kvm.test_daemon import ConsoleReader, ticks
 from tests.kvm.test_virtio_net import HOST_MAC, MAC0, host_frame, recv_frames
 from tests.netns import NetNs, mac_bytes
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.client import pb
 from vmmd.spec import DriveSpec, NetOverride, NetSpec, RestoreSpec, VmSpec
 from vmmd.vm import persist

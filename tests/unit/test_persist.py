@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, InvalidSpecError, ResourceExhaustedError
 from vmmd.vm import persist
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd.budget import BudgetInfo
 from vmmd.errors import InvalidSpecError
 from vmmd.events import ApiStopReason, EventKind, LifecycleEvent

@@ -17,11 +17,11 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from vmmd.api._gen.grpc.health.v1 import health_pb2, health_pb2_grpc
-from vmmd.api._gen.grpc.reflection.v1 import reflection_pb2 as refl_v1
-from vmmd.api._gen.grpc.reflection.v1 import reflection_pb2_grpc as refl_v1_grpc
-from vmmd.api._gen.grpc.reflection.v1alpha import reflection_pb2 as refl_v1a
-from vmmd.api._gen.grpc.reflection.v1alpha import reflection_pb2_grpc as refl_v1a_grpc
+from vmmd._proto.grpc.health.v1 import health_pb2, health_pb2_grpc
+from vmmd._proto.grpc.reflection.v1 import reflection_pb2 as refl_v1
+from vmmd._proto.grpc.reflection.v1 import reflection_pb2_grpc as refl_v1_grpc
+from vmmd._proto.grpc.reflection.v1alpha import reflection_pb2 as refl_v1a
+from vmmd._proto.grpc.reflection.v1alpha import reflection_pb2_grpc as refl_v1a_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from vmmd.api._gen.vmmd.v1 import vmm_pb2, vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2, vmm_pb2_grpc
 from vmmd.api.discovery import NOT_SERVING, HealthServicer, add_discovery_services
 from vmmd.api.pool import ElasticPool
 from vmmd.api.servicer import VmServicer

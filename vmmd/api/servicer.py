@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import grpc
 
 from vmmd.api import convert
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
-from vmmd.api._gen.vmmd.v1 import vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 from vmmd.api.status import status_for
 from vmmd.errors import InvalidSpecError, NotFoundError
 from vmmd.log import get_logger

@@ -48,7 +48,7 @@ def _wait_ready(client: Client, daemon: subprocess.Popen[bytes]) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb  # grpc loads only for `demo`
+    from vmmd._proto.vmmd.v1 import vmm_pb2 as pb  # grpc loads only for `demo`
     from vmmd.client import Client, ClientError
 
     tmp = tempfile.mkdtemp(prefix="vmmd-demo-")

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import (
     BusyError,
     DataLossError,

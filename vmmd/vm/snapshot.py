@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, NativeError
 from vmmd.native import LegacyState, MachineState, NativeVm, VcpuState, VirtioState
 from vmmd.spec import VmSpec

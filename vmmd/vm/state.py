@@ -14,7 +14,7 @@ import os
 import stat
 from typing import Any
 
-from vmmd.api._gen.vmmd.v1 import snapshot_pb2 as spb
+from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, InvalidSpecError, shown
 from vmmd.native import (
     BLOB_SIZES,
