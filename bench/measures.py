@@ -91,7 +91,7 @@ def in_process(reps: int) -> list[dict[str, Any]]:
     alone, timed by floor.c."""
     from vmmd import log
     from vmmd.native import NativeVm
-    from vmmd.spec import VmSpec
+    from vmmd.spec import BootSpec, VmSpec
     from vmmd.vm.builder import build_vm
 
     log.configure("console", "warning")
@@ -104,18 +104,18 @@ def in_process(reps: int) -> list[dict[str, Any]]:
         native, ms = _timed(NativeVm)
         series["native"].append(ms)
         series["close"].append(_timed(native.close)[1])
-        spec = VmSpec(vm_id=f"bench-{i}", kernel=str(guest.kernel), cmdline=guest.cmdline,
-                      mem_mib=targets.MEM_MIB)
+        spec = VmSpec(vm_id=f"bench-{i}", boot=BootSpec(str(guest.kernel), cmdline=guest.cmdline),
+                      memory_mib=targets.MEM_MIB)
         vm, ms = _timed(lambda spec=spec: build_vm(spec))
         series["build"].append(ms)
         with vm:
             t0 = time.perf_counter()
             vm.start()
             deadline = t0 + MICRO_TIMEOUT
-            while not vm.native.console_read(0, 1)[0]:
+            while not vm.console_read(0, 1)[0]:
                 if time.perf_counter() > deadline:
                     raise proc.RunError("in-process vmmd: no console output")
-                select.select([vm.native.console_notify_fd], [], [], 0.01)
+                vm.wait_console(0, 0.01)
             series["first"].append((time.perf_counter() - t0) * 1e3)
             info = vm.wait(MICRO_TIMEOUT)
             if info is None or not info.clean:

@@ -16,13 +16,39 @@ class VmmError(Exception):
     """Base of every error vmmd raises on purpose."""
 
 
-class InvalidSpecError(VmmError):
-    """A caller-supplied value is wrong.  `field` names it (dotted path)."""
+FieldPath = tuple[str | int, ...]
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+
+def render_path(path: FieldPath) -> str:
+    """("config", "drives", 1, "path_on_host") -> "config.drives[1].path_on_host"."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+class InvalidSpecError(VmmError):
+    """A caller-supplied value is wrong.  `path` names it, as a tuple of field
+    names and list indexes in the API's own terms (internal names are the
+    API's); each layer that knows more of the request prefixes it
+    (`within`), and the gRPC edge renders it once (`field`)."""
+
+    def __init__(self, path: FieldPath | str, problem: str) -> None:
+        self.path: FieldPath = (path,) if isinstance(path, str) else tuple(path)
         self.problem = problem
+        super().__init__(f"{self.field}: {problem}")
+
+    @property
+    def field(self) -> str:
+        return render_path(self.path)
+
+    def within(self, *prefix: str | int) -> InvalidSpecError:
+        """The same error, one level further out: e.within("config")."""
+        return type(self)(prefix + self.path, self.problem)
+
+    def at(self, path: FieldPath) -> InvalidSpecError:
+        """The same problem, reported at another field."""
+        return type(self)(path, self.problem)
 
 
 class NotFoundError(VmmError):

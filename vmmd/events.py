@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from vmmd.info import StopKind
+
 
 class EventKind(enum.Enum):
     CREATED = "created"
@@ -27,19 +29,12 @@ class EventKind(enum.Enum):
     RESTORED = "restored"
 
 
-class ApiStopReason(enum.Enum):
-    POWEROFF = "poweroff"
-    REBOOT = "reboot"
-    CRASH = "crash"
-    STOPPED_BY_API = "stopped_by_api"
-
-
 @dataclass(frozen=True)
 class LifecycleEvent:
     vm_id: str
     kind: EventKind
     time: float = field(default_factory=time.time)
-    reason: ApiStopReason | None = None
+    reason: StopKind | None = None  # STOPPED only
     message: str = ""
 
 

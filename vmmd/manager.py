@@ -4,6 +4,13 @@ Every verb on one VM runs under that VM's lock (one verb at a time per VM);
 different VMs proceed in parallel.  The registry lock only guards the id
 table, never a slow operation: building a VM (reading the kernel) happens
 outside it, with the id reserved so a duplicate is refused at once.
+
+The manager drives VMs only through Vm's methods and hands its callers
+plain values (info.VmInfo, SnapshotInfo, BudgetInfo): the API never holds a
+live VM, so the Vm behind an id could be a proxy for one in another
+process.  Locks, outermost first: the registry lock (ids only), a VM's
+entry lock (one verb), the Vm's own verb lock, its status lock, the C
+core's control lock.
 """
 
 from __future__ import annotations
@@ -21,35 +28,23 @@ from vmmd.errors import (
     InvalidSpecError,
     NotFoundError,
     ResourceExhaustedError,
-    StateError,
     quoted,
 )
-from vmmd.events import ApiStopReason, EventHub, EventKind, LifecycleEvent, Subscription
+from vmmd.events import EventHub, EventKind, LifecycleEvent, Subscription
+from vmmd.info import Phase, SnapshotInfo, StopSummary, VmInfo
 from vmmd.log import get_logger
-from vmmd.native import Event, EventType, StopReason
 from vmmd.spec import RestoreSpec, VmSpec, check_vm_id
 from vmmd.vm import persist
-from vmmd.vm.builder import build_vm, restore_from
+from vmmd.vm.builder import NativeFactory, build_vm, restore_from
 from vmmd.vm.console import ConsoleCursor
 from vmmd.vm.layout import check_memory_size
-from vmmd.vm.lifecycle import State
-from vmmd.vm.snapshot import SnapshotInfo, merge_snapshots
-from vmmd.vm.vm import StopInfo, Vm
+from vmmd.vm.lifecycle import allows, check_verb
+from vmmd.vm.snapshot import merge_snapshots
+from vmmd.vm.vm import Vm
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 DEFAULT_MAX_VMS = 1024
 _RESERVED = object()
-
-
-def api_stop_reason(info: StopInfo, requested: bool) -> ApiStopReason:
-    """How a stop is told to API users: by the API, by the guest, or a crash."""
-    if not info.clean:
-        return ApiStopReason.CRASH
-    if requested or info.reason == StopReason.REQUESTED:
-        return ApiStopReason.STOPPED_BY_API
-    if info.reason == StopReason.RESET:
-        return ApiStopReason.REBOOT
-    return ApiStopReason.POWEROFF
 
 
 @dataclass
@@ -57,11 +52,11 @@ class VmEntry:
     vm: Vm
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
-    stopped_at: float | None = None
-    stop_requested: bool = False
+    stopped_at: float | None = None  # set once, with the STOPPED event (stop_lock)
     deleted: bool = False  # set under `lock`; a deleted entry is never touched again
     memory_bytes: int = 0  # reserved in the memory budget; given back at delete
     lock: threading.RLock = field(default_factory=threading.RLock)
+    stop_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def vm_id(self) -> str:
@@ -72,12 +67,23 @@ class VmEntry:
             return 0.0
         return (self.stopped_at or time.time()) - self.started_at
 
+    def info(self) -> VmInfo:
+        """The VM as plain data, now.  NotFoundError once it was deleted."""
+        phase, stop = self.vm.observe()
+        counters = self.vm.counters()
+        return VmInfo(vm_id=self.vm_id, phase=phase, spec=self.vm.spec, cmdline=self.vm.cmdline,
+                      created_at=self.created_at, started_at=self.started_at,
+                      uptime_s=self.uptime_s(), counters=counters, stop=stop)
+
 
 class Manager:
     def __init__(self, *, kvm_path: str = "/dev/kvm", max_vms: int = DEFAULT_MAX_VMS,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None,
+                 native_factory: NativeFactory | None = None) -> None:
+        """native_factory: makes the C core's VM (tests pass a fake)."""
         self._kvm_path = kvm_path
         self._max_vms = max_vms
+        self._native_factory = native_factory
         self.memory = MemoryBudget(memory_budget)
         self._lock = threading.Lock()
         self._vms: dict[str, VmEntry | object] = {}
@@ -107,13 +113,13 @@ class Manager:
                   started: bool = False) -> VmEntry:
         entry = VmEntry(vm, started_at=time.time() if started else None,
                         memory_bytes=memory_bytes)
-        vm.add_listener(lambda ev: self._on_native_event(entry, ev))
+        vm.on_stopped(lambda info: self._publish_stop(entry, info))
         with self._lock:
             self._vms[vm.spec.vm_id] = entry
         self._publish(entry, kind)
         return entry
 
-    def get(self, vm_id: str) -> VmEntry:
+    def _entry(self, vm_id: str) -> VmEntry:
         with self._lock:
             entry = self._vms.get(vm_id)
         if not isinstance(entry, VmEntry):
@@ -124,36 +130,51 @@ class Manager:
     def _locked(self, vm_id: str) -> Iterator[VmEntry]:
         """The VM under its lock, still registered once the lock is ours: a
         verb that waited behind DeleteVm must not touch the deleted VM."""
-        entry = self.get(vm_id)
+        entry = self._entry(vm_id)
         with entry.lock:
             if entry.deleted:
                 raise NotFoundError(f"vm_id: VM {quoted(vm_id)} was deleted")
             yield entry
 
-    def list(self) -> list[VmEntry]:
+    def get(self, vm_id: str) -> VmInfo:
+        return self._entry(vm_id).info()
+
+    def list(self) -> list[VmInfo]:
+        """Every VM, leaving out any deleted while being listed."""
         with self._lock:
-            return [e for e in self._vms.values() if isinstance(e, VmEntry)]
+            entries = [e for e in self._vms.values() if isinstance(e, VmEntry)]
+        infos = []
+        for entry in entries:
+            try:
+                infos.append(entry.info())
+            except NotFoundError:
+                continue
+        return infos
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [k for k, e in self._vms.items() if isinstance(e, VmEntry)]
 
     def new_id(self) -> str:
         return f"vm-{uuid.uuid4().hex[:12]}"
 
+    def memory_info(self) -> BudgetInfo:
+        return self.memory.info()
+
     # -- verbs --
-    def create(self, spec: VmSpec) -> VmEntry:
+    def create(self, spec: VmSpec) -> VmInfo:
         check_vm_id(spec.vm_id)
         self._reserve(spec.vm_id)
         memory = 0
         try:
             check_memory_size(spec.mem_bytes)  # a bad size says so, not "over budget"
             memory = self.memory.reserve(spec.mem_bytes)
-            vm = build_vm(spec, kvm_path=self._kvm_path)
+            vm = build_vm(spec, kvm_path=self._kvm_path, native_factory=self._native_factory)
         except BaseException:
             self.memory.release(memory)
             self._unreserve(spec.vm_id)
             raise
-        return self._register(vm, EventKind.CREATED, memory)
-
-    def memory_info(self) -> BudgetInfo:
-        return self.memory.info()
+        return self._register(vm, EventKind.CREATED, memory).info()
 
     # -- snapshots --
     def snapshot(self, vm_id: str, directory: str, *, diff: bool) -> SnapshotInfo:
@@ -162,16 +183,16 @@ class Manager:
         self._publish(entry, EventKind.SNAPSHOT_TAKEN)
         return info
 
-    def restore(self, rs: RestoreSpec, *, resume: bool) -> VmEntry:
+    def restore(self, rs: RestoreSpec, *, resume: bool) -> VmInfo:
         return self._restore([rs], resume=resume, clones=False)[0]
 
-    def clone(self, specs: list[RestoreSpec], *, resume: bool) -> list[VmEntry]:
+    def clone(self, specs: list[RestoreSpec], *, resume: bool) -> list[VmInfo]:
         """VMs from one snapshot (read once): all of them, or none and
-        nothing left behind.  An error about one clone's devices names it:
-        clones[k].drives[j]..."""
+        nothing left behind.  An error about one clone's devices is about
+        ("clones", k, ...)."""
         return self._restore(specs, resume=resume, clones=True)
 
-    def _restore(self, specs: list[RestoreSpec], *, resume: bool, clones: bool) -> list[VmEntry]:
+    def _restore(self, specs: list[RestoreSpec], *, resume: bool, clones: bool) -> list[VmInfo]:
         ids = [check_vm_id(rs.vm_id) for rs in specs]
         if len(set(ids)) != len(ids):
             raise InvalidSpecError("vm_id", "the new VMs' ids are not unique")
@@ -183,11 +204,12 @@ class Manager:
                 memory = self.memory.reserve(snap.ram_bytes, len(specs))
                 for k, rs in enumerate(specs):
                     try:
-                        vms.append(restore_from(rs, snap, memory_fd, kvm_path=self._kvm_path))
+                        vms.append(restore_from(rs, snap, memory_fd, kvm_path=self._kvm_path,
+                                                native_factory=self._native_factory))
                     except InvalidSpecError as e:
-                        if not clones or e.field == "snapshot_dir":
+                        if not clones or e.path[0] == "snapshot_dir":
                             raise
-                        raise InvalidSpecError(f"clones[{k}].{e.field}", e.problem) from None
+                        raise e.within("clones", k) from None
             for vm in vms:
                 vm.start_restored(paused=not resume)
         except BaseException:
@@ -201,90 +223,80 @@ class Manager:
         if resume:
             for entry in entries:
                 self._publish(entry, EventKind.RESUMED)
-        return entries
+        return [e.info() for e in entries]
 
     def merge(self, base_dir: str, diff_dir: str) -> SnapshotInfo:
         return merge_snapshots(base_dir, diff_dir)
 
-    def start(self, vm_id: str) -> VmEntry:
+    def start(self, vm_id: str) -> VmInfo:
         with self._locked(vm_id) as entry:
             entry.vm.start()
             entry.started_at = time.time()
         self._publish(entry, EventKind.STARTED)
-        return entry
+        return entry.info()
 
-    def pause(self, vm_id: str) -> VmEntry:
-        return self._toggle(vm_id, Vm.pause, State.RUNNING, EventKind.PAUSED)
+    def pause(self, vm_id: str) -> VmInfo:
+        return self._toggle(vm_id, Vm.pause, Phase.RUNNING, EventKind.PAUSED)
 
-    def resume(self, vm_id: str) -> VmEntry:
-        return self._toggle(vm_id, Vm.resume, State.PAUSED, EventKind.RESUMED)
+    def resume(self, vm_id: str) -> VmInfo:
+        return self._toggle(vm_id, Vm.resume, Phase.PAUSED, EventKind.RESUMED)
 
-    def _toggle(self, vm_id: str, verb: Callable[[Vm], None], from_state: State,
-                kind: EventKind) -> VmEntry:
-        """Pause/resume: idempotent, an event only when the state changed."""
+    def _toggle(self, vm_id: str, verb: Callable[[Vm], None], from_phase: Phase,
+                kind: EventKind) -> VmInfo:
+        """Pause/resume: idempotent, an event only when the phase changed."""
         with self._locked(vm_id) as entry:
             was = entry.vm.state
             verb(entry.vm)
-        if was == from_state:
+        if was == from_phase:
             self._publish(entry, kind)
-        return entry
+        return entry.info()
 
     def stop(self, vm_id: str, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
-             force: bool = False) -> VmEntry:
+             force: bool = False) -> VmInfo:
         """Graceful (Ctrl-Alt-Del, wait) then forced; the guest's own reset
         or power-off in answer counts as "stopped by API"."""
         with self._locked(vm_id) as entry:
             vm = entry.vm
-            if vm.state not in (State.RUNNING, State.PAUSED):
-                raise StateError(f"cannot stop a VM that is {vm.state.value}")
-            entry.stop_requested = True
-            if not force and vm.state == State.RUNNING:
+            check_verb("stop", vm.state)
+            if not force and allows("shut down", vm.state):
                 try:
-                    vm.native.send_ctrl_alt_del()
+                    vm.request_shutdown()
                 except Exception:  # noqa: BLE001 - the forced path follows
                     self.log.warning("vm.cad_failed", vm_id=vm_id)
                 if vm.wait(timeout_s) is None:
                     self.log.info("vm.stop_forced", vm_id=vm_id, timeout_s=timeout_s)
-            vm.stop()
-            self._publish_stop(entry)
-        return entry
+            vm.stop()  # publishes STOPPED (on_stopped), if the guest did not already
+        return entry.info()
 
     def delete(self, vm_id: str) -> None:
         with self._locked(vm_id) as entry:
-            if entry.vm.state in (State.RUNNING, State.PAUSED):
-                entry.stop_requested = True
             entry.deleted = True
-            entry.vm.close()
+            entry.vm.close()  # STOPPED (on_stopped) always comes before DELETED
             self.memory.release(entry.memory_bytes)
-            self._publish_stop(entry)  # STOPPED always comes before DELETED
             with self._lock:
                 del self._vms[vm_id]
         self._publish(entry, EventKind.DELETED)
 
     def console_input(self, vm_id: str, data: bytes) -> int:
-        entry = self.get(vm_id)
-        if entry.vm.state not in (State.RUNNING, State.PAUSED, State.CREATED):
-            raise StateError(f"cannot write to the console of a VM that is {entry.vm.state.value}")
-        return entry.vm.console_input(data)
+        return self._entry(vm_id).vm.console_input(data)
 
     def subscribe(self, vm_id: str | None,
                   notify: Callable[[], None] | None = None) -> Subscription:
         """Lifecycle events (of one VM, or all); notify() is called from the
         publishing thread as each is queued."""
         if vm_id:
-            self.get(vm_id)
+            self._entry(vm_id)
         return self.events.subscribe(vm_id or None, notify)
 
     def console_cursor(self, vm_id: str, *, from_start: bool) -> ConsoleCursor:
         """A reader of the VM's console (history first if from_start).  An
         unknown id fails here, before anything is read."""
-        return ConsoleCursor(self.get(vm_id).vm, from_start=from_start)
+        return ConsoleCursor(self._entry(vm_id).vm, from_start=from_start)
 
     def shutdown(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every VM (graceful, in parallel, then forced) and delete them."""
-        entries = self.list()
-        threads = [threading.Thread(target=self._shutdown_one, args=(e, timeout_s), daemon=True)
-                   for e in entries]
+        threads = [threading.Thread(target=self._shutdown_one, args=(vm_id, timeout_s),
+                                    daemon=True) for vm_id in self.ids()]
         for t in threads:
             t.start()
         for t in threads:
@@ -292,31 +304,23 @@ class Manager:
         self.events.close_all()
 
     # -- internals --
-    def _shutdown_one(self, entry: VmEntry, timeout_s: float) -> None:
+    def _shutdown_one(self, vm_id: str, timeout_s: float) -> None:
         try:
-            if entry.vm.state in (State.RUNNING, State.PAUSED):
-                self.stop(entry.vm_id, timeout_s=timeout_s)
-            self.delete(entry.vm_id)
+            if allows("stop", self._entry(vm_id).vm.state):
+                self.stop(vm_id, timeout_s=timeout_s)
+            self.delete(vm_id)
         except Exception as e:  # noqa: BLE001 - shutdown goes on for the others
-            self.log.error("vm.shutdown_failed", vm_id=entry.vm_id, error=str(e))
+            self.log.error("vm.shutdown_failed", vm_id=vm_id, error=str(e))
 
-    def _on_native_event(self, entry: VmEntry, ev: Event) -> None:
-        if ev.type == EventType.STOPPED:
-            # The watcher thread calls this before it joins the vCPUs; the
-            # STOPPED event is published from _publish_stop once joined.
-            threading.Thread(target=self._publish_stop, args=(entry, True), daemon=True).start()
-
-    def _publish_stop(self, entry: VmEntry, wait: bool = False) -> None:
-        """Publish STOPPED once per VM: from whichever path (the guest's own
-        stop, StopVm, DeleteVm) sees the stop first."""
-        info = entry.vm.wait() if wait else entry.vm.stop_info
-        with entry.lock:
-            if info is None or entry.stopped_at is not None:
+    def _publish_stop(self, entry: VmEntry, stop: StopSummary) -> None:
+        """STOPPED, once per VM, from the thread that saw the VM stop (its
+        watcher, or a stop()/close() caller): never waits for a verb."""
+        with entry.stop_lock:
+            if entry.stopped_at is not None:
                 return
             entry.stopped_at = time.time()
-            reason = api_stop_reason(info, entry.stop_requested)
-            self.events.publish(LifecycleEvent(entry.vm_id, EventKind.STOPPED, reason=reason,
-                                               message=info.message))
+        self.events.publish(LifecycleEvent(entry.vm_id, EventKind.STOPPED, reason=stop.kind,
+                                           message=stop.message))
 
     def _publish(self, entry: VmEntry, kind: EventKind) -> None:
         self.events.publish(LifecycleEvent(entry.vm_id, kind))

@@ -1,15 +1,19 @@
 """What a VM is asked to be: frozen specs, checked before anything exists.
 
 The API and CLI layers convert their input into a VmSpec; the builder
-consumes it.  Field names here are the names error messages use.
+consumes it.  The specs mirror the API's messages field for field, names
+included (VmSpec ~ VmConfig plus vm_id, BootSpec ~ BootSource, DriveSpec ~
+Drive, NetSpec ~ NetworkInterface, RestoreSpec ~ RestoreVmRequest): an
+error's field path (errors.InvalidSpecError.path) is then the API's path
+as it is, with only the request's own prefix ("config") added at the edge.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from vmmd.errors import InvalidSpecError, quoted
+from vmmd.errors import FieldPath, InvalidSpecError, quoted
 
 MiB = 1 << 20
 DEFAULT_VCPUS = 1
@@ -20,49 +24,59 @@ ID_RULE = "must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
 
 
 @dataclass(frozen=True)
+class BootSpec:
+    """How the guest boots.  cmdline None: the default command line (the
+    builder resolves it, with this host's workarounds); cmdline_append is
+    added to whichever it is."""
+
+    kernel_path: str
+    initrd_path: str | None = None
+    cmdline: str | None = None
+    cmdline_append: str | None = None
+
+
+@dataclass(frozen=True)
 class DriveSpec:
     """A raw disk image given to the guest as a virtio-blk device."""
 
     drive_id: str
-    path: str
+    path_on_host: str
     read_only: bool = False
-    is_root: bool = False
+    is_root_device: bool = False
 
 
 @dataclass(frozen=True)
 class NetSpec:
     """A network interface: a host tap device given to the guest as virtio-net.
-    mac None: generated, stable for the VM id and interface id."""
+    guest_mac None: generated, stable for the VM id and interface id."""
 
     iface_id: str
-    tap: str
-    mac: str | None = None
+    host_dev_name: str
+    guest_mac: str | None = None
     create_tap: bool = False
 
 
 @dataclass(frozen=True)
 class VmSpec:
     vm_id: str
-    kernel: str
-    cmdline: str
-    initrd: str | None = None
+    boot: BootSpec
     vcpus: int = DEFAULT_VCPUS
-    mem_mib: int = DEFAULT_MEM_MIB
+    memory_mib: int = DEFAULT_MEM_MIB
     drives: tuple[DriveSpec, ...] = ()
-    nets: tuple[NetSpec, ...] = ()
-    track_dirty: bool = False  # dirty-page logging, for diff snapshots
+    network_interfaces: tuple[NetSpec, ...] = ()
+    track_dirty_pages: bool = False  # dirty-page logging, for diff snapshots
 
     @property
     def mem_bytes(self) -> int:
-        return self.mem_mib * MiB
+        return self.memory_mib * MiB
 
 
-def check_id(field: str, value: str) -> str:
+def check_id(path: FieldPath | str, value: str) -> str:
     """An id (VM, drive, interface): the same rule for all, checked whole."""
     if not value:
-        raise InvalidSpecError(field, "is required")
+        raise InvalidSpecError(path, "is required")
     if not _ID_RE.fullmatch(value):
-        raise InvalidSpecError(field, f"{quoted(value)} {ID_RULE}")
+        raise InvalidSpecError(path, f"{quoted(value)} {ID_RULE}")
     return value
 
 
@@ -72,19 +86,25 @@ def check_vm_id(vm_id: str) -> str:
 
 @dataclass(frozen=True)
 class DriveOverride:
-    """At restore: the snapshot's drive `drive_id` now lives at `path`."""
+    """At restore: the snapshot's drive `drive_id` now lives at `path_on_host`."""
 
     drive_id: str
-    path: str
+    path_on_host: str
 
 
 @dataclass(frozen=True)
 class NetOverride:
-    """At restore: the snapshot's interface `iface_id` goes onto tap `tap`."""
+    """At restore: the snapshot's interface `iface_id` goes onto tap `host_dev_name`."""
 
     iface_id: str
-    tap: str
+    host_dev_name: str
     create_tap: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceOverrides:
+    drives: tuple[DriveOverride, ...] = ()
+    network_interfaces: tuple[NetOverride, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,5 @@ class RestoreSpec:
 
     snapshot_dir: str
     vm_id: str
-    drives: tuple[DriveOverride, ...] = ()
-    nets: tuple[NetOverride, ...] = ()
-    track_dirty: bool = False
+    overrides: DeviceOverrides = field(default_factory=DeviceOverrides)
+    track_dirty_pages: bool = False

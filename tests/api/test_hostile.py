@@ -391,10 +391,12 @@ def test_long_inputs_are_quoted_short(stub: Stub, kernel: str) -> None:
 # ---- 13: a checksummed vmstate is still checked ----
 @pytest.mark.parametrize(("change", "says"), [
     (lambda s: setattr(s.spec, "cmdline", "x" * 1_000_000), "spec.cmdline"),
-    (lambda s: setattr(s.spec, "kernel", "/dev/zero"), "spec.kernel: /dev/zero is a character"),
+    (lambda s: setattr(s.spec, "kernel_path", "/dev/zero"),
+     "spec.kernel_path: /dev/zero is a character"),
     (lambda s: setattr(s.spec, "vm_id", "../../etc"), "spec.vm_id"),
-    (lambda s: setattr(s.spec, "kernel", "relative/k"), "is not an absolute path"),
-    (lambda s: s.spec.drives.append(spb.Drive(drive_id="a\0", path="/x", size_bytes=512)),
+    (lambda s: setattr(s.spec, "kernel_path", "relative/k"), "is not an absolute path"),
+    (lambda s: s.spec.drives.append(spb.Drive(drive_id="a\0", path_on_host="/x",
+                                              size_bytes=512)),
      "must be 1-64 characters"),
 ])
 def test_restored_spec_gets_createvms_checks(stub: Stub, snap: Path,

@@ -119,7 +119,7 @@ BAD: list[tuple[str, list[pb.NetworkInterface], str, str]] = [
     ("slash-in-tap-name", [nic("e", "a/b")], f"{F}[0].host_dev_name",
      "is not a network device name"),
     ("same-tap-twice", [nic("a", "tap0"), nic("b", "tap0")], f"{F}[1].host_dev_name",
-     "is used by nets[0] already"),
+     "is used by network_interfaces[0] already"),
     ("malformed-mac", [nic("e", "tap0", "02:00:00:00:00")], f"{F}[0].guest_mac",
      "is not a MAC address"),
     ("non-hex-mac", [nic("e", "tap0", "02:00:00:00:00:zz")], f"{F}[0].guest_mac",
@@ -129,7 +129,7 @@ BAD: list[tuple[str, list[pb.NetworkInterface], str, str]] = [
     ("zero-mac", [nic("e", "tap0", "00:00:00:00:00:00")], f"{F}[0].guest_mac",
      "not a usable address"),
     ("same-mac-twice", [nic("a", "tap0", "02:00:00:00:00:01"), nic("b", "tap1", "02:00:00:00:00:01")],
-     f"{F}[1].guest_mac", "is the address of nets[0] too"),
+     f"{F}[1].guest_mac", "is the address of network_interfaces[0] too"),
     ("duplicate-id", [nic("a", "tap0"), nic("a", "tap1")], f"{F}[1].iface_id", "used twice"),
     ("empty-id", [nic("", "tap0")], f"{F}[0].iface_id", "is required"),
     ("bad-id", [nic("-x", "tap0")], f"{F}[0].iface_id", "must be 1-64 characters"),
@@ -148,7 +148,7 @@ def test_bad_interfaces_are_refused(nstub: vmm_pb2_grpc.VmServiceStub, kernel: s
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     if good:  # the interface under test moved one down
         field = field.replace("[1]", "[2]").replace("[0]", "[1]")
-        says = says.replace("nets[0]", "nets[1]")
+        says = says.replace("interfaces[0]", "interfaces[1]")
     assert err.details().startswith(f"{field}: "), err.details()
     assert says in err.details(), err.details()
     assert list_ids(nstub) == []

@@ -393,7 +393,7 @@ def _lapic(s: spb.SnapshotState) -> None:
 
 
 def _mem_mib(s: spb.SnapshotState) -> None:
-    s.spec.mem_mib = MEM_MIB * 2
+    s.spec.memory_mib = MEM_MIB * 2
 
 
 # name, damage done to a copy of golden.full, code, field, what the message says

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmmd.native import VmStats
-from vmmd.spec import DriveSpec, VmSpec
+from vmmd.spec import BootSpec, DriveSpec, VmSpec
 from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import StopInfo
 
@@ -24,14 +24,15 @@ def run_guest(kernel: Path, cmdline: str, *, vcpus: int = 1, mem_mib: int = 64,
               initrd: Path | None = None, timeout: float = 60,
               force_64bit: bool = False, drives: tuple[DriveSpec, ...] = ()) -> GuestRun:
     """Boot, wait until the guest stops itself (a hang fails the test), collect."""
-    spec = VmSpec(vm_id="test", kernel=str(kernel), cmdline=cmdline, vcpus=vcpus,
-                  mem_mib=mem_mib, initrd=str(initrd) if initrd else None, drives=drives)
+    spec = VmSpec(vm_id="test", boot=BootSpec(str(kernel), str(initrd) if initrd else None,
+                                              cmdline), vcpus=vcpus, memory_mib=mem_mib,
+                  drives=drives)
     with build_vm(spec, force_64bit=force_64bit) as vm:
         vm.start()
         info = vm.wait(timeout)
         if info is None:
             vm.stop()
-            text, _ = vm.native.console_read(0, 1 << 20)
+            text, _ = vm.console_read(0, 1 << 20)
             pytest.fail(f"guest did not stop within {timeout}s; console:\n{text.decode(errors='replace')}")
-        text, _ = vm.native.console_read(0, 1 << 20)
+        text, _ = vm.console_read(0, 1 << 20)
         return GuestRun(info, text.decode(errors="replace"), vm.stats())

@@ -41,7 +41,8 @@ def superblock(image: Path) -> tuple[int, int]:
 
 def boot_from_disk(guest_artifacts, image: Path, read_only: bool):  # type: ignore[no-untyped-def]
     cmdline = build_cmdline(None, "vmmd_ready=1" if ON_PVM else None)
-    drive = DriveSpec(drive_id="rootfs", path=str(image), read_only=read_only, is_root=True)
+    drive = DriveSpec(drive_id="rootfs", path_on_host=str(image), read_only=read_only,
+                      is_root_device=True)
     return run_guest(guest_artifacts["vmlinux"], cmdline, mem_mib=128, timeout=BOOT_TIMEOUT,
                      drives=(drive,))
 

@@ -23,8 +23,7 @@ import pytest
 
 from tests.netns import NetNs
 from vmmd.native import StopReason
-from vmmd.spec import NetSpec, VmSpec
-from vmmd.vm.boot.cmdline import build_cmdline
+from vmmd.spec import BootSpec, NetSpec, VmSpec
 from vmmd.vm.builder import build_vm
 
 pytestmark = pytest.mark.linux
@@ -75,10 +74,11 @@ def test_linux_gets_a_dhcp_lease_and_logs_over_netconsole(guest_artifacts, net) 
              "loglevel=7"]  # IP-Config reports at KERN_INFO
     if ON_PVM:
         words.append("vmmd_ready=1")
-    spec = VmSpec(vm_id="linux-net", kernel=str(guest_artifacts["vmlinux"]),
-                  initrd=str(guest_artifacts["initramfs.cpio.gz"]),
-                  cmdline=build_cmdline(None, " ".join(words)), mem_mib=128,
-                  nets=(NetSpec("eth0", "tap0", GUEST_MAC),))
+    spec = VmSpec(vm_id="linux-net",
+                  boot=BootSpec(str(guest_artifacts["vmlinux"]),
+                                str(guest_artifacts["initramfs.cpio.gz"]),
+                                cmdline_append=" ".join(words)),
+                  memory_mib=128, network_interfaces=(NetSpec("eth0", "tap0", GUEST_MAC),))
     received: list[bytes] = []
     done = threading.Event()
 

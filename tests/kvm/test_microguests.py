@@ -13,10 +13,10 @@ import time
 import pytest
 
 from tests.kvm.guestrun import run_guest
+from vmmd.info import Phase
 from vmmd.native import StopReason
-from vmmd.spec import VmSpec
+from vmmd.spec import BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
-from vmmd.vm.lifecycle import State
 
 PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
 
@@ -87,7 +87,8 @@ def _fd_count() -> int:
 
 
 def _spin_vm(kernel, vcpus: int):  # type: ignore[no-untyped-def]
-    spec = VmSpec(vm_id="spin", kernel=str(kernel), cmdline="mg=spin", vcpus=vcpus, mem_mib=64)
+    spec = VmSpec(vm_id="spin", boot=BootSpec(str(kernel), cmdline="mg=spin"), vcpus=vcpus,
+                  memory_mib=64)
     return build_vm(spec)
 
 
@@ -97,13 +98,13 @@ def test_stop_from_outside_frees_threads_and_fds(microguests, vcpus: int) -> Non
     vm = _spin_vm(microguests["pvh"], vcpus)
     vm.start()
     deadline = time.monotonic() + 30
-    while b"MG-START" not in vm.native.console_read(0)[0]:
+    while b"MG-START" not in vm.console_read(0)[0]:
         assert time.monotonic() < deadline, "guest never started"
         time.sleep(0.01)
     assert vm.thread_count() == vcpus + 1  # vCPUs + the I/O thread
     info = vm.stop()
     assert info.reason == StopReason.REQUESTED
-    assert vm.state == State.STOPPED
+    assert vm.state == Phase.STOPPED
     assert vm.thread_count() == 0
     vm.close()
     assert _fd_count() == fds_before
@@ -115,12 +116,12 @@ def test_pause_and_resume_stop_and_continue_the_guest(microguests) -> None:  # t
         vm.start()
         vm.pause()
         vm.pause()  # idempotent
-        assert vm.state == State.PAUSED
+        assert vm.state == Phase.PAUSED
         exits = vm.stats().exits
         time.sleep(0.2)
         assert vm.stats().exits == exits  # nothing runs while paused
         vm.resume()
-        assert vm.state == State.RUNNING
+        assert vm.state == Phase.RUNNING
         assert vm.stop().reason == StopReason.REQUESTED
 
 
@@ -161,10 +162,10 @@ def test_registers_readable_only_while_paused(microguests) -> None:  # type: ign
     with _spin_vm(microguests["64"], 1) as vm:
         vm.start()
         with pytest.raises(NativeError) as exc:
-            vm.native.get_regs(0)
+            vm.registers(0)
         assert exc.value.errno == errno.EBUSY
         vm.pause()
-        regs, mp_state = vm.native.get_regs(0)
+        regs, mp_state = vm.registers(0)
         assert 0x200000 <= regs["rip"] < 0x210000  # inside the micro-guest image
         assert regs["cr0"] & 0x80000001 == 0x80000001  # paging, protected mode
         assert regs["efer"] & 0x500 == 0x500  # long mode enabled and active

@@ -21,7 +21,15 @@ from tests.kvm.test_virtio_net import HOST_MAC, MAC0, host_frame, recv_frames
 from tests.netns import NetNs, mac_bytes
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.client import pb
-from vmmd.spec import DriveSpec, NetOverride, NetSpec, RestoreSpec, VmSpec
+from vmmd.spec import (
+    BootSpec,
+    DeviceOverrides,
+    DriveSpec,
+    NetOverride,
+    NetSpec,
+    RestoreSpec,
+    VmSpec,
+)
 from vmmd.vm import persist
 from vmmd.vm.builder import build_vm, restore_vm
 from vmmd.vm.vm import Vm
@@ -32,7 +40,7 @@ PROGRESS = 0x200020  # requests completed (blk op=multi)
 
 
 def counter(vm: Vm, at: int = COUNTER) -> int:
-    return int(struct.unpack("<Q", vm.native.read(at, 8))[0])
+    return int(struct.unpack("<Q", vm.read_memory(at, 8))[0])
 
 
 def run_until(vm: Vm, check, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -56,8 +64,8 @@ def restored(directory: Path, vm_id: str, **kw) -> Vm:  # type: ignore[no-untype
 
 
 def test_counting_guest_goes_on_from_where_it_was(microguests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    spec = VmSpec(vm_id="count", kernel=str(microguests["pvh"]), cmdline="mg=count n=0 every=0",
-                  mem_mib=64)
+    spec = VmSpec(vm_id="count", boot=BootSpec(str(microguests["pvh"]),
+                                                cmdline="mg=count n=0 every=0"), memory_mib=64)
     with build_vm(spec) as vm:
         vm.start()
         paused_after(vm, lambda: counter(vm) > 1000, "counting")
@@ -73,7 +81,7 @@ def test_counting_guest_goes_on_from_where_it_was(microguests, tmp_path: Path) -
             copy.pause()
             vm.pause()
             # Each wrote its own pages: copy-on-write, not shared writes.
-            vm.native.write(COUNTER, struct.pack("<Q", 7))
+            vm.write_memory(COUNTER, struct.pack("<Q", 7))
             assert counter(copy) != 7
 
 
@@ -105,8 +113,9 @@ def test_block_device_keeps_working_across_restore(microguests, tmp_path: Path) 
     completes them all - its queue's indices came along."""
     image = tmp_path / "disk.img"
     image.write_bytes(os.urandom(1 << 20))
-    spec = VmSpec(vm_id="blk", kernel=str(microguests["pvh"]), mem_mib=64,
-                  cmdline="mg=blk op=multi n=4000 qd=8 rw=read timeout_ms=20000",
+    spec = VmSpec(vm_id="blk", memory_mib=64, boot=BootSpec(
+                  str(microguests["pvh"]),
+                  cmdline="mg=blk op=multi n=4000 qd=8 rw=read timeout_ms=20000"),
                   drives=(DriveSpec("d", str(image), read_only=True),))
     with build_vm(spec) as vm:
         vm.start()
@@ -127,9 +136,9 @@ def test_net_device_keeps_working_on_another_tap(microguests, tmp_path: Path) ->
         ns.add_tap("tap0")
         ns.add_tap("tap1")
         socks = [ns.packet_socket("tap0"), ns.packet_socket("tap1")]
-        spec = VmSpec(vm_id="echo", kernel=str(microguests["pvh"]), mem_mib=64,
-                      cmdline="mg=net op=echo n=1000 timeout_ms=60000",
-                      nets=(NetSpec("eth0", "tap0", MAC0),))
+        spec = VmSpec(vm_id="echo", memory_mib=64, boot=BootSpec(
+                          str(microguests["pvh"]), cmdline="mg=net op=echo n=1000 timeout_ms=60000"),
+                      network_interfaces=(NetSpec("eth0", "tap0", MAC0),))
         with ns.call(lambda: build_vm(spec)) as vm:
             vm.start()
             run_until(vm, lambda: b"MG-NET-READY" in vm.console_read(0, 4096)[0], "net ready")
@@ -139,7 +148,8 @@ def test_net_device_keeps_working_on_another_tap(microguests, tmp_path: Path) ->
             vm.pause()
             vm.snapshot(str(tmp_path / "s"))
             with ns.call(lambda: restored(tmp_path / "s", "echo2",
-                                          nets=(NetOverride("eth0", "tap1"),))) as copy:
+                                          overrides=DeviceOverrides(network_interfaces=(
+                                              NetOverride("eth0", "tap1"),)))) as copy:
                 copy.resume()
                 g = host_frame(200, 2, dst=mac_bytes(MAC0))
                 socks[1].send(g)
@@ -165,8 +175,9 @@ def _same_moment(a: spb.SnapshotState, b: spb.SnapshotState) -> None:
 
 
 def test_diff_merged_onto_its_base_equals_a_full_snapshot(microguests, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    spec = VmSpec(vm_id="d", kernel=str(microguests["pvh"]), cmdline="mg=count n=0 every=0",
-                  mem_mib=64, track_dirty=True)
+    spec = VmSpec(vm_id="d", boot=BootSpec(str(microguests["pvh"]),
+                                            cmdline="mg=count n=0 every=0"),
+                  memory_mib=64, track_dirty_pages=True)
     base, diff, full = tmp_path / "base", tmp_path / "diff", tmp_path / "full"
     with build_vm(spec) as vm:
         vm.start()
@@ -194,14 +205,14 @@ def test_twenty_clones_run_and_share_the_snapshot_memory(microguests, tmp_path: 
     """The snapshot holds 48 MiB the guest does not touch again: each clone
     maps it, none copies it."""
     snap = tmp_path / "s"
-    spec = VmSpec(vm_id="src", kernel=str(microguests["pvh"]), cmdline="mg=tick ms=20",
-                  mem_mib=128)
+    spec = VmSpec(vm_id="src", boot=BootSpec(str(microguests["pvh"]), cmdline="mg=tick ms=20"),
+                  memory_mib=128)
     with build_vm(spec) as vm:
         vm.start()
         run_until(vm, lambda: b"MG-TICK 2" in vm.console_read(0, 4096)[0], "ticking")
         vm.pause()
         for mib in range(16, 64):
-            vm.native.write(mib << 20, os.urandom(1 << 20))
+            vm.write_memory(mib << 20, os.urandom(1 << 20))
         vm.snapshot(str(snap))
     with running_daemon("--max-vms", "32") as d, d.client() as c:
         before = rss_anon_kib(d.pid)

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import _load_guest_builder
 from tests.kvm.guestrun import run_guest
 from vmmd.native import StopReason
-from vmmd.spec import DriveSpec, VmSpec
+from vmmd.spec import BootSpec, DriveSpec, VmSpec
 from vmmd.vm.builder import build_vm
 
 mg = _load_guest_builder()
@@ -116,8 +116,9 @@ def test_bad_requests_fail_with_ioerr(microguests, image: Path, case: str, ro: b
 
 def test_hostile_guest_does_not_disturb_another_vm(microguests, image: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A VM counting in memory keeps counting while another attacks its device."""
-    spec = VmSpec(vm_id="bystander", kernel=str(microguests["pvh"]), cmdline="mg=count n=0 every=0",
-                  mem_mib=64)
+    spec = VmSpec(vm_id="bystander", boot=BootSpec(str(microguests["pvh"]),
+                                                    cmdline="mg=count n=0 every=0"),
+                  memory_mib=64)
     with build_vm(spec) as bystander:
         bystander.start()
         results = []
@@ -128,7 +129,7 @@ def test_hostile_guest_does_not_disturb_another_vm(microguests, image: Path, tmp
             t.start()
             t.join()
         assert len(results) == 3
-        before = bystander.native.read(0x200010, 8)
+        before = bystander.read_memory(0x200010, 8)
         threading.Event().wait(0.2)
-        assert bystander.native.read(0x200010, 8) != before  # still counting
+        assert bystander.read_memory(0x200010, 8) != before  # still counting
         assert bystander.stop().reason == StopReason.REQUESTED

@@ -22,7 +22,7 @@ from tests.daemon import running_daemon
 from tests.netns import NetNs, eth_header, mac_bytes
 from vmmd.client import pb
 from vmmd.native import StopReason
-from vmmd.spec import NetSpec, VmSpec
+from vmmd.spec import BootSpec, NetSpec, VmSpec
 from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import Vm
 
@@ -44,8 +44,8 @@ def ns() -> Iterator[NetNs]:
 def boot(ns: NetNs, kernel: Path, words: str, taps: tuple[str, ...] = ("tap0",),
          start: bool = True) -> Vm:
     nets = tuple(NetSpec(f"eth{i}", t, (MAC0, MAC1)[i]) for i, t in enumerate(taps))
-    spec = VmSpec(vm_id="net", kernel=str(kernel), cmdline=f"mg=net {words}", mem_mib=64,
-                  nets=nets)
+    spec = VmSpec(vm_id="net", boot=BootSpec(str(kernel), cmdline=f"mg=net {words}"),
+                  memory_mib=64, network_interfaces=nets)
     vm = ns.call(lambda: build_vm(spec))  # the taps are opened inside the namespace
     if start:
         vm.start()

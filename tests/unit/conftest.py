@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmmd.errors import InvalidSpecError
+from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import BootFile, open_boot_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,8 @@ class FakeMemory:
         self.buf[gpa : gpa + len(data)] = data
         self.writes.append((gpa, len(data)))
 
-    def load_file(self, gpa: int, fd: int, offset: int, length: int, field: str) -> None:
+    def load_file(self, gpa: int, fd: int, offset: int, length: int,
+                  field: tuple[str, ...]) -> None:
         data = os.pread(fd, length, offset)
         if len(data) != length:
             raise InvalidSpecError(field, "file shrank while loading")
@@ -155,9 +157,12 @@ def write_file(tmp_path: Path) -> Callable[[str, bytes], str]:
 
 @pytest.fixture
 def opened() -> Iterator[Callable[..., BootFile]]:
-    """opened(path, field="kernel") -> the file open as the loader takes it (closed after the test)."""
+    """opened(path, which="kernel"|"initrd") -> the file open as the loader takes it (closed
+    after the test)."""
+    fields = {"kernel": KERNEL_PATH, "initrd": INITRD_PATH}
     with ExitStack() as stack:
-        yield lambda path, field="kernel": stack.enter_context(open_boot_file(str(path), field))
+        yield lambda path, which="kernel": stack.enter_context(
+            open_boot_file(str(path), fields[which]))
 
 
 @pytest.fixture

@@ -63,16 +63,16 @@ def test_header_copy_is_capped_at_the_zero_page_field(make_bzimage):
     ],
 )
 def test_bad_headers_are_refused(make_bzimage, kwargs, message, refused):
-    refused("kernel", message, parse, make_bzimage(**kwargs))
+    refused("boot.kernel_path", message, parse, make_bzimage(**kwargs))
 
 
 def test_bad_magic_is_refused(make_bzimage, refused):
     data = bytearray(make_bzimage())
     data[0x202:0x206] = b"HdrX"
-    refused("kernel", '"HdrS"', parse, bytes(data))
+    refused("boot.kernel_path", '"HdrS"', parse, bytes(data))
     data[0x1FE] = 0
-    refused("kernel", "boot_flag", parse, bytes(data))
+    refused("boot.kernel_path", "boot_flag", parse, bytes(data))
 
 
 def test_truncated_header_is_refused(make_bzimage, refused):
-    refused("kernel", "truncated: setup header", parse, make_bzimage()[:0x240])
+    refused("boot.kernel_path", "truncated: setup header", parse, make_bzimage()[:0x240])

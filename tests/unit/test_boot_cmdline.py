@@ -46,11 +46,11 @@ def test_length_limit_counts_the_nul():
     assert encode_cmdline("x" * 2047) == b"x" * 2047 + b"\0"
     with pytest.raises(InvalidSpecError) as e:
         encode_cmdline("x" * 2048)
-    assert e.value.field == "cmdline" and "at most 2047" in e.value.problem
+    assert e.value.field == "boot.cmdline" and "at most 2047" in e.value.problem
 
 
 @pytest.mark.parametrize("text", ["console=ttyS0 café", "a\nb", "a\tb", "a\0b"])
 def test_non_printable_ascii_is_refused(text):
     with pytest.raises(InvalidSpecError) as e:
         encode_cmdline(text)
-    assert e.value.field == "cmdline" and "not printable ASCII" in e.value.problem
+    assert e.value.field == "boot.cmdline" and "not printable ASCII" in e.value.problem

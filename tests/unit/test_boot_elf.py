@@ -42,11 +42,11 @@ def test_pvh_note_of_either_width(make_elf, size):
     ],
 )
 def test_truncated_files_are_refused(make_elf, cut, message, refused):
-    refused("kernel", message, parse, make_elf()[:cut])
+    refused("boot.kernel_path", message, parse, make_elf()[:cut])
 
 
 def test_truncated_note_is_refused(make_elf, refused):
-    refused("kernel", "truncated: PT_NOTE", parse, make_elf(pvh_entry=LOAD)[:-4])
+    refused("boot.kernel_path", "truncated: PT_NOTE", parse, make_elf(pvh_entry=LOAD)[:-4])
 
 
 @pytest.mark.parametrize(
@@ -66,11 +66,11 @@ def test_truncated_note_is_refused(make_elf, refused):
     ],
 )
 def test_corrupt_files_are_refused(make_elf, kwargs, message, refused):
-    refused("kernel", message, parse, make_elf(**kwargs))
+    refused("boot.kernel_path", message, parse, make_elf(**kwargs))
 
 
 def test_no_load_segment_is_refused(make_elf, refused):
-    refused("kernel", "no loadable (PT_LOAD) segment", parse, make_elf(segments=((LOAD, b"", 0),)))
+    refused("boot.kernel_path", "no loadable (PT_LOAD) segment", parse, make_elf(segments=((LOAD, b"", 0),)))
 
 
 def test_bad_note_size_is_refused(make_elf, refused):
@@ -78,19 +78,19 @@ def test_bad_note_size_is_refused(make_elf, refused):
     # descsz of the Xen note: after the GNU note (12 + 4 + 20 bytes) in the PT_NOTE segment
     note_at = len(data) - (12 + 4 + 8)
     struct.pack_into("<I", data, note_at + 4, 2)
-    refused("kernel", "PVH entry note of 2 bytes", parse, bytes(data))
+    refused("boot.kernel_path", "PVH entry note of 2 bytes", parse, bytes(data))
 
 
 def test_note_running_past_its_segment_is_refused(make_elf, refused):
     data = bytearray(make_elf(pvh_entry=LOAD))
     struct.pack_into("<I", data, len(data) - 24 + 4, 0x1000)
-    refused("kernel", "runs past its PT_NOTE segment", parse, bytes(data))
+    refused("boot.kernel_path", "runs past its PT_NOTE segment", parse, bytes(data))
 
 
 def test_bad_phentsize_is_refused(make_elf, refused):
     data = bytearray(make_elf())
     struct.pack_into("<H", data, 54, 32)
-    refused("kernel", "e_phentsize 32", parse, bytes(data))
+    refused("boot.kernel_path", "e_phentsize 32", parse, bytes(data))
 
 
 def test_built_vmlinux(guest_file, fake_memory, opened):
@@ -118,5 +118,5 @@ def test_note_offset_past_any_file_is_refused(make_elf, write_file, opened, refu
     """Found: a PT_NOTE p_offset of 2^64-1 made the file seek fail as an internal error."""
     data = bytearray(make_elf(pvh_entry=LOAD))
     struct.pack_into("<Q", data, 64 + 56 + 8, offset)  # the PT_NOTE header, after the PT_LOAD
-    refused("kernel", "truncated: PT_NOTE segment", inspect_kernel,
+    refused("boot.kernel_path", "truncated: PT_NOTE segment", inspect_kernel,
             opened(write_file("vmlinux", bytes(data))))

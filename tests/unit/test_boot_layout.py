@@ -26,7 +26,7 @@ def test_large_guest_moves_ram_above_four_gib():
 def test_bad_memory_sizes_are_refused(size):
     with pytest.raises(InvalidSpecError) as e:
         ram_regions(size)
-    assert e.value.field == "memory"
+    assert e.value.field == "memory_mib"
 
 
 @pytest.mark.parametrize("vcpus", [0, 33, -1])

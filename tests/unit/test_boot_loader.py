@@ -27,20 +27,20 @@ def test_inspect_detects_formats(make_bzimage, write_file, elf_kernel, opened):
 
 def test_inspect_refuses_other_files(write_file, tmp_path, refused, opened):
     refused(
-        "kernel",
+        "boot.kernel_path",
         "neither an ELF vmlinux nor a bzImage",
         inspect_kernel,
         opened(write_file("x", b"MZ" + bytes(4096))),
     )
-    refused("kernel", "cannot open", opened, str(tmp_path / "missing"))
-    refused("kernel", "is a directory, not a regular file", opened, str(tmp_path))
+    refused("boot.kernel_path", "cannot open", opened, str(tmp_path / "missing"))
+    refused("boot.kernel_path", "is a directory, not a regular file", opened, str(tmp_path))
     os.mkfifo(tmp_path / "fifo")  # must be refused, not block waiting for a writer
-    refused("kernel", "is a FIFO, not a regular file", opened, str(tmp_path / "fifo"))
-    refused("initrd", "cannot open", opened, str(tmp_path / "missing"), "initrd")
-    refused("kernel", "is on procfs", opened, "/proc/self/status")
-    refused("initrd", "is on sysfs", opened, "/sys/kernel/mm/transparent_hugepage/enabled",
-            "initrd")
-    refused("kernel", "contains a NUL byte", opened, str(tmp_path / "a\0b"))
+    refused("boot.kernel_path", "is a FIFO, not a regular file", opened, str(tmp_path / "fifo"))
+    refused("boot.initrd_path", "cannot open", opened, str(tmp_path / "missing"), "initrd")
+    refused("boot.kernel_path", "is on procfs", opened, "/proc/self/status")
+    refused("boot.initrd_path", "is on sysfs", opened,
+            "/sys/kernel/mm/transparent_hugepage/enabled", "initrd")
+    refused("boot.kernel_path", "contains a NUL byte", opened, str(tmp_path / "a\0b"))
 
 
 @pytest.mark.parametrize("vcpus", [0, 33])
@@ -50,19 +50,19 @@ def test_plan_refuses_vcpu_counts(elf_kernel, vcpus, refused):
 
 def test_plan_refuses_memory_too_small_for_the_kernel(make_bzimage, write_file, refused, opened):
     kernel = inspect_kernel(opened(write_file("bz", make_bzimage(init_size=0x200_0000))))  # to 48 MiB
-    refused("memory", "too small for the kernel", plan_boot, kernel, None, 32 * MiB, 1, "")
+    refused("memory_mib", "too small for the kernel", plan_boot, kernel, None, 32 * MiB, 1, "")
     assert plan_boot(kernel, None, 48 * MiB, 1, "").initrd is None
 
 
 def test_plan_refuses_memory_too_small_for_kernel_and_initrd(elf_kernel, refused):
-    refused("memory", "too small for the kernel (up to 0x1010000) and a", plan_boot,
+    refused("memory_mib", "too small for the kernel (up to 0x1010000) and a", plan_boot,
             elf_kernel[1], 20 * MiB, 32 * MiB, 1, "")  # fmt: skip
 
 
 def test_plan_refuses_initrd_beyond_initrd_addr_max(make_bzimage, write_file, refused, opened):
     kernel = inspect_kernel(opened(write_file("bz", make_bzimage(initrd_addr_max=0x37FF_FFFF))))
     refused(
-        "initrd",
+        "boot.initrd_path",
         "do not fit between the kernel end",
         plan_boot,
         kernel,
@@ -77,10 +77,10 @@ def test_plan_refuses_initrd_beyond_initrd_addr_max(make_bzimage, write_file, re
 
 def test_plan_refuses_empty_initrd_and_long_cmdline(elf_kernel, make_bzimage, write_file, refused,
                                                    opened):
-    refused("initrd", "is empty", plan_boot, elf_kernel[1], 0, 64 * MiB, 1, "")
-    refused("cmdline", "at most 2047", plan_boot, elf_kernel[1], None, 64 * MiB, 1, "x" * 2048)
+    refused("boot.initrd_path", "is empty", plan_boot, elf_kernel[1], 0, 64 * MiB, 1, "")
+    refused("boot.cmdline", "at most 2047", plan_boot, elf_kernel[1], None, 64 * MiB, 1, "x" * 2048)
     bz = inspect_kernel(opened(write_file("bz", make_bzimage(cmdline_size=255))))
-    refused("cmdline", "at most 255", plan_boot, bz, None, 64 * MiB, 1, "x" * 256)
+    refused("boot.cmdline", "at most 255", plan_boot, bz, None, 64 * MiB, 1, "x" * 256)
 
 
 def test_initrd_goes_high_and_page_aligned(elf_kernel):
@@ -152,7 +152,7 @@ def test_load_refuses_a_kernel_that_shrank_since_inspection(elf_kernel, fake_mem
     f, kernel = elf_kernel
     plan = plan_boot(kernel, None, 64 * MiB, 1, "")
     os.truncate(f.path, 200)
-    refused("kernel", "file shrank while loading", load, fake_memory(64 * MiB), plan, f)
+    refused("boot.kernel_path", "file shrank while loading", load, fake_memory(64 * MiB), plan, f)
 
 
 class CountingMemory:

@@ -138,9 +138,10 @@ def test_net_unknown_option(capsys, kernel: Path) -> None:  # type: ignore[no-un
 
 def test_net_malformed_mac(capsys, kernel: Path) -> None:  # type: ignore[no-untyped-def]
     code, err = run(capsys, "--kernel", str(kernel), "--net", "tap0,mac=02:00:00")
-    assert_refused(code, err, "nets[0].mac", "is not a MAC address")
+    assert_refused(code, err, "--net 1 (network_interfaces[0].guest_mac)", "is not a MAC address")
 
 
 def test_net_same_tap_twice(capsys, kernel: Path) -> None:  # type: ignore[no-untyped-def]
     code, err = run(capsys, "--kernel", str(kernel), "--net", "tap0", "--net", "tap0")
-    assert_refused(code, err, "nets[1].tap", "used by nets[0]")
+    assert_refused(code, err, "--net 2 (network_interfaces[1].host_dev_name)",
+                   "used by network_interfaces[0]")

@@ -20,7 +20,7 @@ def test_interfaces_take_the_slots_after_the_drives() -> None:
 def test_given_mac_is_kept_and_normalised() -> None:
     (p,) = check_nets((NetSpec("a", "tap0", "02:AB:cd:00:00:01"),), "vm", 0)
     assert p.mac == bytes.fromhex("02abcd000001")
-    assert p.spec.mac == "02:ab:cd:00:00:01"
+    assert p.spec.guest_mac == "02:ab:cd:00:00:01"
 
 
 def test_generated_mac_depends_on_vm_and_interface_only() -> None:

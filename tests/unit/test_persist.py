@@ -31,7 +31,7 @@ def make_state(kind: int = persist.FULL, parent: str = "") -> spb.SnapshotState:
     return spb.SnapshotState(
         format_version=persist.FORMAT_VERSION, snapshot_id=persist.new_id(), parent_id=parent,
         kind=kind, created_unix_ns=123,
-        spec=spb.VmSpec(vm_id="v", kernel="/k", cmdline="mg=tick", vcpus=1, mem_mib=1),
+        spec=spb.VmSpec(vm_id="v", kernel_path="/k", cmdline="mg=tick", vcpus=1, memory_mib=1),
         memory=[spb.MemoryRegion(guest_address=a, size=s) for a, s in REGIONS],
         vcpus=[spb.VcpuState(regs=b"r" * 144, mp_state=0)],
         legacy=spb.LegacyDevices(console_head=42))

@@ -11,28 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from vmmd.api import convert
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
+from vmmd.api import convert
 from vmmd.api.status import status_for
-from vmmd.errors import InvalidSpecError, NotFoundError
+from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
-from vmmd.manager import DEFAULT_STOP_TIMEOUT_S, Manager, VmEntry
+from vmmd.manager import DEFAULT_STOP_TIMEOUT_S, Manager
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = get_logger(__name__)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+def _status(method: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one translation of an error into a status, for every method."""
+    if isinstance(exc, InvalidSpecError):
+        exc = convert.request_error(method, exc)
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
-        log.error("api.internal_error", error=message)
-    context.abort(code, message)
+        log.error("api.internal_error", method=method, error=message)
+    return code, message
 
 
 def edge(fn: F) -> F:
@@ -41,10 +44,8 @@ def edge(fn: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
-        except InvalidSpecError as e:
-            _abort(context, convert.api_error(e))
         except Exception as e:  # noqa: BLE001 - every error leaves as a status
-            _abort(context, e)
+            context.abort(*_status(fn.__name__, e))
     return wrapper  # type: ignore[return-value]
 
 
@@ -57,12 +58,7 @@ def edge_stream(fn: F) -> F:
             async for item in fn(self, request, context):
                 yield item
         except Exception as e:  # noqa: BLE001 - every error leaves as a status
-            if isinstance(e, InvalidSpecError):
-                e = convert.api_error(e)
-            code, message = status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("api.internal_error", error=message)
-            await context.abort(code, message)
+            await context.abort(*_status(fn.__name__, e))
     return wrapper  # type: ignore[return-value]
 
 
@@ -81,15 +77,6 @@ async def _attached(context: grpc.aio.ServicerContext) -> None:
     """Send the response headers as soon as a stream is attached (VM found,
     watcher subscribed): a client that waits for them misses nothing later."""
     await context.send_initial_metadata(())
-
-
-def _still_there(entries: list[VmEntry]) -> Iterator[pb.Vm]:
-    """The entries as messages, leaving out any deleted while being listed."""
-    for entry in entries:
-        try:
-            yield convert.vm_to_proto(entry)
-        except NotFoundError:
-            continue
 
 
 class VmServicer(vmm_pb2_grpc.VmServiceServicer):
@@ -116,9 +103,8 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     @edge
     def StopVm(self, request: pb.StopVmRequest, context: Any) -> pb.Vm:
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_STOP_TIMEOUT_S
-        entry = self.m.stop(convert.require_id(request.vm_id), timeout_s=timeout_s,
-                            force=request.force)
-        return convert.vm_to_proto(entry)
+        return convert.vm_to_proto(self.m.stop(convert.require_id(request.vm_id),
+                                               timeout_s=timeout_s, force=request.force))
 
     @edge
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
@@ -131,7 +117,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
 
     @edge
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        return pb.ListVmsResponse(vms=list(_still_there(self.m.list())),
+        return pb.ListVmsResponse(vms=[convert.vm_to_proto(v) for v in self.m.list()],
                                   memory=convert.budget_to_proto(self.m.memory_info()))
 
     @edge
@@ -148,16 +134,13 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     @edge
     def RestoreVm(self, request: pb.RestoreVmRequest, context: Any) -> pb.Vm:
         spec = convert.restore_spec(request, request.vm_id or self.m.new_id())
-        with convert.restore_errors():
-            entry = self.m.restore(spec, resume=request.resume)
-        return convert.vm_to_proto(entry)
+        return convert.vm_to_proto(self.m.restore(spec, resume=request.resume))
 
     @edge
     def CloneVm(self, request: pb.CloneVmRequest, context: Any) -> pb.CloneVmResponse:
         specs = convert.clone_specs(request, request.id_prefix or self.m.new_id())
-        with convert.restore_errors():
-            entries = self.m.clone(specs, resume=request.resume)
-        return pb.CloneVmResponse(vms=[convert.vm_to_proto(e) for e in entries])
+        return pb.CloneVmResponse(vms=[convert.vm_to_proto(v)
+                                       for v in self.m.clone(specs, resume=request.resume)])
 
     @edge
     def MergeSnapshots(self, request: pb.MergeSnapshotsRequest, context: Any) -> pb.Snapshot:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from vmmd.api import convert
 from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb
 from vmmd.errors import InvalidSpecError
@@ -49,7 +50,7 @@ def _drive_arg(text: str) -> DriveSpec:
         d = parse_drive(0, text)
     except InvalidSpecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return dataclasses.replace(d, path=os.path.abspath(d.path))
+    return dataclasses.replace(d, path_on_host=os.path.abspath(d.path_on_host))
 
 
 def _net_arg(text: str) -> NetSpec:
@@ -62,10 +63,9 @@ def _net_arg(text: str) -> NetSpec:
 def _devices(args: argparse.Namespace) -> dict[str, list]:  # type: ignore[type-arg]
     """--drive / --net as API messages, numbered in order (drive0, net0, ...)."""
     return {
-        "drives": [pb.Drive(drive_id=f"drive{i}", path_on_host=d.path, read_only=d.read_only,
-                            is_root_device=d.is_root) for i, d in enumerate(args.drive)],
-        "nets": [pb.NetworkInterface(iface_id=f"net{i}", host_dev_name=n.tap,
-                                     guest_mac=n.mac or "", create_tap=n.create_tap)
+        "drives": [convert.drive_to_proto(dataclasses.replace(d, drive_id=f"drive{i}"))
+                   for i, d in enumerate(args.drive)],
+        "nets": [convert.net_to_proto(dataclasses.replace(n, iface_id=f"net{i}"))
                  for i, n in enumerate(args.net)],
     }
 

@@ -17,8 +17,8 @@ def parse_drive(i: int, text: str) -> DriveSpec:
     unknown = [f for f in flags if f not in ("ro", "root")]
     if unknown:
         raise InvalidSpecError(f"drive {text!r}", f"unknown option {unknown[0]!r} (ro, root)")
-    return DriveSpec(drive_id=f"drive{i}", path=path, read_only="ro" in flags,
-                     is_root="root" in flags)
+    return DriveSpec(drive_id=f"drive{i}", path_on_host=path, read_only="ro" in flags,
+                     is_root_device="root" in flags)
 
 
 def parse_net(i: int, text: str) -> NetSpec:
@@ -32,4 +32,4 @@ def parse_net(i: int, text: str) -> NetSpec:
             create = True
         else:
             raise InvalidSpecError(f"net {text!r}", f"unknown option {o!r} (mac=, create)")
-    return NetSpec(iface_id=f"net{i}", tap=tap, mac=mac, create_tap=create)
+    return NetSpec(iface_id=f"net{i}", host_dev_name=tap, guest_mac=mac, create_tap=create)

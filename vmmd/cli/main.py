@@ -23,8 +23,7 @@ from vmmd import log
 from vmmd.cli import demo, serve
 from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.errors import InvalidSpecError, VmmError
-from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, VmSpec
-from vmmd.vm.boot.cmdline import build_cmdline
+from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
 
 EXIT_OK, EXIT_GUEST_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -70,14 +69,31 @@ def build_parser() -> argparse.ArgumentParser:
 def _spec(args: argparse.Namespace) -> VmSpec:
     return VmSpec(
         vm_id=f"run-{uuid.uuid4().hex[:8]}",
-        kernel=args.kernel,
-        initrd=args.initrd,
-        cmdline=build_cmdline(args.cmdline, args.append),
+        boot=BootSpec(kernel_path=args.kernel, initrd_path=args.initrd, cmdline=args.cmdline,
+                      cmdline_append=args.append),
         vcpus=args.vcpus,
-        mem_mib=args.mem_mib,
+        memory_mib=args.mem_mib,
         drives=tuple(parse_drive(i, d) for i, d in enumerate(args.drive)),
-        nets=tuple(parse_net(i, n) for i, n in enumerate(args.net)),
+        network_interfaces=tuple(parse_net(i, n) for i, n in enumerate(args.net)),
     )
+
+
+# The spec's fields as `vmmd run` spells them: its one-line errors name the option.
+OPTIONS = {("boot", "kernel_path"): "--kernel", ("boot", "initrd_path"): "--initrd",
+           ("boot", "cmdline"): "--cmdline", ("vcpus",): "--vcpus",
+           ("memory_mib",): "--mem-mib", ("drives",): "--drive",
+           ("network_interfaces",): "--net"}
+
+
+def _named(e: InvalidSpecError) -> str:
+    """"--kernel (boot.kernel_path): ...", "--drive 2 (drives[1].path_on_host): ..."."""
+    for n in (len(e.path), 1):
+        option = OPTIONS.get(e.path[:n])
+        if option is not None:
+            index = f" {e.path[1] + 1}" if n == 1 and len(e.path) > 1 and \
+                isinstance(e.path[1], int) else ""
+            return f"{option}{index} ({e.field}): {e.problem}"
+    return str(e)
 
 
 def _fail(message: str, code: int) -> int:
@@ -90,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = _spec(args)
         vm = build_vm(spec, kvm_path=args.kvm, force_64bit=args.entry_64bit)
     except InvalidSpecError as e:
-        return _fail(f"invalid {e}", EXIT_BAD_INPUT)
+        return _fail(f"invalid {_named(e)}", EXIT_BAD_INPUT)
     except VmmError as e:
         return _fail(str(e), EXIT_GUEST_FAILED)
 
@@ -103,7 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out_fd = os.dup(sys.stdout.fileno())
     try:
         with vm:
-            vm.native.console_set_fd(out_fd)
+            vm.console_to(out_fd)
             vm.start()
             info = None
             while info is None and not interrupted:

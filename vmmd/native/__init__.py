@@ -15,7 +15,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any
 
-from vmmd.errors import InvalidSpecError, NativeError
+from vmmd.errors import FieldPath, InvalidSpecError, NativeError
 
 from ._core import ffi, lib  # type: ignore[import-not-found]
 
@@ -388,7 +388,8 @@ class NativeVm:
         mem = lib.vmm_vm_mem(self._vm)
         check(lib.vmm_mem_write(mem, gpa, data, len(data)), f"write guest 0x{gpa:x}")
 
-    def load_file(self, gpa: int, fd: int, offset: int, length: int, field: str) -> None:
+    def load_file(self, gpa: int, fd: int, offset: int, length: int,
+                  field: FieldPath) -> None:
         """[offset, offset + length) of fd into guest RAM at gpa: only the file's
         data is read (holes stay zero RAM); InvalidSpecError(field) if the file
         is shorter."""

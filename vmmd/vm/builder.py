@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from vmmd.errors import DataLossError, InvalidSpecError, quoted
+from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
 from vmmd.spec import RestoreSpec, VmSpec
 from vmmd.vm import persist, state
-from vmmd.vm.boot.cmdline import append_words
+from vmmd.vm.boot.cmdline import append_words, build_cmdline
+from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import (
     BootFile,
     BootPlan,
@@ -51,17 +52,23 @@ class Plan:
 
 def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     """Validate a spec against its files; raises InvalidSpecError naming the field.
-    The kernel and initrd are opened once, into `files`, and loaded from those
-    fds later.  The command line gains the words that announce the devices."""
+    The command line is resolved here (the default, with this host's
+    workarounds, unless the spec gives one; plus cmdline_append), and gains
+    the words that announce the devices.  The kernel and initrd are opened
+    once, into `files`, and loaded from those fds later."""
+    b = spec.boot
+    base = build_cmdline(b.cmdline, b.cmdline_append)
     drives = block.check_drives(spec.drives)
-    nets = net.check_nets(spec.nets, spec.vm_id, first_slot=len(drives))
-    cmdline = append_words(spec.cmdline, *block.cmdline_words(drives, spec.cmdline),
-                           *net.cmdline_words(nets))
-    kernel = files.enter_context(open_boot_file(spec.kernel, "kernel"))
-    initrd = files.enter_context(open_boot_file(spec.initrd, "initrd")) if spec.initrd else None
+    nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
+    cmdline = append_words(base, *block.cmdline_words(drives, base), *net.cmdline_words(nets))
+    kernel = files.enter_context(open_boot_file(b.kernel_path, KERNEL_PATH))
+    initrd = (files.enter_context(open_boot_file(b.initrd_path, INITRD_PATH)) if b.initrd_path
+              else None)
     boot = plan_boot(inspect_kernel(kernel), inspect_initrd(initrd) if initrd else None,
                      spec.mem_bytes, spec.vcpus, cmdline, force_64bit=force_64bit)
-    spec = dataclasses.replace(spec, nets=tuple(n.spec for n in nets))
+    # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
+    spec = dataclasses.replace(spec, boot=dataclasses.replace(b, cmdline=base, cmdline_append=None),
+                               network_interfaces=tuple(n.spec for n in nets))
     return Plan(spec, boot, drives, nets, kernel, initrd)
 
 
@@ -101,11 +108,15 @@ def _resources(drives: tuple[block.DrivePlan, ...],
         raise
 
 
+# Makes the C core's VM for a /dev/kvm path: NativeVm, or a test's fake of it.
+NativeFactory = Callable[[str], NativeVm]
+
+
 @contextmanager
-def _native(kvm_path: str) -> Iterator[NativeVm]:
+def _native(kvm_path: str, factory: NativeFactory | None) -> Iterator[NativeVm]:
     """A KVM VM, closed again if what follows fails (before the resources:
     devices use the taps' fds until then)."""
-    native = NativeVm(kvm_path)
+    native = (factory or NativeVm)(kvm_path)
     try:
         yield native
     except BaseException:
@@ -113,16 +124,17 @@ def _native(kvm_path: str) -> Iterator[NativeVm]:
         raise
 
 
-def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = False) -> Vm:
+def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = False,
+             native_factory: NativeFactory | None = None) -> Vm:
     with ExitStack() as files:
         p = plan(spec, files, force_64bit=force_64bit)
-        return _build(p, kvm_path)
+        return _build(p, kvm_path, native_factory)
 
 
-def _build(p: Plan, kvm_path: str) -> Vm:
+def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
     spec = p.spec
-    with _resources(p.drives, p.nets) as held, _native(kvm_path) as native:
-        if spec.track_dirty:
+    with _resources(p.drives, p.nets) as held, _native(kvm_path, factory) as native:
+        if spec.track_dirty_pages:
             native.track_dirty()  # before the RAM: its slots are made logging
         for region in p.boot.ram:
             native.add_ram(region.gpa, region.size)
@@ -138,67 +150,74 @@ def _build(p: Plan, kvm_path: str) -> Vm:
 def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
     """The saved spec with the new id, the devices moved where the overrides
     say, and dirty tracking as asked for now."""
+    o = rs.overrides
     drives = {d.drive_id: i for i, d in enumerate(saved.drives)}
-    nets = {n.iface_id: i for i, n in enumerate(saved.nets)}
-    new_drives, new_nets = list(saved.drives), list(saved.nets)
-    for j, o in enumerate(rs.drives):
-        if o.drive_id not in drives:
-            raise InvalidSpecError(f"drives[{j}].drive_id", f"the snapshot has no drive "
-                                   f"{quoted(o.drive_id)} (it has {sorted(drives) or 'none'})")
-        i = drives[o.drive_id]
-        new_drives[i] = dataclasses.replace(new_drives[i], path=o.path)
-    for j, o in enumerate(rs.nets):
-        if o.iface_id not in nets:
-            raise InvalidSpecError(f"nets[{j}].iface_id", f"the snapshot has no interface "
-                                   f"{quoted(o.iface_id)} (it has {sorted(nets) or 'none'})")
-        i = nets[o.iface_id]
-        new_nets[i] = dataclasses.replace(new_nets[i], tap=o.tap, create_tap=o.create_tap)
+    nets = {n.iface_id: i for i, n in enumerate(saved.network_interfaces)}
+    new_drives, new_nets = list(saved.drives), list(saved.network_interfaces)
+    for j, d in enumerate(o.drives):
+        if d.drive_id not in drives:
+            raise InvalidSpecError(("overrides", "drives", j, "drive_id"), "the snapshot has no "
+                                   f"drive {quoted(d.drive_id)} (it has {sorted(drives) or 'none'})")
+        i = drives[d.drive_id]
+        new_drives[i] = dataclasses.replace(new_drives[i], path_on_host=d.path_on_host)
+    for j, n in enumerate(o.network_interfaces):
+        if n.iface_id not in nets:
+            raise InvalidSpecError(("overrides", "network_interfaces", j, "iface_id"),
+                                   f"the snapshot has no interface {quoted(n.iface_id)} "
+                                   f"(it has {sorted(nets) or 'none'})")
+        i = nets[n.iface_id]
+        new_nets[i] = dataclasses.replace(new_nets[i], host_dev_name=n.host_dev_name,
+                                          create_tap=n.create_tap)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
-                               nets=tuple(new_nets), track_dirty=rs.track_dirty)
+                               network_interfaces=tuple(new_nets),
+                               track_dirty_pages=rs.track_dirty_pages)
 
 
 @contextmanager
 def _override_terms(saved: VmSpec, rs: RestoreSpec) -> Iterator[None]:
-    """A device error named in the spec's terms (drives[i].path) is renamed to
-    the override that set it (drives[j].path), or to snapshot_dir for a
-    device the snapshot itself names."""
+    """A device error at the spec's (drives, i, attr) is reported at the
+    override that put that device there, (overrides, drives, j, attr), or at
+    snapshot_dir for a device as the snapshot itself names it."""
     try:
         yield
     except InvalidSpecError as e:
-        head, _, rest = e.field.partition("[")
-        if head not in ("drives", "nets") or not rest:
+        if len(e.path) < 3 or e.path[0] not in ("drives", "network_interfaces"):
             raise
-        i, _, attr = rest.partition("]")
-        if head == "drives":
-            ids, key = [o.drive_id for o in rs.drives], saved.drives[int(i)].drive_id
+        kind, i, rest = e.path[0], e.path[1], e.path[2:]
+        assert isinstance(i, int)
+        if kind == "drives":
+            ids, key = [d.drive_id for d in rs.overrides.drives], saved.drives[i].drive_id
         else:
-            ids, key = [o.iface_id for o in rs.nets], saved.nets[int(i)].iface_id
+            ids = [n.iface_id for n in rs.overrides.network_interfaces]
+            key = saved.network_interfaces[i].iface_id
         if key in ids:
-            raise InvalidSpecError(f"{head}[{ids.index(key)}]{attr}", e.problem) from None
-        raise InvalidSpecError("snapshot_dir", f"the snapshot's {head[:-1]} {key!r}: "
+            raise e.at(("overrides", kind, ids.index(key), *rest)) from None
+        what = "drive" if kind == "drives" else "interface"
+        raise InvalidSpecError("snapshot_dir", f"the snapshot's {what} {quoted(key)}: "
                                f"{e.problem}") from None
 
 
-def _check_drive_sizes(spec: VmSpec, sizes: tuple[int, ...]) -> None:
-    for i, (d, size) in enumerate(zip(spec.drives, sizes)):
-        try:
-            now = os.stat(d.path).st_size
-        except OSError:
-            continue  # the drive checks say why, in their words
+def _check_drive_sizes(spec: VmSpec, images: list[int], sizes: tuple[int, ...]) -> None:
+    """The images (open, locked) are the size the snapshot's drives had."""
+    for i, (d, fd, size) in enumerate(zip(spec.drives, images, sizes, strict=True)):
+        now = os.fstat(fd).st_size
         if now != size:
-            raise InvalidSpecError(f"drives[{i}].path", f"{d.path} is {now} bytes; the "
-                                   f"snapshot's drive had {size}")
+            raise InvalidSpecError(("drives", i, "path_on_host"),
+                                   f"{shown(d.path_on_host)} is {now} bytes; the snapshot's "
+                                   f"drive had {size}")
 
 
-def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm") -> Vm:
+def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
+               native_factory: NativeFactory | None = None) -> Vm:
     """A VM from a full snapshot, built but not started (start_restored() next).
     Guest RAM is the memory file mapped copy-on-write: nothing is read now."""
     with persist.opened(rs.snapshot_dir) as (snap, memory_fd):
-        return restore_from(rs, snap, memory_fd, kvm_path=kvm_path)
+        return restore_from(rs, snap, memory_fd, kvm_path=kvm_path,
+                            native_factory=native_factory)
 
 
 def restore_from(rs: RestoreSpec, snap: persist.Snapshot, memory_fd: int, *,
-                 kvm_path: str = "/dev/kvm") -> Vm:
+                 kvm_path: str = "/dev/kvm", native_factory: NativeFactory | None = None) -> Vm:
     """restore_vm() of a snapshot already open (clones open it once): its
     memory file mapped from memory_fd, the very file that was checked."""
     if snap.state.kind != persist.FULL:
@@ -212,14 +231,14 @@ def restore_from(rs: RestoreSpec, snap: persist.Snapshot, memory_fd: int, *,
         raise DataLossError(f"snapshot state spec: {e}") from None
     if [(r.gpa, r.size) for r in regions] != [(m.guest_address, m.size) for m in snap.state.memory]:
         raise DataLossError("snapshot state: memory regions do not fit a VM of "
-                            f"{spec.mem_mib} MiB")
+                            f"{spec.memory_mib} MiB")
     with _override_terms(saved, rs):
         drives = block.check_drives(spec.drives)
-        nets = net.check_nets(spec.nets, spec.vm_id, first_slot=len(drives))
-        _check_drive_sizes(spec, sizes)
+        nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
     with _override_terms(saved, rs), _resources(drives, nets) as held, \
-            _native(kvm_path) as native:
-        if spec.track_dirty:
+            _native(kvm_path, native_factory) as native:
+        _check_drive_sizes(spec, held.images, sizes)
+        if spec.track_dirty_pages:
             native.track_dirty()
         offset = persist.MEMORY_OFFSET
         for r in regions:

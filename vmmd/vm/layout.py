@@ -80,11 +80,11 @@ def check_memory_size(mem_bytes: int) -> None:
     """Refuse a guest RAM size outside the limits or not a whole number of pages."""
     if not MIN_MEM_BYTES <= mem_bytes <= MAX_MEM_BYTES:
         raise InvalidSpecError(
-            "memory",
+            "memory_mib",
             f"{mem_bytes} bytes is outside {MIN_MEM_BYTES // MiB} MiB..{MAX_MEM_BYTES // GiB} GiB",
         )
     if mem_bytes % PAGE_SIZE:
-        raise InvalidSpecError("memory", f"{mem_bytes} bytes is not a multiple of {PAGE_SIZE}")
+        raise InvalidSpecError("memory_mib", f"{mem_bytes} bytes is not a multiple of {PAGE_SIZE}")
 
 
 def check_vcpu_count(vcpus: int) -> None:

@@ -1,33 +1,29 @@
-"""The VM lifecycle table: which verb is allowed in which state.
+"""The VM lifecycle table: which verb is allowed in which phase.
 
-One table, used by Vm before it calls into the C core, so a verb in the
-wrong state fails with StateError naming the state, and never reaches C.
+One table, used by Vm (and the manager) before anything reaches the C
+core, so a verb in the wrong phase fails with StateError naming the phase.
 """
 
 from __future__ import annotations
 
-import enum
-
 from vmmd.errors import StateError
+from vmmd.info import Phase
 
-
-class State(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    CRASHED = "crashed"
-
-
-_ALLOWED: dict[str, frozenset[State]] = {
-    "start": frozenset({State.CREATED}),
-    "pause": frozenset({State.RUNNING, State.PAUSED}),
-    "resume": frozenset({State.RUNNING, State.PAUSED}),
-    "stop": frozenset({State.RUNNING, State.PAUSED}),
-    "snapshot": frozenset({State.PAUSED}),
+_ALLOWED: dict[str, frozenset[Phase]] = {
+    "start": frozenset({Phase.CREATED}),
+    "pause": frozenset({Phase.RUNNING, Phase.PAUSED}),
+    "resume": frozenset({Phase.RUNNING, Phase.PAUSED}),
+    "stop": frozenset({Phase.RUNNING, Phase.PAUSED}),
+    "shut down": frozenset({Phase.RUNNING}),
+    "snapshot": frozenset({Phase.PAUSED}),
+    "write to the console of": frozenset({Phase.CREATED, Phase.RUNNING, Phase.PAUSED}),
 }
 
 
-def check_verb(verb: str, state: State) -> None:
-    if state not in _ALLOWED[verb]:
-        raise StateError(f"cannot {verb} a VM that is {state.value}")
+def check_verb(verb: str, phase: Phase) -> None:
+    if phase not in _ALLOWED[verb]:
+        raise StateError(f"cannot {verb} a VM that is {phase.value}")
+
+
+def allows(verb: str, phase: Phase) -> bool:
+    return phase in _ALLOWED[verb]

@@ -18,26 +18,13 @@ from dataclasses import dataclass
 
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, NativeError
+from vmmd.info import SnapshotInfo
 from vmmd.native import LegacyState, MachineState, NativeVm, VcpuState, VirtioState
 from vmmd.spec import VmSpec
 from vmmd.vm import persist, state
 from vmmd.vm.layout import PAGE_SIZE, ram_regions
 
 VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    vm_id: str          # the VM it was taken of
-    directory: str
-    snapshot_id: str
-    parent_id: str      # "" for a full snapshot
-    kind: str           # "full" | "diff"
-    ram_bytes: int
-    pages_written: int  # full: non-zero pages; diff: dirty pages
-    memory_file_bytes: int
-    state_file_bytes: int
-    duration_s: float
 
 
 def memory_unreadable(backing: str | None = None) -> DataLossError:
@@ -56,12 +43,12 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: persi
     t0 = time.monotonic()
     regions = ram_regions(spec.mem_bytes)
     ram_bytes = sum(r.size for r in regions)
-    ndev = len(spec.drives) + len(spec.nets)
+    ndev = len(spec.drives) + len(spec.network_interfaces)
     s = spb.SnapshotState(
         format_version=persist.FORMAT_VERSION, snapshot_id=persist.new_id(),
         parent_id=parent or "", kind=persist.DIFF if parent else persist.FULL,
         created_unix_ns=time.time_ns(),
-        spec=state.save_spec(spec, cmdline, [os.stat(d.path).st_size for d in spec.drives]),
+        spec=state.save_spec(spec, cmdline, [os.stat(d.path_on_host).st_size for d in spec.drives]),
         memory=[spb.MemoryRegion(guest_address=r.gpa, size=r.size) for r in regions],
         vcpus=[state.save_vcpu(native.save_vcpu(i)) for i in range(spec.vcpus)],
         machine=state.save_machine(native.save_machine()),
@@ -89,7 +76,7 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: persi
 
 def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
     """(virtio device id, queues) of each device in attachment order."""
-    return [(VIRTIO_ID_BLOCK, 1)] * len(spec.drives) + [(VIRTIO_ID_NET, 2)] * len(spec.nets)
+    return [(VIRTIO_ID_BLOCK, 1)] * len(spec.drives) + [(VIRTIO_ID_NET, 2)] * len(spec.network_interfaces)
 
 
 @dataclass(frozen=True)

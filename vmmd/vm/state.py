@@ -31,7 +31,7 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import DriveSpec, NetSpec, VmSpec, check_vm_id
+from vmmd.spec import BootSpec, DriveSpec, NetSpec, VmSpec, check_vm_id
 from vmmd.vm.boot.cmdline import encode_cmdline
 from vmmd.vm.hostfiles import check_path, kind_of
 from vmmd.vm.layout import MAX_VCPUS
@@ -147,13 +147,17 @@ def restore_legacy(m: spb.LegacyDevices) -> LegacyState:
 # ---- the VM spec (what the devices were attached to) ----
 def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
     return spb.VmSpec(
-        vm_id=spec.vm_id, kernel=spec.kernel, cmdline=cmdline, initrd=spec.initrd or "",
-        vcpus=spec.vcpus, mem_mib=spec.mem_mib, track_dirty_pages=spec.track_dirty,
-        drives=[spb.Drive(drive_id=d.drive_id, path=d.path, read_only=d.read_only,
-                          is_root=d.is_root, size_bytes=size)
+        vm_id=spec.vm_id, kernel_path=spec.boot.kernel_path, cmdline=cmdline,
+        initrd_path=spec.boot.initrd_path or "", vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+        track_dirty_pages=spec.track_dirty_pages,
+        drives=[spb.Drive(drive_id=d.drive_id, path_on_host=d.path_on_host,
+                          read_only=d.read_only, is_root_device=d.is_root_device,
+                          size_bytes=size)
                 for d, size in zip(spec.drives, drive_sizes)],
-        nets=[spb.NetworkInterface(iface_id=n.iface_id, tap=n.tap, mac=n.mac or "")
-              for n in spec.nets])
+        network_interfaces=[spb.NetworkInterface(iface_id=n.iface_id,
+                                                 host_dev_name=n.host_dev_name,
+                                                 guest_mac=n.guest_mac or "")
+                            for n in spec.network_interfaces])
 
 
 def _saved_path(path: str, where: str, *, required: bool) -> None:
@@ -184,12 +188,16 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         check_vm_id(m.vm_id)
         encode_cmdline(m.cmdline)
     except InvalidSpecError as e:
-        raise _bad(f"spec.{e.field}", e.problem) from None
-    _saved_path(m.kernel, "spec.kernel", required=True)
-    _saved_path(m.initrd, "spec.initrd", required=False)
+        raise _bad(f"spec.{e.path[-1]}", e.problem) from None
+    _saved_path(m.kernel_path, "spec.kernel_path", required=True)
+    _saved_path(m.initrd_path, "spec.initrd_path", required=False)
     spec = VmSpec(
-        vm_id=m.vm_id, kernel=m.kernel, cmdline=m.cmdline, initrd=m.initrd or None,
-        vcpus=m.vcpus, mem_mib=m.mem_mib, track_dirty=m.track_dirty_pages,
-        drives=tuple(DriveSpec(d.drive_id, d.path, d.read_only, d.is_root) for d in m.drives),
-        nets=tuple(NetSpec(n.iface_id, n.tap, n.mac or None) for n in m.nets))
+        vm_id=m.vm_id,
+        boot=BootSpec(kernel_path=m.kernel_path, initrd_path=m.initrd_path or None,
+                      cmdline=m.cmdline),
+        vcpus=m.vcpus, memory_mib=m.memory_mib, track_dirty_pages=m.track_dirty_pages,
+        drives=tuple(DriveSpec(d.drive_id, d.path_on_host, d.read_only, d.is_root_device)
+                     for d in m.drives),
+        network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None)
+                                 for n in m.network_interfaces))
     return spec, m.cmdline, tuple(d.size_bytes for d in m.drives)

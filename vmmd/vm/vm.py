@@ -17,14 +17,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from vmmd.errors import NotFoundError, StateError
+from vmmd.errors import NotFoundError, StateError, quoted
+from vmmd.info import (
+    DeviceCounters,
+    InterfaceCounters,
+    Phase,
+    SnapshotInfo,
+    StopKind,
+    StopSummary,
+    VmCounters,
+)
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
 from vmmd.vm import persist
-from vmmd.vm.devices.net import InterfaceStats, interface_stats
-from vmmd.vm.lifecycle import State, check_verb
-from vmmd.vm.snapshot import SnapshotInfo, take_snapshot
+from vmmd.vm.devices.net import interface_counters
+from vmmd.vm.lifecycle import check_verb
+from vmmd.vm.snapshot import take_snapshot
 
 # Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
 CLEAN_STOPS = frozenset({StopReason.RESET, StopReason.POWEROFF, StopReason.HALT,
@@ -51,6 +60,18 @@ class StopInfo:
     reason: StopReason
     clean: bool
     message: str
+
+    def kind(self, requested: bool) -> StopKind:
+        """As a user is told: a crash, stopped through the API (the guest's own
+        reset or power-off in answer to a stop request counts), or the
+        guest's reboot / power-off."""
+        if not self.clean:
+            return StopKind.CRASH
+        if requested or self.reason == StopReason.REQUESTED:
+            return StopKind.STOPPED_BY_API
+        if self.reason == StopReason.RESET:
+            return StopKind.REBOOT
+        return StopKind.POWEROFF
 
 
 def describe_stop(ev: Event | None, reason: StopReason) -> StopInfo:
@@ -102,19 +123,23 @@ class Vm:
                  resources: list[Any] | None = None, snapshot_id: str | None = None,
                  memory_file: MemoryFile | None = None) -> None:
         self.spec = spec
-        self.cmdline = cmdline if cmdline is not None else spec.cmdline  # as the guest got it
+        self.cmdline = cmdline if cmdline is not None else spec.boot.cmdline or ""  # as the guest got it
         self._native = native
         self._resources = resources or []  # closed with the VM (drive locks...)
         self._memory_file = memory_file
         if memory_file is not None:
             self._resources.append(memory_file)
-        self._state = State.CREATED
+        # _lock: one verb at a time.  _status_lock (short, never held across a
+        # C call): the phase and the stop info, read together by observe().
         self._lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self._state = Phase.CREATED
+        self._stop_requested = False  # a stop came from outside (API, shutdown)
         self._stopped = threading.Event()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._watcher: threading.Thread | None = None
         self._stop_info: StopInfo | None = None
-        self._listeners: list[Callable[[Event], None]] = []
+        self._stop_listeners: list[Callable[[StopSummary], None]] = []
         # Called (from the watcher thread, or close()) when console output may
         # be readable, the VM stopped or it was deleted: stream readers wake.
         self._console_watchers: set[Callable[[], None]] = set()
@@ -128,16 +153,28 @@ class Vm:
 
     # -- lifecycle --
     @property
-    def state(self) -> State:
+    def state(self) -> Phase:
         return self._state
+
+    def _set_phase(self, phase: Phase) -> None:
+        with self._status_lock:
+            self._state = phase
+
+    def observe(self) -> tuple[Phase, StopSummary | None]:
+        """The phase and how the VM stopped (None while it has not), read
+        together: what an API reply shows."""
+        with self._status_lock:
+            phase, info = self._state, self._stop_info
+        return phase, (None if info is None else
+                       StopSummary(info.kind(self._stop_requested), info.message))
 
     def start(self) -> None:
         with self._lock:
             check_verb("start", self._state)
             self._native.start()
-            self._state = State.RUNNING
+            self._set_phase(Phase.RUNNING)
             self._start_watcher()
-        self.log.info("vm.started", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib)
+        self.log.info("vm.started", vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib)
 
     def start_restored(self, *, paused: bool = True) -> None:
         """A restored VM: its threads come up parked (resume() runs the guest),
@@ -148,9 +185,9 @@ class Vm:
                 self._native.start_paused()
             else:
                 self._native.start()
-            self._state = State.PAUSED if paused else State.RUNNING
+            self._set_phase(Phase.PAUSED if paused else Phase.RUNNING)
             self._start_watcher()
-        self.log.info("vm.restored", vcpus=self.spec.vcpus, mem_mib=self.spec.mem_mib,
+        self.log.info("vm.restored", vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib,
                       snapshot_id=self._snapshot_id, paused=paused)
 
     def _start_watcher(self) -> None:
@@ -184,21 +221,33 @@ class Vm:
         with self._lock:
             check_verb("pause", self._state)
             self._native.pause(timeout_ms)
-            if self._state == State.RUNNING and not self._stopped.is_set():
-                self._state = State.PAUSED
+            with self._status_lock:
+                if self._state == Phase.RUNNING and not self._stopped.is_set():
+                    self._state = Phase.PAUSED
 
     def resume(self) -> None:
         with self._lock:
             check_verb("resume", self._state)
             self._native.resume()
-            if self._state == State.PAUSED:
-                self._state = State.RUNNING
+            with self._status_lock:
+                if self._state == Phase.PAUSED:
+                    self._state = Phase.RUNNING
+
+    def request_shutdown(self) -> None:
+        """Ask the guest to shut down (Ctrl-Alt-Del through the i8042); it
+        stops itself, or not (wait(), then stop())."""
+        with self._lock:
+            check_verb("shut down", self._state)
+            self._stop_requested = True
+            with self._alive() as native:
+                native.send_ctrl_alt_del()
 
     def stop(self) -> StopInfo:
         """Force-stop now: every C thread joined.  Idempotent once stopped."""
         with self._lock:
-            if self._state not in (State.STOPPED, State.CRASHED):
+            if self._state not in (Phase.STOPPED, Phase.CRASHED):
                 check_verb("stop", self._state)
+                self._stop_requested = True
                 self._native.stop()
         self._join_watcher()
         return self._finish()
@@ -214,8 +263,11 @@ class Vm:
     def stop_info(self) -> StopInfo | None:
         return self._stop_info
 
-    def add_listener(self, fn: Callable[[Event], None]) -> None:
-        self._listeners.append(fn)
+    def on_stopped(self, fn: Callable[[StopSummary], None]) -> None:
+        """fn(how) once the VM stopped and its threads are joined, from the
+        thread that saw it (the watcher, or a stop()/close() caller): it must
+        not wait for a verb of this VM."""
+        self._stop_listeners.append(fn)
 
     def watch_console(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Call fn (from another thread; it must not block) whenever console
@@ -251,30 +303,47 @@ class Vm:
     def _alive(self) -> Iterator[NativeVm]:
         with self._native_lock:
             if self._closed:
-                raise NotFoundError(f"vm_id: VM {self.spec.vm_id!r} was deleted")
+                raise NotFoundError(f"vm_id: VM {quoted(self.spec.vm_id)} was deleted")
             yield self._native
 
     def stats(self) -> VmStats:
         with self._alive() as native:
             return native.stats()
 
+    def counters(self) -> VmCounters:
+        """Every counter of the VM and its devices, copied out of the C core."""
+        first = len(self.spec.drives)
+        with self._alive() as native:
+            s = native.stats()
+            devices = [native.virtio_stats(i) for i in range(first)]
+            nets = [native.virtio_stats(first + i)
+                    for i in range(len(self.spec.network_interfaces))]
+        return VmCounters(
+            exits=s.exits, exits_io=s.exits_io, exits_mmio=s.exits_mmio,
+            exits_intr=s.exits_intr, exits_other=s.exits_other, unhandled_io=s.unhandled_io,
+            unhandled_mmio=s.unhandled_mmio, console_bytes=s.console_bytes,
+            console_dropped=s.console_dropped,
+            devices=tuple(DeviceCounters(d.drive_id, v.requests, v.bytes_read, v.bytes_written,
+                                         v.io_errors, v.bad_chains, v.interrupts)
+                          for d, v in zip(self.spec.drives, devices)),
+            interfaces=tuple(interface_counters(n, v)
+                             for n, v in zip(self.spec.network_interfaces, nets)))
+
     def drive_stats(self) -> list[VirtioStats]:
         """Counters of each drive, in the spec's order."""
         with self._alive() as native:
             return [native.virtio_stats(i) for i in range(len(self.spec.drives))]
 
-    def interface_stats(self) -> list[InterfaceStats]:
+
+    def interface_stats(self) -> list[InterfaceCounters]:
         """Counters of each network interface, in the spec's order."""
-        first = len(self.spec.drives)
-        with self._alive() as native:
-            return [interface_stats(n, native.virtio_stats(first + i))
-                    for i, n in enumerate(self.spec.nets)]
+        return list(self.counters().interfaces)
 
     def thread_count(self) -> int:
         with self._alive() as native:
             return native.thread_count()
 
-    def console_read(self, pos: int, max_bytes: int) -> tuple[bytes, int]:
+    def console_read(self, pos: int, max_bytes: int = 65536) -> tuple[bytes, int]:
         with self._alive() as native:
             return native.console_read(pos, max_bytes)
 
@@ -283,16 +352,33 @@ class Vm:
             return native.console_head()
 
     def console_input(self, data: bytes) -> int:
+        """Bytes for the guest's UART; how many it took (its FIFO is small)."""
+        check_verb("write to the console of", self._state)
         with self._alive() as native:
             return native.console_input(data)
 
-    @property
-    def native(self) -> NativeVm:
-        return self._native
+    # -- inspection (tests, debugging): guest RAM and registers --
+    def read_memory(self, gpa: int, length: int) -> bytes:
+        with self._alive() as native:
+            return native.read(gpa, length)
+
+    def write_memory(self, gpa: int, data: bytes) -> None:
+        with self._alive() as native:
+            native.write(gpa, data)
+
+    def registers(self, vcpu: int) -> tuple[dict[str, Any], int]:
+        """A vCPU's registers and KVM mp_state; only while it is not running."""
+        with self._alive() as native:
+            return native.get_regs(vcpu)
+
+    def console_to(self, fd: int) -> None:
+        """Also copy the guest's console output to fd as it comes (vmmd run)."""
+        with self._alive() as native:
+            native.console_set_fd(fd)
 
     # -- teardown --
     def close(self) -> None:
-        if self._state in (State.RUNNING, State.PAUSED):
+        if self._state in (Phase.RUNNING, Phase.PAUSED):
             self.stop()
         self._join_watcher()
         with self._native_lock:
@@ -329,11 +415,6 @@ class Vm:
                 self._console_changed()
             while (ev := self._native.next_event()) is not None:
                 self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
-                for fn in self._listeners:
-                    try:
-                        fn(ev)
-                    except Exception:
-                        self.log.exception("vm.listener_failed")
                 if ev.type == EventType.STOPPED:
                     last_stop = ev
             if last_stop is not None or self._wake in ready:
@@ -344,8 +425,11 @@ class Vm:
         self._finish(last_stop)
 
     def _finish(self, ev: Event | None = None) -> StopInfo:
-        with self._lock:
+        """Record why the VM stopped (once), wake waiters, tell listeners."""
+        first = False
+        with self._status_lock:
             if self._stop_info is None:
+                first = True
                 info = describe_stop(ev, self._native.stop_reason)
                 shrunk = self._memory_file.shrunk() if self._memory_file else None
                 if shrunk and not info.clean:
@@ -353,13 +437,21 @@ class Vm:
                     # lost its memory: say so, naming the file.
                     info = StopInfo(info.reason, False, f"{info.message}; {shrunk}")
                 self._stop_info = info
-                self._state = State.STOPPED if info.clean else State.CRASHED
-                level = self.log.info if info.clean else self.log.error
-                level("vm.stopped", reason=info.reason.name, detail=info.message)
+                self._state = Phase.STOPPED if info.clean else Phase.CRASHED
             self._stopped.set()
+            info = self._stop_info
+        if first:
+            level = self.log.info if info.clean else self.log.error
+            level("vm.stopped", reason=info.reason.name, detail=info.message)
         self._console_changed()
-        assert self._stop_info is not None
-        return self._stop_info
+        if first:
+            how = StopSummary(info.kind(self._stop_requested), info.message)
+            for fn in self._stop_listeners:
+                try:
+                    fn(how)
+                except Exception:
+                    self.log.exception("vm.stop_listener_failed")
+        return info
 
     def _join_watcher(self) -> None:
         w = self._watcher

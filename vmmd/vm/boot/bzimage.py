@@ -6,7 +6,7 @@ The decompressor then works in [buffer, buffer + init_size), where buffer is pre
 the load address rounded up to kernel_alignment if that is higher and the kernel is
 relocatable (arch/x86/boot/compressed/head_64.S); all of that must be RAM.  Requires protocol
 2.12+ with XLF_KERNEL_64.  Only the first sectors are read; a bad file raises
-InvalidSpecError("kernel", ...).
+InvalidSpecError(boot.kernel_path, ...).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmmd.errors import InvalidSpecError
+from vmmd.vm.boot.image import CMDLINE
 from vmmd.vm.layout import COMMAND_LINE_SIZE, KiB
 
 DEFAULT_CMDLINE = (
@@ -63,9 +64,9 @@ def encode_cmdline(cmdline: str, limit: int = COMMAND_LINE_SIZE) -> bytes:
     """The NUL-terminated bytes to write; refuses non-printable-ASCII or more than `limit` bytes."""
     bad = next((c for c in cmdline if not " " <= c <= "~"), None)
     if bad is not None:
-        raise InvalidSpecError("cmdline", f"character {bad!r} is not printable ASCII")
+        raise InvalidSpecError(CMDLINE, f"character {bad!r} is not printable ASCII")
     if len(cmdline) + 1 > limit:
         raise InvalidSpecError(
-            "cmdline", f"{len(cmdline)} bytes; the kernel takes at most {limit - 1}"
+            CMDLINE, f"{len(cmdline)} bytes; the kernel takes at most {limit - 1}"
         )
     return cmdline.encode("ascii") + b"\0"

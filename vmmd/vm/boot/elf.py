@@ -3,7 +3,7 @@
 This module owns reading an ELF kernel's headers: the PT_LOAD segments (loaded at p_paddr),
 the 64-bit entry e_entry (physical for an x86 vmlinux) and the PVH entry from the "Xen"
 XEN_ELFNOTE_PHYS32_ENTRY note.  It reads only headers and notes, never segment contents, and
-checks every offset and size against the file: a bad file raises InvalidSpecError("kernel", ...).
+checks every offset and size against the file: a bad file raises InvalidSpecError(boot.kernel_path, ...).
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ from typing import BinaryIO, Literal
 
 from vmmd.errors import InvalidSpecError
 
+# The spec's (and API's) fields the boot loader's errors name.
+KERNEL_PATH = ("boot", "kernel_path")
+INITRD_PATH = ("boot", "initrd_path")
+CMDLINE = ("boot", "cmdline")
+
 KernelKind = Literal["elf", "bzimage"]
 
 
@@ -52,7 +57,7 @@ class KernelImage:
 
 def kernel_error(problem: str) -> InvalidSpecError:
     """The error for a kernel file that cannot be booted."""
-    return InvalidSpecError("kernel", problem)
+    return InvalidSpecError(KERNEL_PATH, problem)
 
 
 def read_exact(f: BinaryIO, offset: int, size: int, what: str) -> bytes:

@@ -4,8 +4,8 @@ This module owns the order of booting a Linux guest: `inspect_kernel` validates 
 (ELF vmlinux or bzImage), `plan_boot` checks that everything fits (memory, initrd, cmdline,
 vCPUs) before any VM exists, and `load` writes the kernel, initrd, cmdline, zero page or PVH
 start_info, GDT/IDT, page tables and MP table into guest memory and returns the boot vCPU's
-registers.  Every refusal is an InvalidSpecError naming the field ("kernel", "initrd",
-"memory", "cmdline", "vcpus").  Each file is opened once (`open_boot_file`, through
+registers.  Every refusal is an InvalidSpecError naming the spec's field (boot.kernel_path,
+boot.initrd_path, boot.cmdline, memory_mib, vcpus).  Each file is opened once (`open_boot_file`, through
 vm/hostfiles.py: regular files only, never blocking) and loaded from that fd; only its data is
 read, straight into guest RAM, and nothing else is written there: fresh RAM is zero already, so
 a segment's bss or a sparse initrd costs no memory.
@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmmd.errors import InvalidSpecError, shown
+from vmmd.errors import FieldPath, InvalidSpecError, shown
 from vmmd.vm.boot.bzimage import is_bzimage, parse_bzimage
 from vmmd.vm.boot.cmdline import encode_cmdline
 from vmmd.vm.boot.cpu import BootRegs, boot_cpu_state
 from vmmd.vm.boot.elf import is_elf, parse_elf
-from vmmd.vm.boot.image import KernelImage, LoadSegment, kernel_error
+from vmmd.vm.boot.image import INITRD_PATH, KernelImage, LoadSegment, kernel_error
 from vmmd.vm.boot.mptable import build_mptable
 from vmmd.vm.boot.params import HEADER, build_start_info, build_zero_page, memory_map
 from vmmd.vm.hostfiles import open_file
@@ -56,7 +56,8 @@ class GuestMemory(Protocol):
 
     def write(self, gpa: int, data: bytes) -> None: ...
 
-    def load_file(self, gpa: int, fd: int, offset: int, length: int, field: str) -> None: ...
+    def load_file(self, gpa: int, fd: int, offset: int, length: int,
+                  field: FieldPath) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,13 @@ class BootFile:
     """A kernel or initrd open for loading: checked once, used through its fd."""
 
     path: str
-    field: str  # "kernel" | "initrd"
+    field: FieldPath  # KERNEL_PATH | INITRD_PATH
     fd: int
     size: int
 
 
 @contextmanager
-def open_boot_file(path: str, field: str) -> Iterator[BootFile]:
+def open_boot_file(path: str, field: FieldPath) -> Iterator[BootFile]:
     """The file as a BootFile while the block runs (closed after)."""
     fd, st = open_file(path, lambda problem: InvalidSpecError(field, problem))
     try:
@@ -124,17 +125,17 @@ def _align_up(value: int, align: int) -> int:
 def _place_initrd(kernel: KernelImage, size: int, mem_bytes: int) -> Region:
     """The initrd as high in low RAM as allowed, page aligned, above the kernel."""
     if size <= 0:
-        raise InvalidSpecError("initrd", "is empty")
+        raise InvalidSpecError(INITRD_PATH, "is empty")
     floor = _align_up(kernel.high, PAGE_SIZE)
     cap = min(MMIO_HOLE_START, kernel.initrd_addr_max + 1)
     if (cap - size) // PAGE_SIZE * PAGE_SIZE < floor:
         raise InvalidSpecError(
-            "initrd", f"{size} bytes do not fit between the kernel end {floor:#x} and {cap:#x}"
+            INITRD_PATH, f"{size} bytes do not fit between the kernel end {floor:#x} and {cap:#x}"
         )
     gpa = (min(cap, low_ram_end(mem_bytes)) - size) // PAGE_SIZE * PAGE_SIZE
     if gpa < floor:
         raise InvalidSpecError(
-            "memory",
+            "memory_mib",
             f"{mem_bytes // MiB} MiB is too small for the kernel (up to {floor:#x}) and a {size}-byte initrd",
         )
     return Region(gpa, size)
@@ -154,7 +155,7 @@ def plan_boot(
     check_memory_size(mem_bytes)
     if kernel.high > low_ram_end(mem_bytes):
         raise InvalidSpecError(
-            "memory",
+            "memory_mib",
             f"{mem_bytes // MiB} MiB is too small for the kernel, which needs RAM up to {kernel.high:#x}",
         )
     initrd = None if initrd_size is None else _place_initrd(kernel, initrd_size, mem_bytes)

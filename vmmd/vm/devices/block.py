@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from vmmd.errors import InvalidSpecError, quoted, shown
+from vmmd.errors import FieldPath, InvalidSpecError, quoted, shown
 from vmmd.spec import DriveSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.hostfiles import check_path, open_file
@@ -36,8 +36,8 @@ class DrivePlan:
     irq: int
 
 
-def _field(i: int, name: str) -> str:
-    return f"drives[{i}].{name}"
+def _field(i: int, name: str) -> FieldPath:
+    return ("drives", i, name)
 
 
 def guest_name(index: int) -> str:
@@ -48,16 +48,17 @@ def guest_name(index: int) -> str:
 def check_drives(drives: tuple[DriveSpec, ...], first_slot: int = 0) -> tuple[DrivePlan, ...]:
     """Validate ids, root flags and slots; no file access here."""
     seen: set[str] = set()
-    roots = [i for i, d in enumerate(drives) if d.is_root]
+    roots = [i for i, d in enumerate(drives) if d.is_root_device]
     if len(roots) > 1:
-        raise InvalidSpecError(_field(roots[1], "is_root"), "only one drive can be the root device")
+        raise InvalidSpecError(_field(roots[1], "is_root_device"), "only one drive can be the root device")
     plans = []
     for i, d in enumerate(drives):
         check_id(_field(i, "drive_id"), d.drive_id)
         if d.drive_id in seen:
             raise InvalidSpecError(_field(i, "drive_id"), f"{quoted(d.drive_id)} is used twice")
         seen.add(d.drive_id)
-        check_path(d.path, lambda problem, i=i: InvalidSpecError(_field(i, "path"), problem))
+        check_path(d.path_on_host,
+                   lambda problem, i=i: InvalidSpecError(_field(i, "path_on_host"), problem))
         try:
             region, irq = virtio_mmio_slot(first_slot + i)
         except ValueError:
@@ -69,7 +70,7 @@ def check_drives(drives: tuple[DriveSpec, ...], first_slot: int = 0) -> tuple[Dr
 def cmdline_words(plans: tuple[DrivePlan, ...], cmdline: str) -> list[str]:
     """Device words, plus root= for the root drive unless the cmdline has one."""
     words = [virtio_mmio_word(p.mmio_base, p.irq) for p in plans]
-    root = next((p for p in plans if p.spec.is_root), None)
+    root = next((p for p in plans if p.spec.is_root_device), None)
     if root is not None and not any(w.startswith("root=") for w in cmdline.split()):
         words += [f"root=/dev/{guest_name(root.index)}", "ro" if root.spec.read_only else "rw"]
     return words
@@ -97,7 +98,7 @@ class DriveLocks:
 
 
 def _open_locked(p: DrivePlan) -> int:
-    path, field = p.spec.path, _field(p.index, "path")
+    path, field = p.spec.path_on_host, _field(p.index, "path_on_host")
     shown_path = shown(path)
 
     def fail(problem: str) -> InvalidSpecError:

@@ -21,7 +21,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from vmmd.errors import InvalidSpecError, NativeError, quoted
+from vmmd.errors import FieldPath, InvalidSpecError, NativeError, quoted
+from vmmd.info import InterfaceCounters
 from vmmd.native import VirtioStats
 from vmmd.spec import NetSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
@@ -51,11 +52,11 @@ class NetPlan:
     irq: int
 
 
-def _field(i: int, name: str) -> str:
-    return f"nets[{i}].{name}"
+def _field(i: int, name: str) -> FieldPath:
+    return ("network_interfaces", i, name)
 
 
-def parse_mac(text: str, field: str) -> bytes:
+def parse_mac(text: str, field: FieldPath | str) -> bytes:
     if not _MAC_RE.fullmatch(text):
         raise InvalidSpecError(field, f"{quoted(text)} is not a MAC address like 02:00:00:00:00:01")
     mac = bytes.fromhex(text.replace(":", ""))
@@ -87,25 +88,28 @@ def check_nets(nets: tuple[NetSpec, ...], vm_id: str, first_slot: int) -> tuple[
         if n.iface_id in ids:
             raise InvalidSpecError(_field(i, "iface_id"), f"{quoted(n.iface_id)} is used twice")
         ids.add(n.iface_id)
-        if not n.tap:
-            raise InvalidSpecError(_field(i, "tap"), "is required")
-        if not _TAP_RE.fullmatch(n.tap):
-            raise InvalidSpecError(_field(i, "tap"), f"{quoted(n.tap)} is not a network device name "
+        if not n.host_dev_name:
+            raise InvalidSpecError(_field(i, "host_dev_name"), "is required")
+        if not _TAP_RE.fullmatch(n.host_dev_name):
+            raise InvalidSpecError(_field(i, "host_dev_name"),
+                                   f"{quoted(n.host_dev_name)} is not a network device name "
                                    f"(1-{IFNAMSIZ - 1} characters of A-Z a-z 0-9 _ . -)")
-        if n.tap in taps:
-            raise InvalidSpecError(_field(i, "tap"), f"{n.tap} is used by nets[{taps[n.tap]}] "
+        if n.host_dev_name in taps:
+            raise InvalidSpecError(_field(i, "host_dev_name"), f"{n.host_dev_name} is used by "
+                                   f"network_interfaces[{taps[n.host_dev_name]}] "
                                    "already; a tap takes one interface")
-        taps[n.tap] = i
-        mac = parse_mac(n.mac, _field(i, "mac")) if n.mac else generated_mac(vm_id, n.iface_id)
+        taps[n.host_dev_name] = i
+        mac = (parse_mac(n.guest_mac, _field(i, "guest_mac")) if n.guest_mac
+               else generated_mac(vm_id, n.iface_id))
         if mac in macs:
-            raise InvalidSpecError(_field(i, "mac"), f"{format_mac(mac)} is the address of "
-                                   f"nets[{macs[mac]}] too")
+            raise InvalidSpecError(_field(i, "guest_mac"), f"{format_mac(mac)} is the address of "
+                                   f"network_interfaces[{macs[mac]}] too")
         macs[mac] = i
         try:
             region, irq = virtio_mmio_slot(first_slot + i)
         except ValueError:
-            raise InvalidSpecError("nets", f"at most {first_slot + i} devices fit this VM") from None
-        spec = NetSpec(n.iface_id, n.tap, format_mac(mac), n.create_tap)
+            raise InvalidSpecError("network_interfaces", f"at most {first_slot + i} devices fit this VM") from None
+        spec = NetSpec(n.iface_id, n.host_dev_name, format_mac(mac), n.create_tap)
         plans.append(NetPlan(spec, i, mac, region.gpa, irq))
     return tuple(plans)
 
@@ -147,7 +151,8 @@ def _ifreq(name: str, value: int = 0) -> bytes:
 
 
 def _open_tap(p: NetPlan) -> Tap:
-    name, field, create = p.spec.tap, _field(p.index, "tap"), p.spec.create_tap
+    name, field = p.spec.host_dev_name, _field(p.index, "host_dev_name")
+    create = p.spec.create_tap
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
@@ -177,7 +182,7 @@ def _open_tap(p: NetPlan) -> Tap:
     return Tap(fd, mtu + ETH_OVERHEAD)
 
 
-def _tap_error(e: OSError, name: str, field: str, create: bool) -> InvalidSpecError:
+def _tap_error(e: OSError, name: str, field: FieldPath, create: bool) -> InvalidSpecError:
     if e.errno == errno.EBUSY and create:
         return InvalidSpecError(field, f"{name} exists already; attach to it without "
                                        "creating, or choose another name")
@@ -195,25 +200,13 @@ def cmdline_words(plans: tuple[NetPlan, ...]) -> list[str]:
     return [virtio_mmio_word(p.mmio_base, p.irq) for p in plans]
 
 
-@dataclass(frozen=True)
-class InterfaceStats:
-    iface_id: str
-    rx_packets: int
-    rx_bytes: int
-    tx_packets: int
-    tx_bytes: int
-    tx_dropped: int
-    rx_dropped: int
-    bad_requests: int
-    interrupts: int
-
-
-def interface_stats(n: NetSpec, s: VirtioStats) -> InterfaceStats:
+def interface_counters(n: NetSpec, s: VirtioStats) -> InterfaceCounters:
     """The device's counters, plus the frames the tap's own queue dropped
     while the guest took none (what the host sent toward the guest)."""
-    return InterfaceStats(n.iface_id, s.rx_frames, s.bytes_read, s.tx_frames, s.bytes_written,
-                          s.io_errors, _tap_counter(n.tap, "tx_dropped"), s.bad_chains,
-                          s.interrupts)
+    return InterfaceCounters(n.iface_id, s.rx_frames, s.bytes_read, s.tx_frames,
+                             s.bytes_written, s.io_errors,
+                             _tap_counter(n.host_dev_name, "tx_dropped"), s.bad_chains,
+                             s.interrupts)
 
 
 def _tap_counter(tap: str, name: str) -> int:
