@@ -18,12 +18,10 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "guard.h"
 #include "iothread.h"
 #include "vcpu.h"
-
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 
 /* epoll data: a tag in the high 32 bits; for virtio, device << 8 | queue. */
 enum { TAG_WAKE = 1, TAG_CONSOLE = 2, TAG_WATCHDOG = 3, TAG_VIRTIO = 4, TAG_BACKEND = 5 };

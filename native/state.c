@@ -13,21 +13,16 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 
+#include "common.h"
 #include "guard.h"
 #include "vcpu.h"
 #include "vm.h"
 
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define PAGE 4096ull
 
 _Static_assert(sizeof(((struct vmm_machine_state *)0)->pit) == sizeof(struct kvm_pit_state2), "pit");
 _Static_assert(sizeof(((struct vmm_machine_state *)0)->ioapic) ==
 	       sizeof(((struct kvm_irqchip *)0)->chip), "irqchip");
-
-static int xioctl(int fd, unsigned long req, void *arg)
-{
-	return ioctl(fd, req, arg) < 0 ? -errno : 0;
-}
 
 static int paused(struct vmm_vm *vm)
 {
@@ -70,14 +65,14 @@ int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out)
 	memset(out, 0, sizeof(*out));
 	for (int chip = 0; !r && chip < 3; chip++) {
 		struct kvm_irqchip c = { .chip_id = (uint32_t)chip };
-		r = xioctl(vm->vm_fd, KVM_GET_IRQCHIP, &c);
+		r = vmm_ioctl(vm->vm_fd, KVM_GET_IRQCHIP, &c);
 		memcpy((uint8_t *)out + chip_off(chip), &c.chip, sizeof(c.chip));
 	}
 	if (!r)
-		r = xioctl(vm->vm_fd, KVM_GET_PIT2, out->pit);
+		r = vmm_ioctl(vm->vm_fd, KVM_GET_PIT2, out->pit);
 	struct kvm_clock_data clock = { 0 };
 	if (!r)
-		r = xioctl(vm->vm_fd, KVM_GET_CLOCK, &clock);
+		r = vmm_ioctl(vm->vm_fd, KVM_GET_CLOCK, &clock);
 	out->clock = clock.clock;
 	return r;
 }
@@ -89,17 +84,17 @@ int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in
 		/* The chip id is ours, not the file's. */
 		struct kvm_irqchip c = { .chip_id = (uint32_t)chip };
 		memcpy(&c.chip, (const uint8_t *)in + chip_off(chip), sizeof(c.chip));
-		r = xioctl(vm->vm_fd, KVM_SET_IRQCHIP, &c);
+		r = vmm_ioctl(vm->vm_fd, KVM_SET_IRQCHIP, &c);
 	}
 	if (!r) {
 		struct kvm_pit_state2 pit;
 		memcpy(&pit, in->pit, sizeof(pit));
 		pit.flags &= KVM_PIT_FLAGS_HPET_LEGACY | KVM_PIT_FLAGS_SPEAKER_DATA_ON;
-		r = xioctl(vm->vm_fd, KVM_SET_PIT2, &pit);
+		r = vmm_ioctl(vm->vm_fd, KVM_SET_PIT2, &pit);
 	}
 	/* No flags: the clock goes on from the saved value on this host. */
 	struct kvm_clock_data clock = { .clock = in->clock };
-	return r ? r : xioctl(vm->vm_fd, KVM_SET_CLOCK, &clock);
+	return r ? r : vmm_ioctl(vm->vm_fd, KVM_SET_CLOCK, &clock);
 }
 
 /* ---- devices ---- */
@@ -229,7 +224,7 @@ static int take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t word
 	struct vmm_mem_region *reg = &vm->mem->r[slot];
 	struct kvm_dirty_log log = { .slot = (uint32_t)slot, .dirty_bitmap = bits };
 	memset(bits, 0, words * 8);
-	int r = xioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log);
+	int r = vmm_ioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log);
 	for (uint64_t w = 0; !r && w < words; w++)
 		bits[w] |= __atomic_exchange_n(&reg->dirty[w], 0, __ATOMIC_RELAXED);
 	return r;

@@ -15,11 +15,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "guard.h"
 #include "vcpu.h"
-
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 
 static int kick_signal(void)
 {

@@ -15,26 +15,15 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 
+#include "common.h"
 #include "iothread.h"
 #include "vcpu.h"
 #include "virtio_blk.h"
 #include "virtio_net.h"
 #include "vm.h"
 
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
-
 #define TSS_ADDR 0xfffbd000ull
 #define IDENTITY_MAP_ADDR 0xfffbc000ull
-
-static int xioctl(int fd, unsigned long req, void *arg)
-{
-	int r;
-	do {
-		r = ioctl(fd, req, arg);
-	} while (r < 0 && errno == EINTR);
-	return r < 0 ? -errno : r;
-}
 
 static int open_kvm(const char *path)
 {
@@ -77,11 +66,11 @@ static void on_memory_fault(void *ctx, uint64_t gpa)
 static int create_machine(struct vmm_vm *vm)
 {
 	uint64_t idmap = IDENTITY_MAP_ADDR;
-	int r = xioctl(vm->vm_fd, KVM_SET_TSS_ADDR, (void *)(uintptr_t)TSS_ADDR);
+	int r = vmm_ioctl(vm->vm_fd, KVM_SET_TSS_ADDR, (void *)(uintptr_t)TSS_ADDR);
 	if (r >= 0)
-		r = xioctl(vm->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &idmap);
+		r = vmm_ioctl(vm->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &idmap);
 	if (r >= 0)
-		r = vm->run_size = xioctl(vm->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, NULL);
+		r = vm->run_size = vmm_ioctl(vm->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, NULL);
 	return r < 0 ? r : 0;
 }
 
@@ -95,9 +84,9 @@ static int setup_irqchip(struct vmm_vm *vm)
 	struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
 	if (vm->irqchip)
 		return 0;
-	int r = xioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, NULL);
+	int r = vmm_ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, NULL);
 	if (!r)
-		r = xioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit);
+		r = vmm_ioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit);
 	if (!r)
 		r = vmm_irq_init(&vm->serial_irq, vm->vm_fd, VMM_SERIAL_IRQ);
 	if (!r)
@@ -138,7 +127,7 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 
 	int r = vm->kvm_fd = open_kvm(kvm_path);
 	if (r >= 0)
-		r = vm->vm_fd = xioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
+		r = vm->vm_fd = vmm_ioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
 	if (r >= 0)
 		r = create_machine(vm);
 	if (r >= 0) {
@@ -172,7 +161,7 @@ int vmm_vm_set_slot(struct vmm_vm *vm, int slot)
 		.guest_phys_addr = reg->gpa, .memory_size = reg->size,
 		.userspace_addr = (uint64_t)(uintptr_t)reg->hva,
 	};
-	return xioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
+	return vmm_ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
 }
 
 int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
