@@ -21,6 +21,7 @@
 #include "common.h"
 #include "guard.h"
 #include "iothread.h"
+#include "lifecycle.h"
 #include "vcpu.h"
 
 /* epoll data: a tag in the high 32 bits; for virtio, device << 8 | queue. */
@@ -75,13 +76,7 @@ static void park(struct vmm_iothread *io)
 {
 	struct vmm_vm *vm = io->vm;
 	vmm_console_flush(&vm->console);	/* a partial line shows while paused */
-	pthread_mutex_lock(&vm->park_lock);
-	vm->parked++;
-	pthread_cond_broadcast(&vm->park_cond);
-	while (LOAD(&vm->pause_req) && !LOAD(&vm->stop_req) && !LOAD(&io->quit))
-		pthread_cond_wait(&vm->park_cond, &vm->park_lock);
-	vm->parked--;
-	pthread_mutex_unlock(&vm->park_lock);
+	vmm_lifecycle_park(vm, &io->quit);
 }
 
 static void serve(struct vmm_iothread *io, uint64_t data, int *rounds)

@@ -15,6 +15,7 @@
 
 #include "common.h"
 #include "guard.h"
+#include "lifecycle.h"
 #include "vcpu.h"
 #include "vm.h"
 
@@ -24,22 +25,12 @@ _Static_assert(sizeof(((struct vmm_machine_state *)0)->pit) == sizeof(struct kvm
 _Static_assert(sizeof(((struct vmm_machine_state *)0)->ioapic) ==
 	       sizeof(((struct kvm_irqchip *)0)->chip), "irqchip");
 
-static int paused(struct vmm_vm *vm)
-{
-	return vmm_vm_state(vm) == VMM_VM_PAUSED ? 0 : -EBUSY;
-}
-
-static int created(struct vmm_vm *vm)
-{
-	return LOAD(&vm->state) == VMM_VM_CREATED ? 0 : -EBUSY;
-}
-
 /* ---- vCPUs ---- */
 int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out)
 {
 	if (idx < 0 || idx >= vm->nvcpus)
 		return -EINVAL;
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	return r ? r : vmm_x86_save_vcpu(vm->vcpus[idx], out);
 }
 
@@ -47,7 +38,7 @@ int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in
 {
 	if (idx < 0 || idx >= vm->nvcpus)
 		return -EINVAL;
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in);
 }
 
@@ -61,7 +52,7 @@ static size_t chip_off(int chip)
 
 int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out)
 {
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	memset(out, 0, sizeof(*out));
 	for (int chip = 0; !r && chip < 3; chip++) {
 		struct kvm_irqchip c = { .chip_id = (uint32_t)chip };
@@ -79,7 +70,7 @@ int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out)
 
 int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in)
 {
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	for (int chip = 0; !r && chip < 3; chip++) {
 		/* The chip id is ours, not the file's. */
 		struct kvm_irqchip c = { .chip_id = (uint32_t)chip };
@@ -102,7 +93,7 @@ int vmm_vm_virtio_save(struct vmm_vm *vm, int idx, struct vmm_virtio_state *out)
 {
 	if (idx < 0 || idx >= vm->nvirtio)
 		return -EINVAL;
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	if (!r)
 		vmm_virtio_save(vm->virtio[idx], out);
 	return r;
@@ -112,13 +103,13 @@ int vmm_vm_virtio_restore(struct vmm_vm *vm, int idx, const struct vmm_virtio_st
 {
 	if (idx < 0 || idx >= vm->nvirtio)
 		return -EINVAL;
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	return r ? r : vmm_virtio_restore(vm->virtio[idx], in);
 }
 
 int vmm_vm_legacy_save(struct vmm_vm *vm, struct vmm_legacy_state *o)
 {
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	if (r)
 		return r;
 	memset(o, 0, sizeof(*o));
@@ -142,7 +133,7 @@ int vmm_vm_legacy_save(struct vmm_vm *vm, struct vmm_legacy_state *o)
 
 int vmm_vm_legacy_restore(struct vmm_vm *vm, const struct vmm_legacy_state *in)
 {
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	/* untrusted lengths */
 	if (!r && (in->rx_len > VMM_SERIAL_RX_FIFO || in->kbd_len > VMM_I8042_BUF ||
 		   in->thr_ipending > 1 || in->irq_level > 1))
@@ -177,7 +168,7 @@ int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, 
  * a slot later costs an SRCU grace period each, see vm.c). */
 int vmm_vm_track_dirty(struct vmm_vm *vm)
 {
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	if (r || vm->track_dirty)
 		return r;
 	vm->track_dirty = 1;
@@ -314,7 +305,7 @@ int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff
 {
 	uint64_t pages = 0, pos = offset;
 	int64_t total = 0;
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	for (int i = 0; i < vm->mem->n; i++)
 		pages += vm->mem->r[i].size / PAGE;
 	if (!r && diff && (!vm->track_dirty || !bitmap || bitmap_len < (pages + 7) / 8))

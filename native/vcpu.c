@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "guard.h"
+#include "lifecycle.h"
 #include "vcpu.h"
 
 static int kick_signal(void)
@@ -261,18 +262,6 @@ static void complete_io(struct vmm_vcpu *vc)
 	STORE(&vc->run->immediate_exit, 0);
 }
 
-static void park(struct vmm_vcpu *vc)
-{
-	struct vmm_vm *vm = vc->vm;
-	pthread_mutex_lock(&vm->park_lock);
-	vm->parked++;
-	pthread_cond_broadcast(&vm->park_cond);
-	while (LOAD(&vm->pause_req) && !LOAD(&vm->stop_req))
-		pthread_cond_wait(&vm->park_cond, &vm->park_lock);
-	vm->parked--;
-	pthread_mutex_unlock(&vm->park_lock);
-}
-
 static void *vcpu_main(void *arg)
 {
 	struct vmm_vcpu *vc = arg;
@@ -293,7 +282,7 @@ static void *vcpu_main(void *arg)
 			if (io_exit)
 				complete_io(vc);
 			io_exit = 0;
-			park(vc);
+			vmm_lifecycle_park(vm, NULL);
 			continue;
 		}
 		if (LOAD(&vc->probe_halt))
@@ -312,10 +301,7 @@ static void *vcpu_main(void *arg)
 		if (handle_exit(vc))
 			break;
 	}
-	pthread_mutex_lock(&vm->park_lock);
-	vm->parked++;	/* an exited vCPU counts as parked for pause */
-	pthread_cond_broadcast(&vm->park_cond);
-	pthread_mutex_unlock(&vm->park_lock);
+	vmm_lifecycle_exited(vm);
 	__atomic_sub_fetch(&vm->threads, 1, __ATOMIC_SEQ_CST);
 	return NULL;
 }

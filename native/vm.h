@@ -1,8 +1,8 @@
 /*
  * vm.h - struct vmm_vm: one microVM's KVM fds, memory, buses, devices,
  * threads and lifecycle flags.  Control operations (start, pause, resume,
- * stop, destroy) serialize on ctl_lock; vCPU threads read the flags
- * without it (atomics), so the hot path takes no VM-wide lock.
+ * stop in lifecycle.c; destroy) serialize on ctl_lock; vCPU threads read
+ * the flags without it (atomics), so the hot path takes no VM-wide lock.
  */
 #ifndef VMM_VM_H
 #define VMM_VM_H
@@ -59,9 +59,5 @@ int vmm_vm_set_slot(struct vmm_vm *vm, int slot);
 /* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
 int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
 			  uint64_t offset);
-
-/* Any thread: the VM must stop for `reason`; posts one STOPPED event. */
-void vmm_vm_request_stop(struct vmm_vm *vm, int reason, const struct vmm_event *detail);
-void vmm_vm_kick_all(struct vmm_vm *vm);
 
 #endif
