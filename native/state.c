@@ -25,23 +25,6 @@ _Static_assert(sizeof(((struct vmm_machine_state *)0)->pit) == sizeof(struct kvm
 _Static_assert(sizeof(((struct vmm_machine_state *)0)->ioapic) ==
 	       sizeof(((struct kvm_irqchip *)0)->chip), "irqchip");
 
-/* ---- vCPUs ---- */
-int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	int r = vmm_lifecycle_paused(vm);
-	return r ? r : vmm_x86_save_vcpu(vm->vcpus[idx], out);
-}
-
-int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	int r = vmm_lifecycle_created(vm);
-	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in);
-}
-
 /* ---- the VM: PIC master and slave, IOAPIC, PIT, kvmclock ---- */
 static size_t chip_off(int chip)
 {

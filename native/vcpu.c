@@ -1,5 +1,6 @@
 /*
- * vcpu.c - vCPU creation and the KVM_RUN loop.
+ * vcpu.c - vCPU creation, the KVM_RUN loop, and the public per-vCPU calls
+ * (boot registers, registers, snapshot state: checked here, done in x86.c).
  *
  * Kicking: a control thread sets a flag (pause_req / stop_req /
  * probe_halt), then kvm_run->immediate_exit, then signals the vCPU thread
@@ -325,4 +326,40 @@ void vmm_vcpu_join(struct vmm_vcpu *vc)
 		return;
 	pthread_join(vc->thread, NULL);
 	STORE(&vc->started, 0);
+}
+
+/* ---- the public per-vCPU calls: the index and the VM's state are checked
+ * here, x86.c does the work ---- */
+int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	int r = vmm_lifecycle_created(vm);
+	return r ? r : vmm_x86_set_boot_regs(vm->vcpus[idx], regs);
+}
+
+int vmm_vcpu_get_regs(struct vmm_vm *vm, int idx, struct vmm_boot_regs *regs, uint32_t *mp_state)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	/* Only with the vCPU parked: a vCPU ioctl waits for KVM_RUN to return. */
+	if (vmm_vm_state(vm) == VMM_VM_RUNNING)
+		return -EBUSY;
+	return vmm_x86_get_regs(vm->vcpus[idx], regs, mp_state);
+}
+
+int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	int r = vmm_lifecycle_paused(vm);
+	return r ? r : vmm_x86_save_vcpu(vm->vcpus[idx], out);
+}
+
+int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	int r = vmm_lifecycle_created(vm);
+	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in);
 }

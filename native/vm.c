@@ -234,24 +234,6 @@ int vmm_vm_vcpu_count(const struct vmm_vm *vm)
 	return vm->nvcpus;
 }
 
-int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	int r = vmm_lifecycle_created(vm);
-	return r ? r : vmm_x86_set_boot_regs(vm->vcpus[idx], regs);
-}
-
-int vmm_vcpu_get_regs(struct vmm_vm *vm, int idx, struct vmm_boot_regs *regs, uint32_t *mp_state)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	/* Only with the vCPU parked: a vCPU ioctl waits for KVM_RUN to return. */
-	if (vmm_vm_state(vm) == VMM_VM_RUNNING)
-		return -EBUSY;
-	return vmm_x86_get_regs(vm->vcpus[idx], regs, mp_state);
-}
-
 static void destroy_virtio(struct vmm_vm *vm)
 {
 	for (int i = 0; i < vm->nvirtio; i++) {
