@@ -96,49 +96,28 @@ int vmm_vm_legacy_save(struct vmm_vm *vm, struct vmm_legacy_state *o)
 	if (r)
 		return r;
 	memset(o, 0, sizeof(*o));
-	struct vmm_serial *s = &vm->serial;
-	pthread_mutex_lock(&s->lock);
-	o->ier = s->ier, o->lcr = s->lcr, o->mcr = s->mcr, o->scr = s->scr;
-	o->dll = s->dll, o->dlm = s->dlm;
-	o->thr_ipending = (uint8_t)s->thr_ipending, o->irq_level = (uint8_t)s->irq_level;
-	for (unsigned i = s->rx_head; i != s->rx_tail; i++)
-		o->rx[o->rx_len++] = s->rx[i % VMM_SERIAL_RX_FIFO];
-	pthread_mutex_unlock(&s->lock);
-	struct vmm_i8042 *k = &vm->i8042;
-	pthread_mutex_lock(&k->lock);
-	o->ctr = k->ctr, o->cmd = k->cmd, o->status_cmd = k->status_cmd, o->outp = k->outp;
-	for (unsigned i = k->head; i != k->tail; i++)
-		o->kbd[o->kbd_len++] = k->buf[i % VMM_I8042_BUF];
-	pthread_mutex_unlock(&k->lock);
-	o->console_head = LOAD(&vm->console.head);
+	vmm_serial_save(&vm->serial, o);
+	vmm_i8042_save(&vm->i8042, o);
+	o->console_head = vmm_console_get_head(&vm->console);
 	return 0;
 }
 
+/* Both devices check the file's state before either takes it: a refused
+ * state leaves the UART and the i8042 as they were. */
 int vmm_vm_legacy_restore(struct vmm_vm *vm, const struct vmm_legacy_state *in)
 {
 	int r = vmm_lifecycle_created(vm);
-	/* untrusted lengths */
-	if (!r && (in->rx_len > VMM_SERIAL_RX_FIFO || in->kbd_len > VMM_I8042_BUF ||
-		   in->thr_ipending > 1 || in->irq_level > 1))
-		r = -EINVAL;
-	if (r)
-		return r;
-	struct vmm_serial *s = &vm->serial;
-	pthread_mutex_lock(&s->lock);
-	s->ier = in->ier, s->lcr = in->lcr, s->mcr = in->mcr, s->scr = in->scr;
-	s->dll = in->dll, s->dlm = in->dlm;
-	s->thr_ipending = in->thr_ipending, s->irq_level = in->irq_level;
-	memcpy(s->rx, in->rx, in->rx_len);
-	s->rx_head = 0, s->rx_tail = in->rx_len;
-	pthread_mutex_unlock(&s->lock);
-	struct vmm_i8042 *k = &vm->i8042;
-	pthread_mutex_lock(&k->lock);
-	k->ctr = in->ctr, k->cmd = in->cmd, k->status_cmd = in->status_cmd, k->outp = in->outp;
-	memcpy(k->buf, in->kbd, in->kbd_len);
-	k->head = 0, k->tail = in->kbd_len;
-	pthread_mutex_unlock(&k->lock);
-	vmm_console_set_head(&vm->console, in->console_head);
-	return 0;
+	if (!r)
+		r = vmm_serial_check_state(in);
+	if (!r)
+		r = vmm_i8042_check_state(in);
+	if (!r)
+		r = vmm_serial_restore(&vm->serial, in);
+	if (!r)
+		r = vmm_i8042_restore(&vm->i8042, in);
+	if (!r)
+		vmm_console_set_head(&vm->console, in->console_head);
+	return r;
 }
 
 /* ---- memory ---- */

@@ -339,7 +339,7 @@ int vmm_vm_get_stats(const struct vmm_vm *vm, struct vmm_vm_stats *o)
 		o->unhandled_io += LOAD(&s->unhandled_io);
 		o->unhandled_mmio += LOAD(&s->unhandled_mmio);
 	}
-	o->console_bytes = LOAD(&vm->console.head);
+	o->console_bytes = vmm_console_get_head(&vm->console);
 	o->console_dropped = LOAD(&vm->console.dropped);
 	o->events_dropped = LOAD(&vm->events.dropped);
 	return 0;
