@@ -1,22 +1,22 @@
 /*
- * state.c - snapshots of a paused VM: the VM-wide KVM state (irqchips, PIT,
- * kvmclock), each vCPU's and device's state, guest RAM to a file (full or
- * only the pages dirtied since the last write), and the other way: RAM
- * mapped from a file, state put back.  Everything restored comes from a
- * file and is checked here before KVM or a device sees it.
+ * state.c - snapshots of a paused VM, composed: the VM-wide KVM state
+ * (irqchips, PIT, kvmclock) is done here, each device's state by the
+ * device (virtio_mmio.c, serial.c, i8042.c; vCPUs in vcpu.c), and guest RAM
+ * is written to a file here (full, or only the pages dirtied since the
+ * last write: vm.c's dirty tracking).  Everything restored comes from a
+ * file: what this file restores itself it checks before KVM sees it; the
+ * devices check their own.
  */
 #include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
 #include "common.h"
 #include "guard.h"
 #include "lifecycle.h"
-#include "vcpu.h"
 #include "vm.h"
 
 #define PAGE 4096ull
@@ -120,34 +120,7 @@ int vmm_vm_legacy_restore(struct vmm_vm *vm, const struct vmm_legacy_state *in)
 	return r;
 }
 
-/* ---- memory ---- */
-int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, uint64_t offset)
-{
-	return vmm_vm_add_ram_region(vm, gpa, size, fd, offset);
-}
-
-/* Best before the RAM: its slots are then made with logging on (changing
- * a slot later costs an SRCU grace period each, see vm.c). */
-int vmm_vm_track_dirty(struct vmm_vm *vm)
-{
-	int r = vmm_lifecycle_created(vm);
-	if (r || vm->track_dirty)
-		return r;
-	vm->track_dirty = 1;
-	for (int i = 0; i < vm->mem->n && !r; i++)
-		r = vmm_vm_set_slot(vm, i);
-	if (!r)
-		r = vmm_mem_track_dirty(vm->mem);
-	if (r)
-		vm->track_dirty = 0;
-	return r;
-}
-
-int vmm_vm_tracks_dirty(const struct vmm_vm *vm)
-{
-	return vm->track_dirty;
-}
-
+/* ---- guest RAM to a file ---- */
 static int page_is_zero(const uint8_t *p)
 {
 	const uint64_t *w = (const uint64_t *)p;
@@ -168,19 +141,6 @@ static int write_all(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
 		buf += n, off += (uint64_t)n, len -= (uint64_t)n;
 	}
 	return 0;
-}
-
-/* The region's dirty pages since the last call: KVM's log (which KVM
- * clears as it hands it over) OR the devices' bitmap (cleared here). */
-static int take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t words)
-{
-	struct vmm_mem_region *reg = &vm->mem->r[slot];
-	struct kvm_dirty_log log = { .slot = (uint32_t)slot, .dirty_bitmap = bits };
-	memset(bits, 0, words * 8);
-	int r = vmm_ioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log);
-	for (uint64_t w = 0; !r && w < words; w++)
-		bits[w] |= __atomic_exchange_n(&reg->dirty[w], 0, __ATOMIC_RELAXED);
-	return r;
 }
 
 /* Full: runs of non-zero pages at their place (zero pages stay holes).
@@ -251,7 +211,7 @@ static int64_t write_region(struct vmm_vm *vm, int slot, int fd, uint64_t *pos, 
 	if (vm->track_dirty) {
 		if (!(bits = calloc(words, 8)))
 			return -ENOMEM;
-		int r = take_dirty(vm, slot, bits, words);
+		int r = vmm_vm_take_dirty(vm, slot, bits, words);
 		if (r) {
 			free(bits);
 			return r;

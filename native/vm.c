@@ -141,12 +141,10 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 	return 0;
 }
 
-int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
-{
-	return vmm_vm_add_ram_region(vm, gpa, size, -1, 0);
-}
+/* ---- RAM and its KVM slots ---- */
 
-int vmm_vm_set_slot(struct vmm_vm *vm, int slot)
+/* (Re)register RAM region `slot` with KVM, dirty logging as vm says. */
+static int set_slot(struct vmm_vm *vm, int slot)
 {
 	const struct vmm_mem_region *reg = vmm_mem_region_at(vm->mem, slot);
 	struct kvm_userspace_memory_region kr = {
@@ -157,7 +155,8 @@ int vmm_vm_set_slot(struct vmm_vm *vm, int slot)
 	return vmm_ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
 }
 
-int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
+/* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
+static int add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
 			  uint64_t offset)
 {
 	int r = vmm_lifecycle_created(vm);
@@ -165,7 +164,7 @@ int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd
 		return r;
 	int slot = vm->mem->n;
 	r = fd < 0 ? vmm_mem_add_region(vm->mem, gpa, size, NULL)
-	   : vmm_mem_add_file_region(vm->mem, gpa, size, fd, offset);
+		   : vmm_mem_add_file_region(vm->mem, gpa, size, fd, offset);
 	if (!r && vm->track_dirty)
 		r = vmm_mem_track_dirty(vm->mem);
 	const struct vmm_mem_region *reg = vmm_mem_region_at(vm->mem, slot);
@@ -176,7 +175,7 @@ int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd
 		}
 		return r;
 	}
-	r = vmm_vm_set_slot(vm, slot);
+	r = set_slot(vm, slot);
 	if (r < 0) {
 		/* Undo the region so nothing half-added stays behind. */
 		vm->mem->n--;
@@ -184,6 +183,48 @@ int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd
 		return r;
 	}
 	return 0;
+}
+
+int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
+{
+	return add_ram_region(vm, gpa, size, -1, 0);
+}
+
+int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, uint64_t offset)
+{
+	return add_ram_region(vm, gpa, size, fd, offset);
+}
+
+/* Best before the RAM: its slots are then made with logging on (changing
+ * a slot later costs an SRCU grace period each, see setup_irqchip). */
+int vmm_vm_track_dirty(struct vmm_vm *vm)
+{
+	int r = vmm_lifecycle_created(vm);
+	if (r || vm->track_dirty)
+		return r;
+	vm->track_dirty = 1;
+	for (int i = 0; i < vm->mem->n && !r; i++)
+		r = set_slot(vm, i);
+	if (!r)
+		r = vmm_mem_track_dirty(vm->mem);
+	if (r)
+		vm->track_dirty = 0;
+	return r;
+}
+
+int vmm_vm_tracks_dirty(const struct vmm_vm *vm)
+{
+	return vm->track_dirty;
+}
+
+int vmm_vm_take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t words)
+{
+	struct kvm_dirty_log log = { .slot = (uint32_t)slot, .dirty_bitmap = bits };
+	memset(bits, 0, words * 8);
+	int r = vmm_ioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log);
+	if (!r)
+		vmm_mem_take_dirty(vm->mem, slot, bits, words);
+	return r;
 }
 
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm)

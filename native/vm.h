@@ -53,11 +53,10 @@ struct vmm_vm {
 	int irqchip;			/* in-kernel irqchip and PIT made */
 };
 
-/* (Re)register RAM region `slot` with KVM, dirty logging as vm says. */
-int vmm_vm_set_slot(struct vmm_vm *vm, int slot);
-
-/* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
-int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
-			  uint64_t offset);
+/* The pages of RAM region `slot` dirtied since the last call, one bit
+ * each in bits (words long, zeroed here): KVM's log (which KVM clears as
+ * it hands it over) OR the pages the VMM's devices wrote.  Dirty tracking
+ * must be on. */
+int vmm_vm_take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t words);
 
 #endif
