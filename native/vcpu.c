@@ -231,8 +231,16 @@ static int handle_exit(struct vmm_vcpu *vc)
 	}
 }
 
-/* Halt watchdog answer: 1 = halted with interrupts off (dead unless an
- * NMI comes), 2 = waiting for INIT/SIPI, 0 = alive. */
+/* ---- the halt watchdog ----
+ * With an in-kernel LAPIC, HLT never exits to us, so a guest that halts
+ * every vCPU with interrupts off (Linux's halt without ACPI) would hang
+ * silently.  Every second (the I/O thread's timer), each vCPU that made no
+ * exit since the last round is kicked and answers from its own thread
+ * (KVM_GET_MP_STATE, RFLAGS.IF).  Two rounds in a row of "all dead" stop
+ * the VM with reason HALT.  Cost: one kick per idle vCPU per second. */
+
+/* The answer: 1 = halted with interrupts off (dead unless an NMI comes),
+ * 2 = waiting for INIT/SIPI, 0 = alive. */
 static void answer_probe(struct vmm_vcpu *vc)
 {
 	struct kvm_mp_state mp;
@@ -248,6 +256,43 @@ static void answer_probe(struct vmm_vcpu *vc)
 	}
 	STORE(&vc->dead_halt, dead);
 	STORE(&vc->probe_halt, 0);
+}
+
+/* One round, on the I/O thread: reads the counters, asks the idle vCPUs. */
+void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds)
+{
+	if (LOAD(&vm->state) != VMM_VM_RUNNING || LOAD(&vm->pause_req) || LOAD(&vm->stop_req)) {
+		*rounds = 0;
+		return;
+	}
+	int all_dead = 1, any_halted = 0;
+	for (int i = 0; i < vm->nvcpus; i++) {
+		struct vmm_vcpu *vc = vm->vcpus[i];
+		/* Kicks are not activity: they are our own probes. */
+		uint64_t act = LOAD(&vc->st.exits) - LOAD(&vc->st.intr);
+		if (act != vc->last_exits) {
+			vc->last_exits = act;
+			all_dead = 0;
+			STORE(&vc->dead_halt, 0);
+			continue;
+		}
+		if (LOAD(&vc->probe_halt)) {
+			all_dead = 0;	/* still busy in the guest: not answered */
+			continue;
+		}
+		int d = LOAD(&vc->dead_halt);
+		if (d == 0)
+			all_dead = 0;
+		if (d == 1)
+			any_halted = 1;
+		STORE(&vc->probe_halt, 1);	/* ask again for the next round */
+		vmm_vcpu_kick(vc);
+	}
+	*rounds = (all_dead && any_halted) ? *rounds + 1 : 0;
+	if (*rounds >= 2) {
+		struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_HALT, .vcpu = -1 };
+		vmm_vm_request_stop(vm, VMM_STOP_HALT, &ev);
+	}
 }
 
 /* A PIO/MMIO exit is complete (the IN data in RAX, RIP past the
