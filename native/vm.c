@@ -46,6 +46,11 @@ int vmm_kvm_api_version(const char *kvm_path)
 	return KVM_API_VERSION;
 }
 
+int vmm_core_version(void)
+{
+	return VMM_CORE_VERSION;
+}
+
 static void on_i8042_reset(void *ctx)
 {
 	struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_RESET, .vcpu = -1 };

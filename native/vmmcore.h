@@ -290,4 +290,10 @@ int vmm_vm_start_paused(struct vmm_vm *vm);
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
 
+/* The core's own version: bump VMM_CORE_VERSION with any change to this
+ * interface, together with CORE_VERSION in vmmd/native/__init__.py, which
+ * then refuses to load a core built from older sources. */
+#define VMM_CORE_VERSION 1
+int vmm_core_version(void);
+
 #endif
