@@ -59,13 +59,6 @@ class EventType(enum.IntEnum):
     LOST = lib.VMM_EVENT_LOST
 
 
-class VmState(enum.IntEnum):
-    CREATED = lib.VMM_VM_CREATED
-    RUNNING = lib.VMM_VM_RUNNING
-    PAUSED = lib.VMM_VM_PAUSED
-    STOPPED = lib.VMM_VM_STOPPED
-
-
 @dataclass(frozen=True)
 class Event:
     type: EventType
@@ -555,10 +548,6 @@ class NativeVm:
 
     def stop(self) -> None:
         check(lib.vmm_vm_stop(self._vm), "stop VM")
-
-    @property
-    def state(self) -> VmState:
-        return VmState(lib.vmm_vm_state(self._vm))
 
     @property
     def stop_reason(self) -> StopReason:
