@@ -22,7 +22,6 @@
 enum { TAG_WAKE = 1, TAG_CONSOLE = 2, TAG_WATCHDOG = 3, TAG_VIRTIO = 4, TAG_BACKEND = 5 };
 #define EV(tag, low) (((uint64_t)(tag) << 32) | (uint32_t)(low))
 
-
 /* Pause: the I/O thread parks like a vCPU, so no device touches guest
  * memory while the VM is paused (snapshots rely on it). */
 static void park(struct vmm_iothread *io)

@@ -41,6 +41,7 @@ struct vmm_vm {
 	int nvirtio;
 	struct vmm_virtio *virtio[VMM_MAX_VIRTIO];	/* served by the I/O thread */
 
+	/* Run state and the park protocol: lifecycle.c's. */
 	pthread_mutex_t ctl_lock;	/* one control operation at a time */
 	pthread_mutex_t park_lock;	/* vCPUs parking for pause */
 	pthread_cond_t park_cond;
