@@ -8,6 +8,7 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "console.h"
 
 int vmm_console_init(struct vmm_console *c)
@@ -141,6 +142,11 @@ int64_t vmm_console_read(struct vmm_console *c, uint64_t *pos, void *buf, uint64
 	*pos = p;
 	pthread_mutex_unlock(&c->lock);
 	return (int64_t)copied;
+}
+
+uint64_t vmm_console_get_head(const struct vmm_console *c)
+{
+	return LOAD(&c->head);	/* lock-free: a reader between two bytes is fine */
 }
 
 void vmm_console_set_head(struct vmm_console *c, uint64_t head)

@@ -35,6 +35,8 @@ void vmm_console_flush(struct vmm_console *c);
 /* The I/O thread calls this when timer_fd fires. */
 void vmm_console_timer(struct vmm_console *c);
 int64_t vmm_console_read(struct vmm_console *c, uint64_t *pos, void *buf, uint64_t len);
+/* Bytes ever written: what a snapshot keeps of the console. */
+uint64_t vmm_console_get_head(const struct vmm_console *c);
 /* A restored VM's console goes on at the offset it had (the bytes before
  * it are not kept: readers see them as lost). */
 void vmm_console_set_head(struct vmm_console *c, uint64_t head);

@@ -149,3 +149,32 @@ int vmm_i8042_ctrl_alt_del(struct vmm_i8042 *k)
 	pthread_mutex_unlock(&k->lock);
 	return 0;
 }
+
+void vmm_i8042_save(struct vmm_i8042 *k, struct vmm_legacy_state *o)
+{
+	pthread_mutex_lock(&k->lock);
+	o->ctr = k->ctr, o->cmd = k->cmd, o->status_cmd = k->status_cmd, o->outp = k->outp;
+	o->kbd_len = 0;
+	for (unsigned i = k->head; i != k->tail; i++)
+		o->kbd[o->kbd_len++] = k->buf[i % VMM_I8042_BUF];
+	pthread_mutex_unlock(&k->lock);
+}
+
+int vmm_i8042_check_state(const struct vmm_legacy_state *in)
+{
+	/* untrusted: the length indexes our buffer */
+	return in->kbd_len > VMM_I8042_BUF ? -EINVAL : 0;
+}
+
+int vmm_i8042_restore(struct vmm_i8042 *k, const struct vmm_legacy_state *in)
+{
+	int r = vmm_i8042_check_state(in);
+	if (r)
+		return r;
+	pthread_mutex_lock(&k->lock);
+	k->ctr = in->ctr, k->cmd = in->cmd, k->status_cmd = in->status_cmd, k->outp = in->outp;
+	memcpy(k->buf, in->kbd, in->kbd_len);
+	k->head = 0, k->tail = in->kbd_len;
+	pthread_mutex_unlock(&k->lock);
+	return 0;
+}

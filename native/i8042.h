@@ -33,5 +33,11 @@ void vmm_i8042_init(struct vmm_i8042 *k, struct vmm_irq *irq,
 		    void (*on_reset)(void *ctx), void *ctx);
 void vmm_i8042_close(struct vmm_i8042 *k);
 int vmm_i8042_ctrl_alt_del(struct vmm_i8042 *k);
+/* Snapshots: the controller's fields of struct vmm_legacy_state.  The state
+ * comes from a file: check_state refuses (-EINVAL) an output buffer longer
+ * than ours; restore checks the same and changes nothing when it refuses. */
+void vmm_i8042_save(struct vmm_i8042 *k, struct vmm_legacy_state *out);
+int vmm_i8042_check_state(const struct vmm_legacy_state *in);
+int vmm_i8042_restore(struct vmm_i8042 *k, const struct vmm_legacy_state *in);
 
 #endif

@@ -1,14 +1,8 @@
 /*
  * iothread.c - the VM's epoll loop: virtio queue ioeventfds, device backend
- * fds (taps), the console flush timer and the halt watchdog.  It parks
- * with the vCPUs while the VM is paused.
- *
- * Halt watchdog: with an in-kernel LAPIC, HLT never exits to us, so a guest
- * that halts every vCPU with interrupts off (Linux's halt without ACPI)
- * would hang silently.  Every second, each vCPU that made no exit since the
- * last tick is kicked and answers from its own thread (KVM_GET_MP_STATE,
- * RFLAGS.IF).  Two rounds in a row of "all dead" stop the VM with reason
- * HALT.  Cost: one kick per idle vCPU per second.
+ * fds (taps), the console flush timer and the halt watchdog's timer (one
+ * round a second of vmm_vcpus_probe_halt, whose policy is vcpu.c's).  It
+ * parks with the vCPUs while the VM is paused.
  */
 #include <errno.h>
 #include <signal.h>
@@ -18,58 +12,15 @@
 #include <sys/timerfd.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "guard.h"
 #include "iothread.h"
+#include "lifecycle.h"
 #include "vcpu.h"
-
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 
 /* epoll data: a tag in the high 32 bits; for virtio, device << 8 | queue. */
 enum { TAG_WAKE = 1, TAG_CONSOLE = 2, TAG_WATCHDOG = 3, TAG_VIRTIO = 4, TAG_BACKEND = 5 };
 #define EV(tag, low) (((uint64_t)(tag) << 32) | (uint32_t)(low))
-
-
-static void watchdog_tick(struct vmm_iothread *io, int *rounds)
-{
-	struct vmm_vm *vm = io->vm;
-	uint64_t t;
-	if (read(io->watchdog_fd, &t, sizeof(t)) < 0) {
-		/* spurious */
-	}
-	if (LOAD(&vm->state) != VMM_VM_RUNNING || LOAD(&vm->pause_req) || LOAD(&vm->stop_req)) {
-		*rounds = 0;
-		return;
-	}
-	int all_dead = 1, any_halted = 0;
-	for (int i = 0; i < vm->nvcpus; i++) {
-		struct vmm_vcpu *vc = vm->vcpus[i];
-		/* Kicks are not activity: they are our own probes. */
-		uint64_t act = LOAD(&vc->st.exits) - LOAD(&vc->st.intr);
-		if (act != vc->last_exits) {
-			vc->last_exits = act;
-			all_dead = 0;
-			STORE(&vc->dead_halt, 0);
-			continue;
-		}
-		if (LOAD(&vc->probe_halt)) {
-			all_dead = 0;	/* still busy in the guest: not answered */
-			continue;
-		}
-		int d = LOAD(&vc->dead_halt);
-		if (d == 0)
-			all_dead = 0;
-		if (d == 1)
-			any_halted = 1;
-		STORE(&vc->probe_halt, 1);	/* ask again for the next round */
-		vmm_vcpu_kick(vc);
-	}
-	*rounds = (all_dead && any_halted) ? *rounds + 1 : 0;
-	if (*rounds >= 2) {
-		struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_HALT, .vcpu = -1 };
-		vmm_vm_request_stop(vm, VMM_STOP_HALT, &ev);
-	}
-}
 
 /* Pause: the I/O thread parks like a vCPU, so no device touches guest
  * memory while the VM is paused (snapshots rely on it). */
@@ -77,13 +28,7 @@ static void park(struct vmm_iothread *io)
 {
 	struct vmm_vm *vm = io->vm;
 	vmm_console_flush(&vm->console);	/* a partial line shows while paused */
-	pthread_mutex_lock(&vm->park_lock);
-	vm->parked++;
-	pthread_cond_broadcast(&vm->park_cond);
-	while (LOAD(&vm->pause_req) && !LOAD(&vm->stop_req) && !LOAD(&io->quit))
-		pthread_cond_wait(&vm->park_cond, &vm->park_lock);
-	vm->parked--;
-	pthread_mutex_unlock(&vm->park_lock);
+	vmm_lifecycle_park(vm, &io->quit);
 }
 
 static void serve(struct vmm_iothread *io, uint64_t data, int *rounds)
@@ -101,7 +46,10 @@ static void serve(struct vmm_iothread *io, uint64_t data, int *rounds)
 		vmm_console_timer(&io->vm->console);
 		break;
 	case TAG_WATCHDOG:
-		watchdog_tick(io, rounds);
+		if (read(io->watchdog_fd, &cnt, sizeof(cnt)) < 0) {
+			/* spurious */
+		}
+		vmm_vcpus_probe_halt(io->vm, rounds);
 		break;
 	default:	/* wake-up: the loop condition decides */
 		if (read(io->wake_fd, &cnt, sizeof(cnt)) < 0) {

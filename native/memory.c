@@ -141,6 +141,13 @@ void vmm_mem_mark_dirty(const struct vmm_mem *mem, const void *hva, uint64_t len
 	}
 }
 
+void vmm_mem_take_dirty(struct vmm_mem *mem, int idx, uint64_t *bits, uint64_t words)
+{
+	struct vmm_mem_region *r = &mem->r[idx];
+	for (uint64_t w = 0; w < words; w++)
+		bits[w] |= __atomic_exchange_n(&r->dirty[w], 0, __ATOMIC_RELAXED);
+}
+
 void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len)
 {
 	for (int i = 0; i < mem->n; i++) {

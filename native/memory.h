@@ -34,6 +34,9 @@ struct vmm_mem {
 int vmm_mem_track_dirty(struct vmm_mem *mem);
 /* A device wrote [hva, hva+len) of guest RAM: remember the pages. */
 void vmm_mem_mark_dirty(const struct vmm_mem *mem, const void *hva, uint64_t len);
+/* OR into bits (words long) the pages devices wrote in region idx since the
+ * last call, and forget them. */
+void vmm_mem_take_dirty(struct vmm_mem *mem, int idx, uint64_t *bits, uint64_t words);
 /* Host pointer for [gpa, gpa+len) inside one region, else NULL. */
 void *vmm_mem_translate(const struct vmm_mem *mem, uint64_t gpa, uint64_t len);
 const struct vmm_mem_region *vmm_mem_region_at(const struct vmm_mem *mem, int idx);

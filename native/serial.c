@@ -8,6 +8,7 @@
  * only when the virtual line rises; Linux's handler loops until IIR says
  * "no interrupt", which lowers it again.
  */
+#include <errno.h>
 #include <string.h>
 
 #include "serial.h"
@@ -161,4 +162,39 @@ int vmm_serial_input(struct vmm_serial *s, const uint8_t *buf, uint64_t len)
 	update_irq(s);
 	pthread_mutex_unlock(&s->lock);
 	return (int)n;
+}
+
+void vmm_serial_save(struct vmm_serial *s, struct vmm_legacy_state *o)
+{
+	pthread_mutex_lock(&s->lock);
+	o->ier = s->ier, o->lcr = s->lcr, o->mcr = s->mcr, o->scr = s->scr;
+	o->dll = s->dll, o->dlm = s->dlm;
+	o->thr_ipending = (uint8_t)s->thr_ipending, o->irq_level = (uint8_t)s->irq_level;
+	o->rx_len = 0;
+	for (unsigned i = s->rx_head; i != s->rx_tail; i++)
+		o->rx[o->rx_len++] = s->rx[i % VMM_SERIAL_RX_FIFO];
+	pthread_mutex_unlock(&s->lock);
+}
+
+int vmm_serial_check_state(const struct vmm_legacy_state *in)
+{
+	/* untrusted: the length indexes our FIFO, the flags are our booleans */
+	if (in->rx_len > VMM_SERIAL_RX_FIFO || in->thr_ipending > 1 || in->irq_level > 1)
+		return -EINVAL;
+	return 0;
+}
+
+int vmm_serial_restore(struct vmm_serial *s, const struct vmm_legacy_state *in)
+{
+	int r = vmm_serial_check_state(in);
+	if (r)
+		return r;
+	pthread_mutex_lock(&s->lock);
+	s->ier = in->ier, s->lcr = in->lcr, s->mcr = in->mcr, s->scr = in->scr;
+	s->dll = in->dll, s->dlm = in->dlm;
+	s->thr_ipending = in->thr_ipending, s->irq_level = in->irq_level;
+	memcpy(s->rx, in->rx, in->rx_len);
+	s->rx_head = 0, s->rx_tail = in->rx_len;
+	pthread_mutex_unlock(&s->lock);
+	return 0;
 }

@@ -31,5 +31,12 @@ void vmm_serial_init(struct vmm_serial *s, struct vmm_console *con, struct vmm_i
 void vmm_serial_close(struct vmm_serial *s);
 /* Host -> guest bytes; returns how many fit in the FIFO. */
 int vmm_serial_input(struct vmm_serial *s, const uint8_t *buf, uint64_t len);
+/* Snapshots: the UART's fields of struct vmm_legacy_state.  The state comes
+ * from a file: check_state refuses (-EINVAL) one the UART cannot be in (an
+ * RX FIFO longer than its own, a flag other than 0 or 1); restore checks the
+ * same and changes nothing when it refuses. */
+void vmm_serial_save(struct vmm_serial *s, struct vmm_legacy_state *out);
+int vmm_serial_check_state(const struct vmm_legacy_state *in);
+int vmm_serial_restore(struct vmm_serial *s, const struct vmm_legacy_state *in);
 
 #endif

@@ -1,60 +1,29 @@
 /*
- * state.c - snapshots of a paused VM: the VM-wide KVM state (irqchips, PIT,
- * kvmclock), each vCPU's and device's state, guest RAM to a file (full or
- * only the pages dirtied since the last write), and the other way: RAM
- * mapped from a file, state put back.  Everything restored comes from a
- * file and is checked here before KVM or a device sees it.
+ * state.c - snapshots of a paused VM, composed: the VM-wide KVM state
+ * (irqchips, PIT, kvmclock) is done here, each device's state by the
+ * device (virtio_mmio.c, serial.c, i8042.c; vCPUs in vcpu.c), and guest RAM
+ * is written to a file here (full, or only the pages dirtied since the
+ * last write: vm.c's dirty tracking).  Everything restored comes from a
+ * file: what this file restores itself it checks before KVM sees it; the
+ * devices check their own.
  */
 #include <errno.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
+#include "common.h"
 #include "guard.h"
-#include "vcpu.h"
+#include "lifecycle.h"
 #include "vm.h"
 
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
 #define PAGE 4096ull
 
 _Static_assert(sizeof(((struct vmm_machine_state *)0)->pit) == sizeof(struct kvm_pit_state2), "pit");
 _Static_assert(sizeof(((struct vmm_machine_state *)0)->ioapic) ==
 	       sizeof(((struct kvm_irqchip *)0)->chip), "irqchip");
-
-static int xioctl(int fd, unsigned long req, void *arg)
-{
-	return ioctl(fd, req, arg) < 0 ? -errno : 0;
-}
-
-static int paused(struct vmm_vm *vm)
-{
-	return vmm_vm_state(vm) == VMM_VM_PAUSED ? 0 : -EBUSY;
-}
-
-static int created(struct vmm_vm *vm)
-{
-	return LOAD(&vm->state) == VMM_VM_CREATED ? 0 : -EBUSY;
-}
-
-/* ---- vCPUs ---- */
-int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	int r = paused(vm);
-	return r ? r : vmm_x86_save_vcpu(vm->vcpus[idx], out);
-}
-
-int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	int r = created(vm);
-	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in);
-}
 
 /* ---- the VM: PIC master and slave, IOAPIC, PIT, kvmclock ---- */
 static size_t chip_off(int chip)
@@ -66,40 +35,40 @@ static size_t chip_off(int chip)
 
 int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out)
 {
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	memset(out, 0, sizeof(*out));
 	for (int chip = 0; !r && chip < 3; chip++) {
 		struct kvm_irqchip c = { .chip_id = (uint32_t)chip };
-		r = xioctl(vm->vm_fd, KVM_GET_IRQCHIP, &c);
+		r = vmm_ioctl(vm->vm_fd, KVM_GET_IRQCHIP, &c);
 		memcpy((uint8_t *)out + chip_off(chip), &c.chip, sizeof(c.chip));
 	}
 	if (!r)
-		r = xioctl(vm->vm_fd, KVM_GET_PIT2, out->pit);
+		r = vmm_ioctl(vm->vm_fd, KVM_GET_PIT2, out->pit);
 	struct kvm_clock_data clock = { 0 };
 	if (!r)
-		r = xioctl(vm->vm_fd, KVM_GET_CLOCK, &clock);
+		r = vmm_ioctl(vm->vm_fd, KVM_GET_CLOCK, &clock);
 	out->clock = clock.clock;
 	return r;
 }
 
 int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in)
 {
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	for (int chip = 0; !r && chip < 3; chip++) {
 		/* The chip id is ours, not the file's. */
 		struct kvm_irqchip c = { .chip_id = (uint32_t)chip };
 		memcpy(&c.chip, (const uint8_t *)in + chip_off(chip), sizeof(c.chip));
-		r = xioctl(vm->vm_fd, KVM_SET_IRQCHIP, &c);
+		r = vmm_ioctl(vm->vm_fd, KVM_SET_IRQCHIP, &c);
 	}
 	if (!r) {
 		struct kvm_pit_state2 pit;
 		memcpy(&pit, in->pit, sizeof(pit));
 		pit.flags &= KVM_PIT_FLAGS_HPET_LEGACY | KVM_PIT_FLAGS_SPEAKER_DATA_ON;
-		r = xioctl(vm->vm_fd, KVM_SET_PIT2, &pit);
+		r = vmm_ioctl(vm->vm_fd, KVM_SET_PIT2, &pit);
 	}
 	/* No flags: the clock goes on from the saved value on this host. */
 	struct kvm_clock_data clock = { .clock = in->clock };
-	return r ? r : xioctl(vm->vm_fd, KVM_SET_CLOCK, &clock);
+	return r ? r : vmm_ioctl(vm->vm_fd, KVM_SET_CLOCK, &clock);
 }
 
 /* ---- devices ---- */
@@ -107,7 +76,7 @@ int vmm_vm_virtio_save(struct vmm_vm *vm, int idx, struct vmm_virtio_state *out)
 {
 	if (idx < 0 || idx >= vm->nvirtio)
 		return -EINVAL;
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	if (!r)
 		vmm_virtio_save(vm->virtio[idx], out);
 	return r;
@@ -117,89 +86,41 @@ int vmm_vm_virtio_restore(struct vmm_vm *vm, int idx, const struct vmm_virtio_st
 {
 	if (idx < 0 || idx >= vm->nvirtio)
 		return -EINVAL;
-	int r = created(vm);
+	int r = vmm_lifecycle_created(vm);
 	return r ? r : vmm_virtio_restore(vm->virtio[idx], in);
 }
 
 int vmm_vm_legacy_save(struct vmm_vm *vm, struct vmm_legacy_state *o)
 {
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	if (r)
 		return r;
 	memset(o, 0, sizeof(*o));
-	struct vmm_serial *s = &vm->serial;
-	pthread_mutex_lock(&s->lock);
-	o->ier = s->ier, o->lcr = s->lcr, o->mcr = s->mcr, o->scr = s->scr;
-	o->dll = s->dll, o->dlm = s->dlm;
-	o->thr_ipending = (uint8_t)s->thr_ipending, o->irq_level = (uint8_t)s->irq_level;
-	for (unsigned i = s->rx_head; i != s->rx_tail; i++)
-		o->rx[o->rx_len++] = s->rx[i % VMM_SERIAL_RX_FIFO];
-	pthread_mutex_unlock(&s->lock);
-	struct vmm_i8042 *k = &vm->i8042;
-	pthread_mutex_lock(&k->lock);
-	o->ctr = k->ctr, o->cmd = k->cmd, o->status_cmd = k->status_cmd, o->outp = k->outp;
-	for (unsigned i = k->head; i != k->tail; i++)
-		o->kbd[o->kbd_len++] = k->buf[i % VMM_I8042_BUF];
-	pthread_mutex_unlock(&k->lock);
-	o->console_head = LOAD(&vm->console.head);
+	vmm_serial_save(&vm->serial, o);
+	vmm_i8042_save(&vm->i8042, o);
+	o->console_head = vmm_console_get_head(&vm->console);
 	return 0;
 }
 
+/* Both devices check the file's state before either takes it: a refused
+ * state leaves the UART and the i8042 as they were. */
 int vmm_vm_legacy_restore(struct vmm_vm *vm, const struct vmm_legacy_state *in)
 {
-	int r = created(vm);
-	/* untrusted lengths */
-	if (!r && (in->rx_len > VMM_SERIAL_RX_FIFO || in->kbd_len > VMM_I8042_BUF ||
-		   in->thr_ipending > 1 || in->irq_level > 1))
-		r = -EINVAL;
-	if (r)
-		return r;
-	struct vmm_serial *s = &vm->serial;
-	pthread_mutex_lock(&s->lock);
-	s->ier = in->ier, s->lcr = in->lcr, s->mcr = in->mcr, s->scr = in->scr;
-	s->dll = in->dll, s->dlm = in->dlm;
-	s->thr_ipending = in->thr_ipending, s->irq_level = in->irq_level;
-	memcpy(s->rx, in->rx, in->rx_len);
-	s->rx_head = 0, s->rx_tail = in->rx_len;
-	pthread_mutex_unlock(&s->lock);
-	struct vmm_i8042 *k = &vm->i8042;
-	pthread_mutex_lock(&k->lock);
-	k->ctr = in->ctr, k->cmd = in->cmd, k->status_cmd = in->status_cmd, k->outp = in->outp;
-	memcpy(k->buf, in->kbd, in->kbd_len);
-	k->head = 0, k->tail = in->kbd_len;
-	pthread_mutex_unlock(&k->lock);
-	vmm_console_set_head(&vm->console, in->console_head);
-	return 0;
-}
-
-/* ---- memory ---- */
-int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, uint64_t offset)
-{
-	return vmm_vm_add_ram_region(vm, gpa, size, fd, offset);
-}
-
-/* Best before the RAM: its slots are then made with logging on (changing
- * a slot later costs an SRCU grace period each, see vm.c). */
-int vmm_vm_track_dirty(struct vmm_vm *vm)
-{
-	int r = created(vm);
-	if (r || vm->track_dirty)
-		return r;
-	vm->track_dirty = 1;
-	for (int i = 0; i < vm->mem->n && !r; i++)
-		r = vmm_vm_set_slot(vm, i);
+	int r = vmm_lifecycle_created(vm);
 	if (!r)
-		r = vmm_mem_track_dirty(vm->mem);
-	if (r)
-		vm->track_dirty = 0;
+		r = vmm_serial_check_state(in);
+	if (!r)
+		r = vmm_i8042_check_state(in);
+	if (!r)
+		r = vmm_serial_restore(&vm->serial, in);
+	if (!r)
+		r = vmm_i8042_restore(&vm->i8042, in);
+	if (!r)
+		vmm_console_set_head(&vm->console, in->console_head);
 	return r;
 }
 
-int vmm_vm_tracks_dirty(const struct vmm_vm *vm)
-{
-	return vm->track_dirty;
-}
-
+/* ---- guest RAM to a file ---- */
 static int page_is_zero(const uint8_t *p)
 {
 	const uint64_t *w = (const uint64_t *)p;
@@ -220,19 +141,6 @@ static int write_all(int fd, const uint8_t *buf, uint64_t len, uint64_t off)
 		buf += n, off += (uint64_t)n, len -= (uint64_t)n;
 	}
 	return 0;
-}
-
-/* The region's dirty pages since the last call: KVM's log (which KVM
- * clears as it hands it over) OR the devices' bitmap (cleared here). */
-static int take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t words)
-{
-	struct vmm_mem_region *reg = &vm->mem->r[slot];
-	struct kvm_dirty_log log = { .slot = (uint32_t)slot, .dirty_bitmap = bits };
-	memset(bits, 0, words * 8);
-	int r = xioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log);
-	for (uint64_t w = 0; !r && w < words; w++)
-		bits[w] |= __atomic_exchange_n(&reg->dirty[w], 0, __ATOMIC_RELAXED);
-	return r;
 }
 
 /* Full: runs of non-zero pages at their place (zero pages stay holes).
@@ -303,7 +211,7 @@ static int64_t write_region(struct vmm_vm *vm, int slot, int fd, uint64_t *pos, 
 	if (vm->track_dirty) {
 		if (!(bits = calloc(words, 8)))
 			return -ENOMEM;
-		int r = take_dirty(vm, slot, bits, words);
+		int r = vmm_vm_take_dirty(vm, slot, bits, words);
 		if (r) {
 			free(bits);
 			return r;
@@ -319,7 +227,7 @@ int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff
 {
 	uint64_t pages = 0, pos = offset;
 	int64_t total = 0;
-	int r = paused(vm);
+	int r = vmm_lifecycle_paused(vm);
 	for (int i = 0; i < vm->mem->n; i++)
 		pages += vm->mem->r[i].size / PAGE;
 	if (!r && diff && (!vm->track_dirty || !bitmap || bitmap_len < (pages + 7) / 8))

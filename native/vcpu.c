@@ -1,5 +1,6 @@
 /*
- * vcpu.c - vCPU creation and the KVM_RUN loop.
+ * vcpu.c - vCPU creation, the KVM_RUN loop, and the public per-vCPU calls
+ * (boot registers, registers, snapshot state: checked here, done in x86.c).
  *
  * Kicking: a control thread sets a flag (pause_req / stop_req /
  * probe_halt), then kvm_run->immediate_exit, then signals the vCPU thread
@@ -15,11 +16,10 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "guard.h"
+#include "lifecycle.h"
 #include "vcpu.h"
-
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
 
 static int kick_signal(void)
 {
@@ -231,8 +231,16 @@ static int handle_exit(struct vmm_vcpu *vc)
 	}
 }
 
-/* Halt watchdog answer: 1 = halted with interrupts off (dead unless an
- * NMI comes), 2 = waiting for INIT/SIPI, 0 = alive. */
+/* ---- the halt watchdog ----
+ * With an in-kernel LAPIC, HLT never exits to us, so a guest that halts
+ * every vCPU with interrupts off (Linux's halt without ACPI) would hang
+ * silently.  Every second (the I/O thread's timer), each vCPU that made no
+ * exit since the last round is kicked and answers from its own thread
+ * (KVM_GET_MP_STATE, RFLAGS.IF).  Two rounds in a row of "all dead" stop
+ * the VM with reason HALT.  Cost: one kick per idle vCPU per second. */
+
+/* The answer: 1 = halted with interrupts off (dead unless an NMI comes),
+ * 2 = waiting for INIT/SIPI, 0 = alive. */
 static void answer_probe(struct vmm_vcpu *vc)
 {
 	struct kvm_mp_state mp;
@@ -250,6 +258,43 @@ static void answer_probe(struct vmm_vcpu *vc)
 	STORE(&vc->probe_halt, 0);
 }
 
+/* One round, on the I/O thread: reads the counters, asks the idle vCPUs. */
+void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds)
+{
+	if (LOAD(&vm->state) != VMM_VM_RUNNING || LOAD(&vm->pause_req) || LOAD(&vm->stop_req)) {
+		*rounds = 0;
+		return;
+	}
+	int all_dead = 1, any_halted = 0;
+	for (int i = 0; i < vm->nvcpus; i++) {
+		struct vmm_vcpu *vc = vm->vcpus[i];
+		/* Kicks are not activity: they are our own probes. */
+		uint64_t act = LOAD(&vc->st.exits) - LOAD(&vc->st.intr);
+		if (act != vc->last_exits) {
+			vc->last_exits = act;
+			all_dead = 0;
+			STORE(&vc->dead_halt, 0);
+			continue;
+		}
+		if (LOAD(&vc->probe_halt)) {
+			all_dead = 0;	/* still busy in the guest: not answered */
+			continue;
+		}
+		int d = LOAD(&vc->dead_halt);
+		if (d == 0)
+			all_dead = 0;
+		if (d == 1)
+			any_halted = 1;
+		STORE(&vc->probe_halt, 1);	/* ask again for the next round */
+		vmm_vcpu_kick(vc);
+	}
+	*rounds = (all_dead && any_halted) ? *rounds + 1 : 0;
+	if (*rounds >= 2) {
+		struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_HALT, .vcpu = -1 };
+		vmm_vm_request_stop(vm, VMM_STOP_HALT, &ev);
+	}
+}
+
 /* A PIO/MMIO exit is complete (the IN data in RAX, RIP past the
  * instruction) only once KVM_RUN is entered again.  Before a pause - which a
  * snapshot may follow - enter it with immediate_exit set: KVM finishes the
@@ -261,18 +306,6 @@ static void complete_io(struct vmm_vcpu *vc)
 	if (ioctl(vc->fd, KVM_RUN, 0) == 0)
 		handle_exit(vc);	/* not expected; keep the exit's effect anyway */
 	STORE(&vc->run->immediate_exit, 0);
-}
-
-static void park(struct vmm_vcpu *vc)
-{
-	struct vmm_vm *vm = vc->vm;
-	pthread_mutex_lock(&vm->park_lock);
-	vm->parked++;
-	pthread_cond_broadcast(&vm->park_cond);
-	while (LOAD(&vm->pause_req) && !LOAD(&vm->stop_req))
-		pthread_cond_wait(&vm->park_cond, &vm->park_lock);
-	vm->parked--;
-	pthread_mutex_unlock(&vm->park_lock);
 }
 
 static void *vcpu_main(void *arg)
@@ -295,7 +328,7 @@ static void *vcpu_main(void *arg)
 			if (io_exit)
 				complete_io(vc);
 			io_exit = 0;
-			park(vc);
+			vmm_lifecycle_park(vm, NULL);
 			continue;
 		}
 		if (LOAD(&vc->probe_halt))
@@ -314,10 +347,7 @@ static void *vcpu_main(void *arg)
 		if (handle_exit(vc))
 			break;
 	}
-	pthread_mutex_lock(&vm->park_lock);
-	vm->parked++;	/* an exited vCPU counts as parked for pause */
-	pthread_cond_broadcast(&vm->park_cond);
-	pthread_mutex_unlock(&vm->park_lock);
+	vmm_lifecycle_exited(vm);
 	__atomic_sub_fetch(&vm->threads, 1, __ATOMIC_SEQ_CST);
 	return NULL;
 }
@@ -341,4 +371,40 @@ void vmm_vcpu_join(struct vmm_vcpu *vc)
 		return;
 	pthread_join(vc->thread, NULL);
 	STORE(&vc->started, 0);
+}
+
+/* ---- the public per-vCPU calls: the index and the VM's state are checked
+ * here, x86.c does the work ---- */
+int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	int r = vmm_lifecycle_created(vm);
+	return r ? r : vmm_x86_set_boot_regs(vm->vcpus[idx], regs);
+}
+
+int vmm_vcpu_get_regs(struct vmm_vm *vm, int idx, struct vmm_boot_regs *regs, uint32_t *mp_state)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	/* Only with the vCPU parked: a vCPU ioctl waits for KVM_RUN to return. */
+	if (vmm_vm_state(vm) == VMM_VM_RUNNING)
+		return -EBUSY;
+	return vmm_x86_get_regs(vm->vcpus[idx], regs, mp_state);
+}
+
+int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	int r = vmm_lifecycle_paused(vm);
+	return r ? r : vmm_x86_save_vcpu(vm->vcpus[idx], out);
+}
+
+int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in)
+{
+	if (idx < 0 || idx >= vm->nvcpus)
+		return -EINVAL;
+	int r = vmm_lifecycle_created(vm);
+	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in);
 }

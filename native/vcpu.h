@@ -21,9 +21,9 @@ struct vmm_vcpu {
 	struct kvm_run *run;
 	pthread_t thread;
 	int started;
-	int probe_halt;		/* I/O thread asks: are you halted, IF=0? (atomic) */
+	int probe_halt;		/* the watchdog asks: are you halted, IF=0? (atomic) */
 	int dead_halt;		/* answer (atomic) */
-	uint64_t last_exits;	/* I/O thread's view for the halt watchdog */
+	uint64_t last_exits;	/* the watchdog's view (its rounds run on the I/O thread) */
 	struct vmm_vcpu_stats st;	/* written by the owning thread only */
 };
 
@@ -33,6 +33,10 @@ void vmm_vcpu_destroy(struct vmm_vcpu *vc);
 int vmm_vcpu_start(struct vmm_vcpu *vc);
 void vmm_vcpu_kick(struct vmm_vcpu *vc);
 void vmm_vcpu_join(struct vmm_vcpu *vc);
+/* One round of the halt watchdog (vcpu.c explains it); *rounds carries the
+ * count of "all dead" rounds in a row from one call to the next.  Stops the
+ * VM (HALT) on the second. */
+void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds);
 /* x86.c: KVM's supported CPUID (with the VM-wide bits set), read once per
  * VM; then CPUID, MSRs, LAPIC LINTs and FPU for each fresh vCPU. */
 struct kvm_cpuid2 *vmm_x86_supported_cpuid(int kvm_fd);

@@ -11,21 +11,11 @@
 
 #include "guard.h"
 #include "virtio_mmio.h"
+#include "virtio_mmio_regs.h"
 
 enum {
-	R_MAGIC = 0x000, R_VERSION = 0x004, R_DEVICE_ID = 0x008, R_VENDOR_ID = 0x00c,
-	R_DEV_FEATURES = 0x010, R_DEV_FEATURES_SEL = 0x014,
-	R_DRV_FEATURES = 0x020, R_DRV_FEATURES_SEL = 0x024,
-	R_QUEUE_SEL = 0x030, R_QUEUE_NUM_MAX = 0x034, R_QUEUE_NUM = 0x038,
-	R_QUEUE_READY = 0x044, R_QUEUE_NOTIFY = 0x050,
-	R_INT_STATUS = 0x060, R_INT_ACK = 0x064, R_STATUS = 0x070,
-	R_QUEUE_DESC_LO = 0x080, R_QUEUE_DESC_HI = 0x084,
-	R_QUEUE_AVAIL_LO = 0x090, R_QUEUE_AVAIL_HI = 0x094,
-	R_QUEUE_USED_LO = 0x0a0, R_QUEUE_USED_HI = 0x0a4,
-	R_CONFIG_GEN = 0x0fc, R_CONFIG = 0x100,
-	MAGIC = 0x74726976, VENDOR = 0x444d4d56 /* "VMMD" */,
+	VENDOR = 0x444d4d56 /* "VMMD" */,
 	ST_FEATURES_OK = 8, ST_DRIVER_OK = 4,
-	INT_USED = 1, INT_CONFIG = 2,
 	QUEUE_MAX = 256,
 };
 
@@ -63,14 +53,14 @@ void vmm_virtio_fail(struct vmm_virtio *v)
 	v->st.bad_chains++;
 	if (!(v->status & VMM_VIRTIO_STATUS_NEEDS_RESET)) {
 		v->status |= VMM_VIRTIO_STATUS_NEEDS_RESET;
-		raise_irq(v, INT_CONFIG);
+		raise_irq(v, VIRTIO_MMIO_INT_CONFIG);
 	}
 }
 
 void vmm_virtio_signal_used(struct vmm_virtio *v, uint32_t q)
 {
 	if (vmm_virtq_need_interrupt(&v->q[q]))
-		raise_irq(v, INT_USED);
+		raise_irq(v, VIRTIO_MMIO_INT_VRING);
 }
 
 static void reset(struct vmm_virtio *v)
@@ -116,17 +106,17 @@ static uint32_t reg_read(struct vmm_virtio *v, uint64_t off)
 {
 	struct vmm_virtq *q = selected(v);
 	switch (off) {
-	case R_MAGIC: return MAGIC;
-	case R_VERSION: return 2;
-	case R_DEVICE_ID: return v->ops->device_id;
-	case R_VENDOR_ID: return VENDOR;
-	case R_DEV_FEATURES:
+	case VIRTIO_MMIO_MAGIC_VALUE: return VIRTIO_MMIO_MAGIC_VIRT;
+	case VIRTIO_MMIO_VERSION: return VIRTIO_MMIO_VERSION_2;
+	case VIRTIO_MMIO_DEVICE_ID: return v->ops->device_id;
+	case VIRTIO_MMIO_VENDOR_ID: return VENDOR;
+	case VIRTIO_MMIO_DEVICE_FEATURES:
 		return v->dev_feat_sel > 1 ? 0 : (uint32_t)(offered(v) >> (32 * v->dev_feat_sel));
-	case R_QUEUE_NUM_MAX: return q ? QUEUE_MAX : 0;
-	case R_QUEUE_READY: return q ? (uint32_t)q->ready : 0;
-	case R_INT_STATUS: return v->int_status;
-	case R_STATUS: return v->status;
-	case R_CONFIG_GEN: return v->config_gen;
+	case VIRTIO_MMIO_QUEUE_NUM_MAX: return q ? QUEUE_MAX : 0;
+	case VIRTIO_MMIO_QUEUE_READY: return q ? (uint32_t)q->ready : 0;
+	case VIRTIO_MMIO_INTERRUPT_STATUS: return v->int_status;
+	case VIRTIO_MMIO_STATUS: return v->status;
+	case VIRTIO_MMIO_CONFIG_GENERATION: return v->config_gen;
 	default: return 0;
 	}
 }
@@ -174,39 +164,39 @@ static void reg_write(struct vmm_virtio *v, uint64_t off, uint32_t val)
 	/* Queue layout may change only while the queue is off. */
 	int q_writable = q && !q->ready;
 	switch (off) {
-	case R_DEV_FEATURES_SEL: v->dev_feat_sel = val; break;
-	case R_DRV_FEATURES_SEL: v->drv_feat_sel = val; break;
-	case R_DRV_FEATURES:
+	case VIRTIO_MMIO_DEVICE_FEATURES_SEL: v->dev_feat_sel = val; break;
+	case VIRTIO_MMIO_DRIVER_FEATURES_SEL: v->drv_feat_sel = val; break;
+	case VIRTIO_MMIO_DRIVER_FEATURES:
 		if (v->drv_feat_sel <= 1 && !(v->status & ST_FEATURES_OK))
 			set_half(&v->driver_features, (int)v->drv_feat_sel, val);
 		break;
-	case R_QUEUE_SEL: v->queue_sel = val; break;
-	case R_QUEUE_NUM:
+	case VIRTIO_MMIO_QUEUE_SEL: v->queue_sel = val; break;
+	case VIRTIO_MMIO_QUEUE_NUM:
 		if (q_writable)
 			q->size = val <= QUEUE_MAX ? (uint16_t)val : 0;
 		break;
-	case R_QUEUE_READY:
+	case VIRTIO_MMIO_QUEUE_READY:
 		if (q)
 			set_queue_ready(v, q, val);
 		break;
-	case R_QUEUE_NOTIFY:
+	case VIRTIO_MMIO_QUEUE_NOTIFY:
 		/* Only without ioeventfd (tests); the I/O thread serves it otherwise. */
 		if (val < v->ops->num_queues)
 			serve_queue(v, val);
 		break;
-	case R_INT_ACK: v->int_status &= ~val; break;
-	case R_STATUS: set_status(v, val); break;
-	case R_QUEUE_DESC_LO: case R_QUEUE_DESC_HI:
+	case VIRTIO_MMIO_INTERRUPT_ACK: v->int_status &= ~val; break;
+	case VIRTIO_MMIO_STATUS: set_status(v, val); break;
+	case VIRTIO_MMIO_QUEUE_DESC_LOW: case VIRTIO_MMIO_QUEUE_DESC_HIGH:
 		if (q_writable)
-			set_half(&q->desc_gpa, off == R_QUEUE_DESC_HI, val);
+			set_half(&q->desc_gpa, off == VIRTIO_MMIO_QUEUE_DESC_HIGH, val);
 		break;
-	case R_QUEUE_AVAIL_LO: case R_QUEUE_AVAIL_HI:
+	case VIRTIO_MMIO_QUEUE_AVAIL_LOW: case VIRTIO_MMIO_QUEUE_AVAIL_HIGH:
 		if (q_writable)
-			set_half(&q->avail_gpa, off == R_QUEUE_AVAIL_HI, val);
+			set_half(&q->avail_gpa, off == VIRTIO_MMIO_QUEUE_AVAIL_HIGH, val);
 		break;
-	case R_QUEUE_USED_LO: case R_QUEUE_USED_HI:
+	case VIRTIO_MMIO_QUEUE_USED_LOW: case VIRTIO_MMIO_QUEUE_USED_HIGH:
 		if (q_writable)
-			set_half(&q->used_gpa, off == R_QUEUE_USED_HI, val);
+			set_half(&q->used_gpa, off == VIRTIO_MMIO_QUEUE_USED_HIGH, val);
 		break;
 	default: break;	/* read-only or unknown: ignored */
 	}
@@ -216,10 +206,10 @@ static void mmio_read(void *priv, uint64_t off, uint8_t *data, uint32_t len)
 {
 	struct vmm_virtio *v = priv;
 	pthread_mutex_lock(&v->lock);
-	if (off >= R_CONFIG) {
+	if (off >= VIRTIO_MMIO_CONFIG) {
 		memset(data, 0, len);
 		if (v->ops->config_read)
-			v->ops->config_read(v->priv, off - R_CONFIG, data, len);
+			v->ops->config_read(v->priv, off - VIRTIO_MMIO_CONFIG, data, len);
 	} else {
 		uint32_t val = (len == 4 && !(off & 3)) ? reg_read(v, off) : 0;
 		memset(data, 0, len);
@@ -231,7 +221,7 @@ static void mmio_read(void *priv, uint64_t off, uint8_t *data, uint32_t len)
 static void mmio_write(void *priv, uint64_t off, const uint8_t *data, uint32_t len)
 {
 	struct vmm_virtio *v = priv;
-	if (off >= R_CONFIG || len != 4 || (off & 3))
+	if (off >= VIRTIO_MMIO_CONFIG || len != 4 || (off & 3))
 		return;	/* config is read-only here; registers are 32-bit */
 	uint32_t val;
 	struct vmm_guard g;
@@ -322,7 +312,8 @@ int vmm_virtio_attach_kvm(struct vmm_virtio *v, int vm_fd, uint64_t base, uint32
 	int r = vmm_irq_init(&v->irq, vm_fd, gsi);
 	for (uint32_t q = 0; !r && q < v->ops->num_queues; q++) {
 		v->kick_fd[q] = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-		r = v->kick_fd[q] < 0 ? -errno : ioeventfd(vm_fd, v->kick_fd[q], base + R_QUEUE_NOTIFY, q, 0);
+		r = v->kick_fd[q] < 0 ? -errno
+				      : ioeventfd(vm_fd, v->kick_fd[q], base + VIRTIO_MMIO_QUEUE_NOTIFY, q, 0);
 		if (r && v->kick_fd[q] >= 0) {
 			close(v->kick_fd[q]);
 			v->kick_fd[q] = -1;
@@ -338,7 +329,7 @@ void vmm_virtio_detach_kvm(struct vmm_virtio *v, int vm_fd)
 	for (uint32_t q = 0; q < VMM_VIRTIO_MAX_QUEUES; q++) {
 		if (v->kick_fd[q] < 0)
 			continue;
-		ioeventfd(vm_fd, v->kick_fd[q], v->base + R_QUEUE_NOTIFY, q, 1);
+		ioeventfd(vm_fd, v->kick_fd[q], v->base + VIRTIO_MMIO_QUEUE_NOTIFY, q, 1);
 		close(v->kick_fd[q]);
 		v->kick_fd[q] = -1;
 	}
@@ -407,7 +398,7 @@ int vmm_virtio_restore(struct vmm_virtio *v, const struct vmm_virtio_state *s)
 	if (s->device_id != v->ops->device_id || s->nqueues != v->ops->num_queues ||
 	    (s->status & ~(uint32_t)KNOWN_STATUS) || (f & ~offered(v)) ||
 	    ((s->status & ST_FEATURES_OK) && !(f & VMM_VIRTIO_F_VERSION_1)) ||
-	    (s->int_status & ~(uint32_t)(INT_USED | INT_CONFIG)))
+	    (s->int_status & ~(uint32_t)(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG)))
 		return -EINVAL;
 	struct vmm_virtq q[VMM_VIRTIO_MAX_QUEUES];
 	for (uint32_t i = 0; i < v->ops->num_queues; i++) {

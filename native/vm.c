@@ -1,6 +1,7 @@
 /*
- * vm.c - VM lifecycle: create (KVM VM, irqchip, PIT, devices), RAM, vCPUs,
- * start, pause, resume, stop, destroy; stats, events and console access.
+ * vm.c - a VM's construction and teardown: create (KVM VM, irqchip, PIT,
+ * devices), RAM and its KVM slots, vCPUs, virtio devices, destroy; stats,
+ * events and console access.  Running it is lifecycle.c's.
  *
  * Construction order follows Firecracker: TSS and identity map, irqchip,
  * PIT2, memory, then vCPUs (CPUID depends on the final vCPU count).
@@ -10,31 +11,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
-#include "iothread.h"
+#include "common.h"
+#include "lifecycle.h"
 #include "vcpu.h"
 #include "virtio_blk.h"
 #include "virtio_net.h"
 #include "vm.h"
 
-#define LOAD(p) __atomic_load_n((p), __ATOMIC_SEQ_CST)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_SEQ_CST)
-
 #define TSS_ADDR 0xfffbd000ull
 #define IDENTITY_MAP_ADDR 0xfffbc000ull
-
-static int xioctl(int fd, unsigned long req, void *arg)
-{
-	int r;
-	do {
-		r = ioctl(fd, req, arg);
-	} while (r < 0 && errno == EINTR);
-	return r < 0 ? -errno : r;
-}
 
 static int open_kvm(const char *path)
 {
@@ -58,6 +46,11 @@ int vmm_kvm_api_version(const char *kvm_path)
 	return KVM_API_VERSION;
 }
 
+int vmm_core_version(void)
+{
+	return VMM_CORE_VERSION;
+}
+
 static void on_i8042_reset(void *ctx)
 {
 	struct vmm_event ev = { .type = VMM_EVENT_STOPPED, .reason = VMM_STOP_RESET, .vcpu = -1 };
@@ -77,11 +70,11 @@ static void on_memory_fault(void *ctx, uint64_t gpa)
 static int create_machine(struct vmm_vm *vm)
 {
 	uint64_t idmap = IDENTITY_MAP_ADDR;
-	int r = xioctl(vm->vm_fd, KVM_SET_TSS_ADDR, (void *)(uintptr_t)TSS_ADDR);
+	int r = vmm_ioctl(vm->vm_fd, KVM_SET_TSS_ADDR, (void *)(uintptr_t)TSS_ADDR);
 	if (r >= 0)
-		r = xioctl(vm->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &idmap);
+		r = vmm_ioctl(vm->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &idmap);
 	if (r >= 0)
-		r = vm->run_size = xioctl(vm->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, NULL);
+		r = vm->run_size = vmm_ioctl(vm->kvm_fd, KVM_GET_VCPU_MMAP_SIZE, NULL);
 	return r < 0 ? r : 0;
 }
 
@@ -95,9 +88,9 @@ static int setup_irqchip(struct vmm_vm *vm)
 	struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
 	if (vm->irqchip)
 		return 0;
-	int r = xioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, NULL);
+	int r = vmm_ioctl(vm->vm_fd, KVM_CREATE_IRQCHIP, NULL);
 	if (!r)
-		r = xioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit);
+		r = vmm_ioctl(vm->vm_fd, KVM_CREATE_PIT2, &pit);
 	if (!r)
 		r = vmm_irq_init(&vm->serial_irq, vm->vm_fd, VMM_SERIAL_IRQ);
 	if (!r)
@@ -128,17 +121,11 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 		return -ENOMEM;
 	vm->kvm_fd = vm->vm_fd = -1;
 	vm->events.efd = vm->serial_irq.efd = vm->kbd_irq.efd = -1;
-	pthread_mutex_init(&vm->ctl_lock, NULL);
-	pthread_mutex_init(&vm->park_lock, NULL);
-	pthread_condattr_t ca;
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&vm->park_cond, &ca);
-	pthread_condattr_destroy(&ca);
+	vmm_lifecycle_init(vm);
 
 	int r = vm->kvm_fd = open_kvm(kvm_path);
 	if (r >= 0)
-		r = vm->vm_fd = xioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
+		r = vm->vm_fd = vmm_ioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
 	if (r >= 0)
 		r = create_machine(vm);
 	if (r >= 0) {
@@ -159,12 +146,10 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 	return 0;
 }
 
-int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
-{
-	return vmm_vm_add_ram_region(vm, gpa, size, -1, 0);
-}
+/* ---- RAM and its KVM slots ---- */
 
-int vmm_vm_set_slot(struct vmm_vm *vm, int slot)
+/* (Re)register RAM region `slot` with KVM, dirty logging as vm says. */
+static int set_slot(struct vmm_vm *vm, int slot)
 {
 	const struct vmm_mem_region *reg = vmm_mem_region_at(vm->mem, slot);
 	struct kvm_userspace_memory_region kr = {
@@ -172,17 +157,19 @@ int vmm_vm_set_slot(struct vmm_vm *vm, int slot)
 		.guest_phys_addr = reg->gpa, .memory_size = reg->size,
 		.userspace_addr = (uint64_t)(uintptr_t)reg->hva,
 	};
-	return xioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
+	return vmm_ioctl(vm->vm_fd, KVM_SET_USER_MEMORY_REGION, &kr);
 }
 
-int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
+/* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
+static int add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
 			  uint64_t offset)
 {
-	if (LOAD(&vm->state) != VMM_VM_CREATED)
-		return -EBUSY;
+	int r = vmm_lifecycle_created(vm);
+	if (r)
+		return r;
 	int slot = vm->mem->n;
-	int r = fd < 0 ? vmm_mem_add_region(vm->mem, gpa, size, NULL)
-		       : vmm_mem_add_file_region(vm->mem, gpa, size, fd, offset);
+	r = fd < 0 ? vmm_mem_add_region(vm->mem, gpa, size, NULL)
+		   : vmm_mem_add_file_region(vm->mem, gpa, size, fd, offset);
 	if (!r && vm->track_dirty)
 		r = vmm_mem_track_dirty(vm->mem);
 	const struct vmm_mem_region *reg = vmm_mem_region_at(vm->mem, slot);
@@ -193,7 +180,7 @@ int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd
 		}
 		return r;
 	}
-	r = vmm_vm_set_slot(vm, slot);
+	r = set_slot(vm, slot);
 	if (r < 0) {
 		/* Undo the region so nothing half-added stays behind. */
 		vm->mem->n--;
@@ -201,6 +188,48 @@ int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd
 		return r;
 	}
 	return 0;
+}
+
+int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
+{
+	return add_ram_region(vm, gpa, size, -1, 0);
+}
+
+int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, uint64_t offset)
+{
+	return add_ram_region(vm, gpa, size, fd, offset);
+}
+
+/* Best before the RAM: its slots are then made with logging on (changing
+ * a slot later costs an SRCU grace period each, see setup_irqchip). */
+int vmm_vm_track_dirty(struct vmm_vm *vm)
+{
+	int r = vmm_lifecycle_created(vm);
+	if (r || vm->track_dirty)
+		return r;
+	vm->track_dirty = 1;
+	for (int i = 0; i < vm->mem->n && !r; i++)
+		r = set_slot(vm, i);
+	if (!r)
+		r = vmm_mem_track_dirty(vm->mem);
+	if (r)
+		vm->track_dirty = 0;
+	return r;
+}
+
+int vmm_vm_tracks_dirty(const struct vmm_vm *vm)
+{
+	return vm->track_dirty;
+}
+
+int vmm_vm_take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t words)
+{
+	struct kvm_dirty_log log = { .slot = (uint32_t)slot, .dirty_bitmap = bits };
+	memset(bits, 0, words * 8);
+	int r = vmm_ioctl(vm->vm_fd, KVM_GET_DIRTY_LOG, &log);
+	if (!r)
+		vmm_mem_take_dirty(vm->mem, slot, bits, words);
+	return r;
 }
 
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm)
@@ -212,7 +241,7 @@ static int create_vcpus(struct vmm_vm *vm, int n, int bare)
 {
 	if (n < 1 || n > VMM_MAX_VCPUS)
 		return -EINVAL;
-	if (vm->nvcpus || LOAD(&vm->state) != VMM_VM_CREATED)
+	if (vm->nvcpus || vmm_lifecycle_created(vm))
 		return -EBUSY;
 	int r = setup_irqchip(vm);
 	if (r)
@@ -251,190 +280,6 @@ int vmm_vm_vcpu_count(const struct vmm_vm *vm)
 	return vm->nvcpus;
 }
 
-int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	if (LOAD(&vm->state) != VMM_VM_CREATED)
-		return -EBUSY;
-	return vmm_x86_set_boot_regs(vm->vcpus[idx], regs);
-}
-
-int vmm_vcpu_get_regs(struct vmm_vm *vm, int idx, struct vmm_boot_regs *regs, uint32_t *mp_state)
-{
-	if (idx < 0 || idx >= vm->nvcpus)
-		return -EINVAL;
-	/* Only with the vCPU parked: a vCPU ioctl waits for KVM_RUN to return. */
-	if (vmm_vm_state(vm) == VMM_VM_RUNNING)
-		return -EBUSY;
-	return vmm_x86_get_regs(vm->vcpus[idx], regs, mp_state);
-}
-
-void vmm_vm_kick_all(struct vmm_vm *vm)
-{
-	for (int i = 0; i < vm->nvcpus; i++)
-		vmm_vcpu_kick(vm->vcpus[i]);
-}
-
-void vmm_vm_request_stop(struct vmm_vm *vm, int reason, const struct vmm_event *detail)
-{
-	int none = VMM_STOP_NONE;
-	/* First reason wins; later ones (other vCPUs, the API) are no news. */
-	if (__atomic_compare_exchange_n(&vm->stop_reason, &none, reason, 0,
-					__ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-		vmm_events_push(&vm->events, detail);
-	STORE(&vm->stop_req, 1);
-	pthread_mutex_lock(&vm->park_lock);
-	pthread_cond_broadcast(&vm->park_cond);
-	pthread_mutex_unlock(&vm->park_lock);
-	vmm_vm_kick_all(vm);
-}
-
-/* Join every thread; called with ctl_lock held. */
-static void join_all(struct vmm_vm *vm)
-{
-	for (int i = 0; i < vm->nvcpus; i++)
-		vmm_vcpu_join(vm->vcpus[i]);
-	vmm_iothread_stop(vm->io);
-	vm->io = NULL;
-	vmm_console_flush(&vm->console);
-}
-
-static int wait_parked(struct vmm_vm *vm, int timeout_ms);
-
-/* paused: every thread parks before running anything (a restored VM). */
-static int start(struct vmm_vm *vm, int paused)
-{
-	pthread_mutex_lock(&vm->ctl_lock);
-	int r = 0;
-	if (LOAD(&vm->state) != VMM_VM_CREATED)
-		r = -EBUSY;
-	else if (vm->nvcpus == 0 || vm->mem->n == 0)
-		r = -EINVAL;
-	if (!r) {
-		STORE(&vm->pause_req, paused);
-		r = vmm_iothread_start(vm, &vm->io);
-	}
-	if (!r) {
-		STORE(&vm->state, VMM_VM_RUNNING);
-		for (int i = 0; i < vm->nvcpus && !r; i++)
-			r = vmm_vcpu_start(vm->vcpus[i]);
-		if (!r && paused) {
-			r = wait_parked(vm, 5000);
-			if (!r)
-				STORE(&vm->state, VMM_VM_PAUSED);
-		}
-		if (r) {
-			struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
-						.reason = VMM_STOP_KVM_ERROR, .vcpu = -1, .err = -r };
-			vmm_vm_request_stop(vm, VMM_STOP_KVM_ERROR, &ev);
-			join_all(vm);
-			STORE(&vm->state, VMM_VM_STOPPED);
-		}
-	}
-	pthread_mutex_unlock(&vm->ctl_lock);
-	return r;
-}
-
-int vmm_vm_start(struct vmm_vm *vm)
-{
-	return start(vm, 0);
-}
-
-int vmm_vm_start_paused(struct vmm_vm *vm)
-{
-	return start(vm, 1);
-}
-
-static int wait_parked(struct vmm_vm *vm, int timeout_ms)
-{
-	struct timespec dl;
-	clock_gettime(CLOCK_MONOTONIC, &dl);
-	dl.tv_sec += timeout_ms / 1000;
-	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (dl.tv_nsec >= 1000000000L) {
-		dl.tv_sec++;
-		dl.tv_nsec -= 1000000000L;
-	}
-	int r = 0;
-	pthread_mutex_lock(&vm->park_lock);
-	/* Every vCPU and the I/O thread. */
-	int want = vm->nvcpus + (vm->io ? 1 : 0);
-	while (vm->parked < want && r == 0)
-		r = pthread_cond_timedwait(&vm->park_cond, &vm->park_lock, &dl);
-	int ok = vm->parked >= want;
-	pthread_mutex_unlock(&vm->park_lock);
-	return ok ? 0 : -ETIMEDOUT;
-}
-
-static void release_parked(struct vmm_vm *vm)
-{
-	pthread_mutex_lock(&vm->park_lock);
-	STORE(&vm->pause_req, 0);
-	pthread_cond_broadcast(&vm->park_cond);
-	pthread_mutex_unlock(&vm->park_lock);
-}
-
-int vmm_vm_pause(struct vmm_vm *vm, int timeout_ms)
-{
-	pthread_mutex_lock(&vm->ctl_lock);
-	int st = LOAD(&vm->state), r = 0;
-	if (st == VMM_VM_RUNNING && !LOAD(&vm->stop_reason)) {
-		STORE(&vm->pause_req, 1);
-		vmm_vm_kick_all(vm);
-		vmm_iothread_wake(vm->io);
-		r = wait_parked(vm, timeout_ms);
-		if (r == 0 && !LOAD(&vm->stop_reason)) {
-			/* Tell a kvmclock guest it was stopped, not stuck (no soft-lockup
-			 * reports after a long pause); EINVAL without kvmclock is fine. */
-			for (int i = 0; i < vm->nvcpus; i++)
-				ioctl(vm->vcpus[i]->fd, KVM_KVMCLOCK_CTRL, 0);
-			STORE(&vm->state, VMM_VM_PAUSED);
-			struct vmm_event ev = { .type = VMM_EVENT_PAUSED, .vcpu = -1 };
-			vmm_events_push(&vm->events, &ev);
-		} else if (r) {
-			release_parked(vm);	/* no half-paused VM */
-		}
-	} else if (st != VMM_VM_PAUSED) {
-		r = -EINVAL;
-	}
-	pthread_mutex_unlock(&vm->ctl_lock);
-	return r;
-}
-
-int vmm_vm_resume(struct vmm_vm *vm)
-{
-	pthread_mutex_lock(&vm->ctl_lock);
-	int st = LOAD(&vm->state), r = 0;
-	if (st == VMM_VM_PAUSED) {
-		STORE(&vm->state, VMM_VM_RUNNING);
-		release_parked(vm);
-		struct vmm_event ev = { .type = VMM_EVENT_RESUMED, .vcpu = -1 };
-		vmm_events_push(&vm->events, &ev);
-	} else if (st != VMM_VM_RUNNING) {
-		r = -EINVAL;
-	}
-	pthread_mutex_unlock(&vm->ctl_lock);
-	return r;
-}
-
-int vmm_vm_stop(struct vmm_vm *vm)
-{
-	pthread_mutex_lock(&vm->ctl_lock);
-	int st = LOAD(&vm->state);
-	if (st == VMM_VM_RUNNING || st == VMM_VM_PAUSED) {
-		struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
-					.reason = VMM_STOP_REQUESTED, .vcpu = -1 };
-		vmm_vm_request_stop(vm, VMM_STOP_REQUESTED, &ev);
-		join_all(vm);
-	}
-	STORE(&vm->state, VMM_VM_STOPPED);
-	if (!LOAD(&vm->stop_reason))
-		STORE(&vm->stop_reason, VMM_STOP_REQUESTED);
-	pthread_mutex_unlock(&vm->ctl_lock);
-	return 0;
-}
-
 static void destroy_virtio(struct vmm_vm *vm)
 {
 	for (int i = 0; i < vm->nvirtio; i++) {
@@ -466,8 +311,9 @@ static int attach_virtio(struct vmm_vm *vm, struct vmm_virtio *v, uint64_t mmio_
 
 static int can_add_virtio(struct vmm_vm *vm)
 {
-	if (LOAD(&vm->state) != VMM_VM_CREATED)
-		return -EBUSY;
+	int r = vmm_lifecycle_created(vm);
+	if (r)
+		return r;
 	return vm->nvirtio == VMM_MAX_VIRTIO ? -ENOSPC : setup_irqchip(vm);
 }
 
@@ -521,23 +367,8 @@ void vmm_vm_destroy(struct vmm_vm *vm)
 	if (vm->kvm_fd >= 0)
 		close(vm->kvm_fd);
 	vmm_mem_free(vm->mem);	/* after the VM fd: KVM no longer maps it */
-	pthread_cond_destroy(&vm->park_cond);
-	pthread_mutex_destroy(&vm->park_lock);
-	pthread_mutex_destroy(&vm->ctl_lock);
+	vmm_lifecycle_destroy(vm);
 	free(vm);
-}
-
-int vmm_vm_state(const struct vmm_vm *vm)
-{
-	/* A VM whose guest stopped it is STOPPED even before Python joins it. */
-	if (LOAD(&vm->stop_reason))
-		return VMM_VM_STOPPED;
-	return LOAD(&vm->state);
-}
-
-int vmm_vm_stop_reason(const struct vmm_vm *vm)
-{
-	return LOAD(&vm->stop_reason);
 }
 
 int vmm_vm_get_stats(const struct vmm_vm *vm, struct vmm_vm_stats *o)
@@ -554,7 +385,7 @@ int vmm_vm_get_stats(const struct vmm_vm *vm, struct vmm_vm_stats *o)
 		o->unhandled_io += LOAD(&s->unhandled_io);
 		o->unhandled_mmio += LOAD(&s->unhandled_mmio);
 	}
-	o->console_bytes = LOAD(&vm->console.head);
+	o->console_bytes = vmm_console_get_head(&vm->console);
 	o->console_dropped = LOAD(&vm->console.dropped);
 	o->events_dropped = LOAD(&vm->events.dropped);
 	return 0;

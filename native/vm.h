@@ -1,8 +1,8 @@
 /*
  * vm.h - struct vmm_vm: one microVM's KVM fds, memory, buses, devices,
  * threads and lifecycle flags.  Control operations (start, pause, resume,
- * stop, destroy) serialize on ctl_lock; vCPU threads read the flags
- * without it (atomics), so the hot path takes no VM-wide lock.
+ * stop in lifecycle.c; destroy) serialize on ctl_lock; vCPU threads read
+ * the flags without it (atomics), so the hot path takes no VM-wide lock.
  */
 #ifndef VMM_VM_H
 #define VMM_VM_H
@@ -41,6 +41,7 @@ struct vmm_vm {
 	int nvirtio;
 	struct vmm_virtio *virtio[VMM_MAX_VIRTIO];	/* served by the I/O thread */
 
+	/* Run state and the park protocol: lifecycle.c's. */
 	pthread_mutex_t ctl_lock;	/* one control operation at a time */
 	pthread_mutex_t park_lock;	/* vCPUs parking for pause */
 	pthread_cond_t park_cond;
@@ -53,15 +54,10 @@ struct vmm_vm {
 	int irqchip;			/* in-kernel irqchip and PIT made */
 };
 
-/* (Re)register RAM region `slot` with KVM, dirty logging as vm says. */
-int vmm_vm_set_slot(struct vmm_vm *vm, int slot);
-
-/* A RAM region and its KVM slot: anonymous (fd < 0) or from a file. */
-int vmm_vm_add_ram_region(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd,
-			  uint64_t offset);
-
-/* Any thread: the VM must stop for `reason`; posts one STOPPED event. */
-void vmm_vm_request_stop(struct vmm_vm *vm, int reason, const struct vmm_event *detail);
-void vmm_vm_kick_all(struct vmm_vm *vm);
+/* The pages of RAM region `slot` dirtied since the last call, one bit
+ * each in bits (words long, zeroed here): KVM's log (which KVM clears as
+ * it hands it over) OR the pages the VMM's devices wrote.  Dirty tracking
+ * must be on. */
+int vmm_vm_take_dirty(struct vmm_vm *vm, int slot, uint64_t *bits, uint64_t words);
 
 #endif

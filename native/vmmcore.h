@@ -131,7 +131,7 @@ int vmm_virtio_net_new(struct vmm_mem *mem, int tap_fd, const uint8_t *mac,
 /* What the I/O thread does when the device's backend fd (the tap) is readable. */
 void vmm_virtio_backend_ready(struct vmm_virtio *v);
 
-/* ---- the VM (vm.c) ---- */
+/* ---- the VM (vm.c; running it: lifecycle.c; the vmm_vcpu_* calls: vcpu.c) ---- */
 enum vmm_vm_state {
 	VMM_VM_CREATED = 0,
 	VMM_VM_RUNNING = 1,
@@ -196,10 +196,14 @@ int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
 
-/* ---- snapshots (state.c, x86.c): everything a paused VM needs to go on ----
- * KVM structs travel as sized byte blobs (the sizes are checked against the
- * kernel headers at compile time); restore treats every field as untrusted:
- * counts and indices are bounded here, values are KVM's to refuse. */
+/* ---- snapshots: everything a paused VM needs to go on ----
+ * state.c composes them (and does the VM-wide KVM state and the memory
+ * file); each part saves and restores itself: vCPUs in vcpu.c and x86.c,
+ * virtio in virtio_mmio.c, the UART in serial.c, the i8042 in i8042.c; RAM
+ * slots and dirty tracking are vm.c's.  KVM structs travel as sized byte
+ * blobs (the sizes are checked against the kernel headers at compile
+ * time); restore treats every field as untrusted: counts and indices are
+ * bounded by the part that uses them, values are KVM's to refuse. */
 struct vmm_msr {
 	uint32_t index;
 	uint32_t pad;
@@ -289,5 +293,11 @@ int vmm_vm_start_paused(struct vmm_vm *vm);
 
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
+
+/* The core's own version: bump VMM_CORE_VERSION with any change to this
+ * interface, together with CORE_VERSION in vmmd/native/__init__.py, which
+ * then refuses to load a core built from older sources. */
+#define VMM_CORE_VERSION 1
+int vmm_core_version(void);
 
 #endif

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 
+#include "common.h"
 #include "vcpu.h"
 
 #define MAX_CPUID_ENTRIES 256
@@ -103,7 +104,7 @@ static int setup_cpuid(struct vmm_vm *vm, struct vmm_vcpu *vc)
 	memcpy(c, vm->cpuid_base, cpuid_size());	/* each vCPU patches its own copy */
 	/* nvcpus is final before the first vCPU is created. */
 	patch_cpuid(c, vm->nvcpus, (uint32_t)vc->idx);
-	int r = ioctl(vc->fd, KVM_SET_CPUID2, c) < 0 ? -errno : 0;
+	int r = vmm_ioctl(vc->fd, KVM_SET_CPUID2, c);
 	free(c);
 	return r;
 }
@@ -151,7 +152,7 @@ static int setup_lapic(struct vmm_vcpu *vc)
 		return -errno;
 	lapic_set_delivery(&l, 0x350, 7);	/* LINT0: ExtINT (the PIC) */
 	lapic_set_delivery(&l, 0x360, 4);	/* LINT1: NMI */
-	return ioctl(vc->fd, KVM_SET_LAPIC, &l) < 0 ? -errno : 0;
+	return vmm_ioctl(vc->fd, KVM_SET_LAPIC, &l);
 }
 
 static int setup_fpu(struct vmm_vcpu *vc)
@@ -160,7 +161,7 @@ static int setup_fpu(struct vmm_vcpu *vc)
 	memset(&fpu, 0, sizeof(fpu));
 	fpu.fcw = 0x37f;
 	fpu.mxcsr = 0x1f80;
-	return ioctl(vc->fd, KVM_SET_FPU, &fpu) < 0 ? -errno : 0;
+	return vmm_ioctl(vc->fd, KVM_SET_FPU, &fpu);
 }
 
 int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc)
@@ -223,7 +224,7 @@ int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b)
 	r.rsi = b->rsi;
 	r.rbx = b->rbx;
 	r.rflags = b->rflags;
-	return ioctl(vc->fd, KVM_SET_REGS, &r) < 0 ? -errno : 0;
+	return vmm_ioctl(vc->fd, KVM_SET_REGS, &r);
 }
 
 static void from_kvm_segment(struct vmm_segment *s, const struct kvm_segment *k)
@@ -296,11 +297,6 @@ struct msr_buf {
 	struct kvm_msr_entry e[MAX_STATE_MSRS];
 };
 
-static int get_blob(int fd, unsigned long req, void *blob)
-{
-	return ioctl(fd, req, blob) < 0 ? -errno : 0;
-}
-
 /* Every MSR KVM lists as saveable that this vCPU can read: KVM_GET_MSRS
  * stops at the first it cannot, so skip that one and go on. */
 static int save_msrs(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
@@ -338,7 +334,7 @@ static int save_cpuid(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
 	if (!c)
 		return -ENOMEM;
 	c->nent = MAX_CPUID_ENTRIES;
-	int r = ioctl(vc->fd, KVM_GET_CPUID2, c) < 0 ? -errno : 0;
+	int r = vmm_ioctl(vc->fd, KVM_GET_CPUID2, c);
 	if (!r && c->nent > MAX_STATE_CPUID)
 		r = -E2BIG;
 	for (uint32_t i = 0; !r && i < c->nent; i++) {
@@ -356,26 +352,26 @@ int vmm_x86_save_vcpu(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
 {
 	struct kvm_mp_state mp;
 	memset(s, 0, sizeof(*s));
-	int r = get_blob(vc->fd, KVM_GET_MP_STATE, &mp);
+	int r = vmm_ioctl(vc->fd, KVM_GET_MP_STATE, &mp);
 	s->mp_state = mp.mp_state;
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_REGS, s->regs);
+		r = vmm_ioctl(vc->fd, KVM_GET_REGS, s->regs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_SREGS, s->sregs);
+		r = vmm_ioctl(vc->fd, KVM_GET_SREGS, s->sregs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_XSAVE, s->xsave);
+		r = vmm_ioctl(vc->fd, KVM_GET_XSAVE, s->xsave);
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_XCRS, s->xcrs);
+		r = vmm_ioctl(vc->fd, KVM_GET_XCRS, s->xcrs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_DEBUGREGS, s->debugregs);
+		r = vmm_ioctl(vc->fd, KVM_GET_DEBUGREGS, s->debugregs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_LAPIC, s->lapic);
+		r = vmm_ioctl(vc->fd, KVM_GET_LAPIC, s->lapic);
 	if (!r)
 		r = save_cpuid(vc, s);
 	if (!r)
 		r = save_msrs(vc, s);
 	if (!r)
-		r = get_blob(vc->fd, KVM_GET_VCPU_EVENTS, s->events);
+		r = vmm_ioctl(vc->fd, KVM_GET_VCPU_EVENTS, s->events);
 	return r;
 }
 
@@ -392,7 +388,7 @@ static int restore_cpuid(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 		c->entries[i] = (struct kvm_cpuid_entry2){ .function = e->function, .index = e->index,
 			.flags = e->flags, .eax = e->eax, .ebx = e->ebx, .ecx = e->ecx, .edx = e->edx };
 	}
-	int r = ioctl(vc->fd, KVM_SET_CPUID2, c) < 0 ? -errno : 0;
+	int r = vmm_ioctl(vc->fd, KVM_SET_CPUID2, c);
 	free(c);
 	return r;
 }
@@ -421,22 +417,22 @@ int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 	struct kvm_mp_state mp = { .mp_state = s->mp_state };
 	int r = restore_cpuid(vc, s);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_MP_STATE, &mp);
+		r = vmm_ioctl(vc->fd, KVM_SET_MP_STATE, &mp);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_REGS, (void *)s->regs);
+		r = vmm_ioctl(vc->fd, KVM_SET_REGS, (void *)s->regs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_SREGS, (void *)s->sregs);
+		r = vmm_ioctl(vc->fd, KVM_SET_SREGS, (void *)s->sregs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_XSAVE, (void *)s->xsave);
+		r = vmm_ioctl(vc->fd, KVM_SET_XSAVE, (void *)s->xsave);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_XCRS, (void *)s->xcrs);
+		r = vmm_ioctl(vc->fd, KVM_SET_XCRS, (void *)s->xcrs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_DEBUGREGS, (void *)s->debugregs);
+		r = vmm_ioctl(vc->fd, KVM_SET_DEBUGREGS, (void *)s->debugregs);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_LAPIC, (void *)s->lapic);
+		r = vmm_ioctl(vc->fd, KVM_SET_LAPIC, (void *)s->lapic);
 	if (!r)
 		r = restore_msrs(vc, s);
 	if (!r)
-		r = get_blob(vc->fd, KVM_SET_VCPU_EVENTS, (void *)s->events);
+		r = vmm_ioctl(vc->fd, KVM_SET_VCPU_EVENTS, (void *)s->events);
 	return r;
 }

@@ -34,6 +34,10 @@ REPO = HERE.parent.parent
 DEFAULT_OUT = REPO / "build" / "guests"
 
 SOURCES = ("mg.h", "virtio.h", "entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c", "link.ld")
+# The virtio-mmio register table is the device's (native/), included from
+# there so guest and device cannot disagree; an input like the sources above.
+NATIVE = REPO / "native"
+SHARED_HEADERS = (NATIVE / "virtio_mmio_regs.h",)
 COMPILE_UNITS = ("entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c")
 LINKER_SCRIPT = "link.ld"
 
@@ -155,8 +159,9 @@ def _digest(compiler_id: bytes, extra: tuple[str, ...]) -> str:
     h.update(compiler_id + b"\0")
     for f in (*CFLAGS, *extra):
         h.update(f.encode() + b"\0")
-    for name in SOURCES:
-        h.update(name.encode() + b"\0" + (HERE / name).read_bytes() + b"\0")
+    for path in (*(HERE / name for name in SOURCES), *SHARED_HEADERS):
+        name = str(path.relative_to(REPO))
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -164,7 +169,8 @@ def _compile(cc: str, extra: tuple[str, ...], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *CFLAGS, *extra, "-I", str(HERE), "-T", str(HERE / LINKER_SCRIPT),
+        cmd = [cc, *CFLAGS, *extra, "-I", str(HERE), "-idirafter", str(NATIVE),
+               "-T", str(HERE / LINKER_SCRIPT),
                *(str(HERE / u) for u in COMPILE_UNITS), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -203,13 +203,13 @@ static void net_config(struct netdev *n)
 	n->mac[5] = (u8)v->index;
 	n->link = -1;
 	for (int i = 0; i < 10; i++) {	/* until ConfigGeneration is the same before and after */
-		u32 gen = vio_rd(v, VM_CONFIG_GEN);
+		u32 gen = vio_rd(v, VIRTIO_MMIO_CONFIG_GENERATION);
 		if (v->accepted & F_NET_MAC)
 			for (u32 b = 0; b < 6; b++)
-				n->mac[b] = vio_rd8(v, VM_CONFIG + b);
+				n->mac[b] = vio_rd8(v, VIRTIO_MMIO_CONFIG + b);
 		if (v->accepted & F_NET_STATUS)
-			n->link = vio_rd16(v, VM_CONFIG + 6);
-		if (vio_rd(v, VM_CONFIG_GEN) == gen)
+			n->link = vio_rd16(v, VIRTIO_MMIO_CONFIG + 6);
+		if (vio_rd(v, VIRTIO_MMIO_CONFIG_GENERATION) == gen)
 			break;
 	}
 }

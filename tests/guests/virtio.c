@@ -148,28 +148,29 @@ bad:
 /* Magic, Version, DeviceID: the DeviceID, or -1 when the window is no virtio-mmio device. */
 int vio_probe_id(const struct vdev *d)
 {
-	if (vio_rd(d, VM_MAGIC) != VIRTIO_MAGIC || vio_rd(d, VM_VERSION) == 0)
+	if (vio_rd(d, VIRTIO_MMIO_MAGIC_VALUE) != VIRTIO_MMIO_MAGIC_VIRT ||
+	    vio_rd(d, VIRTIO_MMIO_VERSION) == 0)
 		return -1;
-	return (int)vio_rd(d, VM_DEVICE_ID);
+	return (int)vio_rd(d, VIRTIO_MMIO_DEVICE_ID);
 }
 
 /* ---- transport ---- */
 void vio_reset(const struct vdev *d)
 {
 	struct wait w;
-	vio_wr(d, VM_STATUS, 0);
+	vio_wr(d, VIRTIO_MMIO_STATUS, 0);
 	wait_init(&w, 100);
-	while (vio_rd(d, VM_STATUS) != 0)	/* the device may take a while */
+	while (vio_rd(d, VIRTIO_MMIO_STATUS) != 0)	/* the device may take a while */
 		if (wait_expired(&w))
 			mg_error("%s dev=%u: status stays 0x%x after reset", d->name, d->index,
-				 vio_rd(d, VM_STATUS));
+				 vio_rd(d, VIRTIO_MMIO_STATUS));
 }
 
 void vio_ack(const struct vdev *d)
 {
-	u32 s = vio_rd(d, VM_INT_STATUS);
+	u32 s = vio_rd(d, VIRTIO_MMIO_INTERRUPT_STATUS);
 	if (s)
-		vio_wr(d, VM_INT_ACK, s);
+		vio_wr(d, VIRTIO_MMIO_INTERRUPT_ACK, s);
 }
 
 /*
@@ -183,32 +184,32 @@ void vio_begin(struct vdev *d, u32 device_id, const char *id_name, u64 (*want)(v
 {
 	u32 v, lo, hi;
 
-	if ((v = vio_rd(d, VM_MAGIC)) != VIRTIO_MAGIC)
+	if ((v = vio_rd(d, VIRTIO_MMIO_MAGIC_VALUE)) != VIRTIO_MMIO_MAGIC_VIRT)
 		mg_error("%s dev=%u: bad magic 0x%x at 0x%llx", d->name, d->index, v, d->base);
-	if ((v = vio_rd(d, VM_VERSION)) != 2)
+	if ((v = vio_rd(d, VIRTIO_MMIO_VERSION)) != VIRTIO_MMIO_VERSION_2)
 		mg_error("%s dev=%u: virtio-mmio version %u, want 2", d->name, d->index, v);
-	if ((v = vio_rd(d, VM_DEVICE_ID)) != device_id)
+	if ((v = vio_rd(d, VIRTIO_MMIO_DEVICE_ID)) != device_id)
 		mg_error("%s dev=%u: device id %u, want %u (%s)", d->name, d->index, v, device_id,
 			 id_name);
 
 	vio_reset(d);
-	vio_wr(d, VM_STATUS, ST_ACKNOWLEDGE);
-	vio_wr(d, VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
+	vio_wr(d, VIRTIO_MMIO_STATUS, ST_ACKNOWLEDGE);
+	vio_wr(d, VIRTIO_MMIO_STATUS, ST_ACKNOWLEDGE | ST_DRIVER);
 
-	vio_wr(d, VM_DEV_FEATURES_SEL, 0);
-	lo = vio_rd(d, VM_DEV_FEATURES);
-	vio_wr(d, VM_DEV_FEATURES_SEL, 1);
-	hi = vio_rd(d, VM_DEV_FEATURES);
+	vio_wr(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+	lo = vio_rd(d, VIRTIO_MMIO_DEVICE_FEATURES);
+	vio_wr(d, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+	hi = vio_rd(d, VIRTIO_MMIO_DEVICE_FEATURES);
 	d->offered = ((u64)hi << 32) | lo;
 	if (!(d->offered & F_VERSION_1))
 		mg_error("%s dev=%u: VIRTIO_F_VERSION_1 not offered (features 0x%llx)",
 			 d->name, d->index, d->offered);
 	d->accepted = d->offered & (want() | F_VERSION_1);
-	vio_wr(d, VM_DRV_FEATURES_SEL, 0);
-	vio_wr(d, VM_DRV_FEATURES, (u32)d->accepted);
-	vio_wr(d, VM_DRV_FEATURES_SEL, 1);
-	vio_wr(d, VM_DRV_FEATURES, (u32)(d->accepted >> 32));
-	vio_wr(d, VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
+	vio_wr(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	vio_wr(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)d->accepted);
+	vio_wr(d, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	vio_wr(d, VIRTIO_MMIO_DRIVER_FEATURES, (u32)(d->accepted >> 32));
+	vio_wr(d, VIRTIO_MMIO_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK);
 	if (!((v = vio_status(d)) & ST_FEATURES_OK))
 		mg_error("%s dev=%u: FEATURES_OK did not stick (status 0x%x, features 0x%llx)",
 			 d->name, d->index, v, d->accepted);
@@ -229,10 +230,10 @@ u32 vio_queue_size(struct vq *q, const struct vdev *d, u32 qi, u32 qdefault, int
 	q->qi = qi;
 	q->evidx = (d->accepted & F_EVENT_IDX) != 0;
 	q->noirq = noirq;
-	vio_wr(d, VM_QUEUE_SEL, qi);
-	if (vio_rd(d, VM_QUEUE_READY))
+	vio_wr(d, VIRTIO_MMIO_QUEUE_SEL, qi);
+	if (vio_rd(d, VIRTIO_MMIO_QUEUE_READY))
 		mg_error("%s dev=%u: queue %u ready before set-up", d->name, d->index, qi);
-	q->qmax = vio_rd(d, VM_QUEUE_NUM_MAX);
+	q->qmax = vio_rd(d, VIRTIO_MMIO_QUEUE_NUM_MAX);
 	if (!q->qmax)
 		mg_error("%s dev=%u: queue %u not available (QueueNumMax 0)", d->name, d->index, qi);
 	qsize_arg = mg_arg_u64("qsize", 0);
@@ -267,7 +268,7 @@ void vio_queue_setup(struct vq *q, volatile struct vring *r, u64 desc_override)
 	volatile struct vused *us = &r->used;
 
 	q->r = r;
-	vio_wr(d, VM_QUEUE_NUM, q->qsize);
+	vio_wr(d, VIRTIO_MMIO_QUEUE_NUM, q->qsize);
 
 	/* what the device reads before we post anything */
 	av->flags = q->noirq ? AVAIL_F_NO_INTERRUPT : 0;
@@ -281,18 +282,18 @@ void vio_queue_setup(struct vq *q, volatile struct vring *r, u64 desc_override)
 	BARRIER();
 
 	u64 desc = desc_override ? desc_override : (u64)(usize)r->desc;
-	vio_wr(d, VM_QUEUE_DESC_LO, (u32)desc);
-	vio_wr(d, VM_QUEUE_DESC_HI, (u32)(desc >> 32));
-	vio_wr(d, VM_QUEUE_AVAIL_LO, (u32)(usize)av);
-	vio_wr(d, VM_QUEUE_AVAIL_HI, (u32)((u64)(usize)av >> 32));
-	vio_wr(d, VM_QUEUE_USED_LO, (u32)(usize)us);
-	vio_wr(d, VM_QUEUE_USED_HI, (u32)((u64)(usize)us >> 32));
-	vio_wr(d, VM_QUEUE_READY, 1);
+	vio_wr(d, VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)desc);
+	vio_wr(d, VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)(desc >> 32));
+	vio_wr(d, VIRTIO_MMIO_QUEUE_AVAIL_LOW, (u32)(usize)av);
+	vio_wr(d, VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (u32)((u64)(usize)av >> 32));
+	vio_wr(d, VIRTIO_MMIO_QUEUE_USED_LOW, (u32)(usize)us);
+	vio_wr(d, VIRTIO_MMIO_QUEUE_USED_HIGH, (u32)((u64)(usize)us >> 32));
+	vio_wr(d, VIRTIO_MMIO_QUEUE_READY, 1);
 }
 
 void vio_driver_ok(const struct vdev *d)
 {
-	vio_wr(d, VM_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
+	vio_wr(d, VIRTIO_MMIO_STATUS, ST_ACKNOWLEDGE | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
 }
 
 /* A 64-bit config field: two 32-bit reads between two equal ConfigGeneration reads. */
@@ -300,10 +301,10 @@ u64 vio_config64(const struct vdev *d, u32 off)
 {
 	u32 gen, lo, hi;
 	for (int i = 0; i < 10; i++) {
-		gen = vio_rd(d, VM_CONFIG_GEN);
-		lo = vio_rd(d, VM_CONFIG + off);
-		hi = vio_rd(d, VM_CONFIG + off + 4);
-		if (vio_rd(d, VM_CONFIG_GEN) == gen)
+		gen = vio_rd(d, VIRTIO_MMIO_CONFIG_GENERATION);
+		lo = vio_rd(d, VIRTIO_MMIO_CONFIG + off);
+		hi = vio_rd(d, VIRTIO_MMIO_CONFIG + off + 4);
+		if (vio_rd(d, VIRTIO_MMIO_CONFIG_GENERATION) == gen)
 			break;
 	}
 	return ((u64)hi << 32) | lo;
@@ -337,7 +338,7 @@ void vq_kick(struct vq *q, int always)
 	}
 	q->kicked = nw;
 	if (need || always) {
-		vio_wr(q->dev, VM_QUEUE_NOTIFY, q->qi);
+		vio_wr(q->dev, VIRTIO_MMIO_QUEUE_NOTIFY, q->qi);
 		q->kicks++;
 	}
 }

@@ -10,21 +10,9 @@
 
 #include "mg.h"
 
-/* ---- virtio-mmio registers (virtio 1.x, 4.2.2) ---- */
-enum {
-	VM_MAGIC = 0x000, VM_VERSION = 0x004, VM_DEVICE_ID = 0x008, VM_VENDOR_ID = 0x00c,
-	VM_DEV_FEATURES = 0x010, VM_DEV_FEATURES_SEL = 0x014,
-	VM_DRV_FEATURES = 0x020, VM_DRV_FEATURES_SEL = 0x024,
-	VM_QUEUE_SEL = 0x030, VM_QUEUE_NUM_MAX = 0x034, VM_QUEUE_NUM = 0x038,
-	VM_QUEUE_READY = 0x044, VM_QUEUE_NOTIFY = 0x050,
-	VM_INT_STATUS = 0x060, VM_INT_ACK = 0x064, VM_STATUS = 0x070,
-	VM_QUEUE_DESC_LO = 0x080, VM_QUEUE_DESC_HI = 0x084,
-	VM_QUEUE_AVAIL_LO = 0x090, VM_QUEUE_AVAIL_HI = 0x094,
-	VM_QUEUE_USED_LO = 0x0a0, VM_QUEUE_USED_HI = 0x0a4,
-	VM_CONFIG_GEN = 0x0fc, VM_CONFIG = 0x100,
-};
+/* ---- virtio-mmio registers: the device's own table (native/) ---- */
+#include "virtio_mmio_regs.h"
 
-#define VIRTIO_MAGIC		0x74726976u	/* "virt" */
 #define VIRTIO_ID_NET		1
 #define VIRTIO_ID_BLOCK		2
 
@@ -143,7 +131,7 @@ static inline u16 vio_rd16(const struct vdev *d, u32 off)
 
 static inline u32 vio_status(const struct vdev *d)
 {
-	return vio_rd(d, VM_STATUS);
+	return vio_rd(d, VIRTIO_MMIO_STATUS);
 }
 
 /*

@@ -19,6 +19,23 @@ from vmmd.errors import FieldPath, InvalidSpecError, NativeError
 
 from ._core import ffi, lib  # type: ignore[import-not-found]
 
+# The C core's interface version this code is written against: VMM_CORE_VERSION
+# in native/vmmcore.h.  Bump both together.
+CORE_VERSION = 1
+
+
+def _check_core_version(core: Any) -> None:
+    """ImportError unless `core` (the cffi lib) is the C core this vmmd needs: a
+    .so built from older sources would otherwise fail later, and obscurely."""
+    version = core.vmm_core_version() if hasattr(core, "vmm_core_version") else None
+    if version != CORE_VERSION:
+        have = "no version" if version is None else f"version {version}"
+        raise ImportError(f"vmmd's C core is stale ({have}, this vmmd needs {CORE_VERSION}): "
+                          "rebuild it with `make native`")
+
+
+_check_core_version(lib)  # before anything else reads lib
+
 
 class StopReason(enum.IntEnum):
     NONE = lib.VMM_STOP_NONE
@@ -40,13 +57,6 @@ class EventType(enum.IntEnum):
     RESUMED = lib.VMM_EVENT_RESUMED
     DEVICE_ERROR = lib.VMM_EVENT_DEVICE_ERROR
     LOST = lib.VMM_EVENT_LOST
-
-
-class VmState(enum.IntEnum):
-    CREATED = lib.VMM_VM_CREATED
-    RUNNING = lib.VMM_VM_RUNNING
-    PAUSED = lib.VMM_VM_PAUSED
-    STOPPED = lib.VMM_VM_STOPPED
 
 
 @dataclass(frozen=True)
@@ -539,10 +549,6 @@ class NativeVm:
 
     def stop(self) -> None:
         check(lib.vmm_vm_stop(self._vm), "stop VM")
-
-    @property
-    def state(self) -> VmState:
-        return VmState(lib.vmm_vm_state(self._vm))
 
     @property
     def stop_reason(self) -> StopReason:
