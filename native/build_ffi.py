@@ -13,6 +13,9 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
+# Every header: a change to one rebuilds the core (setuptools only tracks the
+# sources otherwise, and a stale .so would fail the core-version check, or worse).
+HEADERS = sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.h"))
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread",
           "-fno-strict-aliasing"]
 
@@ -28,6 +31,7 @@ ffibuilder.set_source(
     "vmmd.native._core",
     '#include "vmmcore.h"',
     sources=SOURCES,
+    depends=HEADERS,
     include_dirs=[str(HERE.relative_to(HERE.parent))],
     extra_compile_args=CFLAGS,
     extra_link_args=["-pthread"],

@@ -43,6 +43,7 @@ from vmmd.vm.snapshot import merge_snapshots
 from vmmd.vm.vm import Vm
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
+STOP_POLL_S = 0.1  # how often a graceful stop's wait looks whether to give up
 DEFAULT_MAX_VMS = 1024
 _RESERVED = object()
 
@@ -57,6 +58,7 @@ class VmEntry:
     memory_bytes: int = 0  # reserved in the memory budget; given back at delete
     lock: threading.RLock = field(default_factory=threading.RLock)
     stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    deleting: bool = False  # DeleteVm is waiting for this entry's lock
 
     @property
     def vm_id(self) -> str:
@@ -88,6 +90,7 @@ class Manager:
         self._lock = threading.Lock()
         self._vms: dict[str, VmEntry | object] = {}
         self.events = EventHub()
+        self._closing = threading.Event()  # shutdown(): graceful waits end
         self.log = get_logger(__name__)
 
     # -- registry --
@@ -251,10 +254,13 @@ class Manager:
             self._publish(entry, kind)
         return entry.info()
 
-    def stop(self, vm_id: str, *, timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
-             force: bool = False) -> VmInfo:
+    def stop(self, vm_id: str, *, timeout_s: float | None = None,
+             force: bool = False, gone: Callable[[], bool] = lambda: False,
+             _shutdown: bool = False) -> VmInfo:
         """Graceful (Ctrl-Alt-Del, wait) then forced; the guest's own reset
-        or power-off in answer counts as "stopped by API"."""
+        or power-off in answer counts as "stopped by API".  The wait ends
+        early, forced, when the caller is gone, the daemon shuts down, or
+        DeleteVm comes for the VM."""
         with self._locked(vm_id) as entry:
             vm = entry.vm
             check_verb("stop", vm.state)
@@ -263,12 +269,19 @@ class Manager:
                     vm.request_shutdown()
                 except Exception:  # noqa: BLE001 - the forced path follows
                     self.log.warning("vm.cad_failed", vm_id=vm_id)
-                if vm.wait(timeout_s) is None:
-                    self.log.info("vm.stop_forced", vm_id=vm_id, timeout_s=timeout_s)
+                if timeout_s is None:
+                    timeout_s = DEFAULT_STOP_TIMEOUT_S
+                deadline = time.monotonic() + timeout_s
+                while vm.wait(min(STOP_POLL_S, max(0.0, deadline - time.monotonic()))) is None:
+                    if time.monotonic() >= deadline or gone() or entry.deleting or \
+                            (self._closing.is_set() and not _shutdown):
+                        self.log.info("vm.stop_forced", vm_id=vm_id, timeout_s=timeout_s)
+                        break
             vm.stop()  # publishes STOPPED (on_stopped), if the guest did not already
         return entry.info()
 
     def delete(self, vm_id: str) -> None:
+        self._entry(vm_id).deleting = True  # a StopVm waiting on the guest gives up now
         with self._locked(vm_id) as entry:
             entry.deleted = True
             entry.vm.close()  # STOPPED (on_stopped) always comes before DELETED
@@ -295,6 +308,7 @@ class Manager:
 
     def shutdown(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every VM (graceful, in parallel, then forced) and delete them."""
+        self._closing.set()
         threads = [threading.Thread(target=self._shutdown_one, args=(vm_id, timeout_s),
                                     daemon=True) for vm_id in self.ids()]
         for t in threads:
@@ -307,7 +321,7 @@ class Manager:
     def _shutdown_one(self, vm_id: str, timeout_s: float) -> None:
         try:
             if allows("stop", self._entry(vm_id).vm.state):
-                self.stop(vm_id, timeout_s=timeout_s)
+                self.stop(vm_id, timeout_s=timeout_s, _shutdown=True)
             self.delete(vm_id)
         except Exception as e:  # noqa: BLE001 - shutdown goes on for the others
             self.log.error("vm.shutdown_failed", vm_id=vm_id, error=str(e))

@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd.budget import BudgetInfo
-from vmmd.errors import InvalidSpecError
+from vmmd.errors import InvalidSpecError, quoted, shown
 from vmmd.events import EventKind, LifecycleEvent
 from vmmd.info import Phase, SnapshotInfo, StopKind, StopSummary, VmInfo
 from vmmd.spec import (
@@ -28,9 +28,11 @@ from vmmd.spec import (
     NetSpec,
     RestoreSpec,
     VmSpec,
+    check_vm_id,
 )
 
 MAX_CLONES = 1024
+MAX_STOP_TIMEOUT_MS = 600_000
 
 PHASES = {
     Phase.CREATED: pb.VM_STATE_CREATED,
@@ -86,11 +88,40 @@ def require_id(vm_id: str) -> str:
     return vm_id
 
 
+def stop_timeout_s(timeout_ms: int) -> float | None:
+    """StopVm's graceful wait (None: the daemon's default); bounded, as every wait is."""
+    if not timeout_ms:
+        return None
+    if timeout_ms > MAX_STOP_TIMEOUT_MS:
+        raise InvalidSpecError("timeout_ms", f"{timeout_ms} is more than {MAX_STOP_TIMEOUT_MS} "
+                               "(10 minutes); use force to stop at once")
+    return timeout_ms / 1000
+
+
+def is_diff(snapshot_type: int) -> bool:
+    if snapshot_type not in (pb.SNAPSHOT_TYPE_UNSPECIFIED, pb.SNAPSHOT_TYPE_FULL,
+                             pb.SNAPSHOT_TYPE_DIFF):
+        raise InvalidSpecError("type", f"{snapshot_type} is not a SnapshotType (FULL, DIFF)")
+    return snapshot_type == pb.SNAPSHOT_TYPE_DIFF
+
+
+def _absolute(path: str, field: tuple[str | int, ...]) -> str:
+    """A host path from a client: the daemon's working directory means nothing
+    to it, so it must be absolute (empty: left to the spec checks)."""
+    if path and not path.startswith("/"):
+        raise InvalidSpecError(field, f"{shown(path)!r} is not an absolute path")
+    return path
+
+
 def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
     cfg = req.config
     boot = cfg.boot
     if not boot.kernel_path:
         raise InvalidSpecError(("boot", "kernel_path"), "is required")
+    _absolute(boot.kernel_path, ("boot", "kernel_path"))
+    _absolute(boot.initrd_path, ("boot", "initrd_path"))
+    for i, d in enumerate(cfg.drives):
+        _absolute(d.path_on_host, ("drives", i, "path_on_host"))
     return VmSpec(
         vm_id=vm_id,
         boot=BootSpec(kernel_path=boot.kernel_path, initrd_path=boot.initrd_path or None,
@@ -108,6 +139,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
 
 
 def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
+    for j, d in enumerate(o.drives):
+        _absolute(d.path_on_host, ("overrides", "drives", j, "path_on_host"))
     return DeviceOverrides(
         drives=tuple(DriveOverride(d.drive_id, d.path_on_host) for d in o.drives),
         network_interfaces=tuple(NetOverride(n.iface_id, n.host_dev_name, n.create_tap)
@@ -122,6 +155,12 @@ def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
 def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
     if not 1 <= req.count <= MAX_CLONES:
         raise InvalidSpecError("count", f"{req.count} is outside 1..{MAX_CLONES}")
+    try:  # the ids made from it must be ids: the longest, and the rule's start
+        check_vm_id(f"{prefix}-{req.count - 1}")
+    except InvalidSpecError as e:
+        raise InvalidSpecError("id_prefix", f"{quoted(prefix)} makes ids like "
+                               f"{quoted(prefix + '-0')}, which {e.problem.split(' ', 1)[1]}"
+                               ) from None
     if req.overrides and len(req.overrides) != req.count:
         raise InvalidSpecError("overrides", f"{len(req.overrides)} entries for {req.count} "
                                "clones: give none or one per clone")

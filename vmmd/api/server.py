@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from vmmd._proto.vmmd.v1 import vmm_pb2, vmm_pb2_grpc
+from vmmd._proto.vmmd.v1 import vmm_pb2
 from vmmd.api.discovery import NOT_SERVING, HealthServicer, add_discovery_services
 from vmmd.api.pool import ElasticPool
-from vmmd.api.servicer import VmServicer
+from vmmd.api.servicer import VmServicer, vm_service_handlers
 from vmmd.manager import Manager
 
 SERVICE_NAME = vmm_pb2.DESCRIPTOR.services_by_name["VmService"].full_name
@@ -52,7 +52,7 @@ async def build_server(manager: Manager, unix_socket: str | None, *, listen: str
     """Build and start the server; call on the loop that will run it."""
     pool = ElasticPool(MAX_WORKERS, idle_s=IDLE_THREAD_S, name="api")
     server = grpc.aio.server(migration_thread_pool=pool)
-    vmm_pb2_grpc.add_VmServiceServicer_to_server(VmServicer(manager), server)
+    server.add_generic_rpc_handlers((vm_service_handlers(VmServicer(manager)),))
     health = add_discovery_services(server, [SERVICE_NAME])
     ports = []
     if unix_socket:

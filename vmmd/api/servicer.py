@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
@@ -22,7 +24,7 @@ from vmmd.api import convert
 from vmmd.api.status import status_for
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
-from vmmd.manager import DEFAULT_STOP_TIMEOUT_S, Manager
+from vmmd.manager import Manager
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = get_logger(__name__)
@@ -43,6 +45,7 @@ def edge(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _decoded(request)
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - every error leaves as a status
             context.abort(*_status(fn.__name__, e))
@@ -55,11 +58,51 @@ def edge_stream(fn: F) -> F:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[Any]:
         try:
+            _decoded(request)
             async for item in fn(self, request, context):
                 yield item
         except Exception as e:  # noqa: BLE001 - every error leaves as a status
             await context.abort(*_status(fn.__name__, e))
     return wrapper  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes are not the message they should be."""
+
+    message: str
+    problem: str
+
+
+def _decoder(cls: Any) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Undecodable(cls.DESCRIPTOR.full_name, str(e))
+    return decode
+
+
+def _decoded(request: Any) -> None:
+    """gRPC would answer INTERNAL for bytes that do not decode (its own
+    deserializer fails before any handler runs): they are the client's."""
+    if isinstance(request, Undecodable):
+        raise InvalidSpecError("request", f"does not decode as {request.message}: "
+                               f"{request.problem}")
+
+
+def vm_service_handlers(servicer: VmServicer) -> grpc.GenericRpcHandler:
+    """VmService's handlers, as the generated add_..._to_server would make
+    them, but with decoders that hand undecodable bytes to the edge."""
+    service = pb.DESCRIPTOR.services_by_name["VmService"]
+    handlers = {}
+    for m in service.methods:
+        fn, decode = getattr(servicer, m.name), _decoder(getattr(pb, m.input_type.name))
+        encode = getattr(pb, m.output_type.name).SerializeToString
+        make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[m.name] = make(fn, request_deserializer=decode, response_serializer=encode)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class _Wake:
@@ -102,9 +145,10 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
 
     @edge
     def StopVm(self, request: pb.StopVmRequest, context: Any) -> pb.Vm:
-        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else DEFAULT_STOP_TIMEOUT_S
+        timeout_s = convert.stop_timeout_s(request.timeout_ms)
         return convert.vm_to_proto(self.m.stop(convert.require_id(request.vm_id),
-                                               timeout_s=timeout_s, force=request.force))
+                                               timeout_s=timeout_s, force=request.force,
+                                               gone=lambda: not context.is_active()))
 
     @edge
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:
@@ -128,7 +172,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     @edge
     def SnapshotVm(self, request: pb.SnapshotVmRequest, context: Any) -> pb.Snapshot:
         info = self.m.snapshot(convert.require_id(request.vm_id), request.snapshot_dir,
-                               diff=request.type == pb.SNAPSHOT_TYPE_DIFF)
+                               diff=convert.is_diff(request.type))
         return convert.snapshot_to_proto(info)
 
     @edge
