@@ -40,7 +40,7 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,7 @@ CALL_S = 10.0     # a call that takes longer hangs
 SETTLE_S = 2.0    # fds and threads are back to their baseline within this
 MAX_MESSAGE = 1000
 MEM_MIB = 16
+BZ_MEM_MIB = 64  # strategies.bzimage() needs RAM up to 24 MiB
 ALLOWED = {Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.ALREADY_EXISTS,
            Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED, Code.DATA_LOSS, Code.ABORTED}
 STREAMS = {"StreamConsole", "WatchEvents"}
@@ -92,7 +93,8 @@ def examples(n: int) -> settings:
     return settings(BASE, max_examples=n * FUZZ_SCALE if FUZZ else n)
 
 
-# ---- known bugs: name -> what it is (the focused test_bug_<name> shows it) ----
+# ---- known bugs: name -> what it is.  test_bug_<name, "-" as "_"> shows each; the broad
+# tests tolerate a violation by a request that `triggers` one of these (and fail on others).
 KNOWN_BUGS: dict[str, str] = {
     "nul-path": "a NUL in any path: INTERNAL",
     "elf-huge-offset": "an ELF program header offset >= 2**63: INTERNAL",
@@ -388,6 +390,9 @@ class Harness:
     pid: int = field(init=False)
     base: Mark = field(init=False)
     counter: int = 0
+
+    def __repr__(self) -> str:
+        return "Harness()"
 
     def __post_init__(self) -> None:
         self.stub = vmm_pb2_grpc.VmServiceStub(self.daemon.channel())
@@ -861,5 +866,449 @@ def test_kernel_bzimage_headers(h: Harness, fields: dict[str, int]) -> None:
     path.write_bytes(S.bzimage(**fields))
     note(f"bzimage({fields})")
     h.attempt("CreateVm", pb.CreateVmRequest(vm_id="k", config=pb.VmConfig(
-        memory_mib=MEM_MIB, boot=pb.BootSource(kernel_path=str(path)))))
+        memory_mib=BZ_MEM_MIB, boot=pb.BootSource(kernel_path=str(path)))))
     h.reset()
+
+
+# ======================================================================================
+# One test per bug class: the smallest requests that show it.  Each asks for what the
+# daemon should do; the invariants above are checked too.
+# ======================================================================================
+# rpc, request (or a function making it: it may make the VM it names), the status code (None:
+# any refusal), the field the message starts with (None: any)
+Case = tuple[str, "Message | Callable[[], Message]", "Code | None", "str | None"]
+
+
+def expect(h: Harness, *cases: Case, timeout: float = CALL_S) -> None:
+    """Every case gets its status code and message field, and breaks no invariant.  All
+    cases run (each on an empty daemon); the failure lists each that did not."""
+    failures = []
+    for rpc, make, code, field_name in cases:
+        request = make if isinstance(make, Message) else make()
+        ids_before, before = h.ids(), h.mark()
+        out = h.call(rpc, request, timeout)
+        problems = h.violations(rpc, request, out, ids_before, before)
+        if code is not None and out.code != code:
+            problems.append(f"want {code.name}")
+        if code is None and out.code == Code.OK:
+            problems.append("accepted: want a refusal")
+        if field_name is not None and not out.details.startswith(f"{field_name}: "):
+            problems.append(f"want a message about {field_name}")
+        h.reset(check=False)
+        if problems:
+            failures.append(f"{rpc}({show(request)})\n    -> {out}\n    " + "; ".join(problems))
+    assert not failures, "\n  " + "\n  ".join(failures)
+
+
+def kernel_config(h: Harness, memory_mib: int = MEM_MIB, **boot: str) -> pb.VmConfig:
+    return pb.VmConfig(memory_mib=memory_mib, boot=pb.BootSource(
+        **{"kernel_path": h.zoo["kernel"], "cmdline": "mg=spin", **boot}))
+
+
+def snap(h: Harness, kind: str) -> str:
+    """A fresh "%kind" snapshot directory of strategies.SNAP_DIRS (or FIFO_SNAPS)."""
+    assert h.golden is not None
+    h.counter += 1
+    where = h.scratch / f"case{h.counter}"
+    where.mkdir()
+    return make_snapdir(kind, where, h.golden, h.zoo)
+
+
+INVALID = Code.INVALID_ARGUMENT
+
+
+def test_bug_nul_path(h: Harness) -> None:
+    """Known: a NUL in any path is INTERNAL ("embedded null byte")."""
+    nul = h.zoo["nul"]
+    expect(h,
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(h, kernel_path=nul)), INVALID,
+            "config.boot.kernel_path"),
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(h, initrd_path=nul)), INVALID,
+            "config.boot.initrd_path"),
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               boot=kernel_config(h).boot, drives=[pb.Drive(drive_id="d", path_on_host=nul)])),
+            INVALID, "config.drives[0].path_on_host"),
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=snap(h, "nul")), INVALID,
+            "snapshot_dir"),
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=snap(h, "full"), overrides=pb.DeviceOverrides(
+               drives=[pb.DriveOverride(drive_id="d", path_on_host=nul)])), INVALID,
+            "overrides.drives[0].path_on_host"),
+           ("CloneVm", pb.CloneVmRequest(snapshot_dir=snap(h, "nul"), count=1), INVALID,
+            "snapshot_dir"),
+           ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=snap(h, "nul"),
+                                                       diff_dir=snap(h, "diff")), INVALID,
+            "base_dir"),
+           ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=snap(h, "second"),
+                                                       diff_dir=snap(h, "nul")), INVALID,
+            "diff_dir"),
+           ("SnapshotVm", lambda: pb.SnapshotVmRequest(vm_id=h.vm("paused"),
+                                                       snapshot_dir=snap(h, "nul")),
+            INVALID, "snapshot_dir"))
+
+
+def test_bug_elf_huge_offset(h: Harness) -> None:
+    """Known: an ELF program header offset of 2**64-1 (here the PT_NOTE's) is INTERNAL."""
+    cases = []
+    for i, value in enumerate((2**64 - 1, 2**63)):
+        path = h.scratch / f"elf-offset-{i}"
+        path.write_bytes(S.mutate_elf(Path(h.zoo["kernel-pvh"]).read_bytes(),
+                                      [("p_offset", 1, value)]))
+        cases.append(("CreateVm", pb.CreateVmRequest(config=kernel_config(
+            h, kernel_path=str(path))), INVALID, "config.boot.kernel_path"))
+    expect(h, *cases)
+
+
+def test_bug_unwritable_snapshot_dir(h: Harness) -> None:
+    """Known: SnapshotVm into /proc (or /sys, /proc/self) is INTERNAL (the temp file cannot
+    be made)."""
+    def case(d: str) -> Case:
+        return ("SnapshotVm", lambda: pb.SnapshotVmRequest(vm_id=h.vm("paused"), snapshot_dir=d),
+                INVALID, "snapshot_dir")
+    expect(h, case("/proc"), case("/sys"), case("/proc/self"))
+
+
+def test_bug_snapshot_file_is_directory(h: Harness) -> None:
+    """Known: a snapshot whose `memory` (or `vmstate`) is a directory is INTERNAL, for
+    RestoreVm, CloneVm and MergeSnapshots, and SnapshotVm into such a directory too."""
+    expect(h,
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=snap(h, "memory-dir")), None, None),
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=snap(h, "vmstate-dir")), None, None),
+           ("CloneVm", pb.CloneVmRequest(snapshot_dir=snap(h, "memory-dir"), count=2), None,
+            None),
+           ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=snap(h, "memory-dir"),
+                                                       diff_dir=snap(h, "diff")), None, None))
+    expect(h, *[("SnapshotVm", lambda k=kind: pb.SnapshotVmRequest(
+        vm_id=h.vm("paused"), snapshot_dir=snap(h, k)), INVALID, "snapshot_dir")
+        for kind in ("memory-dir", "vmstate-dir")])
+
+
+def test_bug_id_newline(h: Harness) -> None:
+    """Known: vm_id "a\\n" is accepted (the id regex's `$` matches before a final newline).
+    New: the same for RestoreVm's vm_id and for iface_id."""
+    expect(h,
+           ("CreateVm", pb.CreateVmRequest(vm_id="a\n", config=kernel_config(h)), INVALID,
+            "vm_id"),
+           ("RestoreVm", pb.RestoreVmRequest(vm_id="a\n", snapshot_dir=snap(h, "full")), INVALID,
+            "vm_id"),
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               boot=kernel_config(h).boot, network_interfaces=[pb.NetworkInterface(
+                   iface_id="eth0\n", host_dev_name="tap0")])), INVALID,
+            "config.network_interfaces[0].iface_id"))
+
+
+def test_bug_drive_id(h: Harness) -> None:
+    """Known: drive_id is not validated: a NUL, a newline, 100 000 characters are accepted."""
+    def create(drive_id: str) -> Case:
+        return ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+            memory_mib=MEM_MIB, boot=kernel_config(h).boot,
+            drives=[pb.Drive(drive_id=drive_id, path_on_host=h.zoo["image-ro"],
+                             read_only=True)])), INVALID, "config.drives[0].drive_id")
+    expect(h, create("\0"), create("a\0b"), create("d\n"), create("x" * S.HUGE))
+
+
+VM_ID_VERBS = ["StartVm", "PauseVm", "ResumeVm", "StopVm", "DeleteVm", "GetVm", "WriteConsole",
+               "StreamConsole", "WatchEvents", "SnapshotVm"]
+
+
+def test_bug_long_vm_id(h: Harness) -> None:
+    """Known: a 100 000-character vm_id is echoed whole in the message: the client refuses
+    the oversized trailer and sees RESOURCE_EXHAUSTED."""
+    huge = "x" * S.HUGE
+    cases: list[Case] = [(verb, getattr(pb, f"{verb}Request")(vm_id=huge), None, "vm_id")
+                         for verb in VM_ID_VERBS]
+    cases += [("CreateVm", pb.CreateVmRequest(vm_id=huge, config=kernel_config(h)), INVALID,
+               "vm_id"),
+              ("RestoreVm", pb.RestoreVmRequest(vm_id=huge, snapshot_dir=snap(h, "full")),
+               INVALID, "vm_id")]
+    expect(h, *cases)
+
+
+def test_bug_long_value(h: Harness) -> None:
+    """New: any other 100 000-character value is echoed whole too (paths, ids, tap names,
+    MACs): RESOURCE_EXHAUSTED on the client, or a message of 100 000 characters."""
+    huge = "x" * S.HUGE
+    long_path = "/" + huge
+    nic = pb.NetworkInterface
+    expect(h,
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(h, kernel_path=long_path)),
+            INVALID, "config.boot.kernel_path"),
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(h, initrd_path=long_path)),
+            INVALID, "config.boot.initrd_path"),
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               boot=kernel_config(h).boot, drives=[pb.Drive(drive_id="d",
+                                                            path_on_host=long_path)])),
+            INVALID, "config.drives[0].path_on_host"),
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               boot=kernel_config(h).boot, network_interfaces=[nic(iface_id=huge,
+                                                                   host_dev_name="tap0")])),
+            INVALID, "config.network_interfaces[0].iface_id"),
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               boot=kernel_config(h).boot, network_interfaces=[nic(iface_id="e",
+                                                                   host_dev_name=huge)])),
+            INVALID, "config.network_interfaces[0].host_dev_name"),
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               boot=kernel_config(h).boot, network_interfaces=[nic(
+                   iface_id="e", host_dev_name="tap0", guest_mac=huge)])),
+            INVALID, "config.network_interfaces[0].guest_mac"),
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=long_path), INVALID, "snapshot_dir"),
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=snap(h, "full"),
+                                             overrides=pb.DeviceOverrides(drives=[
+                                                 pb.DriveOverride(drive_id=huge,
+                                                                  path_on_host="/x")])),
+            INVALID, "overrides.drives[0].drive_id"),
+           ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=long_path,
+                                                       diff_dir=snap(h, "diff")),
+            INVALID, "base_dir"))
+
+
+def test_bug_sysfs_writable_drive(h: Harness) -> None:
+    """Known: a sysfs file is accepted as a writable drive (a regular file of 4096 bytes to
+    stat(); the guest's writes would go to the kernel's knob)."""
+    expect(h, ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+        memory_mib=MEM_MIB, boot=kernel_config(h).boot,
+        drives=[pb.Drive(drive_id="d", path_on_host=THP)])), INVALID,
+        "config.drives[0].path_on_host"))
+
+
+IMPLAUSIBLE_BZIMAGES = {
+    "kernel_alignment 0": {"kernel_alignment": 0, "relocatable_kernel": 0},
+    "kernel_alignment 3": {"kernel_alignment": 3, "relocatable_kernel": 0},
+    "setup_sects 255": {"setup_sects": 255},
+    "cmdline_size 0xffffffff": {"cmdline_size": 0xFFFFFFFF},
+}
+
+
+def test_bug_implausible_bzimage(h: Harness) -> None:
+    """Known: bzImage headers no real kernel has are accepted (kernel_alignment 0 or not a
+    power of two, setup_sects 255, cmdline_size 0xffffffff)."""
+    plausible = h.scratch / "bz-plausible"
+    plausible.write_bytes(S.bzimage())
+    out = h.call("CreateVm", pb.CreateVmRequest(config=kernel_config(
+        h, BZ_MEM_MIB, kernel_path=str(plausible))))
+    assert out.code == Code.OK, f"the plausible bzImage itself is refused: {out}"
+    h.reset()
+    cases = []
+    for i, fields in enumerate(IMPLAUSIBLE_BZIMAGES.values()):
+        path = h.scratch / f"bz-implausible-{i}"
+        path.write_bytes(S.bzimage(**fields))
+        cases.append(("CreateVm", pb.CreateVmRequest(config=kernel_config(
+            h, BZ_MEM_MIB, kernel_path=str(path))), INVALID, "config.boot.kernel_path"))
+    expect(h, *cases)
+
+
+def test_bug_snapshot_overwrites_unrelated_files(h: Harness) -> None:
+    """Known: SnapshotVm writes into a directory whose `memory` and `vmstate` are not a
+    snapshot (the user's own files: replaced), and into "/" (the host's root)."""
+    d = Path(snap(h, "unrelated"))
+    mine = {f: (d / f).read_bytes() for f in ("memory", "vmstate")}
+    vm_id = h.vm("paused", "p")
+    out = h.call("SnapshotVm", pb.SnapshotVmRequest(vm_id=vm_id, snapshot_dir=str(d)))
+    kept = all((d / f).read_bytes() == data for f, data in mine.items())
+    h.reset()
+    assert out.code == INVALID and out.details.startswith("snapshot_dir: ") and kept, \
+        f"SnapshotVm into a directory of unrelated files: {out}; the files kept: {kept}"
+    if any(os.path.lexists(f"/{f}") for f in ("memory", "vmstate", ".memory.tmp",
+                                                 ".vmstate.tmp")):
+        pytest.skip("/memory or /vmstate exists on this host: not touching it")
+    vm_id = h.vm("paused", "p")
+    try:
+        out = h.call("SnapshotVm", pb.SnapshotVmRequest(vm_id=vm_id, snapshot_dir="/"))
+    finally:
+        for f in ("memory", "vmstate", ".memory.tmp", ".vmstate.tmp"):
+            Path(f"/{f}").unlink(missing_ok=True)
+        h.reset(check=False)
+    assert out.code == INVALID and out.details.startswith("snapshot_dir: "), \
+        f"SnapshotVm into /: {out}"
+
+
+# ---- new bug classes ----
+def test_bug_directory_kernel_fd_leak(h: Harness) -> None:
+    """New: kernel_path or initrd_path a directory is refused, but the daemon keeps an fd
+    open on the directory, one per call (os.fdopen of a directory fd raises and does not
+    close it)."""
+    expect(h,
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(h, kernel_path=h.zoo["dir"])),
+            INVALID, "config.boot.kernel_path"),
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(h, initrd_path=h.zoo["dir"])),
+            INVALID, "config.boot.initrd_path"))
+
+
+def test_bug_snapshot_file_unreadable(h: Harness) -> None:
+    """New: a snapshot whose `memory` or `vmstate` is a Unix socket (ENXIO), a symlink loop
+    (ELOOP) or a symlink to /proc/self/mem (EIO) is INTERNAL: only a missing file is
+    handled."""
+    cases: list[Case] = []
+    for kind in ("memory-socket", "vmstate-socket", "memory-loop", "vmstate-loop",
+                 "memory-procmem", "vmstate-procmem"):
+        cases.append(("RestoreVm", pb.RestoreVmRequest(snapshot_dir=snap(h, kind)), None, None))
+    cases.append(("MergeSnapshots", pb.MergeSnapshotsRequest(
+        base_dir=snap(h, "memory-procmem"), diff_dir=snap(h, "diff")), None, None))
+    cases.append(("CloneVm", pb.CloneVmRequest(snapshot_dir=snap(h, "memory-loop"), count=1),
+                  None, None))
+    expect(h, *cases)
+
+
+def test_bug_name_too_long(h: Harness) -> None:
+    """New: a snapshot directory the kernel finds too long (a 300-character name, a path of
+    6000 characters) is INTERNAL for RestoreVm, CloneVm and MergeSnapshots (Path.is_dir
+    raises ENAMETOOLONG)."""
+    long_name, long_path = snap(h, "long-component"), "/" + "a/" * 3000
+    expect(h,
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=long_name), INVALID, "snapshot_dir"),
+           ("RestoreVm", pb.RestoreVmRequest(snapshot_dir=long_path), INVALID, "snapshot_dir"),
+           ("CloneVm", pb.CloneVmRequest(snapshot_dir=long_name, count=1), INVALID,
+            "snapshot_dir"),
+           ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=long_name,
+                                                       diff_dir=snap(h, "diff")),
+            INVALID, "base_dir"),
+           ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=snap(h, "second"),
+                                                       diff_dir=long_path),
+            INVALID, "diff_dir"))
+
+
+def test_bug_clone_prefix_field(h: Harness) -> None:
+    """New: CloneVm refuses a bad id_prefix naming `vm_id`, a field CloneVmRequest does not
+    have; the client's field is id_prefix."""
+    full = snap(h, "full")
+    expect(h,
+           ("CloneVm", pb.CloneVmRequest(snapshot_dir=full, count=1, id_prefix=" "), INVALID,
+            "id_prefix"),
+           ("CloneVm", pb.CloneVmRequest(snapshot_dir=full, count=1, id_prefix="a" * 63),
+            INVALID, "id_prefix"),
+           ("CloneVm", pb.CloneVmRequest(snapshot_dir=full, count=1, id_prefix="-x"), INVALID,
+            "id_prefix"))
+
+
+def test_bug_unknown_snapshot_type(h: Harness) -> None:
+    """New: SnapshotVm with an unknown SnapshotType (3, 99, -1) takes a FULL snapshot instead
+    of refusing the value."""
+    expect(h, *[("SnapshotVm", lambda k=kind: pb.SnapshotVmRequest(
+        vm_id=h.vm("paused"), snapshot_dir=snap(h, "missing"), type=k), INVALID, "type")
+        for kind in (3, 99, -1)])
+
+
+def test_bug_relative_paths(h: Harness) -> None:
+    """New: kernel_path and a drive's path_on_host may be relative: they are resolved in the
+    daemon's working directory (here a file of the repository is taken as a drive), while
+    snapshot_dir must be absolute."""
+    expect(h,
+           ("CreateVm", pb.CreateVmRequest(config=pb.VmConfig(
+               memory_mib=MEM_MIB, boot=kernel_config(h).boot, drives=[pb.Drive(
+                   drive_id="d", path_on_host="pyproject.toml", read_only=True)])),
+            INVALID, "config.drives[0].path_on_host"),
+           ("CreateVm", pb.CreateVmRequest(config=kernel_config(
+               h, kernel_path=os.path.relpath(h.zoo["kernel"], REPO))),
+            INVALID, "config.boot.kernel_path"))
+
+
+@examples(30)
+@given(method=st.sampled_from(sorted(pb.DESCRIPTOR.services_by_name["VmService"].methods_by_name)),
+       raw=st.one_of(st.sampled_from([b"\xff\xff\xff", b"\x0a\x02\xc3\x28", b"\x0a\x05ab",
+                                      b"\x08"]), st.binary(min_size=1, max_size=64)))
+def test_bug_malformed_request_bytes(h: Harness, method: str, raw: bytes) -> None:
+    """New: request bytes that are no valid protobuf (truncated, bad tags, a string field of
+    invalid UTF-8) get INTERNAL "Exception deserializing request!" from grpc's default
+    deserializer; want INVALID_ARGUMENT."""
+    h.fresh()
+    path = f"/vmmd.v1.VmService/{method}"
+    streaming = method in STREAMS
+    call = (h.daemon.channel().unary_stream if streaming else h.daemon.channel().unary_unary)(path)
+    try:
+        result = call(raw, timeout=CALL_S)
+        if streaming:
+            for _ in result:
+                break
+            result.cancel()
+        code = Code.OK
+    except grpc.RpcError as e:
+        code = e.code()
+    note(f"{method} {raw!r} -> {code}")
+    h.reset(check=False)
+    assert code in ALLOWED, f"{method} with request bytes {raw!r}: {code.name}"
+
+
+# ---- bugs that hang a daemon thread: a daemon of the test's own ----
+def unblock(fifo: Path) -> None:
+    """Let a reader blocked on the FIFO go on (it reads end-of-file)."""
+    for _ in range(3):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # no reader (any more)
+                raise
+        time.sleep(0.1)
+
+
+def test_bug_fifo_in_snapshot(fz: Harness, ns: NetNs,
+                              start_daemon: Callable[..., Daemon]) -> None:
+    """Known: a snapshot whose `memory` or `vmstate` is a FIFO hangs RestoreVm and
+    MergeSnapshots for ever (open() blocks), and the new VM's id stays reserved."""
+    stub = vmm_pb2_grpc.VmServiceStub(start_daemon(wrap=ns.exec_argv()).channel())
+    fifos = {k: snap(fz, k) for k in S.FIFO_SNAPS}
+    merge_base, merge_diff = snap(fz, "memory-fifo"), snap(fz, "vmstate-fifo")
+    calls = [("RestoreVm", pb.RestoreVmRequest(vm_id="f1", snapshot_dir=fifos["memory-fifo"])),
+             ("RestoreVm", pb.RestoreVmRequest(vm_id="f2", snapshot_dir=fifos["vmstate-fifo"])),
+             ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=merge_base,
+                                                         diff_dir=snap(fz, "diff"))),
+             ("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=snap(fz, "second"),
+                                                         diff_dir=merge_diff))]
+    failures = []
+    try:
+        for rpc, request in calls:
+            try:
+                getattr(stub, rpc)(request, timeout=3)
+                failures.append(f"{rpc}({show(request)}): accepted")
+            except grpc.RpcError as e:
+                if e.code() not in ALLOWED - {Code.OK}:
+                    failures.append(f"{rpc}({show(request)}) -> {e.code().name} {e.details()}")
+        try:  # the id of the hung restore
+            stub.RestoreVm(pb.RestoreVmRequest(vm_id="f1", snapshot_dir=snap(fz, "full")),
+                           timeout=3)
+        except grpc.RpcError as e:
+            if e.code() == Code.ALREADY_EXISTS:
+                failures.append(f"vm_id f1 of the hung RestoreVm stays reserved: {e.details()}")
+    finally:
+        for d in [*fifos.values(), merge_base, merge_diff]:
+            for f in ("memory", "vmstate"):
+                if stat.S_ISFIFO(os.lstat(Path(d) / f).st_mode):
+                    unblock(Path(d) / f)
+        for vm in stub.ListVms(pb.ListVmsRequest(), timeout=HANG_S).vms:
+            stub.DeleteVm(pb.DeleteVmRequest(vm_id=vm.vm_id), timeout=HANG_S)
+    assert not failures, "\n  " + "\n  ".join(failures)
+
+
+def test_bug_stop_timeout_blocks_delete(fz: Harness, ns: NetNs,
+                                        start_daemon: Callable[..., Daemon]) -> None:
+    """New: StopVm's timeout_ms is not bounded and the wait is not given up when the client
+    goes: StopVm(timeout_ms=2**32-1) of a guest that ignores Ctrl-Alt-Del holds the VM for
+    49 days, and DeleteVm ("works in any state") blocks behind it (so does the daemon's
+    shutdown).  Want: DeleteVm answers at once (or such a timeout refused)."""
+    stub = vmm_pb2_grpc.VmServiceStub(start_daemon(wrap=ns.exec_argv()).channel())
+    # the guest ends itself after about 4 s, which ends the stuck StopVm in the end
+    stub.CreateVm(pb.CreateVmRequest(vm_id="s", config=kernel_config(
+        fz, cmdline="mg=tick ms=100 n=40")), timeout=HANG_S)
+    stub.StartVm(pb.StartVmRequest(vm_id="s"), timeout=HANG_S)
+    stop_code = delete_code = None
+    try:
+        try:
+            stub.StopVm(pb.StopVmRequest(vm_id="s", timeout_ms=2**32 - 1), timeout=1)
+        except grpc.RpcError as e:
+            stop_code = e.code()
+        if stop_code != Code.INVALID_ARGUMENT:
+            try:
+                stub.DeleteVm(pb.DeleteVmRequest(vm_id="s"), timeout=1.5)
+                delete_code = Code.OK
+            except grpc.RpcError as e:
+                delete_code = e.code()
+    finally:
+        deadline = time.monotonic() + HANG_S
+        while time.monotonic() < deadline:
+            vms = stub.ListVms(pb.ListVmsRequest(), timeout=HANG_S).vms
+            if not vms or vms[0].state in (pb.VM_STATE_STOPPED, pb.VM_STATE_CRASHED):
+                break
+            time.sleep(0.1)
+        for vm in stub.ListVms(pb.ListVmsRequest(), timeout=HANG_S).vms:
+            stub.DeleteVm(pb.DeleteVmRequest(vm_id=vm.vm_id), timeout=HANG_S)
+    assert stop_code == Code.INVALID_ARGUMENT or delete_code == Code.OK, \
+        (f"StopVm(timeout_ms=2**32-1) -> {stop_code and stop_code.name}, then DeleteVm -> "
+         f"{delete_code and delete_code.name}")
