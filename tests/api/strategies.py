@@ -18,7 +18,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from vmmd.api._gen.vmmd.v1 import vmm_pb2 as pb
+from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 HUGE = 100_000

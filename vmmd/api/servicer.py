@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -105,6 +106,13 @@ def vm_service_handlers(servicer: VmServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+def _ended(context: Any) -> Callable[[], bool]:
+    """Whether the call has ended (the client cancelled or went away)."""
+    ended = threading.Event()
+    context.add_callback(ended.set)
+    return ended.is_set
+
+
 class _Wake:
     """An asyncio event another thread may set (through the loop)."""
 
@@ -148,7 +156,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
         timeout_s = convert.stop_timeout_s(request.timeout_ms)
         return convert.vm_to_proto(self.m.stop(convert.require_id(request.vm_id),
                                                timeout_s=timeout_s, force=request.force,
-                                               gone=lambda: not context.is_active()))
+                                               gone=_ended(context)))
 
     @edge
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:

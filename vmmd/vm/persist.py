@@ -34,6 +34,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 import struct
 import threading
 import time
@@ -52,7 +53,7 @@ from vmmd.errors import (
     ResourceExhaustedError,
     shown,
 )
-from vmmd.vm.hostfiles import PSEUDO_FILESYSTEMS, check_path, fs_type, open_file
+from vmmd.vm.hostfiles import PSEUDO_FILESYSTEMS, check_path, fs_type, kind_of, open_file
 
 STATE_FILE, MEMORY_FILE = "vmstate", "memory"
 MARKER_FILE = ".vmmd-snapshot"
@@ -156,6 +157,17 @@ def _check_ours(d: SnapshotDir, field: str) -> list[str]:
                      "snapshot directory must be new, empty or a vmmd snapshot", field)
 
 
+def _check_replaceable(d: SnapshotDir, name: str, field: str) -> None:
+    """A snapshot file vmmd would replace must be one it could have written."""
+    try:
+        st = os.stat(name, dir_fd=d.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise _dir_error(f"{shown(d.path / name)} is {kind_of(st.st_mode)}, not a file vmmd "
+                         "wrote: the directory is not a whole vmmd snapshot", field)
+
+
 @contextmanager
 def writing(path: str, field: str = "snapshot_dir", *,
             create: bool = True) -> Iterator[SnapshotDir]:
@@ -176,6 +188,8 @@ def writing(path: str, field: str = "snapshot_dir", *,
         _lock(fd, fcntl.LOCK_EX, WRITE_WAIT_S, path, field)
         d = SnapshotDir(Path(path), fd)
         names = _check_ours(d, field)
+        for name in (MEMORY_FILE, STATE_FILE):  # what our renames would replace
+            _check_replaceable(d, name, field)
         for name in names:  # what a killed writer left: ours, and nobody writes it now
             if _TEMP_RE.fullmatch(name):
                 os.unlink(name, dir_fd=fd)
