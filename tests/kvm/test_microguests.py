@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.kvm.guestrun import run_guest
+from tests.framework.guestrun import run_guest
 from vmmd.native import StopReason
 from vmmd.spec import VmSpec
 from vmmd.vm.builder import build_vm
