@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import blk, daemon, measures, net, proc, report, snapshot, targets
-from vmmd.vm.boot.cmdline import is_pvm_host
+from tests.framework import is_pvm_host
+from tests.framework.guests import build_microguests
 
 SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap")
 DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "api": 50, "rss": 1,
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if machine["loadavg_at_start"] > 0.7:
         print(f"bench: warning: load average {machine['loadavg_at_start']:.2f}: "
               "the machine is not idle, numbers will suffer", file=sys.stderr)
-    targets.build_micro_guests()
+    build_microguests()
     targets.build_floor()
     cpu = targets.qemu_cpu()  # also the warm-up run of QEMU
     proc.run_ok(targets.micro_guest("mg=print").vmmd(), 60, b"MG-DONE")  # warm-up of vmmd

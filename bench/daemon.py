@@ -8,8 +8,6 @@ every VM a measure creates is deleted again.
 from __future__ import annotations
 
 import shlex
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,44 +20,22 @@ from typing import Any
 from bench import proc, targets
 from bench.measures import MICRO_TIMEOUT, READY, measure
 from bench.targets import MEM_MIB
+from tests.framework.daemon import DaemonError, serve_argv, spawn
 from vmmd.client import Client, ClientError
-
-SERVE = [sys.executable, "-m", "vmmd", "serve", "--log-format", "console"]
-START_TIMEOUT = 30.0
 
 
 @contextmanager
 def served(max_vms: int = 100) -> Iterator[tuple[Client, int]]:
-    """A fresh daemon on a temporary socket: (its client, its pid)."""
+    """A fresh daemon on a temporary socket (the harness's launcher): (its client, its pid)."""
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-") as tmp:
-        sock = str(Path(tmp) / "s.sock")
-        p = subprocess.Popen([*SERVE, "--max-vms", str(max_vms), "--socket", sock],
-                             stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        proc._live.add(p)
-        try:
-            client = _connect(sock, p)
-            with client:
-                yield client, p.pid
-        finally:
-            proc._kill(p)
-
-
-def _connect(sock: str, p: subprocess.Popen[bytes]) -> Client:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise proc.RunError(f"vmmd serve exited with {p.returncode}")
-        if Path(sock).exists():
-            client = Client(sock)
+        d = spawn(Path(tmp) / "s.sock", "--max-vms", str(max_vms), new_session=True)
+        with proc.tracked(d.proc):
             try:
-                client.list()
-                return client
-            except ClientError:
-                client.close()
-        time.sleep(0.02)
-    raise proc.RunError(f"vmmd serve: no answer on {sock} within {START_TIMEOUT:.0f} s")
+                d.wait_ready()
+            except DaemonError as e:
+                raise proc.RunError(str(e)) from None
+            with d.client() as client:
+                yield client, d.pid
 
 
 def _first_output(client: Client, vm_id: str, timeout: float,
@@ -211,6 +187,6 @@ def rate(k: int, threads: int) -> list[dict[str, Any]]:
 
 
 def commands() -> dict[str, str]:
-    return {"vmmd daemon (api, rss, rate)": shlex.join([*SERVE, "--socket", "<tmp>/s.sock"]),
+    return {"vmmd daemon (api, rss, rate)": shlex.join(serve_argv("<tmp>/s.sock")),
             "daemon guests": "micro-guest, 1 vCPU, 128 MiB: api/rate mg=print, rss mg=tick "
                              "ms=1000"}

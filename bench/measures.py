@@ -6,7 +6,6 @@ inside every repetition, so a drift of the machine hits both alike.
 from __future__ import annotations
 
 import re
-import select
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar

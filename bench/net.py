@@ -30,7 +30,7 @@ from typing import Any
 from bench import proc
 from bench.measures import measure
 from bench.targets import MICRO_KERNEL, Guest
-from tests.netns import NetNs
+from tests.framework.netns import NetNs
 
 MAC = "02:00:00:00:00:01"
 HOST_MAC = bytes.fromhex("020000000099")

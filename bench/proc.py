@@ -14,6 +14,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 _live: set[subprocess.Popen[bytes]] = set()
@@ -54,6 +56,17 @@ def kill_all() -> None:
 
 
 atexit.register(kill_all)
+
+
+@contextmanager
+def tracked(p: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child started elsewhere (in a session of its own), killed with its group at the end
+    of the block or, after an interruption, at exit."""
+    _live.add(p)
+    try:
+        yield p
+    finally:
+        _kill(p)
 
 
 def run(argv: list[str], timeout: float, marker: bytes | None = None,

@@ -10,20 +10,19 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import proc
-from vmmd.vm.boot.cmdline import build_cmdline, is_pvm_host
+from tests.framework import GUEST_DIR, MICROGUEST_DIR, REPO, is_pvm_host
+from vmmd.vm.boot.cmdline import build_cmdline
 
-REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "build" / "bench"
 VMMD = REPO / ".venv" / "bin" / "vmmd"
-LINUX_KERNEL = REPO / "build" / "guest" / "vmlinux"
-LINUX_INITRD = REPO / "build" / "guest" / "initramfs.cpio.gz"
+LINUX_KERNEL = GUEST_DIR / "vmlinux"
+LINUX_INITRD = GUEST_DIR / "initramfs.cpio.gz"
 FLOOR_SRC = Path(__file__).resolve().parent / "floor.c"
 FLOOR_BIN = OUT / "floor"
 MEM_MIB = 128
@@ -73,7 +72,7 @@ class Guest:
         return argv
 
 
-MICRO_KERNEL = OUT.parent / "guests" / "microguest-pvh.elf"
+MICRO_KERNEL = MICROGUEST_DIR / "microguest-pvh.elf"
 BLK_IMAGE = OUT / "blk.img"
 BLK_IMAGE_MIB = 256
 
@@ -102,11 +101,6 @@ def linux_guest(pvm: bool) -> Guest:
     is mounted, just before init (user space is unreachable); on hardware KVM init does."""
     return Guest(LINUX_KERNEL, build_cmdline(None, "vmmd_ready=1" if pvm else None, pvm_host=pvm),
                  LINUX_INITRD)
-
-
-def build_micro_guests() -> None:
-    subprocess.run([sys.executable, str(REPO / "tests" / "guests" / "build.py"),
-                    str(OUT.parent / "guests")], check=True, stdout=subprocess.DEVNULL)
 
 
 def build_floor() -> Path:

@@ -3,18 +3,20 @@
 Tiers: unit/ (pure Python), native/ (C core through cffi on fake guest
 memory), api/ (a real daemon; arrives with the daemon issue), kvm/ (real
 guests).  KVM tests skip only when /dev/kvm cannot create a VM, and say why.
+What tests and benchmarks share beyond fixtures is tests/framework/.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-GUEST_DIR = REPO / "build" / "guest"
+from tests.framework import GUEST_DIR, REPO, is_pvm_host
+from tests.framework.daemon import DAEMONS, report_logs
+from tests.framework.guests import build_microguests
+
+FIRST_DAEMON = pytest.StashKey[int]()  # index in DAEMONS of the first one a test started
 
 
 def _kvm_problem() -> str | None:
@@ -34,7 +36,7 @@ KVM_PROBLEM = _kvm_problem()
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    platform = "PVM" if os.path.exists("/sys/module/kvm_pvm") else "hardware KVM"
+    platform = "PVM" if is_pvm_host() else "hardware KVM"
     if KVM_PROBLEM:
         return f"vmmd: KVM tests SKIPPED: {KVM_PROBLEM}"
     return f"vmmd: KVM tests run for real ({platform})"
@@ -50,18 +52,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _load_guest_builder():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("mg_build", REPO / "tests" / "guests" / "build.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(autouse=True)
+def _mark_daemons(request: pytest.FixtureRequest) -> None:
+    request.node.stash[FIRST_DAEMON] = len(DAEMONS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A failing test's report shows the log of every daemon it could have talked to."""
+    report = yield
+    if report.failed:
+        report.sections += report_logs(item.stash.get(FIRST_DAEMON, len(DAEMONS)), item.nodeid)
+    return report
 
 
 @pytest.fixture(scope="session")
 def microguests() -> dict[str, Path]:
     """Paths of the micro-guest ELF files: {"pvh": ..., "64": ...}."""
-    return {k: Path(v) for k, v in _load_guest_builder().build(REPO / "build" / "guests").items()}
+    return build_microguests()
 
 
 @pytest.fixture(scope="session")

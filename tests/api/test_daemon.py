@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import HANG_S, REPO, Daemon, attached, collect, list_ids
+from tests.framework import HANG_S, REPO
+from tests.framework.daemon import Daemon
+from tests.framework.rpc import attached, collect, list_ids
 from vmmd._proto.grpc.health.v1 import health_pb2
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc

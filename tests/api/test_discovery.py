@@ -8,7 +8,8 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from tests.api.conftest import HANG_S, Daemon
+from tests.framework import HANG_S
+from tests.framework.daemon import Daemon
 from vmmd._proto.grpc.health.v1 import health_pb2
 from vmmd._proto.grpc.reflection.v1 import reflection_pb2 as refl_v1
 from vmmd._proto.grpc.reflection.v1 import reflection_pb2_grpc as refl_v1_grpc

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.api.conftest import config, list_ids, rpc_error
+from tests.framework.rpc import config, list_ids, rpc_error
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.api.conftest import Daemon, config, rpc_error, spawn
+from tests.framework.daemon import QUICK_STOP, Daemon, spawn
+from tests.framework.rpc import config, rpc_error
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 from vmmd.vm import persist
@@ -60,18 +61,14 @@ def own_daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
     def start(*args: str) -> Daemon:
-        d = spawn(tmp_path / f"d{len(made)}.sock", *args)
+        d = spawn(tmp_path / f"d{len(made)}.sock", *QUICK_STOP, *args)
         made.append(d)
         d.wait_ready()
         return d
 
     yield start
     for d in made:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        for ch in d.channels:
-            ch.close()
+        d.kill()
 
 
 @pytest.mark.parametrize("delay_ms", [0, 20, 60, 150, 400])

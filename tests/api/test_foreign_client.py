@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import Daemon
-from tests.conftest import REPO
+from tests.framework import REPO
+from tests.framework.daemon import Daemon
 
 NODE_DIR = REPO / "tests" / "clients" / "node"
 NODE_MIN_MAJOR = 18

@@ -18,7 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.api.conftest import Daemon, config, rpc_error
+from tests.framework.daemon import Daemon
+from tests.framework.rpc import config, rpc_error
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc

@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from tests.api.conftest import HANG_S, Daemon, list_ids, rpc_error, wait_stopped
+from tests.framework import HANG_S
+from tests.framework.daemon import Daemon
+from tests.framework.rpc import list_ids, rpc_error, wait_stopped
 from vmmd._proto.grpc.health.v1 import health_pb2
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
@@ -146,11 +148,11 @@ def test_stop_by_api(stub: Stub, daemon: Daemon, vm_in: Callable[[str], pb.Vm], 
     # mg=spin ignores Ctrl-Alt-Del: a graceful stop of a running guest times out and is forced.
     graceful = state == "running" and not request_fields.get("force")
     vm_in(state)
-    log_before = len(daemon.log())
+    log_before = len(daemon.log_text())
     vm = stub.StopVm(pb.StopVmRequest(vm_id="v", **request_fields), timeout=HANG_S)
     assert (vm.state, vm.stop.reason) == (pb.VM_STATE_STOPPED, pb.STOP_REASON_STOPPED_BY_API)
     assert stub.GetVm(pb.GetVmRequest(vm_id="v"), timeout=HANG_S).stop == vm.stop
-    assert ("vm.stop_forced" in daemon.log()[log_before:]) == graceful
+    assert ("vm.stop_forced" in daemon.log_text()[log_before:]) == graceful
 
 
 @pytest.mark.parametrize("state", list(STATE_NAMES))

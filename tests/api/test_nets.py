@@ -5,15 +5,16 @@ refused naming the client's field, with nothing created (no VM, no tap)."""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.api.conftest import HANG_S, Daemon, assert_clean_exit, config, list_ids, rpc_error, spawn
-from tests.netns import NetNs
+from tests.framework import HANG_S
+from tests.framework.daemon import QUICK_STOP, Daemon, running_daemon
+from tests.framework.netns import NetNs
+from tests.framework.rpc import config, list_ids, rpc_error
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
@@ -31,11 +32,8 @@ def ns() -> Iterator[NetNs]:
 
 @pytest.fixture(scope="module")
 def ns_daemon(ns: NetNs) -> Iterator[Daemon]:
-    with tempfile.TemporaryDirectory(prefix="vmmd-api-net-") as tmp:
-        d = spawn(Path(tmp) / "vmmd.sock", wrap=ns.exec_argv())
-        d.wait_ready()
+    with running_daemon(*QUICK_STOP, wrap=ns.exec_argv(), check_exit=True) as d:
         yield d
-        assert_clean_exit(d)
 
 
 @pytest.fixture()

@@ -52,10 +52,10 @@ from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from tests.api import strategies as S
-from tests.api.conftest import HANG_S, Daemon, assert_clean_exit, spawn
-from tests.conftest import REPO
-from tests.netns import NetNs
+from tests.framework import HANG_S, REPO
+from tests.framework import strategies as S
+from tests.framework.daemon import QUICK_STOP, Daemon, assert_clean_exit, spawn
+from tests.framework.netns import NetNs
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
 
@@ -627,7 +627,7 @@ def fz(ns: NetNs, microguests: dict[str, Path],
     root = tmp_path_factory.mktemp("props")
     for sub in ("zoo", "golden", "scratch"):
         (root / sub).mkdir()
-    d = spawn(root / "vmmd.sock", wrap=ns.exec_argv())
+    d = spawn(root / "vmmd.sock", *QUICK_STOP, wrap=ns.exec_argv())
     d.wait_ready()
     h = Harness(d, ns, make_zoo(root / "zoo", microguests), root / "scratch")
     h.baseline()

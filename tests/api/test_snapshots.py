@@ -16,7 +16,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.api.conftest import HANG_S, attached, config, list_ids, rpc_error
+from tests.framework import HANG_S
+from tests.framework.rpc import attached, config, list_ids, rpc_error
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc

@@ -8,7 +8,9 @@ from concurrent.futures import Future
 import grpc
 import pytest
 
-from tests.api.conftest import HANG_S, Daemon, attached, collect, wait_stopped
+from tests.framework import HANG_S
+from tests.framework.daemon import Daemon
+from tests.framework.rpc import attached, collect, wait_stopped
 from vmmd._proto.grpc.health.v1 import health_pb2
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc

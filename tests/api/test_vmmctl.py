@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import running_daemon
+from tests.framework.daemon import running_daemon
 
 VMMCTL = Path(sys.executable).with_name("vmmctl")  # the installed entry point
 HANG_S = 60.0
@@ -21,7 +21,7 @@ HANG_S = 60.0
 @pytest.fixture(scope="module")
 def ctl_socket() -> Iterator[str]:
     with running_daemon("--stop-timeout", "1") as d:
-        yield d.socket
+        yield str(d.socket)
         assert d.proc.poll() is None, "the daemon died"
 
 

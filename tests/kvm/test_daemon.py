@@ -7,23 +7,23 @@ lifetimes, and SIGTERM with running VMs.  Timeouts here only catch hangs.
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import EXIT_TIMEOUT_S, Daemon, running_daemon
-from vmmd.client import Client, ClientError, pb
+from tests.framework import wait_until
+from tests.framework.console import ConsoleReader, ticks
+from tests.framework.daemon import EXIT_TIMEOUT_S, Daemon, running_daemon
+from vmmd.client import Client, pb
 
 HANG_S = 60.0
 PAUSE_WINDOW_S = 0.4     # how long a paused guest is watched for signs of life
 GRPC_THREAD_SLACK = 4    # gRPC starts some of its own threads lazily
-TICK = re.compile(rb"^MG-TICK (\d+)$", re.MULTILINE)
 
 
 @pytest.fixture
@@ -37,67 +37,6 @@ def daemon() -> Iterator[Daemon]:
 def client(daemon: Daemon) -> Iterator[Client]:
     with daemon.client() as c:
         yield c
-
-
-class ConsoleReader:
-    """Collects a VM's console (from the start) in a thread."""
-
-    def __init__(self, client: Client, vm_id: str) -> None:
-        self.vm_id = vm_id
-        self._data = b""
-        self._cond = threading.Condition()
-        self.ended = False
-        self.error: ClientError | None = None
-        self._stream = client.console(vm_id)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        try:
-            for chunk in self._stream:
-                with self._cond:
-                    self._data += chunk
-                    self._cond.notify_all()
-        except ClientError as e:
-            self.error = e
-        with self._cond:
-            self.ended = True
-            self._cond.notify_all()
-
-    @property
-    def data(self) -> bytes:
-        with self._cond:
-            return self._data
-
-    def wait(self, done: Callable[[bytes], bool], what: str) -> bytes:
-        with self._cond:
-            self._cond.wait_for(lambda: done(self._data) or self.ended, HANG_S)
-            if not done(self._data):
-                why = self.error or ("the stream ended" if self.ended else "timeout")
-                pytest.fail(f"{self.vm_id}: no {what} ({why}); console:\n{self._data!r}")
-            return self._data
-
-    def wait_for(self, marker: bytes) -> bytes:
-        return self.wait(lambda data: marker in data, repr(marker))
-
-    def __enter__(self) -> ConsoleReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stream.cancel()
-        self._thread.join(HANG_S)
-
-
-def ticks(console: bytes) -> list[int]:
-    return [int(n) for n in TICK.findall(console)]
-
-
-def wait_until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + HANG_S
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {HANG_S}s")
-        time.sleep(0.05)
 
 
 def test_pause_freezes_a_ticking_guest_and_resume_continues_it(

@@ -8,16 +8,14 @@ elsewhere the initramfs's init (`vmmd_init=hold`)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.daemon import running_daemon
+from tests.framework import ON_PVM
+from tests.framework.daemon import running_daemon
 from vmmd.client import pb
 
 pytestmark = pytest.mark.linux
 
-ON_PVM = os.path.exists("/sys/module/kvm_pvm")
 BOOT_TIMEOUT_S = 900
 
 

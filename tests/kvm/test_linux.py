@@ -9,18 +9,17 @@ print `VMMD-GUEST-READY cpus=<online> mem_kib=<MemTotal>` and then reset.
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
 
-from tests.kvm.guestrun import run_guest
+from tests.framework import ON_PVM
+from tests.framework.guestrun import run_guest
 from vmmd.native import StopReason
 from vmmd.vm.boot.cmdline import build_cmdline
 
 pytestmark = pytest.mark.linux
 
-ON_PVM = os.path.exists("/sys/module/kvm_pvm")
 READY = re.compile(r"VMMD-GUEST-READY cpus=(\d+) mem_kib=(\d+)")
 BOOT_TIMEOUT = 900  # a hang guard only; a bzImage decompresses emulated on PVM
 

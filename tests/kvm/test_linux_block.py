@@ -9,34 +9,23 @@ the root filesystem is mounted; on hardware KVM from the image's init.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 
-from tests.kvm.guestrun import run_guest
+from tests.framework import ON_PVM
+from tests.framework.guestrun import run_guest
+from tests.framework.images import superblock
 from vmmd.native import StopReason
 from vmmd.spec import DriveSpec
 from vmmd.vm.boot.cmdline import build_cmdline
 
 pytestmark = pytest.mark.linux
 
-ON_PVM = os.path.exists("/sys/module/kvm_pvm")
 READY = re.compile(r"VMMD-GUEST-READY cpus=1 mem_kib=\d+")
 BOOT_TIMEOUT = 900
-SUPERBLOCK = 1024
-S_MTIME, S_MNT_COUNT = 0x2C, 0x34  # ext4 superblock fields (le32, le16)
-
-
-def superblock(image: Path) -> tuple[int, int]:
-    """(mount time, mount count) of an ext4 image."""
-    with image.open("rb") as f:
-        f.seek(SUPERBLOCK)
-        sb = f.read(0x40)
-    return struct.unpack_from("<I", sb, S_MTIME)[0], struct.unpack_from("<H", sb, S_MNT_COUNT)[0]
 
 
 def boot_from_disk(guest_artifacts, image: Path, read_only: bool):  # type: ignore[no-untyped-def]

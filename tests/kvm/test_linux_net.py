@@ -10,7 +10,6 @@ and move data; that part needs user space, which cannot run on PVM hosts
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -21,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import NetNs
+from tests.framework import ON_PVM
+from tests.framework.netns import NetNs
 from vmmd.native import StopReason
 from vmmd.spec import BootSpec, NetSpec, VmSpec
 from vmmd.vm.builder import build_vm
 
 pytestmark = pytest.mark.linux
 
-ON_PVM = os.path.exists("/sys/module/kvm_pvm")
 BOOT_TIMEOUT = 900  # a hang guard only
 HOST_IP, GUEST_IP = "10.0.2.1", "10.0.2.15"
 GUEST_MAC = "02:00:00:00:0a:0f"

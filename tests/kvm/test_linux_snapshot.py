@@ -13,21 +13,20 @@ overridden tap - need user space, which PVM hosts cannot run.)
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import running_daemon
-from tests.kvm.test_daemon import ConsoleReader
-from tests.kvm.test_linux_block import superblock
+from tests.framework import ON_PVM
+from tests.framework.console import ConsoleReader
+from tests.framework.daemon import running_daemon
+from tests.framework.images import superblock
 from vmmd.client import pb
 from vmmd.vm.boot.cmdline import build_cmdline
 
 pytestmark = pytest.mark.linux
 
-ON_PVM = os.path.exists("/sys/module/kvm_pvm")
 BOOT_TIMEOUT = 900
 MID_BOOT = b"virtio_blk virtio0: [vda]"  # the disk is probed; the root is mounted later
 READY = b"VMMD-GUEST-READY"

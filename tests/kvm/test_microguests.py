@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.kvm.guestrun import run_guest
+from tests.framework.guestrun import run_guest
 from vmmd.info import Phase
 from vmmd.native import StopReason
 from vmmd.spec import BootSpec, VmSpec

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, running_daemon
-from tests.kvm.test_daemon import ConsoleReader, ticks, wait_until
-from tests.kvm.test_virtio_net import MAC0, host_frame
-from tests.netns import NetNs, mac_bytes
+from tests.framework import wait_until
+from tests.framework.console import ConsoleReader, ticks
+from tests.framework.daemon import Daemon, running_daemon
+from tests.framework.frames import MAC0, host_frame, mac_bytes
+from tests.framework.netns import NetNs
 from vmmd.client import Client, ClientError, pb
 from vmmd.vm import persist
 

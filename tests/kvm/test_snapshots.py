@@ -15,10 +15,10 @@ import struct
 import time
 from pathlib import Path
 
-from tests.daemon import running_daemon
-from tests.kvm.test_daemon import ConsoleReader, ticks
-from tests.kvm.test_virtio_net import HOST_MAC, MAC0, host_frame, recv_frames
-from tests.netns import NetNs, mac_bytes
+from tests.framework.console import ConsoleReader, ticks
+from tests.framework.daemon import running_daemon
+from tests.framework.frames import HOST_MAC, MAC0, host_frame, mac_bytes, recv_frames
+from tests.framework.netns import NetNs
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.client import pb
 from vmmd.spec import (

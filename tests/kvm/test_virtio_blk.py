@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _load_guest_builder
-from tests.kvm.guestrun import run_guest
+from tests.framework.guestrun import run_guest
+from tests.framework.guests import microguest_builder
 from vmmd.native import StopReason
 from vmmd.spec import BootSpec, DriveSpec, VmSpec
 from vmmd.vm.builder import build_vm
 
-mg = _load_guest_builder()
+mg = microguest_builder()
 SECTORS = 2048  # a 1 MiB image
 
 

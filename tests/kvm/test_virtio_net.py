@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -17,19 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _load_guest_builder
-from tests.daemon import running_daemon
-from tests.netns import NetNs, eth_header, mac_bytes
+from tests.framework.daemon import running_daemon
+from tests.framework.frames import BCAST, HOST_MAC, MAC0, MAC1, host_frame, mac_bytes, recv_frames
+from tests.framework.guests import microguest_builder
+from tests.framework.netns import NetNs
 from vmmd.client import pb
 from vmmd.native import StopReason
 from vmmd.spec import BootSpec, NetSpec, VmSpec
 from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import Vm
 
-mg = _load_guest_builder()
-MAC0, MAC1 = "02:00:00:00:00:10", "02:00:00:00:00:11"
-HOST_MAC = bytes.fromhex("020000000099")
-BCAST = b"\xff" * 6
+mg = microguest_builder()
 HANG_S = 60.0  # hang guard only
 
 
@@ -76,24 +73,6 @@ def finish(vm: Vm) -> str:
 def fields(out: str, prefix: str) -> list[dict[str, str]]:
     return [dict(w.split("=", 1) for w in ln.split()[1:] if "=" in w)
             for ln in out.splitlines() if ln.startswith(prefix + " ")]
-
-
-def recv_frames(sock: socket.socket, n: int, src: str) -> list[bytes]:
-    """The next n frames on the tap that the guest (MAC src) sent."""
-    got: list[bytes] = []
-    deadline = time.monotonic() + HANG_S
-    while len(got) < n:
-        left = deadline - time.monotonic()
-        assert left > 0 and select.select([sock], [], [], left)[0], f"only {len(got)} of {n}"
-        f = sock.recv(65536)
-        if f[6:12] == mac_bytes(src) and f[12:14] == b"\x88\xb5":
-            got.append(f)
-    return got
-
-
-def host_frame(size: int, seed: int, dst: bytes = BCAST) -> bytes:
-    body = bytes((seed * 7 + i) & 0xFF for i in range(size - 14))
-    return eth_header(dst, HOST_MAC, 0x88B5) + body
 
 
 @pytest.mark.parametrize("size", [60, 1514])

@@ -10,30 +10,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.native.fake_driver import FakeDriver
+from tests.framework.fake_driver import DISK_SECTORS, RAM, FakeDriver, MakeDriver, fake_ram
 from vmmd.native import GuestMemory, VirtioBlock
-
-MiB = 1 << 20
-BOUNDARY = 1 * MiB      # region 0 ends and region 1 begins here
-RAM_END = 2 * MiB       # nothing is mapped from here on
-RAM = ((0, BOUNDARY), (BOUNDARY, RAM_END - BOUNDARY))
-DISK_SECTORS = 128
-
-MakeDriver = Callable[..., FakeDriver]
-
-def _ram() -> GuestMemory:
-    """GuestMemory over RAM.  The core maps each region between two PROT_NONE
-    guard pages, so a device touching one byte outside RAM (or running across
-    the region boundary without splitting) crashes the test at that access."""
-    mem = GuestMemory()
-    for gpa, size in RAM:
-        mem.add_region(gpa, size)
-    return mem
 
 
 @pytest.fixture
@@ -52,7 +35,7 @@ def make_driver(disk: Path) -> Iterator[MakeDriver]:
     made: list[tuple[GuestMemory, VirtioBlock, FakeDriver]] = []
 
     def make(read_only: bool = False, serial: str = "") -> FakeDriver:
-        mem = _ram()
+        mem = fake_ram()
         fd = os.open(disk, os.O_RDONLY if read_only else os.O_RDWR)
         try:
             dev = VirtioBlock(mem, fd, read_only=read_only, serial=serial)

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.native.conftest import RAM
-from tests.native.fake_driver import S_OK, T_IN, Buf, FakeDriver, Status
+from tests.framework import REPO
+from tests.framework.fake_driver import RAM, S_OK, T_IN, Buf, FakeDriver, Status
 from vmmd.errors import NativeError
 from vmmd.native import GuestMemory, VirtioBlock
 
-REPO = Path(__file__).resolve().parents[2]
 RAM_BYTES = sum(size for _, size in RAM)
 DISK = bytes(range(256)) * 256  # 64 KiB
 

@@ -13,10 +13,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.native.conftest import RAM, _ram
-from tests.native.fake_driver import F, FakeDriver
-from tests.native.test_virtio_net import MAC, MRG_RXBUF, NET_MAC, RX_LAYOUT, TX_LAYOUT
-from tests.netns import NetNs
+from tests.framework.fake_driver import (
+    MAC,
+    MRG_RXBUF,
+    NET_MAC,
+    RAM,
+    RX_LAYOUT,
+    TX_LAYOUT,
+    F,
+    FakeDriver,
+    fake_ram,
+)
+from tests.framework.netns import NetNs
 from vmmd.native import VirtioNet
 from vmmd.spec import NetSpec
 from vmmd.vm.devices.net import Taps, check_nets
@@ -54,7 +62,7 @@ def test_offloads_follow_what_the_guest_accepted(ns: NetNs, accepted: int, csum:
                                                  tso: int) -> None:
     taps = Taps()
     (tap,) = ns.call(lambda: taps.open(check_nets((NetSpec("e", "tap0"),), "vm", 0)))
-    mem = _ram()
+    mem = fake_ram()
     dev = VirtioNet(mem, tap.fd, MAC, tap.max_frame)
     try:
         rx = FakeDriver(dev, mem, RAM, RX_LAYOUT, queue=0)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.native.conftest import BOUNDARY, DISK_SECTORS, MakeDriver
-from tests.native.fake_driver import (
+from tests.framework.fake_driver import (
+    BOUNDARY,
+    DISK_SECTORS,
     F_ALL,
     ID_BYTES,
     MAGIC,
@@ -27,6 +28,7 @@ from tests.native.fake_driver import (
     Buf,
     F,
     FakeDriver,
+    MakeDriver,
     Reg,
     Status,
 )

@@ -13,15 +13,22 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.native.conftest import RAM, _ram
-from tests.native.fake_driver import Buf, F, FakeDriver, Layout
+from tests.framework.fake_driver import (
+    MAC,
+    MRG_RXBUF,
+    NET_MAC,
+    NET_STATUS,
+    RAM,
+    RX_LAYOUT,
+    TX_LAYOUT,
+    Buf,
+    F,
+    FakeDriver,
+    fake_ram,
+)
 from vmmd.native import VirtioNet
 
-MAC = bytes.fromhex("02aabbccddee")
 HDR = 12
-MRG_RXBUF, NET_MAC, NET_STATUS = 1 << 15, 1 << 5, 1 << 16
-RX_LAYOUT = Layout(desc=0x1000, avail=0x2000, used=0x3000, heap=0x10000)
-TX_LAYOUT = Layout(desc=0x4000, avail=0x5000, used=0x6000, heap=0x80000)
 
 
 @dataclass
@@ -42,7 +49,7 @@ def frame(n: int, seed: int = 1) -> bytes:
 def net(request: pytest.FixtureRequest) -> Iterator[Net]:
     host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     guest_side.setblocking(False)
-    mem = _ram()
+    mem = fake_ram()
     dev = VirtioNet(mem, guest_side.fileno(), MAC)
     rx = FakeDriver(dev, mem, RAM, RX_LAYOUT, queue=0)
     tx = FakeDriver(dev, mem, RAM, TX_LAYOUT, queue=1)
@@ -132,7 +139,7 @@ def test_frame_over_small_buffers(net: Net) -> None:
 
 
 def test_hostile_rx_descriptor_needs_reset(net: Net) -> None:
-    from tests.native.fake_driver import Desc
+    from tests.framework.fake_driver import Desc
     net.rx.publish(net.rx.write_table([Desc(0x7FFF_0000_0000, 4096, 2)]))
     net.rx.notify()
     net.host.send(bytes(HDR) + frame(64))

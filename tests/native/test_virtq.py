@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.native.conftest import BOUNDARY, RAM_END
-from tests.native.fake_driver import (
+from tests.framework.fake_driver import (
     AVAIL_NO_INTERRUPT,
+    BOUNDARY,
     F_ALL,
     INDIRECT,
     INT_CONFIG,
     INT_USED,
     NEXT,
+    RAM_END,
     S_OK,
     SECTOR,
     T_IN,

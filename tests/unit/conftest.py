@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework import GUEST_DIR
 from vmmd.errors import InvalidSpecError
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import BootFile, open_boot_file
 
-REPO = Path(__file__).resolve().parents[2]
 KERNEL_LOAD = 0x1000000  # where synthetic vmlinux segments go (16 MiB, as a real vmlinux)
 
 
@@ -172,7 +172,7 @@ def fake_memory() -> Callable[[int], FakeMemory]:
 
 def built_guest_file(name: str) -> Path:
     """A file the guest-kernel build produces, or skip (with the reason) if not built yet."""
-    path = REPO / "build" / "guest" / name
+    path = GUEST_DIR / name
     if not path.is_file():
         pytest.skip(f"{path} is not built yet (guest-kernels/ builds it)")
     return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-import struct
 import subprocess
 import threading
 import uuid
@@ -113,11 +112,3 @@ class NetNs:
             s.bind((ifname, 0))
             return s
         return self.call(make)
-
-
-def mac_bytes(text: str) -> bytes:
-    return bytes.fromhex(text.replace(":", ""))
-
-
-def eth_header(dst: bytes, src: bytes, ethertype: int) -> bytes:
-    return dst + src + struct.pack(">H", ethertype)

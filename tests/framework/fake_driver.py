@@ -9,13 +9,16 @@ QueueNotify is served synchronously, so a request is complete when notify()
 returns.  Every buffer the heap hands out sits between canary bytes, and
 ram() snapshots all of guest RAM, so a test can prove the device wrote only
 where the driver let it.
+
+At the end: the fake guest RAM the native tier runs devices on (`fake_ram()`: two
+regions fenced by guard pages) and the settings its virtio tests share.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from vmmd.native import GuestMemory, VirtioDevice
@@ -393,3 +396,29 @@ class FakeDriver:
         data = self.data_bufs(buf_len, True, fill=b"\xee")
         status, used = self.blk_request(T_GET_ID, 0, data)
         return status, self.mem.read(data[0].addr, buf_len), used.len
+
+
+# ---- the fake guest RAM the native tier's devices run on, and their settings ----
+MiB = 1 << 20
+BOUNDARY = 1 * MiB      # region 0 ends and region 1 begins here
+RAM_END = 2 * MiB       # nothing is mapped from here on
+RAM = ((0, BOUNDARY), (BOUNDARY, RAM_END - BOUNDARY))
+DISK_SECTORS = 128      # the virtio-blk tests' disk image
+
+MakeDriver = Callable[..., FakeDriver]
+
+# virtio-net: the device's MAC, feature bits and the two queues' places in RAM
+MAC = bytes.fromhex("02aabbccddee")
+MRG_RXBUF, NET_MAC, NET_STATUS = 1 << 15, 1 << 5, 1 << 16
+RX_LAYOUT = Layout(desc=0x1000, avail=0x2000, used=0x3000, heap=0x10000)
+TX_LAYOUT = Layout(desc=0x4000, avail=0x5000, used=0x6000, heap=0x80000)
+
+
+def fake_ram() -> GuestMemory:
+    """GuestMemory over RAM.  The core maps each region between two PROT_NONE
+    guard pages, so a device touching one byte outside RAM (or running across
+    the region boundary without splitting) crashes the test at that access."""
+    mem = GuestMemory()
+    for gpa, size in RAM:
+        mem.add_region(gpa, size)
+    return mem
