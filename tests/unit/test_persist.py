@@ -642,3 +642,42 @@ def test_a_second_writer_is_refused_and_a_reader_waits(snap: tuple[Path, spb.Sna
     writer.join(10)
     reader.join(10)
     assert got == [new] and old != new
+
+
+def test_a_writer_killed_between_its_renames_leaves_the_old_snapshot(
+        snap: tuple[Path, spb.SnapshotState]) -> None:
+    """Found: SIGKILL between the memory and the state rename left new memory beside the old
+    state (refused: the old snapshot was lost).  The old memory stays reachable until the
+    state's rename (the commit point); readers use it, the next writer puts it back."""
+    d, old = snap
+    new = make_state()
+
+    def killed_between_renames(target: persist.SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
+        os.link(persist.MEMORY_FILE, persist.PREV_MEMORY_FILE, src_dir_fd=target.fd,
+                dst_dir_fd=target.fd)
+        os.rename(mem_tmp, persist.MEMORY_FILE, src_dir_fd=target.fd, dst_dir_fd=target.fd)
+        raise SystemExit("killed")  # the process dies here: no state rename, no cleanup
+
+    real = persist._commit
+    persist._commit = killed_between_renames  # type: ignore[assignment]
+    try:
+        with pytest.raises(SystemExit):
+            write(d, new, full_writer({4: 0x44}))
+    finally:
+        persist._commit = real  # type: ignore[assignment]
+    s = persist.read(str(d))
+    assert s.state == old and s.memory_path.name == persist.PREV_MEMORY_FILE
+    with persist.opened(str(d)) as (_, fd):
+        assert os.pread(fd, PAGE, persist.MEMORY_OFFSET + 0 * PAGE) == page(0x11)
+    third = make_state()
+    write(d, third, full_writer({5: 0x55}))  # the next writer repairs, then writes
+    assert persist.read(str(d)).state == third and files(d) == ["memory", "vmstate"]
+
+
+def test_a_stale_previous_memory_is_removed_by_the_next_writer(
+        snap: tuple[Path, spb.SnapshotState]) -> None:
+    d, state = snap
+    os.link(d / "memory", d / persist.PREV_MEMORY_FILE)  # a crash after the state's rename
+    assert persist.read(str(d)).state == state  # the current memory is used
+    write(d, make_state(), full_writer({}))
+    assert files(d) == ["memory", "vmstate"]

@@ -56,6 +56,7 @@ from vmmd.errors import (
 from vmmd.vm.hostfiles import PSEUDO_FILESYSTEMS, check_path, fs_type, kind_of, open_file
 
 STATE_FILE, MEMORY_FILE = "vmstate", "memory"
+PREV_MEMORY_FILE = ".memory.prev"  # the old memory while a new snapshot is put in place
 MARKER_FILE = ".vmmd-snapshot"
 MARKER_TEXT = b"vmmd snapshot directory: vmstate and memory are written by vmmd\n"
 FORMAT_VERSION = 1
@@ -168,6 +169,22 @@ def _check_replaceable(d: SnapshotDir, name: str, field: str) -> None:
                          "wrote: the directory is not a whole vmmd snapshot", field)
 
 
+def _recover(d: SnapshotDir) -> None:
+    """A writer was killed between its two renames: if the state is still the
+    old one, its memory is PREV_MEMORY_FILE: put it back; else it is stale."""
+    try:
+        with _opened_in(d) as (snap, _):
+            pass
+        back = snap.memory_path.name == PREV_MEMORY_FILE
+    except (DataLossError, InvalidSpecError):
+        back = False
+    if back:
+        os.rename(PREV_MEMORY_FILE, MEMORY_FILE, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+    else:
+        os.unlink(PREV_MEMORY_FILE, dir_fd=d.fd)
+    os.fsync(d.fd)
+
+
 @contextmanager
 def writing(path: str, field: str = "snapshot_dir", *,
             create: bool = True) -> Iterator[SnapshotDir]:
@@ -193,6 +210,8 @@ def writing(path: str, field: str = "snapshot_dir", *,
         for name in names:  # what a killed writer left: ours, and nobody writes it now
             if _TEMP_RE.fullmatch(name):
                 os.unlink(name, dir_fd=fd)
+        if PREV_MEMORY_FILE in names:
+            _recover(d)
         if MARKER_FILE not in names:
             mfd = os.open(MARKER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                           | os.O_CLOEXEC, 0o600, dir_fd=fd)
@@ -268,10 +287,25 @@ def _full_disk(d: SnapshotDir, field: str = "snapshot_dir") -> Iterator[None]:
 
 
 def _commit(d: SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
-    # memory first: a crash before the state rename leaves the old state,
-    # whose id the new memory header does not carry - refused, not mixed.
+    """Put a written snapshot in place.  The state's rename is the commit
+    point: until it, the old state's memory stays reachable (a hard link,
+    PREV_MEMORY_FILE), so a crash between the two renames leaves the old
+    snapshot whole - readers use that link, the next writer puts it back.
+    Memory goes first, so that the new state never meets old memory."""
+    try:
+        os.link(MEMORY_FILE, PREV_MEMORY_FILE, src_dir_fd=d.fd, dst_dir_fd=d.fd,
+                follow_symlinks=False)
+        kept = True
+    except FileNotFoundError:
+        kept = False  # the first snapshot here
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        kept = False  # no hard links on this filesystem: a crash between is refused
     os.rename(mem_tmp, MEMORY_FILE, src_dir_fd=d.fd, dst_dir_fd=d.fd)
     os.rename(state_tmp, STATE_FILE, src_dir_fd=d.fd, dst_dir_fd=d.fd)
+    if kept:
+        os.unlink(PREV_MEMORY_FILE, dir_fd=d.fd)
 
 
 def write(d: SnapshotDir, state: spb.SnapshotState,
@@ -415,6 +449,22 @@ def _check_state(path: Path, state: spb.SnapshotState) -> int:
     return ram_bytes
 
 
+def _previous_memory(d: SnapshotDir, state: spb.SnapshotState,
+                     ram_bytes: int) -> tuple[int, os.stat_result] | None:
+    """The state's memory as PREV_MEMORY_FILE (a writer died between its
+    renames: see _commit), open and checked; None if it is not that."""
+    try:
+        fd, st = _open_member(d, PREV_MEMORY_FILE)
+    except DataLossError:
+        return None
+    try:
+        _check_memory(d.path / PREV_MEMORY_FILE, fd, st.st_size, state, ram_bytes)
+    except DataLossError:
+        os.close(fd)
+        return None
+    return fd, st
+
+
 @contextmanager
 def _opened_in(d: SnapshotDir) -> Iterator[tuple[Snapshot, int]]:
     """The snapshot in d, checked, and its memory file open (for mapping)."""
@@ -442,7 +492,15 @@ def _opened_in(d: SnapshotDir) -> Iterator[tuple[Snapshot, int]]:
             spath, mpath = d.path / STATE_FILE, d.path / MEMORY_FILE
             state = _parse_state(spath, sfd)
             ram_bytes = _check_state(spath, state)
-            _check_memory(mpath, mfd, mst.st_size, state, ram_bytes)
+            try:
+                _check_memory(mpath, mfd, mst.st_size, state, ram_bytes)
+            except DataLossError:
+                prev = _previous_memory(d, state, ram_bytes)
+                if prev is None:
+                    raise
+                os.close(mfd)
+                (mfd, mst), mpath = prev, d.path / PREV_MEMORY_FILE
+                key = _identity(sst, mst)
             snap = Snapshot(d.path, state, mpath, ram_bytes, mst.st_size, sst.st_size)
             with _cache_lock:
                 if len(_CACHE) >= _CACHE_MAX:
