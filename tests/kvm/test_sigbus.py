@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def crashed(c: Client, vm_id: str) -> pb.Vm:
 def still_ticking(con: ConsoleReader, more: int = 3) -> None:
     last = max(ticks(con.data))
     con.wait(lambda data: max(ticks(data)) >= last + more, f"{more} more ticks")
+
+
+def halted(c: Client, vm_id: str) -> None:
+    """Until the guest has stopped making exits (it reached its hlt: under load the
+    console's MG-DONE can come well before): a halted vCPU touches no memory."""
+    seen: list[int] = []
+
+    def quiet() -> bool:
+        seen.append(c.get(vm_id).counters.exits)
+        time.sleep(0.1)
+        return len(seen) >= 4 and len(set(seen[-4:])) == 1
+
+    wait_until(quiet, f"{vm_id} halted")
 
 
 def cut_image(snap: Path) -> None:
@@ -210,6 +224,7 @@ def test_truncated_memory_under_the_io_thread(microguests: dict[str, Path],
             with ConsoleReader(c, "rx") as rx, ConsoleReader(c, "bystander") as con:
                 sock.send(host_frame(60, 1, dst=mac_bytes(MAC0)))
                 rx.wait_for(b"MG-DONE\n")  # then cli; hlt
+                halted(c, "rx")
                 con.wait_for(b"MG-TICK 2\n")
                 cut_image(snap)
                 sock.send(host_frame(60, 2, dst=mac_bytes(MAC0)))
