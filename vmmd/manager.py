@@ -34,12 +34,11 @@ from vmmd.events import EventHub, EventKind, LifecycleEvent, Subscription
 from vmmd.info import Phase, SnapshotInfo, StopSummary, VmInfo
 from vmmd.log import get_logger
 from vmmd.spec import RestoreSpec, VmSpec, check_vm_id
-from vmmd.vm import persist
+from vmmd.vm import snapshot
 from vmmd.vm.builder import NativeFactory, build_vm, restore_from
 from vmmd.vm.console import ConsoleCursor
 from vmmd.vm.layout import check_memory_size
 from vmmd.vm.lifecycle import allows, check_verb
-from vmmd.vm.snapshot import merge_snapshots
 from vmmd.vm.vm import Vm
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -87,6 +86,7 @@ class Manager:
         self._max_vms = max_vms
         self._native_factory = native_factory
         self.memory = MemoryBudget(memory_budget)
+        self.snapshots = snapshot.SnapshotCache()  # checked snapshots, for repeated restores
         self._lock = threading.Lock()
         self._vms: dict[str, VmEntry | object] = {}
         self.events = EventHub()
@@ -203,12 +203,14 @@ class Manager:
         vms: list[Vm] = []
         memory = 0
         try:
-            with persist.opened(specs[0].snapshot_dir) as (snap, memory_fd):
+            with snapshot.opened(specs[0].snapshot_dir, cache=self.snapshots) as (snap,
+                                                                                   memory_fd):
                 memory = self.memory.reserve(snap.ram_bytes, len(specs))
                 for k, rs in enumerate(specs):
                     try:
                         vms.append(restore_from(rs, snap, memory_fd, kvm_path=self._kvm_path,
-                                                native_factory=self._native_factory))
+                                                native_factory=self._native_factory,
+                                                cache=self.snapshots))
                     except InvalidSpecError as e:
                         if not clones or e.path[0] == "snapshot_dir":
                             raise
@@ -229,7 +231,7 @@ class Manager:
         return [e.info() for e in entries]
 
     def merge(self, base_dir: str, diff_dir: str) -> SnapshotInfo:
-        return merge_snapshots(base_dir, diff_dir)
+        return snapshot.merge_snapshots(base_dir, diff_dir)
 
     def start(self, vm_id: str) -> VmInfo:
         with self._locked(vm_id) as entry:

@@ -21,7 +21,7 @@ from tests.framework.daemon import QUICK_STOP, Daemon, spawn
 from tests.framework.rpc import config, rpc_error
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
-from vmmd.vm import persist
+from vmmd.vm import snapshot as snapshots
 
 pytestmark = pytest.mark.kvm
 
@@ -48,7 +48,7 @@ def snapshot_async(stub: Stub, vm_id: str, d: Path) -> Future[pb.Snapshot]:
 
 
 def snapshot_id(d: Path) -> str:
-    return persist.read(str(d)).state.snapshot_id
+    return snapshots.read(str(d)).state.snapshot_id
 
 
 def temps(d: Path) -> list[str]:

@@ -406,11 +406,11 @@ def test_restored_spec_gets_createvms_checks(stub: Stub, snap: Path,
                                              says: str) -> None:
     """Found: a vmstate with a valid checksum restored a 1 MB cmdline, a kernel of /dev/zero and
     a vm_id of ../../etc."""
-    from vmmd.vm import persist
+    from vmmd.vm import snapshot as snapshots
     state = spb.SnapshotState()
-    state.ParseFromString((snap / "vmstate").read_bytes()[persist.STATE_HEADER.size:])
+    state.ParseFromString((snap / "vmstate").read_bytes()[snapshots.STATE_HEADER.size:])
     change(state)
-    (snap / "vmstate").write_bytes(persist.frame(state))
+    (snap / "vmstate").write_bytes(snapshots.frame(state))
     err = rpc_error(stub.RestoreVm, pb.RestoreVmRequest(snapshot_dir=str(snap), vm_id="r"))
     assert err.code() in (Code.DATA_LOSS, Code.INVALID_ARGUMENT), err.details()
     assert says in err.details(), err.details()

@@ -21,7 +21,7 @@ from tests.framework.rpc import attached, config, list_ids, rpc_error
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd._proto.vmmd.v1 import vmm_pb2_grpc
-from vmmd.vm import persist
+from vmmd.vm import snapshot as snapshots
 
 pytestmark = pytest.mark.kvm
 
@@ -132,9 +132,9 @@ def flip(path: Path, offset: int) -> None:
 
 def reframe(d: Path, change: Callable[[spb.SnapshotState], None]) -> None:
     """Rewrite the state with a valid frame (checksum included) around a changed state."""
-    s = persist.read(str(d)).state
+    s = snapshots.read(str(d)).state
     change(s)
-    (d / "vmstate").write_bytes(persist.frame(s))
+    (d / "vmstate").write_bytes(snapshots.frame(s))
 
 
 @pytest.fixture()
@@ -297,7 +297,7 @@ def test_snapshot_and_restore_paused(stub: Stub, ticker: Callable[..., bytes],
     assert (snap.vm_id, snap.type, snap.parent_id) == ("t", pb.SNAPSHOT_TYPE_FULL, "")
     assert snap.snapshot_dir == str(tmp_path / "s") and len(snap.snapshot_id) == 32
     assert snap.memory_bytes == MEM_MIB << 20
-    assert snap.memory_file_bytes == persist.MEMORY_OFFSET + (MEM_MIB << 20)
+    assert snap.memory_file_bytes == snapshots.MEMORY_OFFSET + (MEM_MIB << 20)
     assert 0 < snap.pages_written < (MEM_MIB << 20) // 4096  # zero pages are not written
     assert snap.state_file_bytes == (tmp_path / "s" / "vmstate").stat().st_size
     assert files(tmp_path / "s") == [".vmmd-snapshot", "memory", "vmstate"]
@@ -361,7 +361,7 @@ def test_diff_merged_onto_its_base_restores_the_diffs_moment(stub: Stub,
     diff = snapshot(stub, "t", tmp_path / "diff", diff=True)
     assert (diff.type, diff.parent_id) == (pb.SNAPSHOT_TYPE_DIFF, base.snapshot_id)
     assert 0 < diff.pages_written < base.pages_written
-    assert diff.memory_file_bytes == persist.MEMORY_OFFSET + 4096 * diff.pages_written
+    assert diff.memory_file_bytes == snapshots.MEMORY_OFFSET + 4096 * diff.pages_written
     err = rpc_error(stub.RestoreVm, pb.RestoreVmRequest(snapshot_dir=str(tmp_path / "diff"),
                                                         vm_id="r"))
     refusal(err, Code.INVALID_ARGUMENT, "snapshot_dir", "is a diff snapshot: merge it")
@@ -383,10 +383,10 @@ def _set_version(d: Path) -> None:
 
 
 def _ram_size(d: Path) -> None:
-    sid = persist.read(str(d)).state.snapshot_id
+    sid = snapshots.read(str(d)).state.snapshot_id
     with open(d / "memory", "r+b") as f:
-        f.write(persist.memory_header(sid, persist.FULL, (MEM_MIB + 1) << 20))
-    os.truncate(d / "memory", persist.MEMORY_OFFSET + ((MEM_MIB + 1) << 20))
+        f.write(snapshots.memory_header(sid, snapshots.FULL, (MEM_MIB + 1) << 20))
+    os.truncate(d / "memory", snapshots.MEMORY_OFFSET + ((MEM_MIB + 1) << 20))
 
 
 def _lapic(s: spb.SnapshotState) -> None:
@@ -401,7 +401,7 @@ def _mem_mib(s: spb.SnapshotState) -> None:
 BAD_SNAPSHOTS: list[tuple[str, Callable[[Path], object], Code, str, str]] = [
     ("vmstate-truncated", lambda d: os.truncate(d / "vmstate", 100), Code.DATA_LOSS, "",
      "truncated"),
-    ("vmstate-header-only", lambda d: os.truncate(d / "vmstate", persist.STATE_HEADER.size),
+    ("vmstate-header-only", lambda d: os.truncate(d / "vmstate", snapshots.STATE_HEADER.size),
      Code.DATA_LOSS, "", "truncated"),
     ("vmstate-flipped", lambda d: flip(d / "vmstate", (d / "vmstate").stat().st_size // 2),
      Code.DATA_LOSS, "", "checksum mismatch"),
@@ -594,9 +594,9 @@ def test_merge_refuses_mismatched_snapshots(stub: Stub, golden: Golden,
     before = (base / "vmstate").read_bytes()
     merge = stub.MergeSnapshots
     err = rpc_error(merge, pb.MergeSnapshotsRequest(base_dir=str(base), diff_dir=str(golden.diff)))
-    second_id = persist.read(str(golden.second)).state.snapshot_id
+    second_id = snapshots.read(str(golden.second)).state.snapshot_id
     refusal(err, Code.INVALID_ARGUMENT, "diff_dir", f"applies to snapshot {second_id}, the base is "
-            f"{persist.read(str(base)).state.snapshot_id}")
+            f"{snapshots.read(str(base)).state.snapshot_id}")
     err = rpc_error(merge, pb.MergeSnapshotsRequest(base_dir=str(base), diff_dir=str(golden.second)))
     refusal(err, Code.INVALID_ARGUMENT, "diff_dir", "is a full snapshot, not a diff")
     err = rpc_error(merge, pb.MergeSnapshotsRequest(base_dir=str(golden.diff),

@@ -27,7 +27,7 @@ from tests.framework.daemon import Daemon, running_daemon
 from tests.framework.frames import MAC0, host_frame, mac_bytes
 from tests.framework.netns import NetNs
 from vmmd.client import Client, ClientError, pb
-from vmmd.vm import persist
+from vmmd.vm import snapshot as snapshots
 
 MIB = 1 << 20
 IMAGE, IMAGE_END = 0x200000, 0x400000  # the micro-guest's image: code, rings, buffers
@@ -37,8 +37,8 @@ MEMORY_FAULT = re.compile(r"guest memory became unreadable \(its backing file sh
 
 def names_the_file(message: str, snap: Path) -> None:
     """A restored VM's crash says which file was truncated, and to what."""
-    assert f"its memory file {snap / persist.MEMORY_FILE} was truncated to " \
-        f"{persist.MEMORY_OFFSET + IMAGE} bytes" in message, message
+    assert f"its memory file {snap / snapshots.MEMORY_FILE} was truncated to " \
+        f"{snapshots.MEMORY_OFFSET + IMAGE} bytes" in message, message
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def halted(c: Client, vm_id: str) -> None:
 
 def cut_image(snap: Path) -> None:
     """Keep the first 2 MiB of guest RAM; the guest's whole image goes."""
-    os.truncate(snap / persist.MEMORY_FILE, persist.MEMORY_OFFSET + IMAGE)
+    os.truncate(snap / snapshots.MEMORY_FILE, snapshots.MEMORY_OFFSET + IMAGE)
 
 
 def test_truncated_memory_crashes_only_the_clones_mapped_on_it(
@@ -105,7 +105,7 @@ def test_truncated_memory_crashes_only_the_clones_mapped_on_it(
                 c.snapshot(clones[0], str(tmp_path / "again"))
             assert err.value.code == "DATA_LOSS", err.value
             assert "no longer readable" in err.value.details, err.value
-            assert str(snap / persist.MEMORY_FILE) in err.value.details, err.value
+            assert str(snap / snapshots.MEMORY_FILE) in err.value.details, err.value
             vm = crashed(c, clones[0])
             m = MEMORY_FAULT.match(vm.stop.message)
             assert m and int(m[1], 16) == IMAGE, vm.stop.message  # the first page cut off
@@ -153,7 +153,7 @@ def test_diff_snapshot_of_a_clone_whose_dirty_pages_vanished(
         m = MEMORY_FAULT.match(vm.stop.message)
         assert m and IMAGE <= int(m[1], 16) < IMAGE_END, vm.stop.message
         names_the_file(vm.stop.message, snap)
-        assert not (tmp_path / "diff" / persist.MEMORY_FILE).exists()
+        assert not (tmp_path / "diff" / snapshots.MEMORY_FILE).exists()
         alive(daemon, c)
 
 

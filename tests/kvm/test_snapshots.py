@@ -30,7 +30,7 @@ from vmmd.spec import (
     RestoreSpec,
     VmSpec,
 )
-from vmmd.vm import persist
+from vmmd.vm import snapshot as snapshots
 from vmmd.vm.builder import build_vm, restore_vm
 from vmmd.vm.vm import Vm
 
@@ -190,12 +190,12 @@ def test_diff_merged_onto_its_base_equals_a_full_snapshot(microguests, tmp_path:
         f = vm.snapshot(str(full))
         at = counter(vm)
     assert d.kind == "diff" and d.parent_id != "" and d.pages_written < f.pages_written
-    persist.merge(str(base), str(diff))
-    merged, whole = persist.read(str(base)), persist.read(str(full))
+    snapshots.merge(str(base), str(diff))
+    merged, whole = snapshots.read(str(base)), snapshots.read(str(full))
     _same_moment(merged.state, whole.state)
     with open(merged.memory_path, "rb") as m, open(whole.memory_path, "rb") as w:
-        m.seek(persist.MEMORY_OFFSET)
-        w.seek(persist.MEMORY_OFFSET)
+        m.seek(snapshots.MEMORY_OFFSET)
+        w.seek(snapshots.MEMORY_OFFSET)
         assert m.read() == w.read()  # every page the guest wrote since the base is in the diff
     with restored(base, "m") as vm:
         assert counter(vm) == at

@@ -22,7 +22,7 @@ from typing import Any
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
 from vmmd.spec import RestoreSpec, VmSpec
-from vmmd.vm import persist, state
+from vmmd.vm import snapshot
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import (
@@ -36,7 +36,7 @@ from vmmd.vm.boot.loader import (
 )
 from vmmd.vm.devices import block, net
 from vmmd.vm.layout import ram_regions
-from vmmd.vm.snapshot import apply_state
+from vmmd.vm.snapshot import state
 from vmmd.vm.vm import MemoryFile, Vm
 
 
@@ -208,19 +208,21 @@ def _check_drive_sizes(spec: VmSpec, images: list[int], sizes: tuple[int, ...]) 
 
 
 def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
-               native_factory: NativeFactory | None = None) -> Vm:
+               native_factory: NativeFactory | None = None,
+               cache: snapshot.SnapshotCache | None = None) -> Vm:
     """A VM from a full snapshot, built but not started (start_restored() next).
     Guest RAM is the memory file mapped copy-on-write: nothing is read now."""
-    with persist.opened(rs.snapshot_dir) as (snap, memory_fd):
+    with snapshot.opened(rs.snapshot_dir, cache=cache) as (snap, memory_fd):
         return restore_from(rs, snap, memory_fd, kvm_path=kvm_path,
-                            native_factory=native_factory)
+                            native_factory=native_factory, cache=cache)
 
 
-def restore_from(rs: RestoreSpec, snap: persist.Snapshot, memory_fd: int, *,
-                 kvm_path: str = "/dev/kvm", native_factory: NativeFactory | None = None) -> Vm:
+def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
+                 kvm_path: str = "/dev/kvm", native_factory: NativeFactory | None = None,
+                 cache: snapshot.SnapshotCache | None = None) -> Vm:
     """restore_vm() of a snapshot already open (clones open it once): its
     memory file mapped from memory_fd, the very file that was checked."""
-    if snap.state.kind != persist.FULL:
+    if snap.state.kind != snapshot.FULL:
         raise InvalidSpecError("snapshot_dir", f"{snap.directory} is a diff snapshot: merge it "
                                "onto its base first (MergeSnapshots, `vmmctl merge`)")
     saved, cmdline, sizes = state.restore_spec(snap.state.spec)
@@ -240,13 +242,13 @@ def restore_from(rs: RestoreSpec, snap: persist.Snapshot, memory_fd: int, *,
         _check_drive_sizes(spec, held.images, sizes)
         if spec.track_dirty_pages:
             native.track_dirty()
-        offset = persist.MEMORY_OFFSET
+        offset = snapshot.MEMORY_OFFSET
         for r in regions:
             native.add_ram_file(r.gpa, r.size, memory_fd, offset)
             offset += r.size
         _attach_devices(native, drives, held.images, nets, held.taps)
         native.create_vcpus(spec.vcpus, bare=True)
-        apply_state(native, snap, spec)
+        snapshot.apply_state(native, snap, spec, cache)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources,
               snapshot_id=snap.state.snapshot_id,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

@@ -30,10 +30,9 @@ from vmmd.info import (
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
-from vmmd.vm import persist
+from vmmd.vm import snapshot
 from vmmd.vm.devices.net import interface_counters
 from vmmd.vm.lifecycle import check_verb
-from vmmd.vm.snapshot import take_snapshot
 
 # Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
 CLEAN_STOPS = frozenset({StopReason.RESET, StopReason.POWEROFF, StopReason.HALT,
@@ -207,9 +206,9 @@ class Vm:
                 raise StateError("a diff snapshot needs an earlier snapshot of this VM: take a "
                                  "full one first")
             # A refused directory changes nothing (the diff chain stays).
-            with persist.writing(directory) as target:
+            with snapshot.writing(directory) as target:
                 parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
-                info = take_snapshot(self._native, self.spec, self.cmdline, target,
+                info = snapshot.take_snapshot(self._native, self.spec, self.cmdline, target,
                                      parent if diff else None,
                                      backing=self._memory_file.path if self._memory_file
                                      else None)

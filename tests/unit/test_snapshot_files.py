@@ -1,6 +1,6 @@
-"""The snapshot file format on its own (vmmd/vm/persist.py), no KVM: the state
+"""The snapshot files on their own (vmmd/vm/snapshot/: format.py, files.py, merge.py), no KVM: the state
 file's frame, the memory file's header, validated reads, atomic writes, and
-merging a diff onto its base.  Snapshots are written by persist.write() from a
+merging a diff onto its base.  Snapshots are written by snapshots.write() from a
 hand-made SnapshotState and a write_ram callback that writes known pages."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import pytest
 
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, InvalidSpecError, ResourceExhaustedError
-from vmmd.vm import persist
+from vmmd.vm import snapshot as snapshots
+from vmmd.vm.snapshot import files as snapshot_files
 
-PAGE = persist.PAGE
+PAGE = snapshots.PAGE
 PAGES = 16  # guest RAM of the test snapshots: two regions of 8 pages
 REGIONS = ((0, 8 * PAGE), (0x100000, 8 * PAGE))
 BASE_PAGES = {0: 0x11, 1: 0x22, 2: 0x33, 7: 0x77, 8: 0x88, 15: 0xFF}  # page -> fill; others zero
@@ -27,9 +28,9 @@ def page(fill: int) -> bytes:
     return bytes([fill]) * PAGE
 
 
-def make_state(kind: int = persist.FULL, parent: str = "") -> spb.SnapshotState:
+def make_state(kind: int = snapshots.FULL, parent: str = "") -> spb.SnapshotState:
     return spb.SnapshotState(
-        format_version=persist.FORMAT_VERSION, snapshot_id=persist.new_id(), parent_id=parent,
+        format_version=snapshots.FORMAT_VERSION, snapshot_id=snapshots.new_id(), parent_id=parent,
         kind=kind, created_unix_ns=123,
         spec=spb.VmSpec(vm_id="v", kernel_path="/k", cmdline="mg=tick", vcpus=1, memory_mib=1),
         memory=[spb.MemoryRegion(guest_address=a, size=s) for a, s in REGIONS],
@@ -41,7 +42,7 @@ def full_writer(pages: dict[int, int]) -> Callable[[int], tuple[int, bytes]]:
     """write_ram of a full snapshot: the given pages at their place, zero pages left as holes."""
     def write_ram(fd: int) -> tuple[int, bytes]:
         for n, fill in pages.items():
-            os.pwrite(fd, page(fill), persist.MEMORY_OFFSET + n * PAGE)
+            os.pwrite(fd, page(fill), snapshots.MEMORY_OFFSET + n * PAGE)
         return len(pages) * PAGE, b""
     return write_ram
 
@@ -51,7 +52,7 @@ def diff_writer(pages: dict[int, int], bitmap_len: int = PAGES // 8) -> Callable
     def write_ram(fd: int) -> tuple[int, bytes]:
         bitmap = bytearray(bitmap_len)
         for i, n in enumerate(sorted(pages)):
-            os.pwrite(fd, page(pages[n]), persist.MEMORY_OFFSET + i * PAGE)
+            os.pwrite(fd, page(pages[n]), snapshots.MEMORY_OFFSET + i * PAGE)
             bitmap[n // 8] |= 1 << (n % 8)
         return len(pages) * PAGE, bytes(bitmap)
     return write_ram
@@ -59,9 +60,9 @@ def diff_writer(pages: dict[int, int], bitmap_len: int = PAGES // 8) -> Callable
 
 def write(d: Path, state: spb.SnapshotState,
           write_ram: Callable[[int], tuple[int, bytes]]) -> tuple[int, int]:
-    """persist.write() into d as the daemon does it: the directory opened and locked."""
-    with persist.writing(str(d)) as target:
-        return persist.write(target, state, write_ram)
+    """snapshots.write() into d as the daemon does it: the directory opened and locked."""
+    with snapshots.writing(str(d)) as target:
+        return snapshots.write(target, state, write_ram)
 
 
 def write_full(d: Path, pages: dict[int, int] = BASE_PAGES) -> spb.SnapshotState:
@@ -72,14 +73,14 @@ def write_full(d: Path, pages: dict[int, int] = BASE_PAGES) -> spb.SnapshotState
 
 def write_diff(d: Path, parent: str, pages: dict[int, int] = DIFF_PAGES,
                bitmap_len: int = PAGES // 8) -> spb.SnapshotState:
-    state = make_state(persist.DIFF, parent)
+    state = make_state(snapshots.DIFF, parent)
     write(d, state, diff_writer(pages, bitmap_len))
     return state
 
 
 def ram(d: Path) -> bytes:
     """The guest RAM a full snapshot's memory file holds."""
-    return (d / persist.MEMORY_FILE).read_bytes()[persist.MEMORY_OFFSET:]
+    return (d / snapshots.MEMORY_FILE).read_bytes()[snapshots.MEMORY_OFFSET:]
 
 
 def expected_ram(*layers: dict[int, int]) -> bytes:
@@ -102,7 +103,7 @@ def flip(path: Path, offset: int) -> None:
 
 def refused(exc: type[Exception], says: str, d: Path) -> Exception:
     with pytest.raises(exc) as info:
-        persist.read(str(d))
+        snapshots.read(str(d))
     assert says in str(info.value)
     return info.value
 
@@ -110,8 +111,8 @@ def refused(exc: type[Exception], says: str, d: Path) -> Exception:
 def files(d: Path) -> list[str]:
     """What d holds besides the marker every snapshot directory has."""
     names = os.listdir(d)
-    assert persist.MARKER_FILE in names
-    return sorted(n for n in names if n != persist.MARKER_FILE)
+    assert snapshots.MARKER_FILE in names
+    return sorted(n for n in names if n != snapshots.MARKER_FILE)
 
 
 @pytest.fixture()
@@ -123,29 +124,29 @@ def snap(tmp_path: Path) -> tuple[Path, spb.SnapshotState]:
 # ---- round trip ----
 def test_full_round_trip(snap: tuple[Path, spb.SnapshotState]) -> None:
     d, state = snap
-    s = persist.read(str(d))
+    s = snapshots.read(str(d))
     assert s.state == state
     assert (s.directory, s.memory_path, s.ram_bytes) == (d, d / "memory", PAGES * PAGE)
     assert ram(d) == expected_ram(BASE_PAGES)
     assert files(d) == ["memory", "vmstate"]
-    head = (d / "vmstate").read_bytes()[:persist.STATE_HEADER.size]
-    magic, version, length, _ = persist.STATE_HEADER.unpack(head)
+    head = (d / "vmstate").read_bytes()[:snapshots.STATE_HEADER.size]
+    magic, version, length, _ = snapshots.STATE_HEADER.unpack(head)
     assert (magic, version) == (b"VMMDSNAP", 1)
-    assert length == (d / "vmstate").stat().st_size - persist.STATE_HEADER.size
+    assert length == (d / "vmstate").stat().st_size - snapshots.STATE_HEADER.size
 
 
 def test_diff_round_trip(snap: tuple[Path, spb.SnapshotState], tmp_path: Path) -> None:
     base = snap[1]
     diff = write_diff(tmp_path / "diff", base.snapshot_id)
-    s = persist.read(str(tmp_path / "diff"))
+    s = snapshots.read(str(tmp_path / "diff"))
     assert s.state == diff
     assert s.state.dirty_bitmap == bytes([0b0001_0010, 0b1000_0010])  # pages 1, 4 / 9, 15
     assert ram(tmp_path / "diff") == b"".join(page(DIFF_PAGES[n]) for n in sorted(DIFF_PAGES))
 
 
 # ---- the state file ----
-@pytest.mark.parametrize("cut", [0, 7, persist.STATE_HEADER.size - 1, persist.STATE_HEADER.size,
-                                 persist.STATE_HEADER.size + 10, -1])
+@pytest.mark.parametrize("cut", [0, 7, snapshots.STATE_HEADER.size - 1, snapshots.STATE_HEADER.size,
+                                 snapshots.STATE_HEADER.size + 10, -1])
 def test_truncated_state_is_data_loss(snap: tuple[Path, spb.SnapshotState], cut: int) -> None:
     d, _ = snap
     path = d / "vmstate"
@@ -165,14 +166,14 @@ def test_flipped_payload_byte_is_checksum_mismatch(snap: tuple[Path, spb.Snapsho
                                                    where: str) -> None:
     d, _ = snap
     path = d / "vmstate"
-    first, last = persist.STATE_HEADER.size, path.stat().st_size - 1
+    first, last = snapshots.STATE_HEADER.size, path.stat().st_size - 1
     flip(path, {"first": first, "middle": (first + last) // 2, "last": last}[where])
     refused(DataLossError, "checksum mismatch", d)
 
 
 def test_flipped_checksum_byte_is_checksum_mismatch(snap: tuple[Path, spb.SnapshotState]) -> None:
     d, _ = snap
-    flip(d / "vmstate", persist.STATE_HEADER.size - 1)  # last byte of the sha256
+    flip(d / "vmstate", snapshots.STATE_HEADER.size - 1)  # last byte of the sha256
     refused(DataLossError, "checksum mismatch", d)
 
 
@@ -218,7 +219,7 @@ def test_checksummed_but_bad_state_is_data_loss(snap: tuple[Path, spb.SnapshotSt
                                                 says: str) -> None:
     d, state = snap
     change(state)
-    (d / "vmstate").write_bytes(persist.frame(state))  # a valid frame around a bad state
+    (d / "vmstate").write_bytes(snapshots.frame(state))  # a valid frame around a bad state
     refused(DataLossError, says, d)
 
 
@@ -234,7 +235,7 @@ def test_truncated_memory_is_data_loss(snap: tuple[Path, spb.SnapshotState]) -> 
     size = (d / "memory").stat().st_size
     truncate(d / "memory", size - PAGE)
     refused(DataLossError, "truncated", d)
-    truncate(d / "memory", persist.MEMORY_HEADER.size - 1)  # not even a header
+    truncate(d / "memory", snapshots.MEMORY_HEADER.size - 1)  # not even a header
     refused(DataLossError, "truncated (no complete header)", d)
 
 
@@ -248,7 +249,7 @@ def test_diff_memory_must_hold_exactly_the_dirty_pages(snap: tuple[Path, spb.Sna
                                                        tmp_path: Path) -> None:
     d = tmp_path / "diff"
     write_diff(d, snap[1].snapshot_id)
-    truncate(d / "memory", persist.MEMORY_OFFSET + (len(DIFF_PAGES) - 1) * PAGE)
+    truncate(d / "memory", snapshots.MEMORY_OFFSET + (len(DIFF_PAGES) - 1) * PAGE)
     refused(DataLossError, "truncated", d)
 
 
@@ -265,7 +266,7 @@ def test_memory_of_another_snapshot_is_data_loss(snap: tuple[Path, spb.SnapshotS
 def test_memory_naming_another_ram_size_is_data_loss(snap: tuple[Path, spb.SnapshotState]) -> None:
     d, state = snap
     with open(d / "memory", "r+b") as f:
-        f.write(persist.memory_header(state.snapshot_id, persist.FULL, 2 * PAGES * PAGE))
+        f.write(snapshots.memory_header(state.snapshot_id, snapshots.FULL, 2 * PAGES * PAGE))
     refused(DataLossError, f"holds {2 * PAGES * PAGE} bytes of RAM, the state names "
             f"{PAGES * PAGE}", d)
 
@@ -293,10 +294,10 @@ def test_missing_state_is_invalid_argument(snap: tuple[Path, spb.SnapshotState])
 @pytest.mark.parametrize("path", ["", "snap", "./snap", "../x"])
 def test_relative_path_is_invalid_argument(path: str) -> None:
     with pytest.raises(InvalidSpecError) as info:
-        persist.read(path)
+        snapshots.read(path)
     assert info.value.field == "snapshot_dir"
     assert "is not an absolute path" in info.value.problem
-    with pytest.raises(InvalidSpecError) as info, persist.writing(path):
+    with pytest.raises(InvalidSpecError) as info, snapshots.writing(path):
         pass
     assert info.value.field == "snapshot_dir"
 
@@ -305,16 +306,16 @@ def test_not_a_directory_is_invalid_argument(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x")
     for path in (tmp_path / "f", tmp_path / "missing"):
         with pytest.raises(InvalidSpecError) as info:
-            persist.read(str(path))
+            snapshots.read(str(path))
         assert (info.value.field, info.value.problem) == ("snapshot_dir",
                                                           f"{path} is not a directory")
 
 
 def test_snapshot_dir_is_made_only_under_an_existing_parent(tmp_path: Path) -> None:
-    with persist.writing(str(tmp_path / "new")) as d:
+    with snapshots.writing(str(tmp_path / "new")) as d:
         assert d.path == tmp_path / "new"
     assert (tmp_path / "new").is_dir()
-    with pytest.raises(InvalidSpecError) as info, persist.writing(str(tmp_path / "no" / "such")):
+    with pytest.raises(InvalidSpecError) as info, snapshots.writing(str(tmp_path / "no" / "such")):
         pass
     assert info.value.field == "snapshot_dir" and "No such file" in info.value.problem
     assert not (tmp_path / "no").exists()
@@ -334,7 +335,7 @@ def test_failed_write_leaves_the_previous_snapshot(snap: tuple[Path, spb.Snapsho
     with pytest.raises(ResourceExhaustedError, match="no space left for the snapshot"):
         write(d, new, failing)
     assert files(d) == ["memory", "vmstate"]  # no temp files left
-    s = persist.read(str(d))
+    s = snapshots.read(str(d))
     assert s.state == old
     assert ram(d) == expected_ram(BASE_PAGES)
 
@@ -344,10 +345,10 @@ def test_write_replaces_a_snapshot_with_new_files(snap: tuple[Path, spb.Snapshot
     with open(d / "memory", "rb") as held:
         new = make_state()
         write(d, new, full_writer({3: 0x44}))
-        assert persist.read(str(d)).state == new
+        assert snapshots.read(str(d)).state == new
         assert ram(d) == expected_ram({3: 0x44})
         assert os.fstat(held.fileno()).st_ino != (d / "memory").stat().st_ino
-        held.seek(persist.MEMORY_OFFSET)
+        held.seek(snapshots.MEMORY_OFFSET)
         assert held.read() == expected_ram(BASE_PAGES)  # a VM mapping the old file keeps it
     assert files(d) == ["memory", "vmstate"]
 
@@ -360,9 +361,9 @@ def test_full_memory_file_is_sparse(tmp_path: Path) -> None:
     state.memory.append(spb.MemoryRegion(guest_address=0, size=64 << 20))
     write(d, state, full_writer({0: 1}))
     st = (d / "memory").stat()
-    assert st.st_size == persist.MEMORY_OFFSET + (64 << 20)
+    assert st.st_size == snapshots.MEMORY_OFFSET + (64 << 20)
     assert st.st_blocks * 512 < 1 << 20  # holes, not 64 MiB of zeros
-    assert persist.read(str(d)).ram_bytes == 64 << 20
+    assert snapshots.read(str(d)).ram_bytes == 64 << 20
 
 
 # ---- merge ----
@@ -376,28 +377,28 @@ def chain(snap: tuple[Path, spb.SnapshotState],
 
 def test_merge_overwrites_the_base_pages_with_the_diffs(chain) -> None:  # type: ignore[no-untyped-def]
     base_dir, _, diff_dir, diff = chain
-    merged, applied = persist.merge(str(base_dir), str(diff_dir))
+    merged, applied = snapshots.merge(str(base_dir), str(diff_dir))
     assert applied == len(DIFF_PAGES)
     assert ram(base_dir) == expected_ram(BASE_PAGES, DIFF_PAGES)
     st = merged.state
     assert (st.snapshot_id, st.kind, st.parent_id, st.dirty_bitmap) == \
-        (diff.snapshot_id, persist.FULL, "", b"")
-    assert persist.read(str(base_dir)).state == st
+        (diff.snapshot_id, snapshots.FULL, "", b"")
+    assert snapshots.read(str(base_dir)).state == st
     expect = spb.SnapshotState()
     expect.CopyFrom(diff)
-    expect.kind, expect.parent_id = persist.FULL, ""
+    expect.kind, expect.parent_id = snapshots.FULL, ""
     expect.ClearField("dirty_bitmap")
     assert st == expect  # everything else is the diff's state
     assert files(base_dir) == ["memory", "vmstate"]
-    assert persist.read(str(diff_dir)).state == diff  # the diff is left as it was
+    assert snapshots.read(str(diff_dir)).state == diff  # the diff is left as it was
 
 
 def test_merge_writes_new_files(chain) -> None:  # type: ignore[no-untyped-def]
     base_dir, _, diff_dir, _ = chain
     with open(base_dir / "memory", "rb") as mem, open(base_dir / "vmstate", "rb") as st:
         before = st.read()
-        persist.merge(str(base_dir), str(diff_dir))
-        mem.seek(persist.MEMORY_OFFSET)
+        snapshots.merge(str(base_dir), str(diff_dir))
+        mem.seek(snapshots.MEMORY_OFFSET)
         assert mem.read() == expected_ram(BASE_PAGES)
         st.seek(0)
         assert st.read() == before
@@ -406,10 +407,10 @@ def test_merge_writes_new_files(chain) -> None:  # type: ignore[no-untyped-def]
 
 def test_merged_snapshot_takes_the_next_diff(chain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base_dir, _, diff_dir, diff = chain
-    persist.merge(str(base_dir), str(diff_dir))
+    snapshots.merge(str(base_dir), str(diff_dir))
     second = {0: 0xE0, 9: 0xE9}
     write_diff(tmp_path / "diff2", diff.snapshot_id, second)
-    _, applied = persist.merge(str(base_dir), str(tmp_path / "diff2"))
+    _, applied = snapshots.merge(str(base_dir), str(tmp_path / "diff2"))
     assert applied == 2
     assert ram(base_dir) == expected_ram(BASE_PAGES, DIFF_PAGES, second)
 
@@ -419,11 +420,11 @@ def test_merge_refuses_a_diff_of_another_snapshot(chain, tmp_path: Path) -> None
     other = write_full(tmp_path / "other")
     stranger = write_diff(tmp_path / "stranger", other.snapshot_id)
     with pytest.raises(InvalidSpecError) as info:
-        persist.merge(str(base_dir), str(tmp_path / "stranger"))
+        snapshots.merge(str(base_dir), str(tmp_path / "stranger"))
     assert info.value.field == "diff_dir"
     assert f"applies to snapshot {stranger.parent_id}, the base is {base.snapshot_id}" in \
         info.value.problem
-    assert persist.read(str(base_dir)).state == base and ram(base_dir) == expected_ram(BASE_PAGES)
+    assert snapshots.read(str(base_dir)).state == base and ram(base_dir) == expected_ram(BASE_PAGES)
     assert files(base_dir) == ["memory", "vmstate"]
 
 
@@ -431,21 +432,21 @@ def test_merge_refuses_a_full_as_diff_and_a_diff_as_base(chain, tmp_path: Path) 
     base_dir, base, diff_dir, diff = chain
     write_full(tmp_path / "full2")
     with pytest.raises(InvalidSpecError) as info:
-        persist.merge(str(base_dir), str(tmp_path / "full2"))
+        snapshots.merge(str(base_dir), str(tmp_path / "full2"))
     assert info.value.field == "diff_dir" and "is a full snapshot, not a diff" in info.value.problem
     with pytest.raises(InvalidSpecError) as info:
-        persist.merge(str(diff_dir), str(diff_dir))
+        snapshots.merge(str(diff_dir), str(diff_dir))
     assert info.value.field == "base_dir" and "is a diff snapshot" in info.value.problem
-    assert persist.read(str(base_dir)).state == base
-    assert persist.read(str(diff_dir)).state == diff
+    assert snapshots.read(str(base_dir)).state == base
+    assert snapshots.read(str(diff_dir)).state == diff
 
 
 def test_merge_refuses_a_damaged_diff(chain) -> None:  # type: ignore[no-untyped-def]
     base_dir, base, diff_dir, _ = chain
-    truncate(diff_dir / "memory", persist.MEMORY_OFFSET + PAGE)
+    truncate(diff_dir / "memory", snapshots.MEMORY_OFFSET + PAGE)
     with pytest.raises(DataLossError, match="truncated"):
-        persist.merge(str(base_dir), str(diff_dir))
-    assert persist.read(str(base_dir)).state == base and ram(base_dir) == expected_ram(BASE_PAGES)
+        snapshots.merge(str(base_dir), str(diff_dir))
+    assert snapshots.read(str(base_dir)).state == base and ram(base_dir) == expected_ram(BASE_PAGES)
 
 
 def test_merge_refuses_another_memory_layout(snap: tuple[Path, spb.SnapshotState],
@@ -453,11 +454,11 @@ def test_merge_refuses_another_memory_layout(snap: tuple[Path, spb.SnapshotState
     base_dir, base = snap
     d = tmp_path / "diff"
     d.mkdir()
-    state = make_state(persist.DIFF, base.snapshot_id)
+    state = make_state(snapshots.DIFF, base.snapshot_id)
     state.memory[1].guest_address = 0x200000
     write(d, state, diff_writer({1: 1}))
     with pytest.raises(DataLossError, match="memory layout differs"):
-        persist.merge(str(base_dir), str(d))
+        snapshots.merge(str(base_dir), str(d))
 
 
 def test_merge_refuses_a_bitmap_marking_pages_beyond_ram(tmp_path: Path) -> None:
@@ -472,12 +473,12 @@ def test_merge_refuses_a_bitmap_marking_pages_beyond_ram(tmp_path: Path) -> None
     diff_dir.mkdir()
     base = twelve(make_state())
     write(base_dir, base, full_writer({0: 1}))
-    write(diff_dir, twelve(make_state(persist.DIFF, base.snapshot_id)),
+    write(diff_dir, twelve(make_state(snapshots.DIFF, base.snapshot_id)),
                   diff_writer({13: 0xEE}))
     refused(DataLossError, "dirty bitmap marks pages beyond the 12 pages of RAM", diff_dir)
     with pytest.raises(DataLossError):
-        persist.merge(str(base_dir), str(diff_dir))
-    assert persist.read(str(base_dir)).state == base  # the base is left whole
+        snapshots.merge(str(base_dir), str(diff_dir))
+    assert snapshots.read(str(base_dir)).state == base  # the base is left whole
 
 
 @pytest.mark.parametrize("which", ["base_dir", "diff_dir"])
@@ -485,10 +486,10 @@ def test_merge_names_the_unreadable_directory(chain, which: str) -> None:  # typ
     base_dir, _, diff_dir, _ = chain
     ((base_dir if which == "base_dir" else diff_dir) / "vmstate").unlink()
     with pytest.raises(InvalidSpecError) as info:
-        persist.merge(str(base_dir), str(diff_dir))
+        snapshots.merge(str(base_dir), str(diff_dir))
     assert info.value.field == which and "vmstate is missing" in info.value.problem
     with pytest.raises(InvalidSpecError) as info:
-        persist.merge(*(("rel", str(diff_dir)) if which == "base_dir" else (str(base_dir), "rel")))
+        snapshots.merge(*(("rel", str(diff_dir)) if which == "base_dir" else (str(base_dir), "rel")))
     assert info.value.field == which and "is not an absolute path" in info.value.problem
 
 
@@ -520,7 +521,7 @@ def test_a_fifo_in_a_snapshot_is_refused_at_once(snap: tuple[Path, spb.SnapshotS
     (d / name).unlink()
     os.mkfifo(d / name)
     with pytest.raises(DataLossError, match=f"{name}: .*is a FIFO, not a regular file"):
-        _bounded(lambda: persist.read(str(d)))
+        _bounded(lambda: snapshots.read(str(d)))
 
 
 @pytest.mark.parametrize("name", ["memory", "vmstate"])
@@ -531,11 +532,11 @@ def test_a_directory_or_symlink_in_a_snapshot_is_refused(snap: tuple[Path, spb.S
     os.rename(d / name, target)
     (d / name).mkdir()
     with pytest.raises(DataLossError, match="is a directory, not a regular file"):
-        persist.read(str(d))
+        snapshots.read(str(d))
     (d / name).rmdir()
     (d / name).symlink_to(target)  # the very file, behind a link: still refused
     with pytest.raises(DataLossError, match="is a symbolic link"):
-        persist.read(str(d))
+        snapshots.read(str(d))
 
 
 def test_planted_temp_links_are_never_written_through(snap: tuple[Path, spb.SnapshotState],
@@ -551,7 +552,7 @@ def test_planted_temp_links_are_never_written_through(snap: tuple[Path, spb.Snap
     state = make_state()
     write(d, state, full_writer({2: 0x42}))
     assert victim.read_bytes() == b"precious"
-    assert persist.read(str(d)).state == state
+    assert snapshots.read(str(d)).state == state
     assert files(d) == [".memory.tmp", ".vmstate.tmp", "memory", "vmstate"]  # not ours: kept
 
 
@@ -560,7 +561,7 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(snap: tuple[Path, spb.S
     d, state = snap
     (d / ".memory.00112233445566aa.tmp").write_bytes(b"half")
     (d / ".vmstate.00112233445566aa.tmp").write_bytes(b"")
-    assert persist.read(str(d)).state == state  # a reader ignores them
+    assert snapshots.read(str(d)).state == state  # a reader ignores them
     write(d, make_state(), full_writer({}))
     assert files(d) == ["memory", "vmstate"]
 
@@ -573,7 +574,7 @@ def test_a_directory_of_other_files_is_refused(tmp_path: Path, contents: dict[st
     d.mkdir()
     for name, data in contents.items():
         (d / name).write_bytes(data)
-    with pytest.raises(InvalidSpecError) as info, persist.writing(str(d)):
+    with pytest.raises(InvalidSpecError) as info, snapshots.writing(str(d)):
         pass
     assert info.value.field == "snapshot_dir"
     assert "holds files vmmd did not write" in info.value.problem
@@ -583,10 +584,10 @@ def test_a_directory_of_other_files_is_refused(tmp_path: Path, contents: dict[st
 
 def test_a_snapshot_from_before_markers_is_still_ours(snap: tuple[Path, spb.SnapshotState]) -> None:
     d, _ = snap
-    (d / persist.MARKER_FILE).unlink()
+    (d / snapshots.MARKER_FILE).unlink()
     state = make_state()
     write(d, state, full_writer({}))
-    assert persist.read(str(d)).state == state and files(d) == ["memory", "vmstate"]
+    assert snapshots.read(str(d)).state == state and files(d) == ["memory", "vmstate"]
 
 
 @pytest.mark.parametrize(("path", "says"), [
@@ -596,7 +597,7 @@ def test_a_snapshot_from_before_markers_is_still_ours(snap: tuple[Path, spb.Snap
     ("/tmp/a\0b", "contains a NUL byte"),
 ])
 def test_system_directories_are_refused(path: str, says: str) -> None:
-    with pytest.raises(InvalidSpecError) as info, persist.writing(path):
+    with pytest.raises(InvalidSpecError) as info, snapshots.writing(path):
         pass
     assert info.value.field == "snapshot_dir" and says in info.value.problem
 
@@ -605,8 +606,8 @@ def test_a_symlinked_snapshot_directory_is_refused(snap: tuple[Path, spb.Snapsho
                                                    tmp_path: Path) -> None:
     d, _ = snap
     (tmp_path / "link").symlink_to(d)
-    for use in (lambda: persist.read(str(tmp_path / "link")),
-                lambda: persist.writing(str(tmp_path / "link")).__enter__()):
+    for use in (lambda: snapshots.read(str(tmp_path / "link")),
+                lambda: snapshots.writing(str(tmp_path / "link")).__enter__()):
         with pytest.raises(InvalidSpecError, match="is a symbolic link"):
             use()
 
@@ -634,7 +635,7 @@ def test_a_second_writer_is_refused_and_a_reader_waits(snap: tuple[Path, spb.Sna
     with pytest.raises(BusyError, match="being written into"):
         write(d, make_state(), full_writer({}))
     got: list[spb.SnapshotState] = []
-    reader = threading.Thread(target=lambda: got.append(persist.read(str(d)).state))
+    reader = threading.Thread(target=lambda: got.append(snapshots.read(str(d)).state))
     reader.start()
     time.sleep(0.2)
     assert reader.is_alive()  # waiting for the writer, not reading half of it
@@ -652,32 +653,29 @@ def test_a_writer_killed_between_its_renames_leaves_the_old_snapshot(
     d, old = snap
     new = make_state()
 
-    def killed_between_renames(target: persist.SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
-        os.link(persist.MEMORY_FILE, persist.PREV_MEMORY_FILE, src_dir_fd=target.fd,
+    def killed_between_renames(target: snapshots.SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
+        os.link(snapshots.MEMORY_FILE, snapshots.PREV_MEMORY_FILE, src_dir_fd=target.fd,
                 dst_dir_fd=target.fd)
-        os.rename(mem_tmp, persist.MEMORY_FILE, src_dir_fd=target.fd, dst_dir_fd=target.fd)
+        os.rename(mem_tmp, snapshots.MEMORY_FILE, src_dir_fd=target.fd, dst_dir_fd=target.fd)
         raise SystemExit("killed")  # the process dies here: no state rename, no cleanup
 
-    real = persist._commit
-    persist._commit = killed_between_renames  # type: ignore[assignment]
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(snapshot_files, "commit", killed_between_renames)
         with pytest.raises(SystemExit):
             write(d, new, full_writer({4: 0x44}))
-    finally:
-        persist._commit = real  # type: ignore[assignment]
-    s = persist.read(str(d))
-    assert s.state == old and s.memory_path.name == persist.PREV_MEMORY_FILE
-    with persist.opened(str(d)) as (_, fd):
-        assert os.pread(fd, PAGE, persist.MEMORY_OFFSET + 0 * PAGE) == page(0x11)
+    s = snapshots.read(str(d))
+    assert s.state == old and s.memory_path.name == snapshots.PREV_MEMORY_FILE
+    with snapshots.opened(str(d)) as (_, fd):
+        assert os.pread(fd, PAGE, snapshots.MEMORY_OFFSET + 0 * PAGE) == page(0x11)
     third = make_state()
     write(d, third, full_writer({5: 0x55}))  # the next writer repairs, then writes
-    assert persist.read(str(d)).state == third and files(d) == ["memory", "vmstate"]
+    assert snapshots.read(str(d)).state == third and files(d) == ["memory", "vmstate"]
 
 
 def test_a_stale_previous_memory_is_removed_by_the_next_writer(
         snap: tuple[Path, spb.SnapshotState]) -> None:
     d, state = snap
-    os.link(d / "memory", d / persist.PREV_MEMORY_FILE)  # a crash after the state's rename
-    assert persist.read(str(d)).state == state  # the current memory is used
+    os.link(d / "memory", d / snapshots.PREV_MEMORY_FILE)  # a crash after the state's rename
+    assert snapshots.read(str(d)).state == state  # the current memory is used
     write(d, make_state(), full_writer({}))
     assert files(d) == ["memory", "vmstate"]

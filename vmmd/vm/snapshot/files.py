@@ -1,16 +1,13 @@
-"""Snapshot files: the directory, the state file's frame, the memory file's
-header, atomic writes, validated reads, and merging a diff onto its base.
+"""Snapshot directories and their files: opening, locking, atomic writes,
+validated reads (the format itself is in format.py).
 
-A snapshot is a directory (proto/vmmd/v1/snapshot.proto tells the layout):
-`vmstate` (magic, format version, payload length, sha256, then a
-SnapshotState message), `memory` (a 4096-byte header naming the snapshot
-id, then guest RAM) and the marker `.vmmd-snapshot`.  The directory is a
-client's path, so it is handled as hostile:
+A directory is a client's path, so it is handled as hostile:
 
 - it is opened once (O_DIRECTORY | O_NOFOLLOW) and everything in it is
   reached relative to that fd, never following a symlink;
 - vmmd writes only into a directory that is new, empty, or already a vmmd
-  snapshot (its marker, or a `vmstate` of ours from before markers);
+  snapshot (its marker `.vmmd-snapshot`, or a `vmstate` of ours from before
+  markers), and never replaces anything but regular files;
 - writers hold an exclusive flock on the directory, readers a shared one:
   a second writer is refused (BusyError: ABORTED), a reader waits a
   bounded time for a writer and then sees one whole snapshot;
@@ -20,28 +17,25 @@ client's path, so it is handled as hostile:
 - files are opened O_NONBLOCK and must be regular (vm/hostfiles.py): a FIFO
   planted as `memory` is refused, never waited on.
 
-The memory header's id binds the two files, so a crash between the renames
-leaves a snapshot that is refused, never one that half-restores.  Nothing
-here rewrites a file in place: VMs restored from a memory file map it, and
-must keep seeing it unchanged.
+The state's rename is the commit point; until it the old memory stays
+reachable (commit()), so a crash at any moment leaves one whole snapshot.
+Nothing here rewrites a file in place: VMs restored from a memory file map
+it, and must keep seeing it unchanged.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import secrets
 import stat
-import struct
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
@@ -54,29 +48,29 @@ from vmmd.errors import (
     shown,
 )
 from vmmd.vm.hostfiles import PSEUDO_FILESYSTEMS, check_path, fs_type, kind_of, open_file
+from vmmd.vm.snapshot.cache import SnapshotCache
+from vmmd.vm.snapshot.format import (
+    DIFF,
+    FULL,
+    MARKER_FILE,
+    MARKER_TEXT,
+    MEMORY_FILE,
+    MEMORY_OFFSET,
+    PREV_MEMORY_FILE,
+    STATE_FILE,
+    STATE_MAGIC,
+    check_memory,
+    check_state,
+    frame,
+    memory_header,
+    parse_state,
+)
 
-STATE_FILE, MEMORY_FILE = "vmstate", "memory"
-PREV_MEMORY_FILE = ".memory.prev"  # the old memory while a new snapshot is put in place
-MARKER_FILE = ".vmmd-snapshot"
-MARKER_TEXT = b"vmmd snapshot directory: vmstate and memory are written by vmmd\n"
-FORMAT_VERSION = 1
-STATE_MAGIC = b"VMMDSNAP"
-STATE_HEADER = struct.Struct("<8sIQ32s")   # magic, version, payload length, sha256
-MEMORY_MAGIC = b"VMMDMEM1"
-MEMORY_HEADER = struct.Struct("<8sI16sIQ")  # magic, version, snapshot id, kind, RAM bytes
-MEMORY_OFFSET = 4096                        # RAM starts here (mmap needs page alignment)
-PAGE = 4096
-MAX_STATE_BYTES = 64 << 20                  # far above any real state; bounds a hostile file
-FULL, DIFF = spb.SNAPSHOT_KIND_FULL, spb.SNAPSHOT_KIND_DIFF
 # Bounded waits for a directory's lock: a reader waits out a writer (seconds
 # for gigabytes of RAM); a writer waits only for readers and other daemons
 # (a writer of this daemon refuses at once).
 READ_WAIT_S, WRITE_WAIT_S, LOCK_POLL_S = 60.0, 5.0, 0.005
 _TEMP_RE = re.compile(r"\.(vmstate|memory)\.[0-9a-f]{16}\.tmp")
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
 
 
 # ---- the directory ----
@@ -173,7 +167,7 @@ def _recover(d: SnapshotDir) -> None:
     """A writer was killed between its two renames: if the state is still the
     old one, its memory is PREV_MEMORY_FILE: put it back; else it is stale."""
     try:
-        with _opened_in(d) as (snap, _):
+        with opened_in(d) as (snap, _):
             pass
         back = snap.memory_path.name == PREV_MEMORY_FILE
     except (DataLossError, InvalidSpecError):
@@ -240,20 +234,8 @@ def reading(path: str, field: str = "snapshot_dir") -> Iterator[SnapshotDir]:
 
 
 # ---- writing ----
-def frame(state: spb.SnapshotState) -> bytes:
-    payload = state.SerializeToString()
-    return STATE_HEADER.pack(STATE_MAGIC, FORMAT_VERSION, len(payload),
-                             hashlib.sha256(payload).digest()) + payload
-
-
-def memory_header(snapshot_id: str, kind: int, ram_bytes: int) -> bytes:
-    head = MEMORY_HEADER.pack(MEMORY_MAGIC, FORMAT_VERSION, bytes.fromhex(snapshot_id), kind,
-                              ram_bytes)
-    return head.ljust(MEMORY_OFFSET, b"\0")
-
-
 @contextmanager
-def _temp(d: SnapshotDir, name: str) -> Iterator[tuple[int, str]]:
+def temp_file(d: SnapshotDir, name: str) -> Iterator[tuple[int, str]]:
     """A new file in d under a random temporary name, made exclusively (a
     planted file or symlink of that name fails the create, never gets
     written through); removed again unless the caller renamed it."""
@@ -273,7 +255,7 @@ def _temp(d: SnapshotDir, name: str) -> Iterator[tuple[int, str]]:
 
 
 @contextmanager
-def _full_disk(d: SnapshotDir, field: str = "snapshot_dir") -> Iterator[None]:
+def full_disk(d: SnapshotDir, field: str = "snapshot_dir") -> Iterator[None]:
     """A filesystem out of space (or quota) is the host's limit, not our bug:
     RESOURCE_EXHAUSTED naming the directory.  The temp files are gone by then
     (_temp) and the previous snapshot is untouched."""
@@ -286,7 +268,7 @@ def _full_disk(d: SnapshotDir, field: str = "snapshot_dir") -> Iterator[None]:
                                      f"{shown(d.path)} ({os.strerror(e.errno)})") from None
 
 
-def _commit(d: SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
+def commit(d: SnapshotDir, mem_tmp: str, state_tmp: str) -> None:
     """Put a written snapshot in place.  The state's rename is the commit
     point: until it, the old state's memory stays reachable (a hard link,
     PREV_MEMORY_FILE), so a crash between the two renames leaves the old
@@ -316,8 +298,8 @@ def write(d: SnapshotDir, state: spb.SnapshotState,
     the bitmap goes into the state.  Returns the sizes of the memory and
     state files."""
     ram_bytes = sum(r.size for r in state.memory)
-    with _full_disk(d), _temp(d, MEMORY_FILE) as (mfd, mtmp), \
-            _temp(d, STATE_FILE) as (sfd, stmp):
+    with full_disk(d), temp_file(d, MEMORY_FILE) as (mfd, mtmp), \
+            temp_file(d, STATE_FILE) as (sfd, stmp):
         os.pwrite(mfd, memory_header(state.snapshot_id, state.kind, ram_bytes), 0)
         if state.kind == FULL:
             os.ftruncate(mfd, MEMORY_OFFSET + ram_bytes)  # holes for zero pages
@@ -329,7 +311,7 @@ def write(d: SnapshotDir, state: spb.SnapshotState,
         os.fsync(mfd)
         os.fsync(sfd)
         mem_size = os.fstat(mfd).st_size
-        _commit(d, mtmp, stmp)
+        commit(d, mtmp, stmp)
     os.fsync(d.fd)
     return mem_size, len(data)
 
@@ -343,18 +325,6 @@ class Snapshot:
     ram_bytes: int
     memory_file_bytes: int
     state_file_bytes: int
-    # What restore derives from the state (checked, converted), kept with it so
-    # that the next restore of this snapshot does not derive it again.
-    prepared: dict[str, object] = field(default_factory=dict, compare=False)
-
-
-# Checked snapshots by directory, valid while both files are the very same
-# (inode, size, times, as fstat of the files opened now tells): a serverless
-# daemon restores one snapshot over and over, and need not read, hash and
-# parse it every time.
-_CACHE: dict[Path, tuple[tuple[int, ...], Snapshot]] = {}
-_CACHE_MAX = 64
-_cache_lock = threading.Lock()
 
 
 def _identity(*sts: os.stat_result) -> tuple[int, ...]:
@@ -381,74 +351,6 @@ def _read_state(d: SnapshotDir) -> tuple[int, os.stat_result]:
         raise
 
 
-def _parse_state(path: Path, fd: int) -> spb.SnapshotState:
-    with open(fd, "rb", closefd=False) as f:
-        f.seek(0)
-        head = f.read(STATE_HEADER.size)
-        if len(head) < STATE_HEADER.size:
-            raise DataLossError(f"{path}: truncated ({len(head)} bytes, no complete header)")
-        magic, version, length, digest = STATE_HEADER.unpack(head)
-        if magic != STATE_MAGIC:
-            raise DataLossError(f"{path}: not a vmmd snapshot state file (bad magic)")
-        if version != FORMAT_VERSION:
-            raise InvalidSpecError("snapshot_dir", f"{path} has snapshot format version "
-                                   f"{version}; this vmmd reads version {FORMAT_VERSION}")
-        if length > MAX_STATE_BYTES:
-            raise DataLossError(f"{path}: header claims {length} bytes of state")
-        payload = f.read(length + 1)
-    if len(payload) != length:
-        raise DataLossError(f"{path}: {'truncated' if len(payload) < length else 'trailing data'}"
-                            f" ({len(payload)} bytes of state, the header says {length})")
-    if hashlib.sha256(payload).digest() != digest:
-        raise DataLossError(f"{path}: checksum mismatch (the state was altered or damaged)")
-    state = spb.SnapshotState()
-    try:
-        state.ParseFromString(payload)
-    except Exception as e:  # noqa: BLE001 - a checksummed payload that does not parse
-        raise DataLossError(f"{path}: state does not parse: {e}") from None
-    if state.format_version != FORMAT_VERSION:
-        raise DataLossError(f"{path}: state says format {state.format_version}, frame "
-                            f"{FORMAT_VERSION}")
-    return state
-
-
-def _check_memory(path: Path, fd: int, size: int, state: spb.SnapshotState,
-                  ram_bytes: int) -> None:
-    head = os.pread(fd, MEMORY_HEADER.size, 0)
-    if len(head) < MEMORY_HEADER.size:
-        raise DataLossError(f"{path}: truncated (no complete header)")
-    magic, version, sid, kind, ram = MEMORY_HEADER.unpack(head)
-    if magic != MEMORY_MAGIC or version != FORMAT_VERSION:
-        raise DataLossError(f"{path}: not a vmmd memory file of format {FORMAT_VERSION}")
-    if sid.hex() != state.snapshot_id or kind != state.kind:
-        raise DataLossError(f"{path} belongs to another snapshot ({sid.hex()}, the state is "
-                            f"{state.snapshot_id}): the snapshot was not written completely")
-    if ram != ram_bytes:
-        raise DataLossError(f"{path}: holds {ram} bytes of RAM, the state names {ram_bytes}")
-    want = MEMORY_OFFSET + (ram_bytes if kind == FULL else
-                            PAGE * sum(b.bit_count() for b in state.dirty_bitmap))
-    if size != want:
-        raise DataLossError(f"{path} is {size} bytes, the state needs {want} "
-                            f"({'truncated' if size < want else 'too long'})")
-
-
-def _check_state(path: Path, state: spb.SnapshotState) -> int:
-    """The state's own consistency; its RAM size."""
-    if state.kind not in (FULL, DIFF):
-        raise DataLossError(f"{path}: unknown snapshot kind {state.kind}")
-    if len(state.snapshot_id) != 32 or not all(c in "0123456789abcdef" for c in state.snapshot_id):
-        raise DataLossError(f"{path}: bad snapshot id {shown(state.snapshot_id)!r}")
-    ram_bytes = sum(r.size for r in state.memory)
-    pages = ram_bytes // PAGE
-    if state.kind == DIFF and len(state.dirty_bitmap) != (pages + 7) // 8:
-        raise DataLossError(f"{path}: dirty bitmap of {len(state.dirty_bitmap)} bytes "
-                            f"for {pages} pages")
-    if state.kind == DIFF and pages % 8 and state.dirty_bitmap[-1] >> (pages % 8):
-        raise DataLossError(f"{path}: dirty bitmap marks pages beyond the {pages} "
-                            "pages of RAM")
-    return ram_bytes
-
-
 def _previous_memory(d: SnapshotDir, state: spb.SnapshotState,
                      ram_bytes: int) -> tuple[int, os.stat_result] | None:
     """The state's memory as PREV_MEMORY_FILE (a writer died between its
@@ -458,7 +360,7 @@ def _previous_memory(d: SnapshotDir, state: spb.SnapshotState,
     except DataLossError:
         return None
     try:
-        _check_memory(d.path / PREV_MEMORY_FILE, fd, st.st_size, state, ram_bytes)
+        check_memory(d.path / PREV_MEMORY_FILE, fd, st.st_size, state, ram_bytes)
     except DataLossError:
         os.close(fd)
         return None
@@ -466,7 +368,8 @@ def _previous_memory(d: SnapshotDir, state: spb.SnapshotState,
 
 
 @contextmanager
-def _opened_in(d: SnapshotDir) -> Iterator[tuple[Snapshot, int]]:
+def opened_in(d: SnapshotDir, cache: SnapshotCache | None = None
+              ) -> Iterator[tuple[Snapshot, int]]:
     """The snapshot in d, checked, and its memory file open (for mapping)."""
     sfd, sst = _read_state(d)
     try:
@@ -484,16 +387,15 @@ def _opened_in(d: SnapshotDir) -> Iterator[tuple[Snapshot, int]]:
         raise
     try:
         key = _identity(sst, mst)
-        with _cache_lock:
-            hit = _CACHE.get(d.path)
-        if hit is not None and hit[0] == key:
-            snap = hit[1]
+        hit = cache.get(d.path, key) if cache is not None else None
+        if hit is not None:
+            snap = hit
         else:
             spath, mpath = d.path / STATE_FILE, d.path / MEMORY_FILE
-            state = _parse_state(spath, sfd)
-            ram_bytes = _check_state(spath, state)
+            state = parse_state(spath, sfd)
+            ram_bytes = check_state(spath, state)
             try:
-                _check_memory(mpath, mfd, mst.st_size, state, ram_bytes)
+                check_memory(mpath, mfd, mst.st_size, state, ram_bytes)
             except DataLossError:
                 prev = _previous_memory(d, state, ram_bytes)
                 if prev is None:
@@ -502,10 +404,8 @@ def _opened_in(d: SnapshotDir) -> Iterator[tuple[Snapshot, int]]:
                 (mfd, mst), mpath = prev, d.path / PREV_MEMORY_FILE
                 key = _identity(sst, mst)
             snap = Snapshot(d.path, state, mpath, ram_bytes, mst.st_size, sst.st_size)
-            with _cache_lock:
-                if len(_CACHE) >= _CACHE_MAX:
-                    _CACHE.pop(next(iter(_CACHE)))
-                _CACHE[d.path] = (key, snap)
+            if cache is not None:
+                cache.put(d.path, key, snap)
         os.close(sfd)
         sfd = -1
         yield snap, mfd
@@ -516,12 +416,13 @@ def _opened_in(d: SnapshotDir) -> Iterator[tuple[Snapshot, int]]:
 
 
 @contextmanager
-def opened(path: str, field: str = "snapshot_dir") -> Iterator[tuple[Snapshot, int]]:
+def opened(path: str, field: str = "snapshot_dir", *,
+           cache: SnapshotCache | None = None) -> Iterator[tuple[Snapshot, int]]:
     """A snapshot directory, checked (the state's frame and checksum, its kind,
     the memory regions, the memory file against the state), with its memory
     file open while the block runs: restore maps that fd, so what was checked
     is what is mapped, whatever a writer renames meanwhile."""
-    with reading(path, field) as d, _as_field(field), _opened_in(d) as got:
+    with reading(path, field) as d, as_field(field), opened_in(d, cache) as got:
         yield got
 
 
@@ -532,7 +433,7 @@ def read(path: str, field: str = "snapshot_dir") -> Snapshot:
 
 
 @contextmanager
-def _as_field(field: str) -> Iterator[None]:
+def as_field(field: str) -> Iterator[None]:
     """InvalidSpecErrors about "the snapshot directory", naming the caller's
     field (base_dir, diff_dir) instead."""
     try:
@@ -543,92 +444,3 @@ def _as_field(field: str) -> Iterator[None]:
         raise InvalidSpecError(field, e.problem) from None
 
 
-# ---- merging a diff onto its base ----
-def _data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """[from, to) ranges of fd that may hold data (holes skipped where the
-    file system tells them; where it cannot, everything is data)."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return  # only a hole left
-            yield pos, end
-            return
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole
-        pos = hole
-
-
-def _copy(src: int, dst: int, start: int, end: int) -> None:
-    for a, b in _data_ranges(src, start, end):
-        while a < b:
-            n = os.copy_file_range(src, dst, b - a, a, a)
-            if n == 0:
-                raise DataLossError("the base memory file ended early")
-            a += n
-
-
-def merge(base_path: str, diff_path: str) -> tuple[Snapshot, int]:
-    """Apply a diff snapshot onto its base: the base directory becomes a full
-    snapshot of the diff's moment (with the diff's id, so the next diff of
-    the same VM merges onto it too).  New files replace the base's; VMs
-    restored from the old ones keep them.  Returns the merged snapshot and
-    the pages applied."""
-    with writing(base_path, "base_dir", create=False) as bd, _as_field("base_dir"), \
-            _opened_in(bd) as (base, bf):
-        if base.state.kind != FULL:
-            raise InvalidSpecError("base_dir", f"{base.directory} is a diff snapshot; merge "
-                                   "onto a full one")
-        if _same_dir(diff_path, bd.fd):  # before its lock: ours already excludes it
-            raise InvalidSpecError("diff_dir", "names the base directory itself")
-        with reading(diff_path, "diff_dir") as dd, _as_field("diff_dir"), \
-                _opened_in(dd) as (diff, df):
-            applied = _merge_into(bd, base, bf, diff, df)
-    return read(base_path, "base_dir"), applied
-
-
-def _same_dir(path: str, fd: int) -> bool:
-    try:
-        return os.path.samestat(os.stat(path), os.fstat(fd))
-    except (OSError, ValueError):
-        return False  # reading() says what is wrong with it
-
-
-def _merge_into(d: SnapshotDir, base: Snapshot, bf: int, diff: Snapshot, df: int) -> int:
-    if diff.state.kind != DIFF:
-        raise InvalidSpecError("diff_dir", f"{diff.directory} is a full snapshot, not a diff")
-    if diff.state.parent_id != base.state.snapshot_id:
-        raise InvalidSpecError("diff_dir", f"{diff.directory} applies to snapshot "
-                               f"{diff.state.parent_id}, the base is {base.state.snapshot_id}")
-    if list(diff.state.memory) != list(base.state.memory):
-        raise DataLossError(f"{diff.directory}: memory layout differs from its base")
-    state = spb.SnapshotState()
-    state.CopyFrom(diff.state)
-    state.kind, state.parent_id = FULL, ""
-    state.ClearField("dirty_bitmap")
-    applied = 0
-    with _full_disk(d, "base_dir"), _temp(d, MEMORY_FILE) as (out, mtmp), \
-            _temp(d, STATE_FILE) as (sfd, stmp):
-        end = MEMORY_OFFSET + base.ram_bytes
-        os.ftruncate(out, end)
-        os.pwrite(out, memory_header(state.snapshot_id, FULL, base.ram_bytes), 0)
-        _copy(bf, out, MEMORY_OFFSET, end)
-        src = MEMORY_OFFSET
-        for i, byte in enumerate(diff.state.dirty_bitmap):
-            for bit in range(8):
-                if byte >> bit & 1:
-                    page = os.pread(df, PAGE, src)
-                    os.pwrite(out, page, MEMORY_OFFSET + (i * 8 + bit) * PAGE)
-                    src += PAGE
-                    applied += 1
-        data = frame(state)
-        os.pwrite(sfd, data, 0)
-        os.fsync(out)
-        os.fsync(sfd)
-        _commit(d, mtmp, stmp)
-    os.fsync(d.fd)
-    return applied
