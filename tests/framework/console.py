@@ -10,6 +10,7 @@ import pytest
 
 from tests.framework import GUEST_HANG_S
 from vmmd.client import Client, ClientError
+from typing import Self
 
 TICK = re.compile(rb"^MG-TICK (\d+)$", re.MULTILINE)
 
@@ -55,7 +56,7 @@ class ConsoleReader:
     def wait_for(self, marker: bytes) -> bytes:
         return self.wait(lambda data: marker in data, repr(marker))
 
-    def __enter__(self) -> ConsoleReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

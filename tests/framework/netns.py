@@ -20,7 +20,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Self
 
 import pytest
 
@@ -48,7 +48,7 @@ class NetNs:
     def __init__(self) -> None:
         self.name = f"vmmdt-{uuid.uuid4().hex[:8]}"
 
-    def __enter__(self) -> NetNs:
+    def __enter__(self) -> Self:
         why = netns_unavailable()
         if why:
             pytest.skip(why)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGE = REPO / "vmmd" / "native" / "__init__.py"
+LIB = REPO / "vmmd" / "native" / "_lib.py"  # the module that imports the core and checks it
 PROBE = "vmmd_native_core_version_probe"
 
 
@@ -35,15 +35,18 @@ class CoreBefore:
 
 def load_over(lib: Any, monkeypatch: pytest.MonkeyPatch
               ) -> tuple[types.ModuleType, Exception | None]:
-    """Run vmmd/native/__init__.py as a fresh package whose `_core` holds `lib`;
-    the module (as far as it got) and what its import raised."""
-    spec = importlib.util.spec_from_file_location(PROBE, PACKAGE, submodule_search_locations=[])
+    """Run vmmd/native/_lib.py as a module of a fresh package whose `_core` holds
+    `lib`; the module (as far as it got) and what its import raised."""
+    package = types.ModuleType(PROBE)
+    package.__path__ = []  # type: ignore[attr-defined]
+    spec = importlib.util.spec_from_file_location(f"{PROBE}._lib", LIB)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     core = types.ModuleType(f"{PROBE}._core")
     core.ffi = None  # type: ignore[attr-defined]
     core.lib = lib  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, PROBE, module)
+    monkeypatch.setitem(sys.modules, PROBE, package)
+    monkeypatch.setitem(sys.modules, f"{PROBE}._lib", module)
     monkeypatch.setitem(sys.modules, f"{PROBE}._core", core)
     try:
         spec.loader.exec_module(module)

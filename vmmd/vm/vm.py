@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from vmmd.errors import NotFoundError, StateError, quoted
 from vmmd.info import (
@@ -391,7 +391,7 @@ class Vm:
             os.close(self._wake)
             self._wake = -1
 
-    def __enter__(self) -> Vm:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

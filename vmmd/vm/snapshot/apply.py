@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmmd.errors import DataLossError, NativeError
-from vmmd.native import LegacyState, MachineState, NativeVm, VcpuState, VirtioState
+from vmmd.native import (
+    LegacyState,
+    MachineState,
+    NativeVm,
+    PackedVcpu,
+    VcpuState,
+    VirtioState,
+    pack_vcpu,
+)
 from vmmd.spec import VmSpec
 from vmmd.vm.snapshot import state
 from vmmd.vm.snapshot.cache import SnapshotCache
@@ -28,7 +36,7 @@ class Prepared:
     """A snapshot's state checked and converted for the C core."""
 
     machine: MachineState
-    vcpus: tuple[VcpuState, ...]
+    vcpus: tuple[PackedVcpu, ...]  # packed once: clones restore from the same structs
     devices: tuple[VirtioState, ...]
     legacy: LegacyState
 
@@ -44,11 +52,19 @@ def prepare(snap: Snapshot, spec: VmSpec) -> Prepared:
                             f"{len(kinds)} devices")
     p = Prepared(
         machine=state.restore_machine(s.machine),
-        vcpus=tuple(state.restore_vcpu(v, f"vcpus[{i}]") for i, v in enumerate(s.vcpus)),
+        vcpus=tuple(_packed(state.restore_vcpu(v, f"vcpus[{i}]"), f"vcpus[{i}]")
+                    for i, v in enumerate(s.vcpus)),
         devices=tuple(state.restore_virtio(d, f"devices[{i}]", *kinds[i])
                       for i, d in enumerate(s.devices)),
         legacy=state.restore_legacy(s.legacy))
     return p
+
+
+def _packed(v: VcpuState, where: str) -> PackedVcpu:
+    try:
+        return pack_vcpu(v)
+    except ValueError as e:  # state.restore_vcpu bounds the counts: not expected
+        raise DataLossError(f"snapshot state {where}: {e}") from None
 
 
 def apply_state(native: NativeVm, snap: Snapshot, spec: VmSpec,

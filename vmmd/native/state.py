@@ -1,0 +1,165 @@
+"""What the C core saves of a VM for a snapshot, as plain values (frozen
+dataclasses mirroring native/vmmcore.h's structs field for field; the unit
+test test_mirrors.py pins C struct, dataclass and snapshot.proto together),
+and their packing into C structs.
+
+Sizes come from the C structs themselves (cffi), so a blob of the wrong
+size is refused here before C sees it.  A packed vCPU state (`pack_vcpu`)
+is an opaque value the caller may keep: clones of one snapshot restore from
+the same packed structs (the snapshot cache holds them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from vmmd.native._lib import ffi
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """One vCPU: KVM structs as byte blobs of fixed sizes (BLOB_SIZES), plus
+    mp_state, the MSRs (index, value) and the CPUID entries."""
+
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes
+    events: bytes
+    mp_state: int
+    msrs: tuple[tuple[int, int], ...]
+    cpuid: tuple[CpuidEntry, ...]
+
+
+@dataclass(frozen=True)
+class MachineState:
+    """The VM-wide KVM state: PIC master and slave, IOAPIC, PIT, kvmclock."""
+
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    pit: bytes
+    clock: int
+
+
+@dataclass(frozen=True)
+class QueueState:
+    desc: int
+    avail: int
+    used: int
+    size: int
+    last_avail: int
+    used_idx: int
+    signalled_used: int
+    ready: int
+    event_idx: int
+    indirect: int
+
+
+@dataclass(frozen=True)
+class VirtioState:
+    device_id: int
+    status: int
+    dev_feat_sel: int
+    drv_feat_sel: int
+    queue_sel: int
+    int_status: int
+    config_gen: int
+    driver_features: int
+    queues: tuple[QueueState, ...]
+
+
+@dataclass(frozen=True)
+class LegacyState:
+    """The UART, the i8042 and where the console output stands."""
+
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    dll: int
+    dlm: int
+    thr_ipending: int
+    irq_level: int
+    rx: bytes
+    ctr: int
+    cmd: int
+    status_cmd: int
+    outp: int
+    kbd: bytes
+    console_head: int
+
+
+def blob_sizes(ctype: str) -> dict[str, int]:
+    t = ffi.typeof(ctype)
+    return {name: f.type.length for name, f in t.fields if f.type.kind == "array"
+            and f.type.item.cname == "uint8_t"}
+
+
+VCPU_BLOBS = ("regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events")
+BLOB_SIZES = blob_sizes("struct vmm_vcpu_state")
+MACHINE_BLOB_SIZES = blob_sizes("struct vmm_machine_state")
+_VCPU_FIELDS = dict(ffi.typeof("struct vmm_vcpu_state").fields)
+MAX_MSRS = _VCPU_FIELDS["msrs"].type.length
+MAX_CPUID = _VCPU_FIELDS["cpuid"].type.length
+LEGACY_RX_MAX, LEGACY_KBD_MAX = 64, 16
+
+
+def scalars(c: Any, cls: type) -> dict[str, int]:
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(cls)
+            if f.type in ("int", int)}
+
+
+def set_scalars(c: Any, value: Any) -> None:
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if isinstance(v, int):
+            setattr(c, f.name, v)
+
+
+def set_blob(c: Any, name: str, data: bytes, limit: int | None = None) -> None:
+    size = limit if limit is not None else len(getattr(c, name))
+    if len(data) > size or (limit is None and len(data) != size):
+        raise ValueError(f"{name}: {len(data)} bytes, want {size}")
+    ffi.memmove(getattr(c, name), data, len(data))
+
+
+@dataclass(frozen=True)
+class PackedVcpu:
+    """A vCPU state packed into its C struct, ready for restore_vcpu (C only
+    reads it, so one may serve many restores)."""
+
+    state: VcpuState
+    cdata: Any
+
+
+def pack_vcpu(s: VcpuState) -> PackedVcpu:
+    """ValueError for a state of the wrong shape."""
+    if len(s.msrs) > MAX_MSRS or len(s.cpuid) > MAX_CPUID:
+        raise ValueError(f"{len(s.msrs)} MSRs / {len(s.cpuid)} CPUID entries: at most "
+                         f"{MAX_MSRS} / {MAX_CPUID}")
+    c = ffi.new("struct vmm_vcpu_state *")
+    for b in VCPU_BLOBS:
+        set_blob(c, b, getattr(s, b))
+    c.mp_state = s.mp_state
+    c.nmsrs, c.ncpuid = len(s.msrs), len(s.cpuid)
+    for i, (index, data) in enumerate(s.msrs):
+        c.msrs[i].index, c.msrs[i].data = index, data
+    for i, e in enumerate(s.cpuid):
+        set_scalars(c.cpuid[i], e)
+    return PackedVcpu(s, c)

@@ -1,0 +1,76 @@
+"""The C core's enums and the plain values it reports: events, counters."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from vmmd.native._lib import lib
+
+
+class StopReason(enum.IntEnum):
+    NONE = lib.VMM_STOP_NONE
+    RESET = lib.VMM_STOP_RESET
+    HALT = lib.VMM_STOP_HALT
+    TRIPLE_FAULT = lib.VMM_STOP_TRIPLE_FAULT
+    FAIL_ENTRY = lib.VMM_STOP_FAIL_ENTRY
+    EMULATION = lib.VMM_STOP_EMULATION
+    INTERNAL_ERROR = lib.VMM_STOP_INTERNAL_ERROR
+    KVM_ERROR = lib.VMM_STOP_KVM_ERROR
+    REQUESTED = lib.VMM_STOP_REQUESTED
+    POWEROFF = lib.VMM_STOP_POWEROFF
+    MEMORY_FAULT = lib.VMM_STOP_MEMORY_FAULT  # guest RAM's file shrank; code = the address
+
+
+class EventType(enum.IntEnum):
+    STOPPED = lib.VMM_EVENT_STOPPED
+    PAUSED = lib.VMM_EVENT_PAUSED
+    RESUMED = lib.VMM_EVENT_RESUMED
+    DEVICE_ERROR = lib.VMM_EVENT_DEVICE_ERROR
+    LOST = lib.VMM_EVENT_LOST
+
+
+@dataclass(frozen=True)
+class Event:
+    type: EventType
+    reason: StopReason
+    vcpu: int
+    err: int
+    code: int
+    rip: int
+    time_ns: int
+    insn: bytes
+
+
+@dataclass(frozen=True)
+class VmStats:
+    exits: int
+    exits_io: int
+    exits_mmio: int
+    exits_hlt: int
+    exits_intr: int
+    exits_other: int
+    unhandled_io: int
+    unhandled_mmio: int
+    console_bytes: int
+    console_dropped: int
+    events_dropped: int
+
+
+@dataclass(frozen=True)
+class VirtioStats:
+    notifies: int
+    requests: int
+    bad_chains: int
+    io_errors: int
+    bytes_read: int
+    bytes_written: int
+    interrupts: int
+    rx_frames: int
+    tx_frames: int
+
+
+def virtio_stats_of(c: Any) -> VirtioStats:
+    return VirtioStats(**{f.name: getattr(c, f.name) for f in dataclasses.fields(VirtioStats)})

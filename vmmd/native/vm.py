@@ -1,0 +1,277 @@
+"""NativeVm: one KVM VM in the C core, owned through close()."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from typing import Any, Self
+
+from vmmd.errors import FieldPath, InvalidSpecError
+from vmmd.native._lib import check, ffi, lib
+from vmmd.native.state import (
+    LEGACY_KBD_MAX,
+    LEGACY_RX_MAX,
+    MACHINE_BLOB_SIZES,
+    VCPU_BLOBS,
+    CpuidEntry,
+    LegacyState,
+    MachineState,
+    PackedVcpu,
+    QueueState,
+    VcpuState,
+    VirtioState,
+    pack_vcpu,
+    scalars,
+    set_blob,
+    set_scalars,
+)
+from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats, virtio_stats_of
+
+
+def _fill(cstruct: Any, value: Any) -> None:
+    """Copy a (nested) dataclass into a cffi struct of the same field names."""
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if dataclasses.is_dataclass(v):
+            _fill(getattr(cstruct, f.name), v)
+        else:
+            setattr(cstruct, f.name, int(v))
+
+
+def kvm_api_version(kvm_path: str = "/dev/kvm") -> int:
+    return check(lib.vmm_kvm_api_version(kvm_path.encode()), f"open {kvm_path}")
+
+
+class NativeVm:
+    """One KVM VM in the C core.  Not thread-safe for control verbs: the
+    caller (vm layer) serializes them; reads (stats, console) are safe."""
+
+    def __init__(self, kvm_path: str = "/dev/kvm") -> None:
+        out = ffi.new("struct vmm_vm **")
+        check(lib.vmm_vm_create(kvm_path.encode(), out), "create VM")
+        self._vm = out[0]
+
+    # -- construction --
+    def add_ram(self, gpa: int, size: int) -> None:
+        check(lib.vmm_vm_add_ram(self._vm, gpa, size), f"add RAM at 0x{gpa:x}")
+
+    def write(self, gpa: int, data: bytes) -> None:
+        mem = lib.vmm_vm_mem(self._vm)
+        check(lib.vmm_mem_write(mem, gpa, data, len(data)), f"write guest 0x{gpa:x}")
+
+    def load_file(self, gpa: int, fd: int, offset: int, length: int,
+                  field: FieldPath) -> None:
+        """[offset, offset + length) of fd into guest RAM at gpa: only the file's
+        data is read (holes stay zero RAM); InvalidSpecError(field) if the file
+        is shorter."""
+        rc = lib.vmm_mem_load_fd(lib.vmm_vm_mem(self._vm), gpa, fd, offset, length)
+        if rc == -errno.ENODATA:
+            raise InvalidSpecError(field, "file shrank while loading")
+        check(rc, f"load {field} into guest 0x{gpa:x}")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        buf = ffi.new("uint8_t[]", length)
+        mem = lib.vmm_vm_mem(self._vm)
+        check(lib.vmm_mem_read(mem, gpa, buf, length), f"read guest 0x{gpa:x}")
+        return bytes(ffi.buffer(buf, length))
+
+    def create_vcpus(self, n: int, *, bare: bool = False) -> None:
+        """bare: no CPUID/MSR/LAPIC/FPU set-up - a restore sets it all next."""
+        fn = lib.vmm_vm_create_vcpus_bare if bare else lib.vmm_vm_create_vcpus
+        check(fn(self._vm, n), f"create {n} vCPUs")
+
+    def add_virtio_blk(self, fd: int, *, read_only: bool, serial: str, mmio_base: int,
+                       gsi: int) -> int:
+        """Attach a virtio-blk drive on the image open as fd (checked and locked by
+        the caller; the device keeps a duplicate) in the 4 KiB slot at mmio_base;
+        its index."""
+        return check(lib.vmm_vm_add_virtio_blk(self._vm, fd, int(read_only),
+                                               serial.encode(), mmio_base, gsi),
+                     "attach drive")
+
+    def add_virtio_net(self, tap_fd: int, *, mac: bytes, max_frame: int, mmio_base: int,
+                       gsi: int) -> int:
+        """Attach a virtio-net interface on an open tap fd (kept open by the
+        caller until close()); its device index."""
+        if len(mac) != 6:
+            raise ValueError("mac: 6 bytes")
+        return check(lib.vmm_vm_add_virtio_net(self._vm, tap_fd, mac, max_frame, mmio_base, gsi),
+                     "attach network interface")
+
+    def virtio_stats(self, idx: int) -> VirtioStats:
+        s = ffi.new("struct vmm_virtio_stats *")
+        check(lib.vmm_vm_virtio_stats(self._vm, idx, s), f"read device {idx} stats")
+        return virtio_stats_of(s)
+
+    def set_boot_regs(self, idx: int, regs: Any) -> None:
+        c = ffi.new("struct vmm_boot_regs *")
+        _fill(c, regs)
+        check(lib.vmm_vcpu_set_boot_regs(self._vm, idx, c), f"set vCPU {idx} registers")
+
+    def get_regs(self, idx: int) -> tuple[dict[str, Any], int]:
+        """Registers (the boot-regs field set, as a dict) and KVM mp_state of
+        vCPU idx; the VM must not be running."""
+        c = ffi.new("struct vmm_boot_regs *")
+        mp = ffi.new("uint32_t *")
+        check(lib.vmm_vcpu_get_regs(self._vm, idx, c, mp), f"get vCPU {idx} registers")
+        names = [n for n, _ in ffi.typeof("struct vmm_boot_regs").fields]
+        return {n: getattr(c, n) for n in names if isinstance(getattr(c, n), int)}, mp[0]
+
+    # -- snapshots --
+    def save_vcpu(self, idx: int) -> VcpuState:
+        c = ffi.new("struct vmm_vcpu_state *")
+        check(lib.vmm_vcpu_save(self._vm, idx, c), f"save vCPU {idx}")
+        return VcpuState(
+            **{b: bytes(ffi.buffer(getattr(c, b))) for b in VCPU_BLOBS}, mp_state=c.mp_state,
+            msrs=tuple((c.msrs[i].index, c.msrs[i].data) for i in range(c.nmsrs)),
+            cpuid=tuple(CpuidEntry(**{f.name: getattr(c.cpuid[i], f.name)
+                                      for f in dataclasses.fields(CpuidEntry)})
+                        for i in range(c.ncpuid)))
+
+    def restore_vcpu(self, idx: int, s: VcpuState | PackedVcpu) -> None:
+        """ValueError for a state of the wrong shape; NativeError when KVM refuses it.
+        A PackedVcpu (pack_vcpu) is used as it is: clones restore from one."""
+        packed = s if isinstance(s, PackedVcpu) else pack_vcpu(s)
+        check(lib.vmm_vcpu_restore(self._vm, idx, packed.cdata), f"restore vCPU {idx}")
+
+    def save_machine(self) -> MachineState:
+        c = ffi.new("struct vmm_machine_state *")
+        check(lib.vmm_vm_save_machine(self._vm, c), "save irqchip, PIT and clock")
+        return MachineState(**{b: bytes(ffi.buffer(getattr(c, b))) for b in MACHINE_BLOB_SIZES},
+                            clock=c.clock)
+
+    def restore_machine(self, s: MachineState) -> None:
+        c = ffi.new("struct vmm_machine_state *")
+        for b in MACHINE_BLOB_SIZES:
+            set_blob(c, b, getattr(s, b))
+        c.clock = s.clock
+        check(lib.vmm_vm_restore_machine(self._vm, c), "restore irqchip, PIT and clock")
+
+    def save_virtio(self, idx: int) -> VirtioState:
+        c = ffi.new("struct vmm_virtio_state *")
+        check(lib.vmm_vm_virtio_save(self._vm, idx, c), f"save device {idx}")
+        queues = tuple(QueueState(**scalars(c.q[i], QueueState)) for i in range(c.nqueues))
+        return VirtioState(**scalars(c, VirtioState), queues=queues)
+
+    def restore_virtio(self, idx: int, s: VirtioState) -> None:
+        if len(s.queues) > 2:
+            raise ValueError(f"{len(s.queues)} queues, at most 2")
+        c = ffi.new("struct vmm_virtio_state *")
+        set_scalars(c, s)
+        c.nqueues = len(s.queues)
+        for i, q in enumerate(s.queues):
+            set_scalars(c.q[i], q)
+        check(lib.vmm_vm_virtio_restore(self._vm, idx, c), f"restore device {idx}")
+
+    def save_legacy(self) -> LegacyState:
+        c = ffi.new("struct vmm_legacy_state *")
+        check(lib.vmm_vm_legacy_save(self._vm, c), "save UART and i8042")
+        return LegacyState(**scalars(c, LegacyState), rx=bytes(c.rx[0:c.rx_len]),
+                           kbd=bytes(c.kbd[0:c.kbd_len]))
+
+    def restore_legacy(self, s: LegacyState) -> None:
+        c = ffi.new("struct vmm_legacy_state *")
+        set_scalars(c, s)
+        set_blob(c, "rx", s.rx, LEGACY_RX_MAX)
+        set_blob(c, "kbd", s.kbd, LEGACY_KBD_MAX)
+        c.rx_len, c.kbd_len = len(s.rx), len(s.kbd)
+        check(lib.vmm_vm_legacy_restore(self._vm, c), "restore UART and i8042")
+
+    def add_ram_file(self, gpa: int, size: int, fd: int, offset: int) -> None:
+        check(lib.vmm_vm_add_ram_file(self._vm, gpa, size, fd, offset),
+              f"map RAM at 0x{gpa:x} from the memory file")
+
+    def track_dirty(self) -> None:
+        check(lib.vmm_vm_track_dirty(self._vm), "turn on dirty-page tracking")
+
+    @property
+    def tracks_dirty(self) -> bool:
+        return bool(lib.vmm_vm_tracks_dirty(self._vm))
+
+    def write_memory(self, fd: int, offset: int, *, diff: bool, pages: int) -> tuple[int, bytes]:
+        """Guest RAM to fd (full, or the dirty pages packed); bytes written and,
+        for a diff, the bitmap of the pages written (else b"")."""
+        n = (pages + 7) // 8 if diff else 0
+        bitmap = ffi.new("uint8_t[]", max(n, 1))
+        written = check(lib.vmm_vm_write_memory(self._vm, fd, offset, int(diff), bitmap, n),
+                        "write guest memory")
+        return written, bytes(ffi.buffer(bitmap, n))
+
+    # -- lifecycle --
+    def start(self) -> None:
+        check(lib.vmm_vm_start(self._vm), "start VM")
+
+    def start_paused(self) -> None:
+        check(lib.vmm_vm_start_paused(self._vm), "start VM paused")
+
+    def pause(self, timeout_ms: int = 5000) -> None:
+        check(lib.vmm_vm_pause(self._vm, timeout_ms), "pause VM")
+
+    def resume(self) -> None:
+        check(lib.vmm_vm_resume(self._vm), "resume VM")
+
+    def stop(self) -> None:
+        check(lib.vmm_vm_stop(self._vm), "stop VM")
+
+    @property
+    def stop_reason(self) -> StopReason:
+        return StopReason(lib.vmm_vm_stop_reason(self._vm))
+
+    def stats(self) -> VmStats:
+        s = ffi.new("struct vmm_vm_stats *")
+        check(lib.vmm_vm_get_stats(self._vm, s), "read VM stats")
+        return VmStats(**{f.name: getattr(s, f.name) for f in dataclasses.fields(VmStats)})
+
+    def thread_count(self) -> int:
+        return lib.vmm_vm_thread_count(self._vm)
+
+    # -- events --
+    @property
+    def event_fd(self) -> int:
+        return lib.vmm_vm_event_fd(self._vm)
+
+    def next_event(self) -> Event | None:
+        e = ffi.new("struct vmm_event *")
+        if not check(lib.vmm_vm_next_event(self._vm, e), "read VM event"):
+            return None
+        return Event(
+            type=EventType(e.type), reason=StopReason(e.reason), vcpu=e.vcpu, err=e.err,
+            code=e.code, rip=e.rip, time_ns=e.time_ns,
+            insn=bytes(ffi.buffer(e.insn, min(e.insn_len, 16))),
+        )
+
+    # -- console --
+    def console_set_fd(self, fd: int) -> None:
+        check(lib.vmm_vm_console_set_fd(self._vm, fd), "set console fd")
+
+    @property
+    def console_notify_fd(self) -> int:
+        return lib.vmm_vm_console_notify_fd(self._vm)
+
+    def console_read(self, pos: int, max_bytes: int = 65536) -> tuple[bytes, int]:
+        """Bytes from absolute position `pos`, and the position after them."""
+        p = ffi.new("uint64_t *", pos)
+        buf = ffi.new("uint8_t[]", max_bytes)
+        n = check(lib.vmm_vm_console_read(self._vm, p, buf, max_bytes), "read console")
+        return bytes(ffi.buffer(buf, n)), p[0]
+
+    def console_head(self) -> int:
+        return lib.vmm_vm_console_head(self._vm)
+
+    def console_input(self, data: bytes) -> int:
+        return check(lib.vmm_vm_console_input(self._vm, data, len(data)), "console input")
+
+    def send_ctrl_alt_del(self) -> None:
+        check(lib.vmm_vm_send_ctrl_alt_del(self._vm), "send Ctrl-Alt-Del")
+
+    # -- teardown --
+    def close(self) -> None:
+        if self._vm != ffi.NULL:
+            lib.vmm_vm_destroy(self._vm)
+            self._vm = ffi.NULL
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
