@@ -36,7 +36,7 @@ IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
 DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
 	$(if $(PVM),--append vmmd_ready=1)
 
-.PHONY: run test guest native proto deps bench clean distclean
+.PHONY: run test lint guest native proto deps bench clean distclean
 
 run: deps $(STAMPS)/native $(STAMPS)/proto guest
 	@echo "== booting the demo guest through a temporary daemon: vmmd demo $(DEMO_ARGS)"
@@ -45,6 +45,14 @@ run: deps $(STAMPS)/native $(STAMPS)/proto guest
 
 test: deps $(STAMPS)/native $(STAMPS)/proto guest
 	$(PY) -m pytest tests -ra
+
+# ruff (style and likely bugs), import-linter (the layering contract in
+# pyproject.toml: api -> manager -> vm -> native binding, leaves import no
+# layer), mypy (the typed layers).  CI runs it before the tests.
+lint: deps $(STAMPS)/native $(STAMPS)/proto
+	$(VENV)/bin/ruff check vmmd tests bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 bench: deps $(STAMPS)/native $(STAMPS)/proto guest $(STAMPS)/bench-deps
 	$(PY) -m bench

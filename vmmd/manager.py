@@ -142,7 +142,7 @@ class Manager:
     def get(self, vm_id: str) -> VmInfo:
         return self._entry(vm_id).info()
 
-    def list(self) -> list[VmInfo]:
+    def list_vms(self) -> list[VmInfo]:
         """Every VM, leaving out any deleted while being listed."""
         with self._lock:
             entries = [e for e in self._vms.values() if isinstance(e, VmEntry)]

@@ -168,7 +168,8 @@ def test_two_snapshots_into_one_directory_at_once(stub: Stub, kernel: str,
         target = tmp_path / f"s{round_}"
         results: dict[str, object] = {}
 
-        def take(vm_id: str) -> None:
+        def take(vm_id: str, target: Path = target, results: dict[str, object] = results
+                 ) -> None:
             try:
                 results[vm_id] = snapshot(stub, vm_id, target)
             except grpc.RpcError as e:
@@ -180,7 +181,7 @@ def test_two_snapshots_into_one_directory_at_once(stub: Stub, kernel: str,
         for t in threads:
             t.join()
         ok = [v for v, r in results.items() if isinstance(r, pb.Snapshot)]
-        for v, r in results.items():
+        for r in results.values():
             if not isinstance(r, pb.Snapshot):
                 assert isinstance(r, grpc.RpcError) and r.code() == Code.ABORTED, r
                 assert "snapshot_dir: another snapshot or merge" in r.details()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable
+from typing import Self
 
 import pytest
 
 from tests.framework import GUEST_HANG_S
 from vmmd.client import Client, ClientError
-from typing import Self
 
 TICK = re.compile(rb"^MG-TICK (\d+)$", re.MULTILINE)
 

@@ -20,7 +20,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar, Self
+from typing import Any, Self, TypeVar
 
 import pytest
 

@@ -37,7 +37,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._lock = threading.Lock()
         self._watchers: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
 
-    def set_all(self, status: int) -> None:
+    def set_all(self, status: Any) -> None:
         """Any thread; Watch streams hear of it at once."""
         with self._lock:
             for name in self._status:
@@ -117,7 +117,7 @@ class ReflectionServicer:
                 ext = req.file_containing_extension
                 msg = self._pool.FindMessageTypeByName(ext.containing_type)
                 found = self._pool.FindExtensionByNumber(msg, ext.extension_number)
-                return self._files(found.file)
+                return self._files(found.file)  # type: ignore[attr-defined]
         except KeyError:
             pass
         return pb.ServerReflectionResponse(error_response=pb.ErrorResponse(

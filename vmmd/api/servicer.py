@@ -169,7 +169,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
 
     @edge
     def ListVms(self, request: pb.ListVmsRequest, context: Any) -> pb.ListVmsResponse:
-        return pb.ListVmsResponse(vms=[convert.vm_to_proto(v) for v in self.m.list()],
+        return pb.ListVmsResponse(vms=[convert.vm_to_proto(v) for v in self.m.list_vms()],
                                   memory=convert.budget_to_proto(self.m.memory_info()))
 
     @edge

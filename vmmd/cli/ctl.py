@@ -60,7 +60,7 @@ def _net_arg(text: str) -> NetSpec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _devices(args: argparse.Namespace) -> dict[str, list]:  # type: ignore[type-arg]
+def _devices(args: argparse.Namespace) -> dict[str, list]:
     """--drive / --net as API messages, numbered in order (drive0, net0, ...)."""
     return {
         "drives": [convert.drive_to_proto(dataclasses.replace(d, drive_id=f"drive{i}"))

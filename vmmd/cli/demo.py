@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 READY_TIMEOUT_S = 30.0
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="boot a VM through a temporary daemon and its API")
     p.add_argument("--kernel", required=True)
     p.add_argument("--initrd")

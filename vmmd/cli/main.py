@@ -29,7 +29,7 @@ from vmmd.vm.builder import build_vm
 EXIT_OK, EXIT_GUEST_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _int_arg(name: str):  # type: ignore[no-untyped-def]
+def _int_arg(name: str):
     def parse(text: str) -> int:
         try:
             return int(text, 0)
@@ -79,10 +79,10 @@ def _spec(args: argparse.Namespace) -> VmSpec:
 
 
 # The spec's fields as `vmmd run` spells them: its one-line errors name the option.
-OPTIONS = {("boot", "kernel_path"): "--kernel", ("boot", "initrd_path"): "--initrd",
-           ("boot", "cmdline"): "--cmdline", ("vcpus",): "--vcpus",
-           ("memory_mib",): "--mem-mib", ("drives",): "--drive",
-           ("network_interfaces",): "--net"}
+OPTIONS: dict[tuple[str | int, ...], str] = {
+    ("boot", "kernel_path"): "--kernel", ("boot", "initrd_path"): "--initrd",
+    ("boot", "cmdline"): "--cmdline", ("vcpus",): "--vcpus", ("memory_mib",): "--mem-mib",
+    ("drives",): "--drive", ("network_interfaces",): "--net"}
 
 
 def _named(e: InvalidSpecError) -> str:
@@ -133,6 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s, h in old.items():
             signal.signal(s, h)
         os.close(out_fd)
+    assert info is not None  # the loop ends with it, or returned
     if info.clean:
         return EXIT_OK
     return _fail(f"guest stopped: {info.message}", EXIT_GUEST_FAILED)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from vmmd.api.server import TlsConfig
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the daemon")
     p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"Unix socket (default {DEFAULT_SOCKET})")
     p.add_argument("--state-dir", default="/var/lib/vmmd", help="daemon state (snapshots, later)")
@@ -121,7 +121,7 @@ async def _serve(args: argparse.Namespace, manager: Manager, tls: TlsConfig | No
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, on_signal, s)
     await done.wait()
-    log.info("daemon.stopping", vms=len(manager.list()))
+    log.info("daemon.stopping", vms=len(manager.ids()))
     # The VMs stop on a thread of their own (their verbs block); API calls
     # still answer meanwhile, with the health service NOT_SERVING.
     api.health.set_all(NOT_SERVING)

@@ -11,7 +11,7 @@ from typing import Any
 
 from vmmd.errors import NativeError
 
-from ._core import ffi, lib  # type: ignore[import-not-found]
+from ._core import ffi, lib
 
 __all__ = ["CORE_VERSION", "check", "ffi", "lib"]
 

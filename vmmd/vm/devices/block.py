@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmmd.errors import FieldPath, InvalidSpecError, quoted, shown
@@ -40,6 +41,10 @@ def _field(i: int, name: str) -> FieldPath:
     return ("drives", i, name)
 
 
+def _path_error(i: int) -> Callable[[str], InvalidSpecError]:
+    return lambda problem: InvalidSpecError(_field(i, "path_on_host"), problem)
+
+
 def guest_name(index: int) -> str:
     """The guest's name of the index-th virtio disk: vda, vdb, ..."""
     return "vd" + chr(ord("a") + index)
@@ -57,8 +62,7 @@ def check_drives(drives: tuple[DriveSpec, ...], first_slot: int = 0) -> tuple[Dr
         if d.drive_id in seen:
             raise InvalidSpecError(_field(i, "drive_id"), f"{quoted(d.drive_id)} is used twice")
         seen.add(d.drive_id)
-        check_path(d.path_on_host,
-                   lambda problem, i=i: InvalidSpecError(_field(i, "path_on_host"), problem))
+        check_path(d.path_on_host, _path_error(i))
         try:
             region, irq = virtio_mmio_slot(first_slot + i)
         except ValueError:
