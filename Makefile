@@ -31,7 +31,7 @@ KERNEL_INPUTS := guest-kernels/build-kernel.sh guest-kernels/microvm-x86_64.conf
 IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
 
 # The demo: the built kernel and initramfs.  On a PVM host guest user space
-# cannot run (see ../shared/PLATFORM.md), so the kernel's READY hook prints
+# cannot run (see docs/platform.md), so the kernel's READY hook prints
 # the READY line instead of the initramfs.
 DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
 	$(if $(PVM),--append vmmd_ready=1)

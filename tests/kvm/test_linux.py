@@ -1,7 +1,7 @@
 """Linux boots through the whole path: loader, vCPUs, irqchip, UART, reset.
 
 Few and purposeful, because a Linux boot costs minutes on a PVM host where
-guest kernel code is emulated (../shared/PLATFORM.md).  There user space
+guest kernel code is emulated (docs/platform.md).  There user space
 cannot run, so the READY line comes from the kernel's built-in hook
 (`vmmd_ready=1`); on hardware KVM it comes from the initramfs's init.  Both
 print `VMMD-GUEST-READY cpus=<online> mem_kib=<MemTotal>` and then reset.

@@ -5,7 +5,7 @@ kernel messages sent over netconsole arrive at the host.
 
 On hardware KVM the initramfs's init then runs, so the same boot could ping
 and move data; that part needs user space, which cannot run on PVM hosts
-(../shared/PLATFORM.md), and is not written yet.
+(docs/platform.md), and is not written yet.
 """
 
 from __future__ import annotations
