@@ -25,10 +25,13 @@ from vmmd.client import Client, ClientError
 
 
 @contextmanager
-def served(max_vms: int = 100) -> Iterator[tuple[Client, int]]:
-    """A fresh daemon on a temporary socket (the harness's launcher): (its client, its pid)."""
+def served(max_vms: int = 100, memory_budget: str = "auto") -> Iterator[tuple[Client, int]]:
+    """A fresh daemon on a temporary socket (the harness's launcher): (its client, its pid).
+    memory_budget: the density bench overcommits on purpose (clones share their snapshot's
+    pages until they write them), so it passes "unlimited"."""
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-") as tmp:
-        d = spawn(Path(tmp) / "s.sock", "--max-vms", str(max_vms), new_session=True)
+        d = spawn(Path(tmp) / "s.sock", "--max-vms", str(max_vms), "--memory-budget",
+                  memory_budget, new_session=True)
         with proc.tracked(d.proc):
             try:
                 d.wait_ready()

@@ -179,7 +179,7 @@ def _restore_linux(c: Client, tmp: Path, reps: int, pvm: bool) -> list[dict[str,
 
 def density() -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-snap-") as tmp, \
-            served(max_vms=DENSITY_MAX + 10) as (c, pid):
+            served(max_vms=DENSITY_MAX + 10, memory_budget="unlimited") as (c, pid):
         snap = Path(tmp) / "micro"
         src, _ = _micro_snapshot(c, snap, 1, 128)
         c.delete(src)

@@ -143,7 +143,7 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
         regs = load(native, p.boot, p.kernel, p.initrd)
         native.set_boot_regs(0, regs)
     return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(),
-              resources=held.resources)
+              resources=held.resources, images=held.images)
 
 
 # ---- restore ----
@@ -231,6 +231,7 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         regions = ram_regions(spec.mem_bytes)
     except InvalidSpecError as e:
         raise DataLossError(f"snapshot state spec: {e}") from None
+    # The state records both memory_mib and the regions: a guard, each checked against the other.
     if [(r.gpa, r.size) for r in regions] != [(m.guest_address, m.size) for m in snap.state.memory]:
         raise DataLossError("snapshot state: memory regions do not fit a VM of "
                             f"{spec.memory_mib} MiB")
@@ -249,6 +250,6 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         _attach_devices(native, drives, held.images, nets, held.taps)
         native.create_vcpus(spec.vcpus, bare=True)
         snapshot.apply_state(native, snap, spec, cache)
-    return Vm(spec, native, cmdline=cmdline, resources=held.resources,
+    return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
               snapshot_id=snap.state.snapshot_id,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

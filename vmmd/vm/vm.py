@@ -120,12 +120,15 @@ class MemoryFile:
 class Vm:
     def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
                  resources: list[Any] | None = None, snapshot_id: str | None = None,
-                 memory_file: MemoryFile | None = None) -> None:
+                 memory_file: MemoryFile | None = None, images: list[int] | None = None) -> None:
+        """images: the drives' open image fds, in drive order (owned by `resources`):
+        their sizes go into a snapshot without opening a path again."""
         self.spec = spec
         self.cmdline = cmdline if cmdline is not None else spec.boot.cmdline or ""  # as the guest got it
         self._native = native
         self._resources = resources or []  # closed with the VM (drive locks...)
         self._memory_file = memory_file
+        self._images = images or []
         if memory_file is not None:
             self._resources.append(memory_file)
         # _lock: one verb at a time.  _status_lock (short, never held across a
@@ -209,7 +212,8 @@ class Vm:
             with snapshot.writing(directory) as target:
                 parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
                 info = snapshot.take_snapshot(self._native, self.spec, self.cmdline, target,
-                                     parent if diff else None,
+                                              parent if diff else None,
+                                              [os.fstat(fd).st_size for fd in self._images],
                                      backing=self._memory_file.path if self._memory_file
                                      else None)
             self._snapshot_id = info.snapshot_id

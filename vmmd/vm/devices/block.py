@@ -27,6 +27,7 @@ from vmmd.vm.hostfiles import check_path, open_file
 from vmmd.vm.layout import virtio_mmio_slot
 
 SERIAL_BYTES = 20  # VIRTIO_BLK_ID_BYTES
+DEVICE_ID, QUEUES = 2, 1  # virtio-blk, as native/virtio_blk.c's ops table says
 
 
 @dataclass(frozen=True)

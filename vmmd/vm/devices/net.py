@@ -39,6 +39,7 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_TUN_EXCL, IFF_PERSIST = 0x2, 0x1000, 0x4000, 0x8000, 0x800
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFMTU = 0x8913, 0x8914, 0x8921
 IFF_UP = 0x1
+DEVICE_ID, QUEUES = 1, 2  # virtio-net (RX, TX), as native/virtio_net.c's ops table says
 VNET_HDR_LEN = 12   # struct virtio_net_hdr_v1: VERSION_1 always has num_buffers
 ETH_OVERHEAD = 18   # Ethernet header + one VLAN tag
 

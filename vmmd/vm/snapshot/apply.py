@@ -19,16 +19,16 @@ from vmmd.native import (
     pack_vcpu,
 )
 from vmmd.spec import VmSpec
+from vmmd.vm.devices import block, net
 from vmmd.vm.snapshot import state
 from vmmd.vm.snapshot.cache import SnapshotCache
 from vmmd.vm.snapshot.files import Snapshot
 
-VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
-
 
 def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
     """(virtio device id, queues) of each device in attachment order."""
-    return [(VIRTIO_ID_BLOCK, 1)] * len(spec.drives) + [(VIRTIO_ID_NET, 2)] * len(spec.network_interfaces)
+    return ([(block.DEVICE_ID, block.QUEUES)] * len(spec.drives)
+            + [(net.DEVICE_ID, net.QUEUES)] * len(spec.network_interfaces))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ Save: vCPUs, irqchips/PIT/kvmclock, devices, UART/i8042, then guest RAM
 from __future__ import annotations
 
 import errno
-import os
 import time
 
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
@@ -31,7 +30,8 @@ def memory_unreadable(backing: str | None = None) -> DataLossError:
 
 
 def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: files.SnapshotDir,
-                  parent: str | None, *, backing: str | None = None) -> SnapshotInfo:
+                  parent: str | None, drive_sizes: list[int], *,
+                  backing: str | None = None) -> SnapshotInfo:
     """`backing`: the file guest RAM is mapped from, if any, for the error
     when it turns out truncated (the Vm does not pass it yet)."""
     t0 = time.monotonic()
@@ -42,7 +42,7 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: files
         format_version=FORMAT_VERSION, snapshot_id=new_id(),
         parent_id=parent or "", kind=DIFF if parent else FULL,
         created_unix_ns=time.time_ns(),
-        spec=state.save_spec(spec, cmdline, [os.stat(d.path_on_host).st_size for d in spec.drives]),
+        spec=state.save_spec(spec, cmdline, drive_sizes),
         memory=[spb.MemoryRegion(guest_address=r.gpa, size=r.size) for r in regions],
         vcpus=[state.save_vcpu(native.save_vcpu(i)) for i in range(spec.vcpus)],
         machine=state.save_machine(native.save_machine()),
