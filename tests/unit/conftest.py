@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests: synthetic kernel files and a fake guest memory (no KVM)."""
+"""Fixtures of the unit tests: synthetic kernel files, a fake guest memory and a
+fake of the C core's VM under a Manager (no KVM)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.framework import GUEST_DIR
+from tests.framework.fake_native import FakeFactory
 from vmmd.errors import InvalidSpecError
+from vmmd.manager import Manager
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import BootFile, open_boot_file
 
@@ -181,3 +184,40 @@ def built_guest_file(name: str) -> Path:
 @pytest.fixture
 def guest_file() -> Callable[[str], Path]:
     return built_guest_file
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> str:
+    """A tiny ELF kernel the loader accepts (no guest runs it: the VMs are fakes)."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(build_elf())
+    return str(path)
+
+
+@pytest.fixture
+def natives() -> FakeFactory:
+    """The native_factory of `manager`: every fake VM it made, and their failures."""
+    return FakeFactory()
+
+
+@pytest.fixture
+def make_manager(natives: FakeFactory) -> Iterator[Callable[..., Manager]]:
+    """make_manager(**Manager kwargs) -> a Manager on `natives`' fake VMs; each is shut
+    down after the test, which must leave every fake VM closed."""
+    made: list[Manager] = []
+
+    def make(**kwargs: object) -> Manager:
+        m = Manager(**{"native_factory": natives, **kwargs})  # type: ignore[arg-type]
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.shutdown(timeout_s=0)
+        assert m.ids() == []
+    assert all(vm.closed for vm in natives.vms), "a fake VM was never closed"
+
+
+@pytest.fixture
+def manager(make_manager: Callable[..., Manager]) -> Manager:
+    return make_manager()
