@@ -15,6 +15,7 @@ from tests.framework import GUEST_DIR
 from tests.framework.fake_native import FakeFactory
 from vmmd.errors import InvalidSpecError
 from vmmd.manager import Manager
+from vmmd.native import NativeVm
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import BootFile, open_boot_file
 
@@ -184,6 +185,21 @@ def built_guest_file(name: str) -> Path:
 @pytest.fixture
 def guest_file() -> Callable[[str], Path]:
     return built_guest_file
+
+
+@pytest.fixture(autouse=True)
+def _no_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit tier runs on any machine: a test reaching for a real KVM VM
+    (a missing native_factory) fails here, on this machine too.  A path that
+    does not exist stays allowed: the C core refuses it before any VM."""
+    real_init = NativeVm.__init__
+
+    def guarded(self: NativeVm, kvm_path: str = "/dev/kvm") -> None:
+        if os.path.exists(kvm_path):
+            raise AssertionError(f"a unit test opened {kvm_path}: pass a fake native_factory")
+        real_init(self, kvm_path)
+
+    monkeypatch.setattr(NativeVm, "__init__", guarded)
 
 
 @pytest.fixture
