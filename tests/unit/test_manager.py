@@ -221,7 +221,7 @@ def test_delete_gives_up_the_wait_of_a_stop_on_a_guest_ignoring_ctrl_alt_del(
 
     def stopper() -> None:
         try:
-            outcome.append(manager.stop("a", timeout_s=600))
+            outcome.append(manager.stop("a", timeout_s=3 * HANG_S))  # the guard of a hang
         except NotFoundError as e:  # DeleteVm won the race to the reply: also fine
             outcome.append(e)
 
