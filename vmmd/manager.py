@@ -267,12 +267,13 @@ class Manager:
             vm = entry.vm
             check_verb("stop", vm.state)
             if not force and allows("shut down", vm.state):
+                if timeout_s is None:
+                    timeout_s = DEFAULT_STOP_TIMEOUT_S
                 try:
                     vm.request_shutdown()
                 except Exception:  # noqa: BLE001 - the forced path follows
                     self.log.warning("vm.cad_failed", vm_id=vm_id)
-                if timeout_s is None:
-                    timeout_s = DEFAULT_STOP_TIMEOUT_S
+                    timeout_s = 0.0  # the guest was not asked: nothing to wait for
                 deadline = time.monotonic() + timeout_s
                 while vm.wait(min(STOP_POLL_S, max(0.0, deadline - time.monotonic()))) is None:
                     if time.monotonic() >= deadline or gone() or entry.deleting or \

@@ -6,7 +6,8 @@
 Modules: daemon (the launcher), rpc (raw gRPC helpers), console (a VM's console through
 the daemon), netns (network namespaces), frames (Ethernet frames of the micro-guest's net
 driver), guests (micro-guest builds), guestrun (one guest in-process), images (ext4
-images), fake_driver (the native tier's fake guest driver and RAM).  Fixtures stay in
+images), fake_driver (the native tier's fake guest driver and RAM), fake_native (a fake
+of the C core's VM: the control plane's unit tests, no KVM).  Fixtures stay in
 conftest.py files; plain helpers live here, so no test module imports another.
 """
 

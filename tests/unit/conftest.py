@@ -1,4 +1,5 @@
-"""Fixtures of the unit tests: synthetic kernel files and a fake guest memory (no KVM)."""
+"""Fixtures of the unit tests: synthetic kernel files, a fake guest memory and a
+fake of the C core's VM under a Manager (no KVM)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.framework import GUEST_DIR
+from tests.framework.fake_native import FakeFactory
 from vmmd.errors import InvalidSpecError
+from vmmd.manager import Manager
+from vmmd.native import NativeVm
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
 from vmmd.vm.boot.loader import BootFile, open_boot_file
 
@@ -181,3 +185,55 @@ def built_guest_file(name: str) -> Path:
 @pytest.fixture
 def guest_file() -> Callable[[str], Path]:
     return built_guest_file
+
+
+@pytest.fixture(autouse=True)
+def _no_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit tier runs on any machine: a test reaching for a real KVM VM
+    (a missing native_factory) fails here, on this machine too.  A path that
+    does not exist stays allowed: the C core refuses it before any VM."""
+    real_init = NativeVm.__init__
+
+    def guarded(self: NativeVm, kvm_path: str = "/dev/kvm") -> None:
+        if os.path.exists(kvm_path):
+            raise AssertionError(f"a unit test opened {kvm_path}: pass a fake native_factory")
+        real_init(self, kvm_path)
+
+    monkeypatch.setattr(NativeVm, "__init__", guarded)
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> str:
+    """A tiny ELF kernel the loader accepts (no guest runs it: the VMs are fakes)."""
+    path = tmp_path / "vmlinux"
+    path.write_bytes(build_elf())
+    return str(path)
+
+
+@pytest.fixture
+def natives() -> FakeFactory:
+    """The native_factory of `manager`: every fake VM it made, and their failures."""
+    return FakeFactory()
+
+
+@pytest.fixture
+def make_manager(natives: FakeFactory) -> Iterator[Callable[..., Manager]]:
+    """make_manager(**Manager kwargs) -> a Manager on `natives`' fake VMs; each is shut
+    down after the test, which must leave every fake VM closed."""
+    made: list[Manager] = []
+
+    def make(**kwargs: object) -> Manager:
+        m = Manager(**{"native_factory": natives, **kwargs})  # type: ignore[arg-type]
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.shutdown(timeout_s=0)
+        assert m.ids() == []
+    assert all(vm.closed for vm in natives.vms), "a fake VM was never closed"
+
+
+@pytest.fixture
+def manager(make_manager: Callable[..., Manager]) -> Manager:
+    return make_manager()

@@ -164,10 +164,20 @@ def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
     if req.overrides and len(req.overrides) != req.count:
         raise InvalidSpecError("overrides", f"{len(req.overrides)} entries for {req.count} "
                                "clones: give none or one per clone")
-    return [RestoreSpec(req.snapshot_dir, f"{prefix}-{i}",
-                        _overrides(req.overrides[i]) if req.overrides else DeviceOverrides(),
+    return [RestoreSpec(req.snapshot_dir, f"{prefix}-{i}", _clone_overrides(req, i),
                         track_dirty_pages=req.track_dirty_pages)
             for i in range(req.count)]
+
+
+def _clone_overrides(req: pb.CloneVmRequest, k: int) -> DeviceOverrides:
+    """The k-th clone's overrides; an error in them is about clone k (request_error
+    puts it at overrides[k])."""
+    if not req.overrides:
+        return DeviceOverrides()
+    try:
+        return _overrides(req.overrides[k])
+    except InvalidSpecError as e:
+        raise e.within("clones", k) from None
 
 
 # ---- plain data -> replies ----
