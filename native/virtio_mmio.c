@@ -364,7 +364,9 @@ static int restore_queue(struct vmm_virtq *q, const struct vmm_virtq_state *s,
 	q->last_avail = s->last_avail;
 	q->used_idx = s->used_idx;
 	q->signalled_used = s->signalled_used;
-	return s->ready ? vmm_virtq_activate(q, mem) : 0;
+	/* Rings misaligned or outside RAM: an impossible state (-EINVAL, as
+	 * documented), not activate's -EFAULT. */
+	return s->ready && vmm_virtq_activate(q, mem) < 0 ? -EINVAL : 0;
 }
 
 int vmm_virtio_restore(struct vmm_virtio *v, const struct vmm_virtio_state *s)

@@ -271,6 +271,20 @@ def gen_restore() -> None:
           + bytes(r.b))
 
 
+# ---- reproducers of fixed bugs (tests/fuzz/crashes/, replayed by run.py) ----
+def crash(harness: str, name: str, data: bytes) -> None:
+    d = HERE / "crashes" / harness
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+
+
+def gen_crashes() -> None:
+    # A snapshot whose ready queue lies outside RAM: restore said -EFAULT
+    # (activate's answer) where it documents -EINVAL for any impossible state.
+    st = state(2, 1, 15, VERSION_1, [(0x100000, 0x100100, 0x100200, QSIZE, 0, 0, 1, 0)])
+    crash("state_restore", "queue-outside-ram-not-einval", b"\x00" + st + ops())
+
+
 def main() -> None:
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
@@ -279,6 +293,7 @@ def main() -> None:
     gen_net()
     gen_mmio()
     gen_restore()
+    gen_crashes()
     for d in sorted(CORPUS.iterdir()):
         files = list(d.iterdir())
         print(f"{d.name}: {len(files)} seeds, {sum(f.stat().st_size for f in files)} bytes")
