@@ -167,6 +167,11 @@ void vmm_virtq_push(struct vmm_virtq *q, uint16_t head, uint32_t written)
 
 int vmm_virtq_need_interrupt(struct vmm_virtq *q)
 {
+	/* A queue that is not ready has no rings to read: restored from a
+	 * snapshot it may have none mapped (NULL), turned off by the driver
+	 * they may no longer match its size. */
+	if (!q->ready)
+		return 0;
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	uint16_t old = q->signalled_used, now = q->used_idx;
 	if (old == now)

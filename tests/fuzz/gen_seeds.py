@@ -239,11 +239,15 @@ def gen_mmio() -> None:
 
 # ---- snapshot state ----
 def state(device_id: int, nq: int, status: int, features: int,
-          queues: list[tuple[int, int, int, int, int, int, int, int]]) -> bytes:
+          queues: list[tuple[int, int, int, int, int, int, int, int]],
+          signalled: int | None = None) -> bytes:
+    """queues: (desc, avail, used, size, last_avail, used_idx, ready, event_idx);
+    signalled_used is used_idx unless given."""
     out = struct.pack("<8IQ", device_id, nq, status, 1, 1, 0, 0, 0, features)
     for q in range(2):
         desc, avail, used, size, last, used_idx, ready, evt = queues[q] if q < len(queues) else (0,) * 8
-        out += struct.pack("<3Q4H4B4x", desc, avail, used, size, last, used_idx, used_idx, ready,
+        sig = used_idx if signalled is None else signalled
+        out += struct.pack("<3Q4H4B4x", desc, avail, used, size, last, used_idx, sig, ready,
                            evt, 0, 0)
     assert len(out) == 120
     return out
@@ -283,6 +287,11 @@ def gen_crashes() -> None:
     # (activate's answer) where it documents -EINVAL for any impossible state.
     st = state(2, 1, 15, VERSION_1, [(0x100000, 0x100100, 0x100200, QSIZE, 0, 0, 1, 0)])
     crash("state_restore", "queue-outside-ram-not-einval", b"\x00" + st + ops())
+    # A running drive (DRIVER_OK) whose queue is off, with used_idx ahead of
+    # signalled_used: the guest's notify found no chain, then the interrupt
+    # check read the avail ring of the queue that has none (NULL): SIGSEGV.
+    st = state(2, 1, 15, VERSION_1, [(0, 0, 0, 0, 0, 1, 0, 0)], signalled=0)
+    crash("state_restore", "need-interrupt-on-queue-not-ready", b"\x00" + st + ops())
 
 
 def main() -> None:
