@@ -44,7 +44,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	in_bytes(&in, &st, sizeof(st));
 	uint8_t nops = in_u8(&in) % MAX_OPS;
 	struct input ops = in_sub(&in, (size_t)OP_BYTES * nops);
-	struct vmm_mem *mem = ram_new(in);
+	struct vmm_mem *mem = ram_load(in);
 	int disk = -1, fds[2] = { -1, -1 };
 	struct polling poll = { 1 };
 	struct vmm_virtio *v = is_net ? net_new(mem, 1514, fds, &poll) : blk_new(mem, 0, "", &disk);
@@ -93,6 +93,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		close(fds[0]);
 		close(fds[1]);
 	}
-	vmm_mem_free(mem);
 	return 0;
 }

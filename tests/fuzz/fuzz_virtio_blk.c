@@ -30,7 +30,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	in_bytes(&in, serial, VMM_BLK_ID_BYTES);
 	uint8_t nops = in_u8(&in) % MAX_OPS;
 	struct input ops = in_sub(&in, (size_t)OP_BYTES * nops);
-	struct vmm_mem *mem = ram_new(in);
+	struct vmm_mem *mem = ram_load(in);
 	int disk;
 	struct vmm_virtio *v = blk_new(mem, read_only, serial, &disk);
 
@@ -49,6 +49,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	debug_stats("virtio_blk", v);
 	vmm_virtio_free(v);
 	close(disk);
-	vmm_mem_free(mem);
 	return 0;
 }

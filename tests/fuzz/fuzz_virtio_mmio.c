@@ -70,7 +70,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	setup_parse(&in, &s[1]);
 	uint8_t nops = in_u8(&in) % MAX_OPS;
 	struct input ops = in_sub(&in, (size_t)OP_BYTES * nops);
-	struct vmm_mem *mem = ram_new(in);
+	struct vmm_mem *mem = ram_load(in);
 	int disk, fds[2];
 	struct polling poll;
 	struct vmm_virtio *dev[2];
@@ -113,6 +113,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	close(disk);
 	close(fds[0]);
 	close(fds[1]);
-	vmm_mem_free(mem);
 	return 0;
 }

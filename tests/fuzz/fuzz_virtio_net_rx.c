@@ -42,7 +42,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct input f = in_sub(&in, in_u16(&in) % 2048);
 		fr[i] = (struct frame){ f.p, f.n };
 	}
-	struct vmm_mem *mem = ram_new(in);
+	struct vmm_mem *mem = ram_load(in);
 	int fds[2];
 	struct polling poll;
 	struct vmm_virtio *v = net_new(mem, max_frame, fds, &poll);
@@ -83,6 +83,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	vmm_virtio_free(v);
 	close(fds[0]);
 	close(fds[1]);
-	vmm_mem_free(mem);
 	return 0;
 }

@@ -27,7 +27,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	uint32_t max_frame = in_u16(&in);
 	uint8_t nops = in_u8(&in) % MAX_OPS;
 	struct input ops = in_sub(&in, (size_t)OP_BYTES * nops);
-	struct vmm_mem *mem = ram_new(in);
+	struct vmm_mem *mem = ram_load(in);
 	int fds[2];
 	struct polling poll;
 	struct vmm_virtio *v = net_new(mem, max_frame, fds, &poll);
@@ -56,6 +56,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	vmm_virtio_free(v);
 	close(fds[0]);
 	close(fds[1]);
-	vmm_mem_free(mem);
 	return 0;
 }

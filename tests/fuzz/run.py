@@ -10,7 +10,7 @@ build/fuzz/corpus/<harness>/ (kept between runs, not committed).  Crash,
 leak and timeout inputs land in build/fuzz/artifacts/<harness>/, the full
 log in build/fuzz/logs/<harness>.log.
 
-    python3 tests/fuzz/run.py [--seconds N | --runs N] [--smoke] [harness ...]
+    python3 tests/fuzz/run.py [--seconds N] [--runs N] [--smoke] [harness ...]
 
 Prints per harness: execs, execs/s, libFuzzer's final cov: and ft:,
 corpus size, crashes; exits non-zero if any harness crashed.  --smoke is
@@ -35,7 +35,7 @@ OUT = ROOT / "build" / "fuzz"
 CC = os.environ.get("CC_FUZZ", "clang")
 CFLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-recover=undefined",
           "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing", "-pthread",
-          f"-I{NATIVE}"]
+          f"-I{NATIVE}", f"-fsanitize-coverage-allowlist={FUZZ / 'coverage-allowlist.txt'}"]
 DEVICES = ["virtq.c", "memory.c", "virtio_mmio.c", "irq.c", "virtio_blk.c", "virtio_net.c"]
 # harness -> the native sources it links (the code under test).
 HARNESSES = {
@@ -55,7 +55,8 @@ def build(name: str) -> Path:
     """Compile the harness if it or anything it includes changed."""
     exe = OUT / "bin" / name
     srcs = [FUZZ / f"fuzz_{name}.c"] + [NATIVE / s for s in HARNESSES[name]]
-    deps = srcs + list(FUZZ.glob("*.h")) + list(NATIVE.glob("*.h")) + [Path(__file__)]
+    deps = srcs + list(FUZZ.glob("*.h")) + list(NATIVE.glob("*.h")) + [Path(__file__),
+                                                                        FUZZ / "coverage-allowlist.txt"]
     if exe.exists() and exe.stat().st_mtime >= max(p.stat().st_mtime for p in deps):
         return exe
     exe.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +92,9 @@ def fuzz(name: str, exe: Path, seconds: int, runs: int) -> dict[str, str | int]:
     before = set(artifacts.iterdir())
     cmd = [str(exe), f"-artifact_prefix={artifacts}/", "-print_final_stats=1", "-timeout=10",
            "-rss_limit_mb=2048", str(corpus), str(seeds)]
-    cmd.insert(1, f"-runs={runs}" if runs else f"-max_total_time={seconds}")
-    print(f"== fuzz {name}: {' '.join(cmd[1:3])}", flush=True)
+    limits = [f"-max_total_time={seconds}"] + ([f"-runs={runs}"] if runs else [])
+    cmd[1:1] = limits
+    print(f"== fuzz {name}: {' '.join(limits)}", flush=True)
     t0 = time.monotonic()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, check=False, env={**os.environ, **ENV}, stdout=f, stderr=subprocess.STDOUT,
@@ -128,7 +130,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("harness", nargs="*", help=f"any of {', '.join(HARNESSES)} (default: all)")
     ap.add_argument("--seconds", type=int, help="fuzzing time per harness (default 300, smoke 20)")
-    ap.add_argument("--runs", type=int, default=0, help="stop each harness after this many execs")
+    ap.add_argument("--runs", type=int, default=0,
+                    help="stop a harness after this many execs (or --seconds, whichever first)")
     ap.add_argument("--smoke", action="store_true", help="the short CI run")
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()
