@@ -106,9 +106,14 @@ static inline struct vmm_mem *ram_load(struct input img)
 		CHECK(vmm_mem_add_region(mem, RAM_A_GPA, RAM_A_SIZE, NULL) == 0 &&
 		      vmm_mem_add_region(mem, RAM_B_GPA, RAM_B_SIZE, NULL) == 0 &&
 		      vmm_mem_add_region(mem, RAM_C_GPA, RAM_C_SIZE, NULL) == 0, "regions");
+		/* Dirty tracking on, as for a VM that will be snapshotted: every
+		 * device write then marks pages from guest-derived ranges. */
+		CHECK(vmm_mem_track_dirty(mem) == 0, "dirty tracking");
 	}
-	for (int i = 0; i < mem->n; i++)
+	for (int i = 0; i < mem->n; i++) {
 		memset(mem->r[i].hva, 0, mem->r[i].size);
+		memset(mem->r[i].dirty, 0, (mem->r[i].size / 4096 + 63) / 64 * 8);
+	}
 	size_t ab = img.n < RAM_A_SIZE + RAM_B_SIZE ? img.n : RAM_A_SIZE + RAM_B_SIZE;
 	CHECK(vmm_mem_write(mem, 0, img.p, ab) == 0, "image");
 	size_t c = img.n - ab < RAM_C_SIZE ? img.n - ab : RAM_C_SIZE;
@@ -201,6 +206,26 @@ static inline void driver_init(struct vmm_virtio *v, const struct setup *s)
 	}
 	if (!(s->flags & SETUP_NO_DRIVER_OK))
 		wr(v, R_STATUS, rd(v, R_STATUS) | S_DRIVER_OK);
+}
+
+/* Two saved states alike in every field (not memcmp: the compound literal
+ * vmm_virtio_save assigns leaves the padding unspecified). */
+static inline int state_same(const struct vmm_virtio_state *a, const struct vmm_virtio_state *b)
+{
+	if (a->device_id != b->device_id || a->nqueues != b->nqueues || a->status != b->status ||
+	    a->dev_feat_sel != b->dev_feat_sel || a->drv_feat_sel != b->drv_feat_sel ||
+	    a->queue_sel != b->queue_sel || a->int_status != b->int_status ||
+	    a->config_gen != b->config_gen || a->driver_features != b->driver_features)
+		return 0;
+	for (uint32_t i = 0; i < a->nqueues && i < VMM_VIRTIO_MAX_QUEUES; i++) {
+		const struct vmm_virtq_state *x = &a->q[i], *y = &b->q[i];
+		if (x->desc != y->desc || x->avail != y->avail || x->used != y->used ||
+		    x->size != y->size || x->last_avail != y->last_avail ||
+		    x->used_idx != y->used_idx || x->signalled_used != y->signalled_used ||
+		    x->ready != y->ready || x->event_idx != y->event_idx || x->indirect != y->indirect)
+			return 0;
+	}
+	return 1;
 }
 
 /* ---- invariants of the transport, after every guest action ---- */

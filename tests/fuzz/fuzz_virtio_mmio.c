@@ -5,8 +5,10 @@
  *
  * Feeds: for each device an optional driver set-up (fuzz.h), then a random
  * sequence of bus reads and writes (address anywhere in and past both
- * slots, unaligned included; length 1, 2, 4 or 8), the guest changing RAM
- * or publishing avail entries, the tap readable; guest RAM behind it all.
+ * slots, unaligned included; length 1, 2, 4 or 8) or through
+ * vmm_virtio_mmio_read / write as Python calls them (any offset and length
+ * 0..8), the guest changing RAM or publishing avail entries, the tap
+ * readable; guest RAM behind it all.
  *
  * Checks: the bus takes an access only when it lies wholly inside one
  * slot; an access touches no byte past its length; register reads other
@@ -16,7 +18,9 @@
  * access outside guest RAM.
  *
  * Input: u8 flags (1 init blk, 2 init net), setup blk, setup net, u8 nops,
- * nops x 8 bytes of ops (kind, a, u16 off, u32 val), RAM image.
+ * nops x 8 bytes of ops (kind, a, u16 off, u32 val; for reads and writes
+ * a & 4 picks the API path, a >> 3 & 1 the device, a >> 4 the length),
+ * RAM image.
  */
 #include "fuzz.h"
 #include "bus.h"
@@ -57,7 +61,7 @@ static void bus_access(struct vmm_bus *bus, struct vmm_virtio *dev[2], int write
 		CHECK(got == 0x74726976, "magic %#x", got);
 	for (int d = 0; d < 2; d++) {
 		vmm_virtio_save(dev[d], &after[d]);
-		CHECK(!memcmp(&before[d], &after[d], sizeof(after[d])), "a read changed device %d", d);
+		CHECK(state_same(&before[d], &after[d]), "a read changed device %d", d);
 	}
 }
 
@@ -90,7 +94,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		switch (kind) {
 		case M_WRITE:
 		case M_READ:
-			bus_access(&bus, dev, kind == M_WRITE, off, 1u << (a & 3), val);
+			if (!(a & 4)) {
+				bus_access(&bus, dev, kind == M_WRITE, off, 1u << (a & 3), val);
+			} else {	/* the Python API's path: any offset, any length */
+				struct vmm_virtio *v = dev[(a >> 3) & 1];
+				uint32_t len = (a >> 4) % 9;
+				if (kind == M_WRITE) {
+					vmm_virtio_mmio_write(v, off, val, len);
+				} else {
+					uint32_t got = vmm_virtio_mmio_read(v, off, len);
+					CHECK(len >= 4 || (got >> (8 * len)) == 0, "a %u-byte read gave %#x",
+					      len, got);
+				}
+			}
 			break;
 		case M_POKE:
 		case M_PUBLISH: {

@@ -101,8 +101,9 @@ def write(harness: str, name: str, data: bytes) -> None:
 
 # ---- virtq ----
 def virtq_input(ram: Ram, flags: int = 0, size: int = QSIZE, last_avail: int = 0,
-                used_idx: int = 0, vops: list[tuple[int, int, int]] = ()) -> bytes:
-    desc, avail, used = RINGS[0]
+                used_idx: int = 0, vops: list[tuple[int, int, int]] = (),
+                rings: tuple[int, int, int] = RINGS[0]) -> bytes:
+    desc, avail, used = rings
     head = struct.pack("<HBIIIHHHB", size, flags, desc, avail, used, last_avail, used_idx,
                        used_idx, len(vops))
     return head + b"".join(struct.pack("<BBH", *o) for o in vops) + bytes(ram.b)
@@ -139,6 +140,16 @@ def gen_virtq() -> None:
         r, last_avail=0xFFFE, used_idx=0xFFFE,
         vops=pops + [(V_POKE, 4, 0x80 + 4 + 2 * 0), (V_PUBLISH, 2, 0), (V_POP, 1, 1),
                      (V_POP, 1, 1), (V_INTERRUPT, 0, 0)]))
+
+    # 130 descriptors each across the A/B boundary: 260 segments, more than
+    # a chain may have (-E2BIG).  Queue of 256: avail in the table's unused tail, used in B.
+    r = Ram()
+    for k in range(130):
+        r.desc(0, k, 0xFF0, 0x20, NEXT, k + 1)
+    r.desc(0, 129, 0xFF0, 0x20, 0, 0)
+    r.put(0x900 + 2, struct.pack("<HH", 1, 0))
+    write("virtq", "too-many-segments", virtq_input(r, size=256, vops=pops,
+                                                    rings=(0x000, 0x900, 0x1000)))
 
 
 # ---- virtio-blk ----
@@ -202,6 +213,18 @@ def gen_net() -> None:
     r2.publish(1, [h])
     write("virtio_net_tx", "indirect-event-idx",
           net_setup(NET_FEATURES | EVENT_IDX | INDIRECT_DESC) + tx_ops + bytes(r2.b))
+    # A 512 KiB frame (64 descriptors of 8 KiB over the same RAM): more than
+    # the tap's socket takes, refused and dropped (io_errors); then a small one.
+    r3 = Ram()
+    t = r3.alloc(16 * 65)
+    r3.desc(t, 0, r3.alloc(HDR), HDR, NEXT, 1)
+    for k in range(1, 65):
+        r3.desc(t, k, 0x1000, 0x2000, NEXT if k < 64 else 0, k + 1)
+    r3.desc(RINGS[1][0], 0, t, 16 * 65, INDIRECT, 0)
+    small = r3.chain(1, 1, [(r3.alloc(HDR + 60), HDR + 60, False)])
+    r3.publish(1, [0, small])
+    write("virtio_net_tx", "frame-refused",
+          net_setup(NET_FEATURES | INDIRECT_DESC) + tx_ops + bytes(r3.b))
 
     # RX: writable buffers, frames queued at the tap.
     frames = [bytes(HDR) + bytes(range(60)), bytes(HDR) + b"\x55" * 1000, b""]

@@ -79,6 +79,46 @@ def replay(name: str, exe: Path) -> bool:
     return r.returncode == 0
 
 
+def coverage(names: list[str]) -> int:
+    """Source coverage of native/ reached by the corpora (seeds and work
+    corpus): each harness rebuilt with clang's profile instrumentation (no
+    sanitizers), run over its corpus once, the profiles merged, llvm-cov's
+    report printed.  Needs llvm-profdata-14 and llvm-cov-14 (llvm-14)."""
+    tools = {t: f"{t}-14" for t in ("llvm-profdata", "llvm-cov")}
+    if any(subprocess.run(["which", t], capture_output=True, check=False).returncode
+           for t in tools.values()):
+        print("--coverage needs llvm-profdata-14 and llvm-cov-14: apt-get install llvm-14")
+        return 1
+    prof = OUT / "prof"
+    prof.mkdir(parents=True, exist_ok=True)
+    for old in prof.glob("*.profraw"):
+        old.unlink()
+    exes = []
+    for name in names:
+        exe = OUT / "covbin" / name
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        srcs = [FUZZ / f"fuzz_{name}.c"] + [NATIVE / s for s in HARNESSES[name]]
+        subprocess.run([CC, "-g", "-O0", "-fsanitize=fuzzer", "-fprofile-instr-generate",
+                        "-fcoverage-mapping", "-std=gnu11", "-pthread", f"-I{NATIVE}",
+                        *map(str, srcs), "-o", str(exe)], check=True)
+        dirs = [d for d in (OUT / "corpus" / name, FUZZ / "corpus" / name) if d.is_dir()]
+        r = subprocess.run([str(exe), "-runs=0", *map(str, dirs)], check=False,
+                           env={**os.environ, "LLVM_PROFILE_FILE": str(prof / f"{name}.profraw")},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if r.returncode:
+            print(r.stderr[-3000:])
+            print(f"== {name}: an input of its corpus fails in the coverage build")
+            return 1
+        exes.append(exe)
+    subprocess.run([tools["llvm-profdata"], "merge", "-o", str(prof / "all.profdata"),
+                    *map(str, prof.glob("*.profraw"))], check=True)
+    objs = [a for e in exes[1:] for a in ("-object", str(e))]
+    files = sorted({NATIVE / s for n in names for s in HARNESSES[n]} - {NATIVE / "irq.c"})
+    subprocess.run([tools["llvm-cov"], "report", str(exes[0]), *objs,
+                    f"-instr-profile={prof / 'all.profdata'}", *map(str, files)], check=True)
+    return 0
+
+
 def last(pattern: str, text: str) -> str:
     found = re.findall(pattern, text)
     return found[-1] if found else "?"
@@ -134,12 +174,16 @@ def main() -> int:
                     help="stop a harness after this many execs (or --seconds, whichever first)")
     ap.add_argument("--smoke", action="store_true", help="the short CI run")
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--coverage", action="store_true",
+                    help="no fuzzing: line coverage of native/ by the corpora (llvm-cov)")
     args = ap.parse_args()
     seconds = args.seconds or (20 if args.smoke else 300)
     names = args.harness or list(HARNESSES)
     unknown = set(names) - set(HARNESSES)
     if unknown:
         ap.error(f"no such harness: {', '.join(sorted(unknown))}")
+    if args.coverage:
+        return coverage(names)
     rows, failed = [], []
     for name in names:
         exe = build(name)
