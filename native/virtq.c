@@ -102,10 +102,12 @@ static int walk(struct vmm_virtq *q, const struct vmm_mem *mem, struct vmm_chain
 		const struct vring_desc *table, uint32_t n, uint16_t first, int indirect)
 {
 	uint16_t i = first;
+	/* next is 16-bit: at most 65536 entries of a table are reachable. */
+	uint32_t reachable = n < 65536 ? n : 65536;
 	for (uint32_t seen = 0;; seen++) {
 		if (i >= n)
 			return -EINVAL;		/* guest-controlled index */
-		if (seen >= n)
+		if (seen >= reachable)
 			return -ELOOP;		/* more links than entries: a cycle */
 		struct vring_desc d;
 		memcpy(&d, &table[i], sizeof(d));	/* one snapshot: the guest may race us */
