@@ -19,6 +19,12 @@ struct vring_desc {
 	uint16_t next;
 } __attribute__((packed));
 
+/* Both ranges are inside guest RAM (translated): no sum overflows. */
+static int overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
 int vmm_virtq_activate(struct vmm_virtq *q, const struct vmm_mem *mem)
 {
 	uint64_t n = q->size;
@@ -32,6 +38,15 @@ int vmm_virtq_activate(struct vmm_virtq *q, const struct vmm_mem *mem)
 	if (!q->desc || !q->avail || !q->used) {
 		q->desc = q->avail = q->used = NULL;
 		return -EFAULT;
+	}
+	/* The device writes the used ring: never over what it reads to find
+	 * work.  Over the avail ring its used idx can stand for the avail idx
+	 * (a snapshot with last_avail != used_idx then serves chains forever,
+	 * the guest doing nothing); over the table its entries rewrite chains. */
+	if (overlaps(q->used_gpa, 6 + 8 * n, q->avail_gpa, 6 + 2 * n) ||
+	    overlaps(q->used_gpa, 6 + 8 * n, q->desc_gpa, 16 * n)) {
+		q->desc = q->avail = q->used = NULL;
+		return -EINVAL;
 	}
 	q->ready = 1;
 	q->mem = mem;

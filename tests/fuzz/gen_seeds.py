@@ -315,6 +315,20 @@ def gen_crashes() -> None:
     # check read the avail ring of the queue that has none (NULL): SIGSEGV.
     st = state(2, 1, 15, VERSION_1, [(0, 0, 0, 0, 0, 1, 0, 0)], signalled=0)
     crash("state_restore", "need-interrupt-on-queue-not-ready", b"\x00" + st + ops())
+    # A queue whose used ring lies on its avail ring, last_avail 5 behind
+    # used_idx: each push writes the used idx, which is the avail idx, 5
+    # ahead again - the drive served FLUSH chains forever.  The used entries
+    # land on the avail ring's slots too: heads 0 and 1 (id = head, len = 1,
+    # 0) are both good chains.
+    r = Ram()
+    hdr = r.alloc(16, struct.pack("<IIQ", T_FLUSH, 0, 0))
+    for head in (0, 1):
+        r.desc(0, head, hdr, 16, NEXT, head + 2)
+        r.desc(0, head + 2, r.alloc(1), 1, WRITE, 0)
+    r.put(RINGS[0][1] + 2, struct.pack("<H", 0xFFFF))     # avail idx: 5 chains waiting
+    desc, avail, _ = RINGS[0]
+    st = state(2, 1, 15, VERSION_1, [(desc, avail, avail, QSIZE, 0xFFFA, 0xFFFF, 1, 0)])
+    crash("state_restore", "used-ring-on-avail-ring-loops", b"\x00" + st + ops() + bytes(r.b))
 
 
 def main() -> None:

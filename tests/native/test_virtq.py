@@ -246,6 +246,12 @@ BAD_QUEUES = {
     "desc-misaligned": (QSIZE, D + 8, A, U),
     "avail-misaligned": (QSIZE, D, A + 1, U),
     "used-misaligned": (QSIZE, D, A, U + 2),
+    # The device writes the used ring: over the avail ring its used idx can
+    # stand for the avail idx and feed it chains forever; over the table
+    # its entries rewrite chains.
+    "used-on-avail": (QSIZE, D, A, A),
+    "used-over-avail-tail": (QSIZE, D, A, A + 20),
+    "used-over-desc-table": (QSIZE, D, A, D + 64),
 }
 
 
