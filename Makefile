@@ -36,7 +36,7 @@ IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
 DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
 	$(if $(PVM),--append vmmd_ready=1)
 
-.PHONY: run test lint guest native proto deps bench clean distclean
+.PHONY: run test lint guest native proto deps bench fuzz fuzz-smoke clean distclean
 
 run: deps $(STAMPS)/native $(STAMPS)/proto guest
 	@echo "== booting the demo guest through a temporary daemon: vmmd demo $(DEMO_ARGS)"
@@ -56,6 +56,17 @@ lint: deps $(STAMPS)/native $(STAMPS)/proto
 
 bench: deps $(STAMPS)/native $(STAMPS)/proto guest $(STAMPS)/bench-deps
 	$(PY) -m bench
+
+# Coverage-guided fuzzing of the C device code (tests/fuzz/README.md): each
+# harness in turn for FUZZ_SECONDS; fuzz-smoke is CI's short run (~20 s each),
+# failing on any crash.  Both need only clang, not the venv or a guest.
+FUZZ_SECONDS ?= 300
+fuzz: deps $(STAMPS)/native $(STAMPS)/proto $(STAMPS)/fuzz-deps
+	$(PYTHON) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
+	VMMD_FUZZ=1 $(PY) -m pytest tests/api/test_properties.py -q -p no:cacheprovider
+
+fuzz-smoke: $(STAMPS)/fuzz-deps
+	$(PYTHON) tests/fuzz/run.py --smoke
 
 # ---- installation ------------------------------------------------------------
 deps: $(STAMPS)/deps
@@ -77,6 +88,19 @@ $(STAMPS)/bench-deps:
 	@dpkg-query -W -f='$${Status}\n' $(BENCH_PACKAGES) 2>/dev/null | grep -q "install ok installed" || \
 		{ export DEBIAN_FRONTEND=noninteractive; apt-get update -q && \
 		  apt-get install -y -q --no-install-recommends $(BENCH_PACKAGES); }
+	@touch $@
+
+# clang with libFuzzer and the sanitizer runtimes (Debian's clang 14).
+FUZZ_PACKAGES := clang libclang-rt-14-dev
+$(STAMPS)/fuzz-deps:
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(FUZZ_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "== installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 	@touch $@
 
 $(STAMPS)/venv: pyproject.toml setup.py $(STAMPS)/deps

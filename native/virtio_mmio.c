@@ -385,7 +385,9 @@ static int restore_queue(struct vmm_virtq *q, const struct vmm_virtq_state *s,
 	q->last_avail = s->last_avail;
 	q->used_idx = s->used_idx;
 	q->signalled_used = s->signalled_used;
-	return s->ready ? vmm_virtq_activate(q, mem) : 0;
+	/* Rings misaligned or outside RAM: an impossible state (-EINVAL, as
+	 * documented), not activate's -EFAULT. */
+	return s->ready && vmm_virtq_activate(q, mem) < 0 ? -EINVAL : 0;
 }
 
 /* No guard here: restoring reads no ring, it only checks the rings' place

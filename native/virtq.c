@@ -19,6 +19,12 @@ struct vring_desc {
 	uint16_t next;
 } __attribute__((packed));
 
+/* Both ranges are inside guest RAM (translated): no sum overflows. */
+static int overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)
+{
+	return a < b + blen && b < a + alen;
+}
+
 int vmm_virtq_activate(struct vmm_virtq *q, const struct vmm_mem *mem)
 {
 	uint64_t n = q->size;
@@ -32,6 +38,15 @@ int vmm_virtq_activate(struct vmm_virtq *q, const struct vmm_mem *mem)
 	if (!q->desc || !q->avail || !q->used) {
 		q->desc = q->avail = q->used = NULL;
 		return -EFAULT;
+	}
+	/* The device writes the used ring: never over what it reads to find
+	 * work.  Over the avail ring its used idx can stand for the avail idx
+	 * (a snapshot with last_avail != used_idx then serves chains forever,
+	 * the guest doing nothing); over the table its entries rewrite chains. */
+	if (overlaps(q->used_gpa, 6 + 8 * n, q->avail_gpa, 6 + 2 * n) ||
+	    overlaps(q->used_gpa, 6 + 8 * n, q->desc_gpa, 16 * n)) {
+		q->desc = q->avail = q->used = NULL;
+		return -EINVAL;
 	}
 	q->ready = 1;
 	q->mem = mem;
@@ -102,10 +117,12 @@ static int walk(struct vmm_virtq *q, const struct vmm_mem *mem, struct vmm_chain
 		const struct vring_desc *table, uint32_t n, uint16_t first, int indirect)
 {
 	uint16_t i = first;
+	/* next is 16-bit: at most 65536 entries of a table are reachable. */
+	uint32_t reachable = n < 65536 ? n : 65536;
 	for (uint32_t seen = 0;; seen++) {
 		if (i >= n)
 			return -EINVAL;		/* guest-controlled index */
-		if (seen >= n)
+		if (seen >= reachable)
 			return -ELOOP;		/* more links than entries: a cycle */
 		struct vring_desc d;
 		memcpy(&d, &table[i], sizeof(d));	/* one snapshot: the guest may race us */
@@ -167,6 +184,11 @@ void vmm_virtq_push(struct vmm_virtq *q, uint16_t head, uint32_t written)
 
 int vmm_virtq_need_interrupt(struct vmm_virtq *q)
 {
+	/* A queue that is not ready has no rings to read: restored from a
+	 * snapshot it may have none mapped (NULL), turned off by the driver
+	 * they may no longer match its size. */
+	if (!q->ready)
+		return 0;
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	uint16_t old = q->signalled_used, now = q->used_idx;
 	if (old == now)

@@ -36,7 +36,8 @@ struct vmm_chain {
 	struct iovec seg[VMM_CHAIN_MAX_SEGS];
 };
 
-/* Resolve ring addresses; -EFAULT when any ring is not wholly in RAM. */
+/* Resolve ring addresses; -EFAULT when any ring is not wholly in RAM,
+ * -EINVAL when misaligned or the used ring overlaps the others. */
 int vmm_virtq_activate(struct vmm_virtq *q, const struct vmm_mem *mem);
 void vmm_virtq_reset(struct vmm_virtq *q);
 /* 1: a chain was taken, 0: queue empty, -EINVAL/-EFAULT/-ELOOP/-E2BIG: bad chain. */

@@ -8,6 +8,7 @@ reset (Status = 0) must bring the device back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,6 +186,26 @@ def test_hostile_chain_stops_device(drv: FakeDriver, disk: Path, build: Hostile)
     _assert_recovers(drv, disk, features)
 
 
+def test_loop_in_a_huge_indirect_table_found_fast(drv: FakeDriver, disk: Path) -> None:
+    """`next` is 16-bit: a walk of more than 65536 links has looped.  A loop
+    of two empty entries at the head of a 4 GiB indirect table was walked
+    2^28 times (the table's length, seconds of the VM's I/O thread for one
+    chain) before the device gave up."""
+    huge = 1 << 32
+    drv.mem.add_region(huge, 4 << 30)   # mapped NORESERVE: untouched, it costs nothing
+    features = F_ALL & ~F.EVENT_IDX
+    _init(drv, features)
+    drv.mem.write(huge, b"".join(d.pack() for d in [_d(_hdr(drv), NEXT, 1), _empty(2), _empty(1)]))
+    _raw(drv, [Desc(huge, 0xFFFF_FFF0, INDIRECT)])
+    before = drv.ram()
+    t0 = time.monotonic()
+    drv.notify()
+    took = time.monotonic() - t0
+    _assert_stopped(drv, before)
+    assert took < 0.5, f"{took:.2f} s to find a two-entry loop"
+    _assert_recovers(drv, disk, features)
+
+
 def test_indirect_needs_the_feature(drv: FakeDriver, disk: Path) -> None:
     features = F_ALL & ~(F.INDIRECT_DESC | F.EVENT_IDX)
     _init(drv, features)
@@ -226,6 +247,12 @@ BAD_QUEUES = {
     "desc-misaligned": (QSIZE, D + 8, A, U),
     "avail-misaligned": (QSIZE, D, A + 1, U),
     "used-misaligned": (QSIZE, D, A, U + 2),
+    # The device writes the used ring: over the avail ring its used idx can
+    # stand for the avail idx and feed it chains forever; over the table
+    # its entries rewrite chains.
+    "used-on-avail": (QSIZE, D, A, A),
+    "used-over-avail-tail": (QSIZE, D, A, A + 20),
+    "used-over-desc-table": (QSIZE, D, A, D + 64),
 }
 
 
