@@ -225,7 +225,9 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
     if snap.state.kind != snapshot.FULL:
         raise InvalidSpecError("snapshot_dir", f"{snap.directory} is a diff snapshot: merge it "
                                "onto its base first (MergeSnapshots, `vmmctl merge`)")
-    saved, cmdline, sizes = state.restore_spec(snap.state.spec)
+    # Checked once per cached snapshot: clones and repeated restores skip it.
+    saved, cmdline, sizes = (cache.derived(snap, "spec", lambda: state.restore_spec(snap.state.spec))
+                             if cache is not None else state.restore_spec(snap.state.spec))
     spec = _overridden(saved, rs)
     try:
         regions = ram_regions(spec.mem_bytes)

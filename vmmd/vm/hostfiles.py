@@ -78,8 +78,8 @@ def check_path(path: str, fail: Fail) -> None:
 
 
 def open_file(path: str, fail: Fail, *, write: bool = False, dir_fd: int | None = None,
-              nofollow: bool = False,
-              errno_problems: dict[int, str] | None = None) -> tuple[int, os.stat_result]:
+              nofollow: bool = False, errno_problems: dict[int, str] | None = None,
+              check_fs: bool = True) -> tuple[int, os.stat_result]:
     """Open a regular file on an ordinary filesystem for reading (or reading
     and writing); return the fd (blocking again, close-on-exec) and its stat.
     Never waits: a FIFO, a device or a lock held elsewhere cannot block it.
@@ -101,7 +101,7 @@ def open_file(path: str, fail: Fail, *, write: bool = False, dir_fd: int | None 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise fail(f"{shown(path)} is {kind_of(st.st_mode)}, not a regular file")
-        pseudo = PSEUDO_FILESYSTEMS.get(fs_type(fd))
+        pseudo = PSEUDO_FILESYSTEMS.get(fs_type(fd)) if check_fs else None
         if pseudo:
             raise fail(f"{shown(path)} is on {pseudo}, a pseudo filesystem of kernel controls, "
                        "not a file")

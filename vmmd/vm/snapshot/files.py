@@ -336,7 +336,9 @@ def _open_member(d: SnapshotDir, name: str) -> tuple[int, os.stat_result]:
     """A file of the snapshot, opened without following a link or blocking."""
     def fail(problem: str) -> DataLossError:
         return DataLossError(f"{shown(d.path / name)}: {problem}")
-    return open_file(name, fail, dir_fd=d.fd, nofollow=True)
+    # Its filesystem is the directory's, checked when it was opened (only a
+    # mount point could differ, and mounting takes root): not asked again.
+    return open_file(name, fail, dir_fd=d.fd, nofollow=True, check_fs=False)
 
 
 def _read_state(d: SnapshotDir) -> tuple[int, os.stat_result]:
