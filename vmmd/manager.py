@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vmmd.budget import BudgetInfo, MemoryBudget
+from vmmd.cell.cells import Lease, Placement, SharedPlacement
 from vmmd.errors import (
     AlreadyExistsError,
     InvalidSpecError,
@@ -55,6 +56,7 @@ class VmEntry:
     stopped_at: float | None = None  # set once, with the STOPPED event (stop_lock)
     deleted: bool = False  # set under `lock`; a deleted entry is never touched again
     memory_bytes: int = 0  # reserved in the memory budget; given back at delete
+    lease: Lease | None = None  # the VM's place in a cell; given back at delete
     lock: threading.RLock = field(default_factory=threading.RLock)
     stop_lock: threading.Lock = field(default_factory=threading.Lock)
     deleting: bool = False  # DeleteVm is waiting for this entry's lock
@@ -74,17 +76,20 @@ class VmEntry:
         counters = self.vm.counters()
         return VmInfo(vm_id=self.vm_id, phase=phase, spec=self.vm.spec, cmdline=self.vm.cmdline,
                       created_at=self.created_at, started_at=self.started_at,
-                      uptime_s=self.uptime_s(), counters=counters, stop=stop)
+                      uptime_s=self.uptime_s(), counters=counters, stop=stop,
+                      cell=self.lease.info() if self.lease is not None else None)
 
 
 class Manager:
     def __init__(self, *, kvm_path: str = "/dev/kvm", max_vms: int = DEFAULT_MAX_VMS,
                  memory_budget: int | None = None,
-                 native_factory: NativeFactory | None = None) -> None:
-        """native_factory: makes the C core's VM (tests pass a fake)."""
+                 native_factory: NativeFactory | None = None,
+                 placement: Placement | None = None) -> None:
+        """native_factory: makes the C core's VM (tests pass a fake);
+        placement: where VMs' cores run (default: in this process)."""
         self._kvm_path = kvm_path
         self._max_vms = max_vms
-        self._native_factory = native_factory
+        self.placement = placement or SharedPlacement(native_factory)
         self.memory = MemoryBudget(memory_budget)
         self.snapshots = snapshot.SnapshotCache()  # checked snapshots, for repeated restores
         self._lock = threading.Lock()
@@ -112,10 +117,10 @@ class Manager:
             for vm_id in vm_ids:
                 del self._vms[vm_id]
 
-    def _register(self, vm: Vm, kind: EventKind, memory_bytes: int,
+    def _register(self, vm: Vm, kind: EventKind, memory_bytes: int, lease: Lease,
                   started: bool = False) -> VmEntry:
         entry = VmEntry(vm, started_at=time.time() if started else None,
-                        memory_bytes=memory_bytes)
+                        memory_bytes=memory_bytes, lease=lease)
         vm.on_stopped(lambda info: self._publish_stop(entry, info))
         with self._lock:
             self._vms[vm.spec.vm_id] = entry
@@ -169,15 +174,19 @@ class Manager:
         check_vm_id(spec.vm_id)
         self._reserve(spec.vm_id)
         memory = 0
+        lease: Lease | None = None
         try:
             check_memory_size(spec.mem_bytes)  # a bad size says so, not "over budget"
             memory = self.memory.reserve(spec.mem_bytes)
-            vm = build_vm(spec, kvm_path=self._kvm_path, native_factory=self._native_factory)
+            lease = self.placement.acquire(spec.cell, spec.limits, spec.vm_id, spec.mem_bytes)
+            vm = build_vm(spec, kvm_path=self._kvm_path, native_factory=lease.factory)
         except BaseException:
+            if lease is not None:
+                lease.release()
             self.memory.release(memory)
             self._unreserve(spec.vm_id)
             raise
-        return self._register(vm, EventKind.CREATED, memory).info()
+        return self._register(vm, EventKind.CREATED, memory, lease).info()
 
     # -- snapshots --
     def snapshot(self, vm_id: str, directory: str, *, diff: bool) -> SnapshotInfo:
@@ -201,6 +210,7 @@ class Manager:
             raise InvalidSpecError("vm_id", "the new VMs' ids are not unique")
         self._reserve(*ids)
         vms: list[Vm] = []
+        leases: list[Lease] = []
         memory = 0
         try:
             with snapshot.opened(specs[0].snapshot_dir, cache=self.snapshots) as (snap,
@@ -208,8 +218,10 @@ class Manager:
                 memory = self.memory.reserve(snap.ram_bytes, len(specs))
                 for k, rs in enumerate(specs):
                     try:
+                        leases.append(self.placement.acquire(rs.cell, rs.limits, rs.vm_id,
+                                                             snap.ram_bytes))
                         vms.append(restore_from(rs, snap, memory_fd, kvm_path=self._kvm_path,
-                                                native_factory=self._native_factory,
+                                                native_factory=leases[-1].factory,
                                                 cache=self.snapshots))
                     except InvalidSpecError as e:
                         if not clones or e.path[0] == "snapshot_dir":
@@ -220,11 +232,14 @@ class Manager:
         except BaseException:
             for vm in vms:
                 vm.close()
+            for lease in leases:
+                lease.release()
             self.memory.release(memory)
             self._unreserve(*ids)
             raise
         each = memory // len(vms)
-        entries = [self._register(vm, EventKind.RESTORED, each, started=True) for vm in vms]
+        entries = [self._register(vm, EventKind.RESTORED, each, lease, started=True)
+                   for vm, lease in zip(vms, leases, strict=True)]
         if resume:
             for entry in entries:
                 self._publish(entry, EventKind.RESUMED)
@@ -288,6 +303,8 @@ class Manager:
         with self._locked(vm_id) as entry:
             entry.deleted = True
             entry.vm.close()  # STOPPED (on_stopped) always comes before DELETED
+            if entry.lease is not None:
+                entry.lease.release()
             self.memory.release(entry.memory_bytes)
             with self._lock:
                 del self._vms[vm_id]
@@ -319,6 +336,7 @@ class Manager:
         for t in threads:
             t.join()
         self.events.close_all()
+        self.placement.close()
 
     # -- internals --
     def _shutdown_one(self, vm_id: str, timeout_s: float) -> None:

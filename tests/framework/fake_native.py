@@ -586,6 +586,9 @@ class FakeNativeVm:
     def thread_count(self) -> int:
         return self.threads
 
+    def stop_detail(self) -> str | None:
+        return None
+
     # ---- events ----
     @property
     def event_fd(self) -> int:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmmd.budget import parse_budget
+from vmmd.cell.cells import CellPlacement, Placement
+from vmmd.cell.cgroup import CgroupTree
+from vmmd.cell.zygote import Zygote
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
 from vmmd.manager import DEFAULT_MAX_VMS, Manager
@@ -42,6 +45,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "unlimited")
     p.add_argument("--stop-timeout", type=float, default=10.0,
                    help="seconds a VM gets to stop gracefully at shutdown")
+    p.add_argument("--isolation", choices=("cells", "none"), default="cells",
+                   help="cells (the default): each VM's devices and vCPUs run in a jailed, "
+                        "unprivileged, seccomp-filtered worker process of its cell; none: "
+                        "everything in the daemon (trusted workloads, benchmarks)")
+    p.add_argument("--cell-uids", default="auto", metavar="FIRST:COUNT",
+                   help="the uids (and gids) cells run as, one per cell; auto: a block of "
+                        "65536 chosen from the daemon's pid (give a range no one else uses)")
     p.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
 
 
@@ -87,12 +97,45 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def parse_uids(text: str) -> tuple[int, int]:
+    if text == "auto":
+        # 65536 uids from 2^20 up, a block per daemon pid: daemons on one host
+        # (tests run several) do not share uids.
+        return (1 << 20) + (os.getpid() % 4096) * 65536, 65536
+    first, sep, count = text.partition(":")
+    try:
+        base, n = int(first), int(count)
+    except ValueError:
+        raise InvalidSpecError("--cell-uids", f"{text!r} is not FIRST:COUNT") from None
+    if not sep or base < 1000 or n < 1 or base + n > 1 << 31:
+        raise InvalidSpecError("--cell-uids", f"{text!r}: want FIRST >= 1000, COUNT >= 1, "
+                               "below 2^31")
+    return base, n
+
+
+def _placement(args: argparse.Namespace) -> Placement | None:
+    """Cells (a zygote forked now, cgroups opened) or None: the shared mode."""
+    if args.isolation == "none":
+        return None
+    if os.geteuid() != 0:
+        raise InvalidSpecError("--isolation", "cells need root (the daemon makes each "
+                               "cell's uid, mount namespace and cgroup): run as root, or "
+                               "--isolation none")
+    uids = parse_uids(args.cell_uids)
+    cgroups = CgroupTree.open(f"vmmd-{os.getpid()}")
+    hooks = os.environ.get("VMMD_TEST_HOOKS") == "1"
+    return CellPlacement(lambda on_exit: Zygote.fork(on_exit, test_hooks=hooks),
+                         cgroups=cgroups, uids=uids)
+
+
 def serve(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     tls = _tls(args)
     budget = parse_budget(args.memory_budget)
     claim_socket(args.socket)
-    manager = Manager(kvm_path=args.kvm, max_vms=args.max_vms, memory_budget=budget)
+    placement = _placement(args)  # forks the zygote: before any thread
+    manager = Manager(kvm_path=args.kvm, max_vms=args.max_vms, memory_budget=budget,
+                      placement=placement)
     return asyncio.run(_serve(args, manager, tls, budget))
 
 

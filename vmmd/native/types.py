@@ -22,6 +22,9 @@ class StopReason(enum.IntEnum):
     REQUESTED = lib.VMM_STOP_REQUESTED
     POWEROFF = lib.VMM_STOP_POWEROFF
     MEMORY_FAULT = lib.VMM_STOP_MEMORY_FAULT  # guest RAM's file shrank; code = the address
+    # Never from C: the daemon's own, for a VM whose cell worker died under it
+    # (vmmd/cell/remote.py), outside the C enum's range.
+    WORKER_DIED = 100
 
 
 class EventType(enum.IntEnum):

@@ -225,6 +225,11 @@ class NativeVm:
     def thread_count(self) -> int:
         return lib.vmm_vm_thread_count(self._vm)
 
+    def stop_detail(self) -> str | None:
+        """Why the VM stopped beyond its reason, when the core cannot say it
+        (a cell's VM whose worker died: RemoteNativeVm); None here."""
+        return None
+
     # -- events --
     @property
     def event_fd(self) -> int:

@@ -49,6 +49,7 @@ REASON_TEXT = {
     StopReason.KVM_ERROR: "KVM_RUN failed",
     StopReason.REQUESTED: "stopped by request",
     StopReason.MEMORY_FAULT: "guest memory became unreadable (its backing file shrank)",
+    StopReason.WORKER_DIED: "the worker process hosting the VM died",
 }
 
 
@@ -434,6 +435,9 @@ class Vm:
             if self._stop_info is None:
                 first = True
                 info = describe_stop(ev, self._native.stop_reason)
+                detail = self._native.stop_detail()
+                if detail:
+                    info = StopInfo(info.reason, info.clean, f"{info.message}: {detail}")
                 shrunk = self._memory_file.shrunk() if self._memory_file else None
                 if shrunk and not info.clean:
                     # Whatever KVM called it (PVM reports a triple fault), the guest

@@ -1,0 +1,377 @@
+"""Where a VM's C core runs: placements.
+
+The manager asks a Placement for a Lease on a cell for each VM it builds;
+the lease's `factory` makes the VM's native core (the builder calls it),
+`info()` describes the cell for GetVm, `release()` gives the VM's place
+back.  Two placements:
+
+- SharedPlacement (`vmmd serve --isolation none`): every VM's core in the
+  daemon itself, as before cells;
+- CellPlacement (the default): a jailed worker process per cell, forked by
+  the zygote, with its own uid, empty root, seccomp filter and cgroup.  A
+  VM that names no cell gets one of its own, named "@" + its id (a name no
+  client can give).  A cell lives while it hosts a VM: the last one's
+  release tears it down, off the caller's thread.
+
+When a worker dies, the zygote tells us its wait status; the cell's VMs
+learn the cause (a signal, the syscall seccomp refused, the OOM killer of
+the cell's memory limit) and stop as crashed; the cell is then torn down
+like any other.  Other cells never notice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vmmd.cell.remote import Channel, RemoteNativeVm
+from vmmd.cell.zygote import WorkerJail, Zygote, exit_cause
+from vmmd.errors import InvalidSpecError, NativeError, ResourceExhaustedError, StateError, quoted
+from vmmd.info import CellInfo
+from vmmd.log import get_logger
+from vmmd.spec import CellLimits
+
+MiB = 1 << 20
+WORKER_OVERHEAD = 32 * MiB  # a worker's own memory beside guest RAM (Python, C core, page tables)
+SECCOMP_REPORT = struct.Struct("=IiQ")  # native/seccomp.h: magic, syscall number, ip
+SECCOMP_MAGIC = 0x53434D50  # "SCMP"
+DEFAULT_UIDS = (1_000_000, 65_536)  # first uid and how many: one per cell
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+NativeFactory = Callable[[str], Any]
+
+
+class Lease(Protocol):
+    factory: NativeFactory | None
+
+    def info(self) -> CellInfo | None: ...
+
+    def release(self) -> None: ...
+
+
+class Placement(Protocol):
+    def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease: ...
+
+    def close(self) -> None: ...
+
+
+# ---- --isolation none ----
+@dataclass
+class _SharedLease:
+    factory: NativeFactory | None
+    name: str
+
+    def info(self) -> CellInfo | None:
+        return CellInfo(name=self.name, pid=0, uid=0, cpu_time_s=0.0, rss_bytes=0,
+                        memory_bytes=0, limits=CellLimits(), shared=True)
+
+    def release(self) -> None:
+        pass
+
+
+class SharedPlacement:
+    """Every VM in the daemon's own process (trusted workloads, benchmarks)."""
+
+    def __init__(self, factory: NativeFactory | None = None) -> None:
+        self._factory = factory
+
+    def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease:
+        if limits != CellLimits():
+            raise InvalidSpecError("limits", "limits need cells: this daemon runs with "
+                                   "--isolation none")
+        return _SharedLease(self._factory, cell)
+
+    def close(self) -> None:
+        pass
+
+
+# ---- cells ----
+@dataclass(eq=False)
+class Cell:
+    name: str
+    limits: CellLimits
+    uid: int
+    root: str
+    channel: Channel | None = None
+    pid: int = 0
+    cgroup: Any = None
+    report_fd: int = -1
+    refs: int = 0
+    ram_bytes: int = 0
+    natives: set[RemoteNativeVm] = field(default_factory=set)
+    dead: str | None = None
+    exited: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def info(self) -> CellInfo:
+        cpu, rss = _proc_usage(self.pid) if self.dead is None else (0.0, 0)
+        memory = 0
+        if self.cgroup is not None and self.dead is None:
+            try:
+                memory = self.cgroup.usage().memory_bytes
+            except OSError:
+                pass
+        return CellInfo(name=self.name, pid=self.pid, uid=self.uid, cpu_time_s=cpu,
+                        rss_bytes=rss, memory_bytes=memory, limits=self.limits, shared=False)
+
+
+def _proc_usage(pid: int) -> tuple[float, int]:
+    """CPU seconds (all threads) and resident bytes of a process; zeros once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            statm = f.read().split()
+    except OSError:
+        return 0.0, 0
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(statm[1]) * _PAGE
+
+
+@dataclass
+class _CellLease:
+    pool: CellPlacement
+    cell: Cell
+    ram_bytes: int
+    factory: NativeFactory | None = None
+    released: bool = False
+
+    def __post_init__(self) -> None:
+        self.factory = self._native
+
+    def _native(self, kvm_path: str) -> RemoteNativeVm:
+        cell = self.cell
+        if cell.dead is not None or cell.channel is None:
+            raise NativeError(f"create VM: cell {cell.name}'s worker {cell.dead}", errno.ESRCH)
+        native = RemoteNativeVm(cell.channel, kvm_path, cell.name,
+                                on_close=lambda n: cell.natives.discard(n))
+        with cell.lock:
+            cell.natives.add(native)
+            if cell.dead is not None:
+                native.lost(cell.dead)
+        return native
+
+    def info(self) -> CellInfo | None:
+        return self.cell.info()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool._release(self.cell, self.ram_bytes)
+
+
+class CellPlacement:
+    """Cells: jailed workers forked by a zygote (see the module doc)."""
+
+    def __init__(self, zygote_factory: Callable[[Callable[[int, int], None]], Zygote], *,
+                 cgroups: Any = None, uids: tuple[int, int] = DEFAULT_UIDS,
+                 run_dir: str = "/run") -> None:
+        """zygote_factory(on_exit): forks the zygote (before any thread)."""
+        self.log = get_logger(__name__)
+        self._lock = threading.Lock()
+        self._cells: dict[str, Cell] = {}
+        self._by_pid: dict[int, Cell] = {}
+        self._exits: dict[int, int] = {}  # pid -> status, for exits seen before the spawn returned
+        self._uid_base, self._uid_count = uids
+        self._free_uids = list(range(uids[0] + uids[1] - 1, uids[0] - 1, -1))
+        self._cgroups = cgroups
+        self._roots = tempfile.mkdtemp(prefix="vmmd-cells-", dir=run_dir)
+        os.chmod(self._roots, 0o711)
+        self._zygote = zygote_factory(self._on_exit)
+
+    # -- leases --
+    def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease:
+        name = cell or f"@{vm_id}"
+        need = ram_bytes + WORKER_OVERHEAD
+        with self._lock:
+            c = self._cells.get(name)
+            if c is not None:
+                if cell and limits != c.limits:
+                    raise StateError(f"cell: cell {quoted(name)} has other limits "
+                                     f"({_limits_text(c.limits)}); a VM joining it must ask "
+                                     f"for the same ({_limits_text(limits)} asked)")
+                if limits.memory_mib and c.ram_bytes + need > limits.memory_mib * MiB:
+                    raise ResourceExhaustedError(
+                        f"cell: cell {quoted(name)}'s memory limit {limits.memory_mib} MiB "
+                        f"cannot hold another {ram_bytes // MiB} MiB of guest RAM "
+                        f"({c.ram_bytes // MiB} MiB there)")
+                c.refs += 1
+                c.ram_bytes += ram_bytes
+                return _CellLease(self, c, ram_bytes)
+            if limits.memory_mib and need > limits.memory_mib * MiB:
+                raise InvalidSpecError(("limits", "memory_mib"),
+                                       f"{limits.memory_mib} MiB cannot hold the guest's "
+                                       f"{ram_bytes // MiB} MiB of RAM and the worker's "
+                                       f"{WORKER_OVERHEAD // MiB} MiB")
+            if not self._free_uids:
+                raise ResourceExhaustedError(f"cells: all {self._uid_count} cell uids are in use")
+            c = Cell(name, limits, self._free_uids.pop(), os.path.join(self._roots, name),
+                     refs=1, ram_bytes=ram_bytes)
+            self._cells[name] = c
+        try:
+            self._spawn(c)
+        except BaseException:
+            with self._lock:
+                del self._cells[name]
+            self._teardown(c)
+            raise
+        return _CellLease(self, c, ram_bytes)
+
+    def _release(self, c: Cell, ram_bytes: int) -> None:
+        with self._lock:
+            c.refs -= 1
+            c.ram_bytes -= ram_bytes
+            if c.refs > 0:
+                return
+            if self._cells.get(c.name) is c:
+                del self._cells[c.name]
+        # Off the caller's thread: DeleteVm does not wait for a process to die.
+        threading.Thread(target=self._teardown, args=(c,), name="cell-teardown",
+                         daemon=True).start()
+
+    # -- one cell's life --
+    def _spawn(self, c: Cell) -> None:
+        os.mkdir(c.root, 0o555)
+        root_fd = os.open(c.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        c.report_fd = report_r
+        try:
+            if self._cgroups is not None:
+                lim = c.limits
+                c.cgroup = self._cgroups.create(
+                    c.name, cpu=lim.cpu or None,
+                    memory_bytes=lim.memory_mib * MiB if lim.memory_mib else None,
+                    pids=lim.pids or None)
+            c.channel = Channel(ours, lambda why: self._kill(c, why))
+            c.pid = self._zygote.spawn(WorkerJail(c.name, c.uid, c.uid), theirs.fileno(),
+                                       root_fd, report_w)
+            with self._lock:
+                self._by_pid[c.pid] = c
+                status = self._exits.pop(c.pid, None)
+            if c.cgroup is not None:
+                c.cgroup.add(c.pid)
+            if status is not None:
+                self._on_exit(c.pid, status)
+            # Ready: jailed and answering (the first call waits for the jail).
+            c.channel.call(0, "ping", timeout_s=10.0)
+        finally:
+            os.close(root_fd)
+            os.close(report_w)
+            theirs.close()
+        self.log.info("cell.spawned", cell=c.name, pid=c.pid, uid=c.uid)
+
+    def _kill(self, c: Cell, why: str) -> None:
+        self.log.error("cell.protocol_broken", cell=c.name, pid=c.pid, why=why)
+        if c.pid:
+            try:
+                os.kill(c.pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        """The zygote reaped a worker (its reader thread calls)."""
+        with self._lock:
+            c = self._by_pid.pop(pid, None)
+            if c is None:
+                self._exits[pid] = status
+                return
+        sig, text = exit_cause(status)
+        report = self._seccomp_report(c)
+        if report is not None:
+            text = f"was killed by its seccomp filter: syscall {report} is not allowed"
+        elif self._oom_killed(c):
+            text = (f"was killed by the OOM killer: its cell's memory limit is "
+                    f"{c.limits.memory_mib} MiB")
+        else:
+            text = f"was {text}" if sig is not None else text
+        why = f"cell {c.name}'s worker (pid {pid}) {text}"
+        with c.lock:
+            c.dead = why
+            natives = list(c.natives)
+        if c.channel is not None:
+            c.channel.mark_dead(why)
+        c.exited.set()
+        if natives:
+            self.log.error("cell.died", cell=c.name, pid=pid, cause=text, vms=len(natives))
+        for n in natives:
+            n.lost(why)
+
+    def _seccomp_report(self, c: Cell) -> str | None:
+        try:
+            data = os.read(c.report_fd, SECCOMP_REPORT.size)
+        except (BlockingIOError, OSError):
+            return None
+        if len(data) != SECCOMP_REPORT.size:
+            return None
+        magic, nr, _ip = SECCOMP_REPORT.unpack(data)
+        if magic != SECCOMP_MAGIC:
+            return None
+        return _syscall_name(nr)
+
+    def _oom_killed(self, c: Cell) -> bool:
+        try:
+            return bool(c.cgroup is not None and c.cgroup.oom_killed())
+        except OSError:
+            return False
+
+    def _teardown(self, c: Cell) -> None:
+        """Stop the worker (its socket closes: it exits; killed if it does
+        not), then the cgroup, its root and its uid."""
+        if c.channel is not None:
+            c.channel.close()
+        if c.pid and not c.exited.wait(1.0):
+            try:
+                os.kill(c.pid, 9)
+            except ProcessLookupError:
+                pass
+            c.exited.wait(2.0)
+        if c.cgroup is not None:
+            c.cgroup.remove()
+        try:
+            os.rmdir(c.root)
+        except OSError:
+            pass
+        if c.report_fd >= 0:
+            os.close(c.report_fd)
+            c.report_fd = -1
+        with self._lock:
+            self._by_pid.pop(c.pid, None)
+            self._free_uids.append(c.uid)
+
+    def cells(self) -> list[Cell]:
+        with self._lock:
+            return list(self._cells.values())
+
+    def close(self) -> None:
+        for c in self.cells():
+            self._teardown(c)
+        self._zygote.close()
+        if self._cgroups is not None:
+            self._cgroups.close()
+        shutil.rmtree(self._roots, ignore_errors=True)
+
+
+def _limits_text(lim: CellLimits) -> str:
+    parts = [f"cpu {lim.cpu:g}" if lim.cpu else "cpu unlimited",
+             f"memory {lim.memory_mib} MiB" if lim.memory_mib else "memory unlimited",
+             f"pids {lim.pids}" if lim.pids else "pids unlimited"]
+    return ", ".join(parts)
+
+
+def _syscall_name(nr: int) -> str:
+    try:
+        from vmmd.native import jail  # noqa: PLC0415
+        name = jail.syscall_name(nr)
+    except (ImportError, AttributeError):
+        name = None
+    return f"{nr} ({name})" if name else str(nr)
