@@ -1,0 +1,1 @@
+"""Cells: jailed worker processes that host VMs."""
