@@ -4,6 +4,7 @@ on a temporary socket), human output and `--json`, errors as one line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.framework import REPO
 from tests.framework.daemon import running_daemon
 
 VMMCTL = Path(sys.executable).with_name("vmmctl")  # the installed entry point
@@ -26,9 +28,12 @@ def ctl_socket() -> Iterator[str]:
 
 
 def vmmctl(socket: str, *args: str, rc: int = 0, stdin: bytes = b"") -> str:
-    """Runs vmmctl; checks its exit status; returns stdout (stderr on failure)."""
+    """Runs vmmctl (this tree's vmmd, as the daemon launcher runs it: the editable install
+    may point at another checkout); checks its exit status; returns stdout (stderr on
+    failure)."""
     p = subprocess.run([str(VMMCTL), "--socket", socket, *args], input=stdin, check=False,
-                       capture_output=True, timeout=HANG_S)
+                       capture_output=True, timeout=HANG_S,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == rc, f"vmmctl {' '.join(args)}: {p.returncode}\n{p.stderr.decode()}"
     return (p.stdout if rc == 0 else p.stderr).decode()
 
