@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from vmmd.spec import VmSpec
+from vmmd.spec import CellLimits, VmSpec
 
 
 class Phase(enum.Enum):
@@ -82,6 +82,20 @@ class VmCounters:
 
 
 @dataclass(frozen=True)
+class CellInfo:
+    """The cell a VM runs in, read at that moment (the API's CellInfo)."""
+
+    name: str           # as the VM's spec named it, or the daemon's name for a cell of its own
+    pid: int            # the worker's pid; 0 when VMs run in the daemon's process
+    cpu_time_s: float   # the worker's CPU time, user + system
+    rss_bytes: int      # the worker's resident memory
+    memory_bytes: int   # the cell cgroup's memory.current; 0 if unknown
+    limits: CellLimits
+    uid: int            # the worker's user
+    shared: bool        # a named cell other VMs may join (False: its own, or no cells)
+
+
+@dataclass(frozen=True)
 class VmInfo:
     vm_id: str
     phase: Phase
@@ -92,6 +106,7 @@ class VmInfo:
     uptime_s: float
     counters: VmCounters = field(default_factory=VmCounters)
     stop: StopSummary | None = None
+    cell: CellInfo | None = None  # None: not known (the reply's Vm.cell is unset)
 
 
 @dataclass(frozen=True)

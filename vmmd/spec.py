@@ -3,13 +3,15 @@
 The API and CLI layers convert their input into a VmSpec; the builder
 consumes it.  The specs mirror the API's messages field for field, names
 included (VmSpec ~ VmConfig plus vm_id, BootSpec ~ BootSource, DriveSpec ~
-Drive, NetSpec ~ NetworkInterface, RestoreSpec ~ RestoreVmRequest): an
-error's field path (errors.InvalidSpecError.path) is then the API's path
-as it is, with only the request's own prefix ("config") added at the edge.
+Drive, NetSpec ~ NetworkInterface, CellLimits ~ CellLimits, RestoreSpec ~
+RestoreVmRequest): an error's field path (errors.InvalidSpecError.path) is
+then the API's path as it is, with only the request's own prefix
+("config") added at the edge.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -56,6 +58,34 @@ class NetSpec:
     create_tap: bool = False
 
 
+# Cell limits (CellLimits), each 0 (no limit) or within these bounds.
+# cpu: cgroup v2 takes a quota of at least 1 ms per period, and the default
+# period is 100 ms, so 1% of a core is the smallest quota a cell can get
+# without a shorter period; 1024 cores is beyond any host vmmd runs on (a
+# larger value is a mistake, not a wish).
+MIN_CPU, MAX_CPU = 0.01, 1024.0
+# memory_mib: 16 MiB is the smallest VM's RAM (vm/layout.py), let alone a
+# worker's; 2^30 MiB (1 PiB) is beyond any host, and keeps the byte count
+# (memory_mib << 20) far inside the cgroup's 64-bit memory.max.
+MIN_CELL_MEM_MIB, MAX_CELL_MEM_MIB = 16, 1 << 30
+# pids: one VM alone is a thread per vCPU, its I/O thread and its watcher,
+# in a worker that has threads of its own: below 8 tasks a cell could not
+# even hold one small VM; 2^22 is the kernel's PID_MAX_LIMIT (no host has
+# more pids to give).
+MIN_PIDS, MAX_PIDS = 8, 1 << 22
+
+
+@dataclass(frozen=True)
+class CellLimits:
+    """Caps on a cell (its cgroup); 0: no limit.  cpu is a fraction of one
+    core (0.25: a quarter), memory_mib the cell's host memory, guest RAM
+    included, pids the most tasks (processes and threads)."""
+
+    cpu: float = 0.0
+    memory_mib: int = 0
+    pids: int = 0
+
+
 @dataclass(frozen=True)
 class VmSpec:
     vm_id: str
@@ -65,6 +95,10 @@ class VmSpec:
     drives: tuple[DriveSpec, ...] = ()
     network_interfaces: tuple[NetSpec, ...] = ()
     track_dirty_pages: bool = False  # dirty-page logging, for diff snapshots
+    # Where the VM runs, not what it is (neither is in a snapshot): the cell
+    # ("" = one of its own) and that cell's limits.
+    cell: str = ""
+    limits: CellLimits = CellLimits()
 
     @property
     def mem_bytes(self) -> int:
@@ -82,6 +116,28 @@ def check_id(path: FieldPath | str, value: str) -> str:
 
 def check_vm_id(vm_id: str) -> str:
     return check_id("vm_id", vm_id)
+
+
+def check_cell_name(cell: str, path: FieldPath = ("cell",)) -> str:
+    """A cell's name: "" (a cell of the VM's own) or an id, as a VM's."""
+    return check_id(path, cell) if cell else cell
+
+
+def _bounded(path: FieldPath, value: float, low: float, high: float) -> None:
+    if value and not low <= value <= high:
+        raise InvalidSpecError(path, f"{value!r} is outside {low!r}..{high!r} (0: no limit)")
+
+
+def check_limits(limits: CellLimits, path: FieldPath = ("limits",)) -> CellLimits:
+    """Each limit 0 or within its bounds (see MIN_CPU...): a value a client
+    sent that no cgroup could carry out is refused here, naming the field."""
+    if not math.isfinite(limits.cpu):
+        raise InvalidSpecError((*path, "cpu"), f"{limits.cpu!r} is not a number of cores "
+                               f"({MIN_CPU!r}..{MAX_CPU!r}; 0: no limit)")
+    _bounded((*path, "cpu"), limits.cpu, MIN_CPU, MAX_CPU)
+    _bounded((*path, "memory_mib"), limits.memory_mib, MIN_CELL_MEM_MIB, MAX_CELL_MEM_MIB)
+    _bounded((*path, "pids"), limits.pids, MIN_PIDS, MAX_PIDS)
+    return limits
 
 
 @dataclass(frozen=True)
@@ -109,9 +165,12 @@ class DeviceOverrides:
 
 @dataclass(frozen=True)
 class RestoreSpec:
-    """A VM from a snapshot: its new id, and where its devices go now."""
+    """A VM from a snapshot: its new id, where its devices go now, and where
+    it runs (its cell and the cell's limits, as VmSpec's: a snapshot has none)."""
 
     snapshot_dir: str
     vm_id: str
     overrides: DeviceOverrides = field(default_factory=DeviceOverrides)
     track_dirty_pages: bool = False
+    cell: str = ""
+    limits: CellLimits = CellLimits()

@@ -4,6 +4,7 @@ on a temporary socket), human output and `--json`, errors as one line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.framework import REPO
 from tests.framework.daemon import running_daemon
 
 VMMCTL = Path(sys.executable).with_name("vmmctl")  # the installed entry point
@@ -26,9 +28,12 @@ def ctl_socket() -> Iterator[str]:
 
 
 def vmmctl(socket: str, *args: str, rc: int = 0, stdin: bytes = b"") -> str:
-    """Runs vmmctl; checks its exit status; returns stdout (stderr on failure)."""
+    """Runs vmmctl (this tree's vmmd, as the daemon launcher runs it: the editable install
+    may point at another checkout); checks its exit status; returns stdout (stderr on
+    failure)."""
     p = subprocess.run([str(VMMCTL), "--socket", socket, *args], input=stdin, check=False,
-                       capture_output=True, timeout=HANG_S)
+                       capture_output=True, timeout=HANG_S,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == rc, f"vmmctl {' '.join(args)}: {p.returncode}\n{p.stderr.decode()}"
     return (p.stdout if rc == 0 else p.stderr).decode()
 
@@ -48,7 +53,7 @@ def test_lifecycle_with_json_and_table(ctl_socket: str, microguests: dict[str, P
     assert vm_json(ctl_socket, "start", "ctl-1")["state"] == "VM_STATE_RUNNING"
 
     table = vmmctl(ctl_socket, "get", "ctl-1").splitlines()
-    assert table[0].split() == ["ID", "STATE", "VCPUS", "MEM", "UPTIME", "STOP"]
+    assert table[0].split() == ["ID", "STATE", "VCPUS", "MEM", "UPTIME", "CELL", "PID", "STOP"]
     assert table[1].split()[:4] == ["ctl-1", "running", "2", "32MiB"]
     listed = vm_json(ctl_socket, "list")["vms"]
     assert [(v["vm_id"], v["state"]) for v in listed] == [("ctl-1", "VM_STATE_RUNNING")]
@@ -72,6 +77,33 @@ def test_console_streams_until_the_vm_stops(ctl_socket: str, microguests: dict[s
     assert out.startswith("MG-HELLO\n") and out.endswith("MG-DONE\n")
     assert vmmctl(ctl_socket, "get", "ctl-con").splitlines()[1].split()[-1] == "reboot"
     vmmctl(ctl_socket, "delete", "ctl-con")
+
+
+@pytest.mark.kvm
+def test_cell_and_limits_reach_the_config(ctl_socket: str, microguests: dict[str, Path]) -> None:
+    vm = vm_json(ctl_socket, "create", "--id", "ctl-cell", "--kernel", str(microguests["64"]),
+                 "--mem-mib", "32", "--cell", "web", "--cpu-limit", "0.5",
+                 "--memory-limit-mib", "256", "--pids-limit", "64")
+    assert vm["config"]["cell"] == "web"
+    assert vm["config"]["limits"] == {"cpu": 0.5, "memory_mib": "256", "pids": 64}
+    row = vmmctl(ctl_socket, "list").splitlines()[1].split()
+    if "cell" not in vm:  # the daemon tells no cell yet: the column is the config's
+        assert row[5:7] == ["web", "-"]
+    vmmctl(ctl_socket, "delete", "ctl-cell")
+
+
+def test_bad_cell_options_are_the_daemon_s_invalid_argument(ctl_socket: str) -> None:
+    create = ("create", "--id", "bad", "--kernel", "/k")
+    err = vmmctl(ctl_socket, *create, "--cpu-limit", "nan", rc=1)
+    assert err.startswith("vmmctl: INVALID_ARGUMENT: config.limits.cpu: nan ")
+    err = vmmctl(ctl_socket, *create, "--cell", "a b", rc=1)
+    assert err.startswith("vmmctl: INVALID_ARGUMENT: config.cell: 'a b' ")
+    err = vmmctl(ctl_socket, "restore", "/s", "--pids-limit", "3", rc=1)
+    assert err.startswith("vmmctl: INVALID_ARGUMENT: limits.pids: 3 is outside ")
+    err = vmmctl(ctl_socket, "clone", "/s", "--count", "2", "--memory-limit-mib", "1", rc=1)
+    assert err.startswith("vmmctl: INVALID_ARGUMENT: limits.memory_mib: 1 is outside ")
+    assert "--cpu-limit" in vmmctl(ctl_socket, "create", "--kernel", "/k", "--cpu-limit", "x",
+                                   rc=2)
 
 
 def test_errors_are_one_line_with_the_status_code(ctl_socket: str) -> None:

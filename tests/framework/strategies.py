@@ -157,8 +157,57 @@ def nics(draw: Any) -> pb.NetworkInterface:
         create_tap=create)
 
 
+# Cells: a name (the vm_id rule, "" = a cell of its own) and limits (each 0 = none, or
+# cpu 0.01..1024, memory_mib 16..2^30, pids 8..2^22).
+CELLS_GOOD = ["", "c1", "a" * 64]
+CPUS = [0.0, -0.0, 0.01, 0.009999, 0.5, 1024.0, 1024.0001, -0.5, -1.0, 1e-300, 5e-324, 1e300,
+        float("inf"), float("-inf"), float("nan")]
+CELL_MEM_MIB = [0, 1, 15, 16, 2**30, 2**30 + 1, 2**63, 2**64 - 1]
+PIDS = [0, 1, 7, 8, 2**22, 2**22 + 1, 2**32 - 1]
+GOOD_LIMITS = [pb.CellLimits(), pb.CellLimits(cpu=0.5, memory_mib=256, pids=64)]
+# Names a cell cannot have, and limits no cell can: (the field refused, the limits, what the
+# message says after "<field>: ").  The unit tests (convert) and the api tier share them.
+BAD_CELLS = ["a b", "-a", ".a", "a\n", "a/b", "\u00e9", "a" * 65, "x" * 10_000, "\0"]
+BAD_LIMITS: list[tuple[str, pb.CellLimits, str]] = [
+    ("cpu", pb.CellLimits(cpu=float("nan")), "nan is not a number of cores (0.01..1024.0"),
+    ("cpu", pb.CellLimits(cpu=float("inf")), "inf is not a number of cores"),
+    ("cpu", pb.CellLimits(cpu=float("-inf")), "-inf is not a number of cores"),
+    ("cpu", pb.CellLimits(cpu=-0.5), "-0.5 is outside 0.01..1024.0 (0: no limit)"),
+    ("cpu", pb.CellLimits(cpu=0.005), "0.005 is outside 0.01..1024.0"),
+    ("cpu", pb.CellLimits(cpu=1025.0), "1025.0 is outside 0.01..1024.0"),
+    ("cpu", pb.CellLimits(cpu=1e300), "1e+300 is outside 0.01..1024.0"),
+    ("memory_mib", pb.CellLimits(memory_mib=15), "15 is outside 16..1073741824 (0: no limit)"),
+    ("memory_mib", pb.CellLimits(memory_mib=2**64 - 1), f"{2**64 - 1} is outside 16.."),
+    ("pids", pb.CellLimits(pids=7), "7 is outside 8..4194304 (0: no limit)"),
+    ("pids", pb.CellLimits(pids=2**32 - 1), f"{2**32 - 1} is outside 8..4194304"),
+    # the first bad field is the one named
+    ("cpu", pb.CellLimits(cpu=-1, memory_mib=1, pids=1), "-1.0 is outside"),
+    ("memory_mib", pb.CellLimits(cpu=1, memory_mib=1, pids=1), "1 is outside 16.."),
+]
+BAD_LIMIT_IDS = [f"{name}-{i}" for i, (name, *_) in enumerate(BAD_LIMITS)]
+
+
+def cells() -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(CELLS_GOOD), ids())
+
+
+def limits() -> st.SearchStrategy[pb.CellLimits]:
+    """Any CellLimits: extremes, and what hypothesis makes up (a double is any of them)."""
+    return st.builds(pb.CellLimits,
+                     cpu=st.one_of(st.sampled_from(CPUS), st.floats()),
+                     memory_mib=st.one_of(st.sampled_from(CELL_MEM_MIB),
+                                          st.integers(0, 2**64 - 1)),
+                     pids=st.one_of(st.sampled_from(PIDS), st.integers(0, 2**32 - 1)))
+
+
+def _cell_fields(draw: Any, m: set[str]) -> dict[str, Any]:
+    return {"cell": _pick(draw, m, "cell", st.sampled_from(CELLS_GOOD), cells()),
+            "limits": _pick(draw, m, "limits", st.sampled_from(GOOD_LIMITS), limits())}
+
+
 CREATE_FIELDS = ["vm_id", "kernel_path", "initrd_path", "cmdline", "cmdline_append", "vcpus",
-                 "memory_mib", "drives", "network_interfaces", "track_dirty_pages"]
+                 "memory_mib", "drives", "network_interfaces", "track_dirty_pages", "cell",
+                 "limits"]
 
 
 @st.composite
@@ -178,7 +227,7 @@ def create_requests(draw: Any) -> pb.CreateVmRequest:
                      st.lists(drives(), max_size=4)),
         network_interfaces=_pick(draw, m, "network_interfaces", st.just([]),
                                  st.lists(nics(), min_size=1, max_size=3)),
-        track_dirty_pages=draw(st.booleans()))
+        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m))
     vm_id = _pick(draw, m, "vm_id", st.sampled_from(["", "v1"]), ids())
     return pb.CreateVmRequest(vm_id=vm_id, config=config)
 
@@ -199,13 +248,13 @@ def overrides(draw: Any) -> pb.DeviceOverrides:
 
 @st.composite
 def restore_requests(draw: Any) -> pb.RestoreVmRequest:
-    m = _mutated(draw, ["snapshot_dir", "vm_id", "overrides"])
+    m = _mutated(draw, ["snapshot_dir", "vm_id", "overrides", "cell", "limits"])
     return pb.RestoreVmRequest(
         snapshot_dir=_pick(draw, m, "snapshot_dir", st.just(tok("snap", "full")), snap_dirs()),
         vm_id=_pick(draw, m, "vm_id", st.sampled_from(["", "r1"]), ids()),
         resume=draw(st.booleans()),
         overrides=_pick(draw, m, "overrides", st.just(pb.DeviceOverrides()), overrides()),
-        track_dirty_pages=draw(st.booleans()))
+        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m))
 
 
 COUNTS = [0, 1, 2, 3, 1025, 2**31, 2**32 - 1]
@@ -213,7 +262,7 @@ COUNTS = [0, 1, 2, 3, 1025, 2**31, 2**32 - 1]
 
 @st.composite
 def clone_requests(draw: Any) -> pb.CloneVmRequest:
-    m = _mutated(draw, ["snapshot_dir", "count", "id_prefix", "overrides"])
+    m = _mutated(draw, ["snapshot_dir", "count", "id_prefix", "overrides", "cell", "limits"])
     count = _pick(draw, m, "count", st.sampled_from([1, 2]), st.sampled_from(COUNTS))
     n = draw(st.sampled_from([0, count, count + 1, 1])) if "overrides" in m and count < 8 else 0
     return pb.CloneVmRequest(
@@ -223,7 +272,7 @@ def clone_requests(draw: Any) -> pb.CloneVmRequest:
                         st.one_of(ids(), st.just("a" * 62), st.just("a" * 63))),
         resume=draw(st.booleans()),
         overrides=[draw(overrides()) for _ in range(n)],
-        track_dirty_pages=draw(st.booleans()))
+        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m))
 
 
 @st.composite

@@ -4,18 +4,21 @@ place field paths get the request's prefix (request_error)."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.framework.strategies import BAD_CELLS, BAD_LIMIT_IDS, BAD_LIMITS
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd.api import convert
 from vmmd.budget import BudgetInfo
 from vmmd.errors import FieldPath, InvalidSpecError, render_path
 from vmmd.events import EventKind, LifecycleEvent
 from vmmd.info import (
+    CellInfo,
     DeviceCounters,
     InterfaceCounters,
     Phase,
@@ -28,7 +31,15 @@ from vmmd.info import (
 from vmmd.spec import (
     DEFAULT_MEM_MIB,
     DEFAULT_VCPUS,
+    ID_RULE,
+    MAX_CELL_MEM_MIB,
+    MAX_CPU,
+    MAX_PIDS,
+    MIN_CELL_MEM_MIB,
+    MIN_CPU,
+    MIN_PIDS,
     BootSpec,
+    CellLimits,
     DeviceOverrides,
     DriveOverride,
     DriveSpec,
@@ -54,6 +65,13 @@ def optional(s: st.SearchStrategy[str]) -> st.SearchStrategy[str | None]:
     return st.one_of(st.none(), s)
 
 
+cell_names = st.one_of(st.just(""), st.from_regex(ID_RE, fullmatch=True))
+good_limits = st.builds(
+    CellLimits,
+    cpu=st.one_of(st.just(0.0), st.floats(MIN_CPU, MAX_CPU)),
+    memory_mib=st.one_of(st.just(0), st.integers(MIN_CELL_MEM_MIB, MAX_CELL_MEM_MIB)),
+    pids=st.one_of(st.just(0), st.integers(MIN_PIDS, MAX_PIDS)))
+
 specs = st.builds(
     VmSpec,
     vm_id=st.from_regex(ID_RE, fullmatch=True),
@@ -66,7 +84,7 @@ specs = st.builds(
     network_interfaces=st.lists(st.builds(NetSpec, iface_id=texts(), host_dev_name=texts(),
                                           guest_mac=optional(texts(1)),
                                           create_tap=st.booleans()), max_size=3).map(tuple),
-    track_dirty_pages=st.booleans())
+    track_dirty_pages=st.booleans(), cell=cell_names, limits=good_limits)
 
 
 def create(config: pb.VmConfig, vm_id: str = "v") -> VmSpec:
@@ -179,11 +197,12 @@ def overrides_pb(path: str = "/img", iface: str = "eth0") -> pb.DeviceOverrides:
 
 def test_restore_spec_carries_every_field() -> None:
     req = pb.RestoreVmRequest(snapshot_dir="/s", vm_id="r", resume=True,
-                              overrides=overrides_pb(), track_dirty_pages=True)
+                              overrides=overrides_pb(), track_dirty_pages=True, cell="web",
+                              limits=pb.CellLimits(cpu=0.5, memory_mib=512, pids=100))
     assert convert.restore_spec(req, "r") == RestoreSpec(
         "/s", "r", DeviceOverrides((DriveOverride("d", "/img"),),
                                    (NetOverride("eth0", "tap1", True),)),
-        track_dirty_pages=True)
+        track_dirty_pages=True, cell="web", limits=CellLimits(0.5, 512, 100))
 
 
 def test_a_relative_override_path_of_restore_is_at_overrides() -> None:
@@ -342,3 +361,133 @@ def test_snapshot_to_proto(kind: str, type_: int) -> None:
 def test_budget_to_proto() -> None:
     assert convert.budget_to_proto(BudgetInfo(0, 5, 4)) == pb.MemoryBudget(
         budget_bytes=0, committed_bytes=5, overhead_per_vm_bytes=4)
+
+
+# ---- cells: the cell's name and its limits ----
+# Each request that names a cell, made with the given cell fields; (method, call, the prefix
+# its errors get at the edge).
+def _create_with(cell: str = "", limits: pb.CellLimits | None = None) -> None:
+    create(pb.VmConfig(boot=pb.BootSource(kernel_path="/k"), cell=cell, limits=limits))
+
+
+def _restore_with(cell: str = "", limits: pb.CellLimits | None = None) -> None:
+    convert.restore_spec(pb.RestoreVmRequest(snapshot_dir="/s", cell=cell, limits=limits), "r")
+
+
+def _clone_with(cell: str = "", limits: pb.CellLimits | None = None) -> None:
+    convert.clone_specs(pb.CloneVmRequest(snapshot_dir="/s", count=3, cell=cell, limits=limits),
+                        "c")
+
+
+CELL_REQUESTS = [("CreateVm", _create_with, "config."), ("RestoreVm", _restore_with, ""),
+                 ("CloneVm", _clone_with, "")]
+
+
+def cell_refused(call, method: str, prefix: str, **fields: object) -> InvalidSpecError:  # type: ignore[no-untyped-def]
+    """The refusal of a request with these cell fields, checked to be at the request's path."""
+    e = refused(call, *(fields.get(k) for k in ("cell", "limits")))
+    assert convert.request_error(method, e).field == prefix + e.field
+    return e
+
+
+@pytest.mark.parametrize(("method", "call", "prefix"), CELL_REQUESTS,
+                         ids=[m for m, *_ in CELL_REQUESTS])
+@pytest.mark.parametrize("cell", BAD_CELLS, ids=range(len(BAD_CELLS)))
+def test_a_bad_cell_name_is_refused_at_cell(method: str, call, prefix: str,  # type: ignore[no-untyped-def]
+                                            cell: str) -> None:
+    e = cell_refused(call, method, prefix, cell=cell)
+    assert e.path == ("cell",) and e.problem.endswith(ID_RULE)
+
+
+@pytest.mark.parametrize(("method", "call", "prefix"), CELL_REQUESTS,
+                         ids=[m for m, *_ in CELL_REQUESTS])
+@pytest.mark.parametrize(("name", "limits", "says"), BAD_LIMITS,
+                         ids=BAD_LIMIT_IDS)
+def test_a_bad_limit_is_refused_at_its_field(method: str, call, prefix: str, name: str,  # type: ignore[no-untyped-def]
+                                            limits: pb.CellLimits, says: str) -> None:
+    e = cell_refused(call, method, prefix, limits=limits)
+    assert e.path == ("limits", name) and says in e.problem
+
+
+def test_cell_errors_render_at_each_request_s_path() -> None:
+    """What the client reads: `config.cell` / `config.limits.cpu` on CreateVm, `cell` /
+    `limits.memory_mib` on RestoreVm and CloneVm."""
+    for method, call, field in [("CreateVm", _create_with, "config.cell"),
+                                ("RestoreVm", _restore_with, "cell"),
+                                ("CloneVm", _clone_with, "cell")]:
+        assert str(convert.request_error(method, refused(call, "a b"))).startswith(f"{field}: ")
+    for method, call, field in [("CreateVm", _create_with, "config.limits.cpu"),
+                                ("RestoreVm", _restore_with, "limits.cpu"),
+                                ("CloneVm", _clone_with, "limits.cpu")]:
+        e = refused(call, "", pb.CellLimits(cpu=math.nan))
+        assert str(convert.request_error(method, e)).startswith(f"{field}: nan ")
+    e = refused(_restore_with, "", pb.CellLimits(memory_mib=1))
+    assert str(convert.request_error("RestoreVm", e)).startswith("limits.memory_mib: 1 is ")
+
+
+@given(st.one_of(st.floats(), st.sampled_from([0.0, -0.0, MIN_CPU, MAX_CPU, 5e-324,
+                                               math.nextafter(MIN_CPU, 0),
+                                               math.nextafter(MAX_CPU, math.inf)])))
+def test_cpu_is_taken_iff_zero_or_finite_within_bounds(cpu: float) -> None:
+    config = pb.VmConfig(boot=pb.BootSource(kernel_path="/k"), limits=pb.CellLimits(cpu=cpu))
+    if cpu == 0 or MIN_CPU <= cpu <= MAX_CPU:  # nan compares False: refused
+        assert create(config).limits == CellLimits(cpu=cpu)
+    else:
+        e = refused(create, config)
+        assert e.path == ("limits", "cpu") and e.problem.startswith(repr(cpu))
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_memory_and_pids_are_taken_iff_zero_or_within_bounds(memory_mib: int, pids: int) -> None:
+    req = pb.RestoreVmRequest(snapshot_dir="/s", limits=pb.CellLimits(memory_mib=memory_mib,
+                                                                      pids=pids))
+    mem_ok = memory_mib == 0 or MIN_CELL_MEM_MIB <= memory_mib <= MAX_CELL_MEM_MIB
+    pids_ok = pids == 0 or MIN_PIDS <= pids <= MAX_PIDS
+    if mem_ok and pids_ok:
+        assert convert.restore_spec(req, "r").limits == CellLimits(0.0, memory_mib, pids)
+    else:
+        e = refused(convert.restore_spec, req, "r")
+        assert e.path == ("limits", "memory_mib" if not mem_ok else "pids")
+
+
+@given(st.one_of(st.from_regex(ID_RE, fullmatch=True), st.text(max_size=70)))
+def test_a_cell_name_is_taken_iff_empty_or_an_id(cell: str) -> None:
+    req = pb.CloneVmRequest(snapshot_dir="/s", count=2, cell=cell)
+    if cell == "" or ID_RE.fullmatch(cell):
+        assert [s.cell for s in convert.clone_specs(req, "c")] == [cell, cell]
+    else:
+        e = refused(convert.clone_specs, req, "c")
+        assert e.path == ("cell",) and "must be 1-64 characters" in e.problem
+
+
+def test_no_cell_is_a_cell_of_its_own_without_limits() -> None:
+    spec = create(pb.VmConfig(boot=pb.BootSource(kernel_path="/k")))
+    assert (spec.cell, spec.limits) == ("", CellLimits())
+    assert convert.restore_spec(pb.RestoreVmRequest(snapshot_dir="/s"), "r").limits == \
+        CellLimits()
+
+
+def test_every_clone_of_a_call_goes_into_its_one_cell() -> None:
+    limits = pb.CellLimits(cpu=2.5, memory_mib=4096, pids=1000)
+    specs = convert.clone_specs(pb.CloneVmRequest(snapshot_dir="/s", count=3, cell="pool",
+                                                  limits=limits), "c")
+    assert {(s.cell, s.limits) for s in specs} == {("pool", CellLimits(2.5, 4096, 1000))}
+    alone = convert.clone_specs(pb.CloneVmRequest(snapshot_dir="/s", count=3, limits=limits), "c")
+    assert {(s.cell, s.limits) for s in alone} == {("", CellLimits(2.5, 4096, 1000))}
+
+
+CELL = CellInfo(name="web", pid=4242, cpu_time_s=1.5, rss_bytes=3 << 20, memory_bytes=5 << 20,
+                limits=CellLimits(0.25, 64, 16), uid=1001, shared=True)
+
+
+@pytest.mark.parametrize("cell", [None, CELL])
+def test_vm_to_proto_tells_the_cell_if_known(cell: CellInfo | None) -> None:
+    info = VmInfo(vm_id="v", phase=Phase.RUNNING, spec=VmSpec("v", BootSpec("/k"), cell="web"),
+                  cmdline="", created_at=1.0, started_at=2.0, uptime_s=0.0, cell=cell)
+    msg = convert.vm_to_proto(info)
+    assert msg.config.cell == "web"
+    assert msg.HasField("cell") == (cell is not None)
+    if cell is not None:
+        assert msg.cell == pb.CellInfo(name="web", pid=4242, cpu_time_s=1.5, rss_bytes=3 << 20,
+                                       memory_bytes=5 << 20, uid=1001, shared=True,
+                                       limits=pb.CellLimits(cpu=0.25, memory_mib=64, pids=16))

@@ -32,7 +32,7 @@ from vmmd.events import EventKind, LifecycleEvent, Subscription
 from vmmd.info import Phase, StopKind
 from vmmd.manager import Manager
 from vmmd.native import StopReason
-from vmmd.spec import BootSpec, DriveSpec, MiB, RestoreSpec, VmSpec
+from vmmd.spec import BootSpec, CellLimits, DriveSpec, MiB, RestoreSpec, VmSpec
 
 HANG_S = 10.0
 OVERHEAD = 4 * MiB  # budget.OVERHEAD_PER_VM
@@ -537,6 +537,23 @@ def test_snapshot_restore_and_clone(manager: Manager, kernel: str, natives: Fake
     assert drained(sub) == [(E.SNAPSHOT_TAKEN, None), (E.RESTORED, None)] + \
         [(E.RESTORED, None)] * 3 + [(E.RESUMED, None)] * 3
     assert manager.memory_info().committed_bytes == 5 * (32 * MiB + OVERHEAD)
+
+
+def test_a_restored_vm_runs_where_the_restore_says(manager: Manager, kernel: str,
+                                                   tmp_path: Path) -> None:
+    """The cell and its limits are the RestoreSpec's, never the snapshot's (it has none)."""
+    limits = CellLimits(cpu=0.5, memory_mib=256, pids=64)
+    running(manager, kernel, memory_mib=32, cell="old", limits=limits)
+    manager.pause("a")
+    snap = str(tmp_path / "snap")
+    manager.snapshot("a", snap, diff=False)
+    assert (manager.get("a").spec.cell, manager.get("a").spec.limits) == ("old", limits)
+    r = manager.restore(RestoreSpec(snap, "r"), resume=False)
+    assert (r.spec.cell, r.spec.limits) == ("", CellLimits())
+    new = CellLimits(cpu=2.0, memory_mib=1024, pids=128)
+    clones = manager.clone([RestoreSpec(snap, f"c-{i}", cell="pool", limits=new)
+                            for i in range(2)], resume=False)
+    assert [(c.spec.cell, c.spec.limits) for c in clones] == [("pool", new)] * 2
 
 
 @pytest.mark.parametrize("failure", ["over budget", "second clone fails", "id taken"])

@@ -108,19 +108,43 @@ def test_the_event_struct_matches_its_dataclass() -> None:
     assert c_fields("struct vmm_event") == dc_fields(Event)
 
 
+# Spec fields a snapshot does not keep: they say where a VM runs, not what it is, and
+# RestoreVm/CloneVm say them anew (RestoreSpec has them; builder._overridden sets them).
+NOT_SAVED = {"cell", "limits"}
+
+
 def test_specs_mirror_the_api_and_the_snapshot_schema() -> None:
     """Internal names are the API's (errors name request fields without renaming)."""
     assert dc_fields(spec.BootSpec) == pb_fields(pb.BootSource)
     assert dc_fields(spec.DriveSpec) == pb_fields(pb.Drive)
     assert dc_fields(spec.NetSpec) == pb_fields(pb.NetworkInterface)
     assert dc_fields(spec.VmSpec) - {"vm_id"} == pb_fields(pb.VmConfig)
+    assert dc_fields(spec.CellLimits) == pb_fields(pb.CellLimits)
     assert dc_fields(spec.DriveOverride) == pb_fields(pb.DriveOverride)
     assert dc_fields(spec.NetOverride) == pb_fields(pb.InterfaceOverride)
     assert dc_fields(spec.DeviceOverrides) == pb_fields(pb.DeviceOverrides)
+    # RestoreVm's request less resume (a verb's choice, not the VM's); CloneVm's names the
+    # same fields but for the clones' ids and overrides (one RestoreSpec per clone).
+    assert dc_fields(spec.RestoreSpec) == pb_fields(pb.RestoreVmRequest) - {"resume"}
+    assert dc_fields(spec.RestoreSpec) - {"vm_id", "overrides"} == \
+        pb_fields(pb.CloneVmRequest) - {"resume", "count", "id_prefix", "overrides"}
     # The snapshot's VmSpec: the API's names, flattened (boot's fields at the top, no
-    # cmdline_append: the saved command line is the guest's), plus the drives' sizes.
+    # cmdline_append: the saved command line is the guest's), plus the drives' sizes;
+    # without the cell and its limits.
     saved = pb_fields(spb.VmSpec)
-    assert saved == (dc_fields(spec.VmSpec) - {"boot"}) | (dc_fields(spec.BootSpec)
-                                                             - {"cmdline_append"})
+    assert NOT_SAVED <= dc_fields(spec.VmSpec) and not NOT_SAVED & saved
+    assert saved == (dc_fields(spec.VmSpec) - {"boot"} - NOT_SAVED) | \
+        (dc_fields(spec.BootSpec) - {"cmdline_append"})
     assert pb_fields(spb.Drive) == dc_fields(spec.DriveSpec) | {"size_bytes"}
     assert pb_fields(spb.NetworkInterface) == dc_fields(spec.NetSpec) - {"create_tap"}
+
+
+def test_the_vm_info_mirrors_the_api_vm() -> None:
+    """What the manager hands the API (info.VmInfo) and the Vm message GetVm returns: the
+    same fields, but for the names the reply gives them (spec is the reply's config, phase
+    its state, seconds its milliseconds)."""
+    renames = {"phase": "state", "spec": "config", "uptime_s": "uptime_ms"}
+    assert {renames.get(n, n) for n in dc_fields(info.VmInfo)} == pb_fields(pb.Vm)
+    assert dc_fields(info.CellInfo) == pb_fields(pb.CellInfo)
+    assert pb.CellInfo.DESCRIPTOR.fields_by_name["limits"].message_type is \
+        pb.CellLimits.DESCRIPTOR

@@ -35,7 +35,7 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import BootSpec, DriveSpec, NetSpec, RestoreSpec, VmSpec
+from vmmd.spec import BootSpec, CellLimits, DriveSpec, NetSpec, RestoreSpec, VmSpec
 from vmmd.vm import snapshot
 from vmmd.vm.builder import restore_from
 from vmmd.vm.layout import MAX_VCPUS, MiB
@@ -244,6 +244,15 @@ def test_a_saved_spec_is_restored_as_it_was(vcpus: int) -> None:
     assert back == dataclasses.replace(spec, boot=dataclasses.replace(spec.boot,
                                                                       cmdline="console=ttyS0 x=1"))
     assert (cmdline, sizes) == ("console=ttyS0 x=1", (4096,))
+
+
+def test_a_saved_spec_has_no_cell() -> None:
+    """Where a VM ran (its cell, the cell's limits) is not what it is: not saved."""
+    spec = VmSpec("v", BootSpec("/nonexistent/vmlinux"), memory_mib=64)
+    placed = dataclasses.replace(spec, cell="web", limits=CellLimits(0.5, 256, 64))
+    assert state.save_spec(placed, "x", []) == state.save_spec(spec, "x", [])
+    back, _, _ = state.restore_spec(state.save_spec(placed, "x", []))
+    assert (back.cell, back.limits) == ("", CellLimits())
 
 
 # ---- the state against the VM's spec (apply.prepare) ----

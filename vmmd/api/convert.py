@@ -16,11 +16,12 @@ from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd.budget import BudgetInfo
 from vmmd.errors import InvalidSpecError, quoted, shown
 from vmmd.events import EventKind, LifecycleEvent
-from vmmd.info import Phase, SnapshotInfo, StopKind, StopSummary, VmInfo
+from vmmd.info import CellInfo, Phase, SnapshotInfo, StopKind, StopSummary, VmInfo
 from vmmd.spec import (
     DEFAULT_MEM_MIB,
     DEFAULT_VCPUS,
     BootSpec,
+    CellLimits,
     DeviceOverrides,
     DriveOverride,
     DriveSpec,
@@ -28,6 +29,8 @@ from vmmd.spec import (
     NetSpec,
     RestoreSpec,
     VmSpec,
+    check_cell_name,
+    check_limits,
     check_vm_id,
 )
 
@@ -113,6 +116,11 @@ def _absolute(path: str, field: tuple[str | int, ...]) -> str:
     return path
 
 
+def limits_from_proto(m: pb.CellLimits) -> CellLimits:
+    """A request's limits, checked (errors at ("limits", field))."""
+    return check_limits(CellLimits(cpu=m.cpu, memory_mib=m.memory_mib, pids=m.pids))
+
+
 def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
     cfg = req.config
     boot = cfg.boot
@@ -135,6 +143,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                          guest_mac=n.guest_mac or None, create_tap=n.create_tap)
                                  for n in cfg.network_interfaces),
         track_dirty_pages=cfg.track_dirty_pages,
+        cell=check_cell_name(cfg.cell),
+        limits=limits_from_proto(cfg.limits),
     )
 
 
@@ -149,7 +159,8 @@ def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
 
 def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
     return RestoreSpec(req.snapshot_dir, vm_id, _overrides(req.overrides),
-                       track_dirty_pages=req.track_dirty_pages)
+                       track_dirty_pages=req.track_dirty_pages,
+                       cell=check_cell_name(req.cell), limits=limits_from_proto(req.limits))
 
 
 def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
@@ -164,8 +175,10 @@ def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
     if req.overrides and len(req.overrides) != req.count:
         raise InvalidSpecError("overrides", f"{len(req.overrides)} entries for {req.count} "
                                "clones: give none or one per clone")
+    # One cell for all clones when named (else each its own): checked once, at the request's path.
+    cell, limits = check_cell_name(req.cell), limits_from_proto(req.limits)
     return [RestoreSpec(req.snapshot_dir, f"{prefix}-{i}", _clone_overrides(req, i),
-                        track_dirty_pages=req.track_dirty_pages)
+                        track_dirty_pages=req.track_dirty_pages, cell=cell, limits=limits)
             for i in range(req.count)]
 
 
@@ -199,6 +212,16 @@ def net_to_proto(n: NetSpec) -> pb.NetworkInterface:
                                guest_mac=n.guest_mac or "", create_tap=n.create_tap)
 
 
+def limits_to_proto(limits: CellLimits) -> pb.CellLimits:
+    return pb.CellLimits(cpu=limits.cpu, memory_mib=limits.memory_mib, pids=limits.pids)
+
+
+def cell_to_proto(c: CellInfo) -> pb.CellInfo:
+    return pb.CellInfo(name=c.name, pid=c.pid, cpu_time_s=c.cpu_time_s, rss_bytes=c.rss_bytes,
+                       memory_bytes=c.memory_bytes, limits=limits_to_proto(c.limits), uid=c.uid,
+                       shared=c.shared)
+
+
 def config_to_proto(spec: VmSpec) -> pb.VmConfig:
     b = spec.boot
     return pb.VmConfig(
@@ -208,6 +231,7 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         drives=[drive_to_proto(d) for d in spec.drives],
         network_interfaces=[net_to_proto(n) for n in spec.network_interfaces],
         track_dirty_pages=spec.track_dirty_pages,
+        cell=spec.cell, limits=limits_to_proto(spec.limits),
     )
 
 
@@ -236,6 +260,8 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
     )
     if info.stop is not None:
         msg.stop.CopyFrom(_stop(info.stop))
+    if info.cell is not None:
+        msg.cell.CopyFrom(cell_to_proto(info.cell))
     return msg
 
 

@@ -93,6 +93,24 @@ def _overrides(args: argparse.Namespace, i: int) -> pb.DeviceOverrides:
     return pb.DeviceOverrides(drives=drives, network_interfaces=nets)
 
 
+def _cell_options(p: argparse.ArgumentParser, clone: bool = False) -> None:
+    """--cell and the cell's limits (0: none), sent as they are: the daemon checks them."""
+    p.add_argument("--cell", default="", metavar="NAME",
+                   help="run in this cell (VMs naming one cell share its worker); default: "
+                        + ("each clone in a cell of its own" if clone else "a cell of its own"))
+    p.add_argument("--cpu-limit", type=float, default=0.0, metavar="CORES",
+                   help="the cell's CPU quota in cores (0.25: a quarter of one)")
+    p.add_argument("--memory-limit-mib", type=int, default=0, metavar="MIB",
+                   help="the cell's host memory cap, guest RAM included")
+    p.add_argument("--pids-limit", type=int, default=0, metavar="N",
+                   help="the most tasks (processes + threads) in the cell")
+
+
+def _limits(args: argparse.Namespace) -> pb.CellLimits:
+    return pb.CellLimits(cpu=args.cpu_limit, memory_mib=args.memory_limit_mib,
+                         pids=args.pids_limit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmmctl", description="Control the vmmd daemon.")
     _global_options(p, top=True)
@@ -116,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="TAP[,mac=MAC][,create]", help=NET_HELP)
     c.add_argument("--track-dirty", action="store_true",
                    help="log written pages, for diff snapshots")
+    _cell_options(c)
     sn = add("snapshot", help="write a snapshot of a paused VM into a directory")
     sn.add_argument("vm_id")
     sn.add_argument("dir", type=os.path.abspath)
@@ -137,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the snapshot's drive ID uses PATH (clone: {i} is the clone's number)")
         r.add_argument("--net", action="append", default=[], metavar="ID=TAP[,create]",
                        help="the snapshot's interface ID goes onto TAP (clone: {i} as above)")
+        _cell_options(r, clone=name == "clone")
     m = add("merge", help="apply a diff snapshot onto its base (the base becomes full)")
     m.add_argument("base", type=os.path.abspath)
     m.add_argument("diff", type=os.path.abspath)
@@ -171,14 +191,33 @@ def _uptime(ms: int) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def _cell(vm: pb.Vm) -> tuple[str, str]:
+    """The CELL and PID columns: the cell the daemon tells (else the one the config names)
+    and its worker's pid ("-": none told, or the daemon's own process)."""
+    if vm.HasField("cell"):
+        return vm.cell.name or "-", str(vm.cell.pid) if vm.cell.pid else "-"
+    return vm.config.cell or "-", "-"
+
+
 def vm_table(vms: Sequence[pb.Vm]) -> str:
-    rows = [("ID", "STATE", "VCPUS", "MEM", "UPTIME", "STOP")]
+    rows = [("ID", "STATE", "VCPUS", "MEM", "UPTIME", "CELL", "PID", "STOP")]
     for vm in vms:
         stop = _name(pb.StopReason, vm.stop.reason, "STOP_REASON_") if vm.HasField("stop") else "-"
         rows.append((vm.vm_id, _name(pb.VmState, vm.state, "VM_STATE_"), str(vm.config.vcpus),
-                     f"{vm.config.memory_mib}MiB", _uptime(vm.uptime_ms), stop))
+                     f"{vm.config.memory_mib}MiB", _uptime(vm.uptime_ms), *_cell(vm), stop))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r, widths)), r[-1]]) for r in rows)
+
+
+def cell_line(c: pb.CellInfo) -> str:
+    """`vmmctl get`'s line about the VM's cell."""
+    lim = c.limits
+    limits = [f"cpu {lim.cpu:g}"] if lim.cpu else []
+    limits += [f"memory {lim.memory_mib}MiB"] if lim.memory_mib else []
+    limits += [f"pids {lim.pids}"] if lim.pids else []
+    return (f"cell: {c.name} ({'shared' if c.shared else 'not shared'}), pid {c.pid or '-'}, uid "
+            f"{c.uid}, cpu {c.cpu_time_s:.2f}s, rss {c.rss_bytes >> 20}MiB, cgroup memory "
+            f"{c.memory_bytes >> 20}MiB, limits: {', '.join(limits) or 'none'}")
 
 
 def show_snapshot(args: argparse.Namespace, snap: pb.Snapshot) -> None:
@@ -207,6 +246,8 @@ def show_vms(args: argparse.Namespace, vms: list[pb.Vm], *, one: bool = True) ->
         print(to_json(vms[0] if one else pb.ListVmsResponse(vms=vms)))
         return
     print(vm_table(vms))
+    if one and vms[0].HasField("cell"):
+        print(cell_line(vms[0].cell))
     if one and vms[0].stop.message:
         print(f"stop: {vms[0].stop.message}")
 
@@ -249,18 +290,21 @@ def run(client: Client, args: argparse.Namespace) -> int:
         show_vms(args, [client.create(args.id, args.kernel, initrd=args.initrd,
                                       cmdline=args.cmdline, cmdline_append=args.append,
                                       vcpus=args.vcpus, memory_mib=args.mem_mib,
-                                      track_dirty_pages=args.track_dirty, **_devices(args))])
+                                      track_dirty_pages=args.track_dirty, **_devices(args),
+                                      cell=args.cell, limits=_limits(args))])
     elif cmd == "snapshot":
         show_snapshot(args, client.snapshot(args.vm_id, args.dir, diff=args.diff))
     elif cmd == "restore":
         show_vms(args, [client.restore(args.dir, args.id, resume=args.resume,
                                        overrides=_overrides(args, 0),
-                                       track_dirty_pages=args.track_dirty)])
+                                       track_dirty_pages=args.track_dirty,
+                                       cell=args.cell, limits=_limits(args))])
     elif cmd == "clone":
         per_clone = [_overrides(args, i) for i in range(args.count)] \
             if args.drive or args.net else []
         show_vms(args, client.clone(args.dir, args.count, args.prefix, resume=args.resume,
-                                    overrides=per_clone, track_dirty_pages=args.track_dirty),
+                                    overrides=per_clone, track_dirty_pages=args.track_dirty,
+                                    cell=args.cell, limits=_limits(args)),
                  one=False)
     elif cmd == "merge":
         show_snapshot(args, client.merge(args.base, args.diff))

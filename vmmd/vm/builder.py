@@ -149,7 +149,7 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
 # ---- restore ----
 def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
     """The saved spec with the new id, the devices moved where the overrides
-    say, and dirty tracking as asked for now."""
+    say, and dirty tracking and the cell (with its limits) as asked for now."""
     o = rs.overrides
     drives = {d.drive_id: i for i, d in enumerate(saved.drives)}
     nets = {n.iface_id: i for i, n in enumerate(saved.network_interfaces)}
@@ -170,7 +170,8 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
                                           create_tap=n.create_tap)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
                                network_interfaces=tuple(new_nets),
-                               track_dirty_pages=rs.track_dirty_pages)
+                               track_dirty_pages=rs.track_dirty_pages,
+                               cell=rs.cell, limits=rs.limits)
 
 
 @contextmanager
