@@ -143,6 +143,9 @@ struct vmm_vm;
 /* Opens /dev/kvm, creates the VM with in-kernel irqchip and PIT2, the
  * UART and i8042 on the PIO bus.  kvm_path NULL means "/dev/kvm". */
 int vmm_vm_create(const char *kvm_path, struct vmm_vm **out);
+/* The same on an open /dev/kvm fd (a jailed worker cannot open the path):
+ * the VM keeps a duplicate, the caller keeps and closes its own fd. */
+int vmm_vm_create_fd(int kvm_fd, struct vmm_vm **out);
 void vmm_vm_destroy(struct vmm_vm *vm);	/* stops, joins, closes, frees */
 int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size);
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
@@ -295,9 +298,9 @@ int vmm_vm_start_paused(struct vmm_vm *vm);
 int vmm_kvm_api_version(const char *kvm_path);
 
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
- * interface, together with CORE_VERSION in vmmd/native/__init__.py, which
+ * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 1
+#define VMM_CORE_VERSION 2
 int vmm_core_version(void);
 
 #endif
