@@ -294,6 +294,38 @@ int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff
 /* Start with every vCPU parked: the VM is PAUSED (a restore). */
 int vmm_vm_start_paused(struct vmm_vm *vm);
 
+/* ---- cells: a worker's jail (jail.c) and system call filter (seccomp.c) ----
+ * A cell worker is forked by root and still single-threaded when it
+ * enters the jail, then installs the filter; see jail.h and seccomp.h. */
+struct vmm_jail {
+	int root_fd;		/* an empty directory made for the cell: the new /;
+				 * closed by the call, success or not (jail.h) */
+	uint32_t uid, gid;	/* the cell's own; never 0 */
+	uint64_t nofile;	/* RLIMIT_NOFILE, soft and hard; 0 leaves it */
+	uint64_t nproc;		/* RLIMIT_NPROC (the uid's threads); 0 leaves it.
+				 * RLIMIT_CORE is always 0: a core holds guest RAM */
+};
+int vmm_jail_enter(const struct vmm_jail *j);
+
+/* What the SIGSYS handler writes to the report fd before the worker exits
+ * with status 159 (128 + SIGSYS). */
+enum vmm_seccomp_const {
+	VMM_SECCOMP_MAGIC = 0x5ec0bad0,
+	VMM_SECCOMP_EXIT = 159
+};
+struct vmm_seccomp_report {
+	uint32_t magic;		/* VMM_SECCOMP_MAGIC */
+	int32_t syscall_nr;	/* the refused call (x86-64 numbers) */
+	uint64_t ip;		/* the address it was made from */
+};
+/* The filter on every thread of the process, for good; no_new_privs. */
+int vmm_seccomp_install(int report_fd);
+/* The allowed calls' names (seccomp_allow.h): the first max into names;
+ * returns how many there are. */
+int vmm_seccomp_allowlist(const char **names, int max);
+/* A system call number's name on this architecture; its length or -errno. */
+int vmm_seccomp_syscall_name(int nr, char *buf, uint64_t len);
+
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
 
