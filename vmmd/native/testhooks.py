@@ -8,11 +8,12 @@ returns the call's result or -errno, unchecked: the tests assert on it.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _hooks: Any
 try:
-    from vmmd.native import _testhooks as _hooks
+    _hooks = importlib.import_module("vmmd.native._testhooks")
 except ImportError:  # not a test build
     _hooks = None
 
