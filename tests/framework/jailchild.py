@@ -16,6 +16,7 @@ writing GUEST_TEXT to the UART, then cli; hlt.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import sys
 import time
@@ -94,6 +95,10 @@ def main() -> None:
         found["execve"] = testhooks.execve("/bin/true")
     elif step == "syscall":
         found["syscall"] = testhooks.raw_syscall(KEXEC_LOAD)
+    elif step == "mmap-exec":
+        found["mapped"] = len(mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC))
+    elif step == "fork":
+        found["forked"] = os.fork()
     elif step == "ptrace":
         found["ptrace"] = testhooks.ptrace_attach(int(arg))
     print(json.dumps(found), flush=True)

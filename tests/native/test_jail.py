@@ -132,6 +132,15 @@ def test_call_off_the_list_is_trapped_and_reported(cell) -> None:  # type: ignor
     _assert_trapped(cell("syscall"), "kexec_load")
 
 
+def test_executable_memory_is_trapped(cell) -> None:  # type: ignore[no-untyped-def]
+    _assert_trapped(cell("mmap-exec"), "mmap")
+
+
+def test_fork_is_trapped_threads_are_not(cell) -> None:  # type: ignore[no-untyped-def]
+    # clone is allowed with CLONE_THREAD only (the VM test made vCPU threads).
+    _assert_trapped(cell("fork"), "clone")
+
+
 @pytest.fixture
 def other_process() -> Iterator[int]:
     p = subprocess.Popen(["sleep", "60"])
