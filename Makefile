@@ -15,10 +15,11 @@ STAMPS := build/stamps
 PVM := $(shell test -e /sys/module/kvm_pvm && echo 1)
 
 # Debian packages: C toolchain and Python headers (the C core), kernel build,
-# guest images, network tests (iproute2, dnsmasq).  The bench target adds QEMU.
+# guest images, network tests (iproute2, dnsmasq), libseccomp (the cell workers'
+# system call filter).  The bench target adds QEMU.
 DEB_PACKAGES := build-essential python3-dev python3-venv flex bison bc libelf-dev \
 	libssl-dev dwarves linux-source-6.1 xz-utils busybox-static cpio e2fsprogs lz4 \
-	iproute2 dnsmasq-base
+	iproute2 dnsmasq-base libseccomp-dev
 # Node.js runs the foreign-language API client test; any node >= 18 with npm
 # will do (a machine may have it from elsewhere), so it is checked by command.
 NODE_PACKAGES := nodejs npm
@@ -36,14 +37,14 @@ IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
 DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
 	$(if $(PVM),--append vmmd_ready=1)
 
-.PHONY: run test lint guest native proto deps bench fuzz fuzz-smoke clean distclean
+.PHONY: run test lint guest native testhooks proto deps bench fuzz fuzz-smoke clean distclean
 
 run: deps $(STAMPS)/native $(STAMPS)/proto guest
 	@echo "== booting the demo guest through a temporary daemon: vmmd demo $(DEMO_ARGS)"
 	@$(if $(PVM),echo "   (PVM host: guest kernel code is emulated, expect ~2 minutes)";)
 	$(VENV)/bin/vmmd demo $(DEMO_ARGS)
 
-test: deps $(STAMPS)/native $(STAMPS)/proto guest
+test: deps $(STAMPS)/native $(STAMPS)/testhooks $(STAMPS)/proto guest
 	$(PY) -m pytest tests -ra
 
 # ruff (style and likely bugs), import-linter (the layering contract in
@@ -117,6 +118,13 @@ $(STAMPS)/native: $(STAMPS)/venv $(NATIVE_SRC)
 	$(PY) setup.py -q build_ext --inplace
 	@$(PY) -c "import vmmd.native" && touch $@
 
+# The cell tests' escape attempts (native/testhooks/): a module of their own,
+# built for `make test` only, never by `make run` or pip install.
+testhooks: $(STAMPS)/testhooks
+$(STAMPS)/testhooks: $(STAMPS)/venv $(wildcard native/testhooks/*)
+	$(PY) native/testhooks/build.py
+	@touch $@
+
 # gRPC code generated from proto/ into vmmd/_proto/ (not committed).
 proto: $(STAMPS)/proto
 $(STAMPS)/proto: $(STAMPS)/venv $(PROTO_SRC)
@@ -135,7 +143,7 @@ $(GUEST)/initramfs.cpio.gz: $(IMAGE_INPUTS) $(STAMPS)/deps
 	@touch $@
 
 clean:
-	rm -rf build vmmd/native/_core.* vmmd/_proto .pytest_cache
+	rm -rf build vmmd/native/_core.* vmmd/native/_testhooks.* vmmd/_proto .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV)

@@ -32,9 +32,13 @@ ffibuilder.set_source(
     '#include "vmmcore.h"',
     sources=SOURCES,
     depends=HEADERS,
-    include_dirs=[str(HERE.relative_to(HERE.parent))],
-    extra_compile_args=CFLAGS,
+    # -iquote, not include_dirs (-I): native/ is searched for "..." includes
+    # only, so native/seccomp.h does not hide libseccomp's <seccomp.h>.
+    extra_compile_args=CFLAGS + ["-iquote", str(HERE.relative_to(HERE.parent))],
     extra_link_args=["-pthread"],
+    # The cell workers' seccomp filter (seccomp.c): libseccomp resolves call
+    # names per architecture and builds the BPF, which we would hand-write.
+    libraries=["seccomp"],
 )
 
 if __name__ == "__main__":

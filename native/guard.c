@@ -101,4 +101,7 @@ void vmm_guard_thread_sigset(sigset_t *set)
 	sigdelset(set, SIGSEGV);
 	sigdelset(set, SIGFPE);
 	sigdelset(set, SIGILL);
+	/* seccomp's trap (seccomp.c): blocked, the kernel would reset its
+	 * handler to the default and kill the process with no report. */
+	sigdelset(set, SIGSYS);
 }

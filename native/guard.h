@@ -77,8 +77,9 @@ static inline void vmm_guard_leave(struct vmm_guard *g)
 void vmm_guard_probe(const struct iovec *iov, int n);
 
 /* For the core's threads: every signal (they belong to Python's main thread)
- * except the synchronous fault signals - a fault while its signal is blocked
- * kills the process without running any handler, ours included. */
+ * except the synchronous fault signals (and SIGSYS, seccomp's trap) - a
+ * fault while its signal is blocked kills the process without running any
+ * handler, ours included. */
 void vmm_guard_thread_sigset(sigset_t *set);
 
 #endif

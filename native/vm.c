@@ -24,17 +24,37 @@
 #define TSS_ADDR 0xfffbd000ull
 #define IDENTITY_MAP_ADDR 0xfffbc000ull
 
+/* 0 if fd is /dev/kvm speaking the API this core was written for. */
+static int check_kvm(int fd)
+{
+	int v = ioctl(fd, KVM_GET_API_VERSION, 0);
+	if (v < 0)
+		return -errno;	/* ENOTTY: some other file */
+	return v == KVM_API_VERSION ? 0 : -EPROTO;
+}
+
 static int open_kvm(const char *path)
 {
 	int fd = open(path ? path : "/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		return -errno;
-	int v = ioctl(fd, KVM_GET_API_VERSION, 0);
-	if (v != KVM_API_VERSION) {
+	int r = check_kvm(fd);
+	if (r) {
 		close(fd);
-		return -EPROTO;
+		return r;
 	}
 	return fd;
+}
+
+/* A VM's own duplicate of the caller's /dev/kvm fd: destroy closes the VM's
+ * fd whichever way it was made, and the caller keeps and closes its own. */
+static int dup_kvm(int kvm_fd)
+{
+	int r = check_kvm(kvm_fd);
+	if (r)
+		return r;
+	int fd = fcntl(kvm_fd, F_DUPFD_CLOEXEC, 0);
+	return fd < 0 ? -errno : fd;
 }
 
 int vmm_kvm_api_version(const char *kvm_path)
@@ -114,18 +134,22 @@ static int create_devices(struct vmm_vm *vm)
 	return r;
 }
 
-int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
+/* The VM on kvm_fd (or -errno from getting one), which it then owns. */
+static int create_on(int kvm_fd, struct vmm_vm **out)
 {
+	if (kvm_fd < 0)
+		return kvm_fd;
 	struct vmm_vm *vm = calloc(1, sizeof(*vm));
-	if (!vm)
+	if (!vm) {
+		close(kvm_fd);
 		return -ENOMEM;
-	vm->kvm_fd = vm->vm_fd = -1;
+	}
+	vm->kvm_fd = kvm_fd;
+	vm->vm_fd = -1;
 	vm->events.efd = vm->serial_irq.efd = vm->kbd_irq.efd = -1;
 	vmm_lifecycle_init(vm);
 
-	int r = vm->kvm_fd = open_kvm(kvm_path);
-	if (r >= 0)
-		r = vm->vm_fd = vmm_ioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
+	int r = vm->vm_fd = vmm_ioctl(vm->kvm_fd, KVM_CREATE_VM, NULL);
 	if (r >= 0)
 		r = create_machine(vm);
 	if (r >= 0) {
@@ -144,6 +168,16 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
 	}
 	*out = vm;
 	return 0;
+}
+
+int vmm_vm_create(const char *kvm_path, struct vmm_vm **out)
+{
+	return create_on(open_kvm(kvm_path), out);
+}
+
+int vmm_vm_create_fd(int kvm_fd, struct vmm_vm **out)
+{
+	return create_on(dup_kvm(kvm_fd), out);
 }
 
 /* ---- RAM and its KVM slots ---- */

@@ -143,6 +143,9 @@ struct vmm_vm;
 /* Opens /dev/kvm, creates the VM with in-kernel irqchip and PIT2, the
  * UART and i8042 on the PIO bus.  kvm_path NULL means "/dev/kvm". */
 int vmm_vm_create(const char *kvm_path, struct vmm_vm **out);
+/* The same on an open /dev/kvm fd (a jailed worker cannot open the path):
+ * the VM keeps a duplicate, the caller keeps and closes its own fd. */
+int vmm_vm_create_fd(int kvm_fd, struct vmm_vm **out);
 void vmm_vm_destroy(struct vmm_vm *vm);	/* stops, joins, closes, frees */
 int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size);
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
@@ -291,13 +294,45 @@ int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff
 /* Start with every vCPU parked: the VM is PAUSED (a restore). */
 int vmm_vm_start_paused(struct vmm_vm *vm);
 
+/* ---- cells: a worker's jail (jail.c) and system call filter (seccomp.c) ----
+ * A cell worker is forked by root and still single-threaded when it
+ * enters the jail, then installs the filter; see jail.h and seccomp.h. */
+struct vmm_jail {
+	int root_fd;		/* an empty directory made for the cell: the new /;
+				 * closed by the call, success or not (jail.h) */
+	uint32_t uid, gid;	/* the cell's own; never 0 */
+	uint64_t nofile;	/* RLIMIT_NOFILE, soft and hard; 0 leaves it */
+	uint64_t nproc;		/* RLIMIT_NPROC (the uid's threads); 0 leaves it.
+				 * RLIMIT_CORE is always 0: a core holds guest RAM */
+};
+int vmm_jail_enter(const struct vmm_jail *j);
+
+/* What the SIGSYS handler writes to the report fd before the worker exits
+ * with status 159 (128 + SIGSYS). */
+enum vmm_seccomp_const {
+	VMM_SECCOMP_MAGIC = 0x5ec0bad0,
+	VMM_SECCOMP_EXIT = 159
+};
+struct vmm_seccomp_report {
+	uint32_t magic;		/* VMM_SECCOMP_MAGIC */
+	int32_t syscall_nr;	/* the refused call (x86-64 numbers) */
+	uint64_t ip;		/* the address it was made from */
+};
+/* The filter on every thread of the process, for good; no_new_privs. */
+int vmm_seccomp_install(int report_fd);
+/* The allowed calls' names (seccomp_allow.h): the first max into names;
+ * returns how many there are. */
+int vmm_seccomp_allowlist(const char **names, int max);
+/* A system call number's name on this architecture; its length or -errno. */
+int vmm_seccomp_syscall_name(int nr, char *buf, uint64_t len);
+
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
 
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
- * interface, together with CORE_VERSION in vmmd/native/__init__.py, which
+ * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 1
+#define VMM_CORE_VERSION 2
 int vmm_core_version(void);
 
 #endif

@@ -158,6 +158,7 @@ class FakeNativeVm:
         self.machine: MachineState | None = None
         self.legacy: LegacyState | None = None
         self.threads = 0
+        self.kvm_fd: int | None = None
         self.console = bytearray()  # everything the guest printed (the ring keeps the tail)
         self.console_in = bytearray()  # what was typed into the UART
         self.uart_room = 1 << 20  # bytes console_input accepts per call (the FIFO's room)
@@ -647,6 +648,13 @@ class FakeNativeVm:
             self.guest_stops(answer)
 
     # ---- teardown ----
+    @classmethod
+    def from_kvm_fd(cls, kvm_fd: int) -> FakeNativeVm:
+        """As NativeVm.from_kvm_fd: the fd is recorded, never used."""
+        vm = cls()
+        vm.kvm_fd = kvm_fd
+        return vm
+
     def close(self) -> None:
         with self._lock:
             self.calls.append(Call("close", (), {}))

@@ -7,13 +7,24 @@ re-exported here).
 - state.py: what a snapshot holds of the C core, as plain values, and its
   packing into C structs;
 - vm.py: NativeVm, one KVM VM, owned through close();
-- testing.py: guest memory and virtio devices without a VM (native tier).
+- jail.py, seccomp.py: a cell worker's jail and system call filter;
+- testing.py: guest memory and virtio devices without a VM (native tier);
+- testhooks.py: test-only escape attempts, in test builds only.
 
 cffi releases the GIL around each C call, so a blocking call here never
 stalls other Python threads.
 """
 
 from vmmd.native._lib import CORE_VERSION, check
+from vmmd.native.jail import enter_jail
+from vmmd.native.seccomp import (
+    SECCOMP_EXIT,
+    SeccompReport,
+    install_seccomp,
+    parse_seccomp_report,
+    seccomp_allowlist,
+    syscall_name,
+)
 from vmmd.native.state import (
     BLOB_SIZES,
     LEGACY_KBD_MAX,
@@ -37,8 +48,9 @@ from vmmd.native.vm import NativeVm, kvm_api_version
 
 __all__ = [
     "BLOB_SIZES", "CORE_VERSION", "LEGACY_KBD_MAX", "LEGACY_RX_MAX", "MACHINE_BLOB_SIZES",
-    "MAX_CPUID", "MAX_MSRS", "VCPU_BLOBS", "CpuidEntry", "Event", "EventType", "GuestMemory",
-    "LegacyState", "MachineState", "NativeVm", "PackedVcpu", "QueueState", "StopReason",
-    "VcpuState", "VirtioBlock", "VirtioDevice", "VirtioNet", "VirtioState", "VirtioStats",
-    "VmStats", "check", "kvm_api_version", "pack_vcpu",
+    "MAX_CPUID", "MAX_MSRS", "SECCOMP_EXIT", "VCPU_BLOBS", "CpuidEntry", "Event", "EventType",
+    "GuestMemory", "LegacyState", "MachineState", "NativeVm", "PackedVcpu", "QueueState",
+    "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice", "VirtioNet",
+    "VirtioState", "VirtioStats", "VmStats", "check", "enter_jail", "install_seccomp",
+    "kvm_api_version", "pack_vcpu", "parse_seccomp_report", "seccomp_allowlist", "syscall_name",
 ]  # fmt: skip

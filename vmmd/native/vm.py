@@ -51,6 +51,16 @@ class NativeVm:
         check(lib.vmm_vm_create(kvm_path.encode(), out), "create VM")
         self._vm = out[0]
 
+    @classmethod
+    def from_kvm_fd(cls, kvm_fd: int) -> Self:
+        """The VM on an open /dev/kvm fd (a jailed worker's, passed by the broker);
+        the VM keeps a duplicate, so the caller still owns and closes kvm_fd."""
+        self = cls.__new__(cls)
+        out = ffi.new("struct vmm_vm **")
+        check(lib.vmm_vm_create_fd(kvm_fd, out), "create VM")
+        self._vm = out[0]
+        return self
+
     # -- construction --
     def add_ram(self, gpa: int, size: int) -> None:
         check(lib.vmm_vm_add_ram(self._vm, gpa, size), f"add RAM at 0x{gpa:x}")
