@@ -13,6 +13,7 @@ import pytest
 
 from tests.framework import GUEST_DIR
 from tests.framework.fake_native import FakeFactory
+from tests.framework.fake_placement import FakePlacement
 from vmmd.errors import InvalidSpecError
 from vmmd.manager import Manager
 from vmmd.native import NativeVm
@@ -223,7 +224,8 @@ def make_manager(natives: FakeFactory) -> Iterator[Callable[..., Manager]]:
     made: list[Manager] = []
 
     def make(**kwargs: object) -> Manager:
-        m = Manager(**{"native_factory": natives, **kwargs})  # type: ignore[arg-type]
+        factory = kwargs.pop("native_factory", natives)
+        m = Manager(**{"placement": FakePlacement(factory), **kwargs})  # type: ignore[arg-type]
         made.append(m)
         return m
 
@@ -231,6 +233,8 @@ def make_manager(natives: FakeFactory) -> Iterator[Callable[..., Manager]]:
     for m in made:
         m.shutdown(timeout_s=0)
         assert m.ids() == []
+        assert m.placement.cells == {}, f"cells left leased: {m.placement.cells}"  # type: ignore[attr-defined]
+        assert m.placement.closed  # type: ignore[attr-defined]
     assert all(vm.closed for vm in natives.vms), "a fake VM was never closed"
 
 

@@ -160,13 +160,14 @@ def test_a_bad_answer_ends_the_channel(pair: tuple[socket.socket, socket.socket]
     a, b = pair
     broken: list[str] = []
     ch = Channel(a, broken.append)
-    t = _worker(b, answer)
     if answer is None:
-        t.join()
-        b.shutdown(socket.SHUT_RDWR)
+        b.shutdown(socket.SHUT_WR)  # the worker's end: it will never answer
+    else:
+        t = _worker(b, answer)
     with pytest.raises(WorkerGone):
-        ch.call(1, "stats")
-    t.join()
+        ch.call(1, "stats", timeout_s=10)
+    if answer is not None:
+        t.join()
     assert len(broken) == 1 and problem in broken[0], broken
     with pytest.raises(WorkerGone):  # and stays ended
         ch.call(1, "stats")

@@ -25,7 +25,6 @@ import errno
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import threading
 from collections.abc import Callable
@@ -37,12 +36,11 @@ from vmmd.cell.zygote import WorkerJail, Zygote, exit_cause
 from vmmd.errors import InvalidSpecError, NativeError, ResourceExhaustedError, StateError, quoted
 from vmmd.info import CellInfo
 from vmmd.log import get_logger
+from vmmd.native.seccomp import REPORT_SIZE, SeccompReport, parse_seccomp_report
 from vmmd.spec import CellLimits
 
 MiB = 1 << 20
 WORKER_OVERHEAD = 32 * MiB  # a worker's own memory beside guest RAM (Python, C core, page tables)
-SECCOMP_REPORT = struct.Struct("=IiQ")  # native/seccomp.h: magic, syscall number, ip
-SECCOMP_MAGIC = 0x53434D50  # "SCMP"
 DEFAULT_UIDS = (1_000_000, 65_536)  # first uid and how many: one per cell
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -288,7 +286,8 @@ class CellPlacement:
         sig, text = exit_cause(status)
         report = self._seccomp_report(c)
         if report is not None:
-            text = f"was killed by its seccomp filter: syscall {report} is not allowed"
+            text = (f"was killed by its seccomp filter: system call {report.syscall_nr} "
+                    f"({report.syscall_name}) is not allowed")
         elif self._oom_killed(c):
             text = (f"was killed by the OOM killer: its cell's memory limit is "
                     f"{c.limits.memory_mib} MiB")
@@ -306,17 +305,11 @@ class CellPlacement:
         for n in natives:
             n.lost(why)
 
-    def _seccomp_report(self, c: Cell) -> str | None:
+    def _seccomp_report(self, c: Cell) -> SeccompReport | None:
         try:
-            data = os.read(c.report_fd, SECCOMP_REPORT.size)
-        except (BlockingIOError, OSError):
+            return parse_seccomp_report(os.read(c.report_fd, REPORT_SIZE))
+        except OSError:
             return None
-        if len(data) != SECCOMP_REPORT.size:
-            return None
-        magic, nr, _ip = SECCOMP_REPORT.unpack(data)
-        if magic != SECCOMP_MAGIC:
-            return None
-        return _syscall_name(nr)
 
     def _oom_killed(self, c: Cell) -> bool:
         try:
@@ -367,11 +360,3 @@ def _limits_text(lim: CellLimits) -> str:
              f"pids {lim.pids}" if lim.pids else "pids unlimited"]
     return ", ".join(parts)
 
-
-def _syscall_name(nr: int) -> str:
-    try:
-        from vmmd.native import jail  # noqa: PLC0415
-        name = jail.syscall_name(nr)
-    except (ImportError, AttributeError):
-        name = None
-    return f"{nr} ({name})" if name else str(nr)

@@ -17,11 +17,11 @@ def escape(kind: str, arg: object) -> int:
     """Try one escape; the syscall's result (-errno when refused).  A syscall
     off the seccomp list never returns: the worker dies."""
     if kind == "open":
-        return hooks.open_path(str(arg))
+        return hooks.open_path(str(arg), 0)
     if kind == "execve":
         return hooks.execve(str(arg))
     if kind == "ptrace":
         return hooks.ptrace_attach(int(arg))  # type: ignore[call-overload]
     if kind == "syscall":
-        return hooks.syscall(int(arg))  # type: ignore[call-overload]
+        return hooks.raw_syscall(int(arg))  # type: ignore[call-overload]
     raise ValueError(f"no escape {kind!r}")

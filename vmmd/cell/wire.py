@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.native import Event, EventType, LegacyState, MachineState, StopReason, VcpuState, \
     VirtioState, VirtioStats, VmStats
-from vmmd.vm.boot.cpu import BootRegs
+from vmmd.vm.boot.cpu import BootRegs, Segment
 from vmmd.vm.snapshot import state
 
 CELL_PROTOCOL_VERSION = 1
@@ -39,7 +39,8 @@ class ProtocolError(Exception):
 
 
 # Records: the plain values that cross, by name, with their fields' types.
-_RECORDS: dict[str, type] = {c.__name__: c for c in (Event, VmStats, VirtioStats, BootRegs)}
+_RECORDS: dict[str, type] = {c.__name__: c for c in (Event, VmStats, VirtioStats, BootRegs,
+                                                     Segment)}
 _ENUMS = {("Event", "type"): EventType, ("Event", "reason"): StopReason}
 
 
@@ -127,7 +128,7 @@ def _record(r: cpb.CellRecord, fds: list[int]) -> Any:
     for f in fields:
         v = decode(r.fields[f.name], fds)
         enum = _ENUMS.get((r.type, f.name))
-        want = bytes if f.type in ("bytes", bytes) else int
+        want = _RECORDS.get(str(f.type)) or (bytes if f.type in ("bytes", bytes) else int)
         if not isinstance(v, want) or isinstance(v, bool):
             raise ProtocolError(f"{r.type}.{f.name}: a {type(v).__name__}")
         if enum is not None:

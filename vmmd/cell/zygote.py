@@ -152,6 +152,7 @@ def _zygote_main(sock: socket.socket, test_hooks: bool) -> int:
     # empty directory, where no module can be found.
     import vmmd.cell.worker  # noqa: F401, PLC0415
     import vmmd.native.jail  # noqa: F401, PLC0415
+    import vmmd.native.seccomp  # noqa: F401, PLC0415
     if test_hooks:
         from vmmd.cell import testhooks  # noqa: F401, PLC0415 - before any jail: no host paths after
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
@@ -231,7 +232,8 @@ def _worker_main(jail: WorkerJail, sock_fd: int, root_fd: int, report_fd: int,
                  devnull: int) -> int:
     """In the new child: jail, filter, serve."""
     from vmmd.cell.worker import Worker  # noqa: PLC0415 - imported by the zygote already
-    from vmmd.native import jail as native_jail  # noqa: PLC0415
+    from vmmd.native.jail import enter_jail  # noqa: PLC0415
+    from vmmd.native.seccomp import install_seccomp  # noqa: PLC0415
 
     signal.set_wakeup_fd(-1)
     for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE):
@@ -247,10 +249,10 @@ def _worker_main(jail: WorkerJail, sock_fd: int, root_fd: int, report_fd: int,
                 os.close(fd)
             except OSError:
                 pass
-    native_jail.enter_jail(root_fd, jail.uid, jail.gid, nofile=jail.nofile)
-    os.close(root_fd)
-    native_jail.install_seccomp(report_fd)
+    # The socket object first: making it asks getsockname(), which the filter refuses.
     sock = socket.socket(fileno=sock_fd)
+    enter_jail(root_fd, jail.uid, jail.gid, nofile=jail.nofile)  # closes root_fd
+    install_seccomp(report_fd)
     Worker(sock, test_hooks=jail.test_hooks).serve()
     return 0
 
