@@ -102,7 +102,16 @@ def test_good_cells_and_limits_are_taken_and_not_snapshotted(stub: Stub, kernel:
 
 @pytest.mark.kvm
 def test_the_smallest_limits_are_taken(stub: Stub, kernel: str) -> None:
-    smallest = pb.CellLimits(cpu=0.01, memory_mib=16, pids=8)
+    """The smallest CPU and pids limits are taken; a memory limit must also
+    hold the guest's RAM and its worker (the smallest one cannot)."""
+    smallest = pb.CellLimits(cpu=0.01, pids=8)
     vm = stub.CreateVm(pb.CreateVmRequest(vm_id="v", config=config(
         kernel, memory_mib=MEM_MIB, cell="c", limits=smallest)), timeout=HANG_S)
     assert placed(vm) == ("c", smallest)
+    too_small = pb.CellLimits(memory_mib=16)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateVm(pb.CreateVmRequest(vm_id="w", config=config(
+            kernel, memory_mib=MEM_MIB, limits=too_small)), timeout=HANG_S)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(
+        "config.limits.memory_mib: 16 MiB cannot hold the guest's"), err.value.details()

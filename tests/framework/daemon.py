@@ -142,6 +142,18 @@ class Daemon:
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
+    def settled(self, timeout: float = 5.0) -> tuple[int, int]:
+        """(fds, threads) once they stop changing: a cell is torn down after
+        its last VM's DeleteVm returned, off the request path."""
+        seen: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen.append((self.fds(), self.threads()))
+            if len(seen) >= 5 and len(set(seen[-5:])) == 1:
+                break
+            time.sleep(0.05)
+        return seen[-1]
+
     def log_text(self) -> str:
         if self._kept_log is not None:
             return self._kept_log
@@ -162,9 +174,12 @@ DAEMONS: list[Daemon] = []  # every daemon started, for failure reports
 
 
 def serve_argv(socket: Path | str, *args: str) -> list[str]:
-    """The command line of a daemon on `socket`."""
+    """The command line of a daemon on `socket`.  VMMD_TEST_ISOLATION (cells,
+    the daemon's default, or none) picks the isolation mode of every daemon a
+    test starts, unless the test names one itself (its args come last)."""
+    mode = os.environ.get("VMMD_TEST_ISOLATION")
     return [sys.executable, "-m", "vmmd", "serve", "--socket", str(socket),
-            "--log-format", "console", *args]
+            "--log-format", "console", *(["--isolation", mode] if mode else []), *args]
 
 
 def spawn(socket: Path, *args: str, wrap: Sequence[str] = (),

@@ -120,7 +120,7 @@ def test_vm_lifetimes_leak_no_fds_or_threads(daemon: Daemon, client: Client,
 
     for i in range(10):  # warm-up: gRPC's pools and the import of lazily used modules
         lifetime(i)
-    fds, threads = daemon.fds(), daemon.threads()
+    fds, threads = daemon.settled()
     for i in range(10, 210):
         lifetime(i)
     assert client.list() == []

@@ -176,7 +176,7 @@ def test_deleting_a_vm_while_traffic_flows_leaves_nothing(ns: NetNs, microguests
         c.create("warm", str(microguests["pvh"]), cmdline="mg=net op=info",
                  nets=[pb.NetworkInterface(iface_id="a", host_dev_name="tap0", guest_mac=MAC0)])
         c.delete("warm")
-        base_fds, base_threads = d.fds(), d.threads()
+        base_fds, base_threads = d.settled()
         nets = [pb.NetworkInterface(iface_id="a", host_dev_name="flow0", create_tap=True),
                 pb.NetworkInterface(iface_id="b", host_dev_name="tap0", guest_mac=MAC0)]
         c.create("flow", str(microguests["pvh"]), cmdline="mg=net op=echo n=100000000 dev=1", nets=nets)

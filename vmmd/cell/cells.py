@@ -70,7 +70,7 @@ class _SharedLease:
 
     def info(self) -> CellInfo | None:
         return CellInfo(name=self.name, pid=0, uid=0, cpu_time_s=0.0, rss_bytes=0,
-                        memory_bytes=0, limits=CellLimits(), shared=True)
+                        memory_bytes=0, limits=CellLimits(), shared=False)
 
     def release(self) -> None:
         pass
@@ -119,7 +119,8 @@ class Cell:
             except OSError:
                 pass
         return CellInfo(name=self.name, pid=self.pid, uid=self.uid, cpu_time_s=cpu,
-                        rss_bytes=rss, memory_bytes=memory, limits=self.limits, shared=False)
+                        rss_bytes=rss, memory_bytes=memory, limits=self.limits,
+                        shared=not self.name.startswith("@"))
 
 
 def _proc_usage(pid: int) -> tuple[float, int]:
@@ -210,9 +211,13 @@ class CellPlacement:
                                        f"{limits.memory_mib} MiB cannot hold the guest's "
                                        f"{ram_bytes // MiB} MiB of RAM and the worker's "
                                        f"{WORKER_OVERHEAD // MiB} MiB")
+            if self._cgroups is None and limits != CellLimits():
+                raise StateError("limits: this daemon has no cgroups to enforce them with "
+                                 "(none were mounted when it started)")
             if not self._free_uids:
                 raise ResourceExhaustedError(f"cells: all {self._uid_count} cell uids are in use")
-            c = Cell(name, limits, self._free_uids.pop(), os.path.join(self._roots, name),
+            uid = self._free_uids.pop()
+            c = Cell(name, limits, uid, os.path.join(self._roots, _dir_name(uid, name)),
                      refs=1, ram_bytes=ram_bytes)
             self._cells[name] = c
         try:
@@ -247,7 +252,7 @@ class CellPlacement:
             if self._cgroups is not None:
                 lim = c.limits
                 c.cgroup = self._cgroups.create(
-                    c.name, cpu=lim.cpu or None,
+                    _dir_name(c.uid, c.name), cpu=lim.cpu or None,
                     memory_bytes=lim.memory_mib * MiB if lim.memory_mib else None,
                     pids=lim.pids or None)
             c.channel = Channel(ours, lambda why: self._kill(c, why))
@@ -352,6 +357,12 @@ class CellPlacement:
         if self._cgroups is not None:
             self._cgroups.close()
         shutil.rmtree(self._roots, ignore_errors=True)
+
+
+def _dir_name(uid: int, cell: str) -> str:
+    """A cell's directory and cgroup: by uid first, unique among live cells, so a
+    new cell of a name never meets the old one still being torn down."""
+    return f"{uid}-{cell}"[:65]
 
 
 def _limits_text(lim: CellLimits) -> str:

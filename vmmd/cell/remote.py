@@ -119,6 +119,9 @@ class RemoteNativeVm:
         self._on_close = on_close
         self._closed = False
         self._lost: str | None = None  # why the worker died, once it did
+        self._death_reported = False  # next_event() said STOPPED for it
+        self._stats: VmStats | None = None
+        self._vstats: dict[int, VirtioStats] = {}
         kvm = os.open(kvm_path, os.O_RDWR | os.O_CLOEXEC)
         try:
             res = channel.call(0, "create", wire.Fd(kvm))
@@ -187,9 +190,6 @@ class RemoteNativeVm:
                        gsi: int) -> int:
         return self._int("add_virtio_net", wire.Fd(tap_fd), mac=mac, max_frame=max_frame,
                          mmio_base=mmio_base, gsi=gsi)
-
-    def virtio_stats(self, idx: int) -> VirtioStats:
-        return _one(self._call("virtio_stats", idx), VirtioStats, "virtio_stats")
 
     def set_boot_regs(self, idx: int, regs: Any) -> None:
         self._unit("set_boot_regs", idx, regs)
@@ -270,11 +270,30 @@ class RemoteNativeVm:
         except ValueError:
             raise NativeError("stop_reason: not a reason", errno.EPROTO) from None
 
+    # Counters outlive the worker: the last ones read are what a crashed VM shows.
     def stats(self) -> VmStats:
-        return _one(self._call("stats"), VmStats, "stats")
+        if self._lost is None:
+            try:
+                self._stats = _one(self._call("stats"), VmStats, "stats")
+            except WorkerGone:
+                pass
+        if self._stats is None:
+            return VmStats(**{f: 0 for f in VmStats.__dataclass_fields__})
+        return self._stats
+
+    def virtio_stats(self, idx: int) -> VirtioStats:
+        if self._lost is None:
+            try:
+                self._vstats[idx] = _one(self._call("virtio_stats", idx), VirtioStats,
+                                         "virtio_stats")
+            except WorkerGone:
+                pass
+        if idx not in self._vstats:
+            return VirtioStats(**{f: 0 for f in VirtioStats.__dataclass_fields__})
+        return self._vstats[idx]
 
     def thread_count(self) -> int:
-        return self._int("thread_count")
+        return 0 if self._lost is not None else self._int("thread_count")
 
     # -- events --
     @property
@@ -283,9 +302,9 @@ class RemoteNativeVm:
 
     def next_event(self) -> Event | None:
         if self._lost is not None:
-            if self._lost == "":
+            if self._death_reported:
                 return None
-            self._lost_reported()
+            self._death_reported = True
             return Event(EventType.STOPPED, StopReason.WORKER_DIED, -1, 0, 0, 0,
                          time.monotonic_ns(), b"")
         try:
@@ -293,9 +312,6 @@ class RemoteNativeVm:
         except WorkerGone:
             return None  # lost() comes, and wakes the watcher again
         return None if res == [None] else _one(res, Event, "next_event")
-
-    def _lost_reported(self) -> None:
-        self._reported = True
 
     # -- console --
     def console_set_fd(self, fd: int) -> None:
@@ -306,6 +322,8 @@ class RemoteNativeVm:
         return self._console_fd
 
     def console_read(self, pos: int, max_bytes: int = 65536) -> tuple[bytes, int]:
+        if self._lost is not None:
+            return b"", pos  # the output died with the worker
         res = self._call("console_read", pos, max_bytes)
         if len(res) != 2 or not isinstance(res[0], bytes) or not isinstance(res[1], int) or \
                 len(res[0]) > max_bytes:
@@ -313,7 +331,7 @@ class RemoteNativeVm:
         return res[0], res[1]
 
     def console_head(self) -> int:
-        return self._int("console_head")
+        return 0 if self._lost is not None else self._int("console_head")
 
     def console_input(self, data: bytes) -> int:
         return self._int("console_input", data)

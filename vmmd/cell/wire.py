@@ -163,7 +163,9 @@ def recv(sock: socket.socket, deadline: float | None = None) -> tuple[cpb.CellFr
     passing is a ProtocolError (TimeoutError for the deadline)."""
     if deadline is not None:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([sock], [], [], left)[0]:
+        poller = select.poll()  # not select(): a daemon's fds pass 1024
+        poller.register(sock, select.POLLIN)
+        if left <= 0 or not poller.poll(left * 1000):
             raise TimeoutError("the worker did not answer in time")
     fd_size = array.array("i").itemsize
     data, anc, flags, _ = sock.recvmsg(MAX_FRAME + 1, socket.CMSG_SPACE(MAX_FDS * fd_size),

@@ -32,6 +32,9 @@ METHODS: frozenset[str] = frozenset({
     "console_set_fd", "console_read", "console_head", "console_input", "send_ctrl_alt_del",
 })
 PROPERTIES = frozenset({"tracks_dirty", "stop_reason"})
+# Methods whose fd the C core keeps using without a dup of its own (the
+# caller keeps it open until the VM closes): the worker keeps a copy.
+KEEPS_FD = frozenset({"add_virtio_net", "console_set_fd"})
 MAX_VMS_PER_CELL = 4096
 
 
@@ -43,6 +46,7 @@ class Worker:
     def __init__(self, sock: socket.socket, test_hooks: bool = False) -> None:
         self._sock = sock
         self._vms: dict[int, NativeVm] = {}
+        self._kept: dict[int, list[int]] = {}  # handle -> fds held for the VM (KEEPS_FD)
         self._next = 1
         self._test_hooks = test_hooks
 
@@ -97,6 +101,8 @@ class Worker:
             vm = self._vms.pop(handle, None)
             if vm is not None:
                 vm.close()
+            for fd in self._kept.pop(handle, []):
+                os.close(fd)
             return []
         if method == "ping":
             return [os.getpid()]
@@ -115,6 +121,9 @@ class Worker:
         if method in PROPERTIES:
             value = getattr(vm, method)
             return [int(value)]
+        if method in KEEPS_FD and args:
+            args = [os.dup(args[0]), *args[1:]]
+            self._kept.setdefault(handle, []).append(args[0])
         result = getattr(vm, method)(*args, **kwargs)
         if isinstance(result, tuple) and method in ("console_read", "write_memory", "get_regs"):
             return list(result)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from vmmd.budget import parse_budget
 from vmmd.cell.cells import CellPlacement, Placement
-from vmmd.cell.cgroup import CgroupTree
+from vmmd.cell.cgroup import CgroupError, CgroupTree
 from vmmd.cell.zygote import Zygote
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
@@ -122,7 +122,13 @@ def _placement(args: argparse.Namespace) -> Placement | None:
                                "cell's uid, mount namespace and cgroup): run as root, or "
                                "--isolation none")
     uids = parse_uids(args.cell_uids)
-    cgroups = CgroupTree.open(f"vmmd-{os.getpid()}")
+    try:
+        cgroups: CgroupTree | None = CgroupTree.open(f"vmmd-{os.getpid()}")
+    except CgroupError as e:
+        # Jailed all the same, but without limits (e.g. under `ip netns exec`,
+        # whose fresh /sys has no cgroup mounts): a VM asking for limits is refused.
+        get_logger("vmmd.serve").warning("cells.no_cgroups", error=str(e))
+        cgroups = None
     hooks = os.environ.get("VMMD_TEST_HOOKS") == "1"
     return CellPlacement(lambda on_exit: Zygote.fork(on_exit, test_hooks=hooks),
                          cgroups=cgroups, uids=uids)
