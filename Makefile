@@ -44,11 +44,16 @@ run: deps $(STAMPS)/native $(STAMPS)/proto guest
 	@$(if $(PVM),echo "   (PVM host: guest kernel code is emulated, expect ~2 minutes)";)
 	$(VENV)/bin/vmmd demo $(DEMO_ARGS)
 
+# Every tier with the daemon's default isolation (cells), then the core
+# daemon tests again with --isolation none (the shared mode stays working).
+CORE_DAEMON_TESTS := tests/api/test_lifecycle.py tests/api/test_snapshots.py \
+	tests/api/test_streams.py tests/kvm/test_daemon.py tests/kvm/test_sigbus.py
 test: deps $(STAMPS)/native $(STAMPS)/testhooks $(STAMPS)/proto guest
 	$(PY) -m pytest tests -ra
+	VMMD_TEST_ISOLATION=none $(PY) -m pytest -ra $(CORE_DAEMON_TESTS)
 
 # ruff (style and likely bugs), import-linter (the layering contract in
-# pyproject.toml: api -> manager -> vm -> native binding, leaves import no
+# pyproject.toml: api -> manager -> cells -> vm -> native binding, leaves import no
 # layer), mypy (the typed layers).  CI runs it before the tests.
 lint: deps $(STAMPS)/native $(STAMPS)/proto
 	$(VENV)/bin/ruff check vmmd tests bench

@@ -24,15 +24,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import blk, daemon, measures, net, proc, report, snapshot, targets
+from bench import blk, cells, daemon, measures, net, proc, report, snapshot, targets
 from tests.framework import is_pvm_host
 from tests.framework.guests import build_microguests
 
-SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap")
+SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap", "cells")
 DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "api": 50, "rss": 1,
-                "rate": 1, "snap": 30}
+                "rate": 1, "snap": 30, "cells": 30}
 QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "net": 1, "api": 10, "rss": 1,
-              "rate": 1, "snap": 10}
+              "rate": 1, "snap": 10, "cells": 10}
 EXITS, QUICK_EXITS = 200_000, 50_000
 
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.linux_timeout),
         "rss": lambda: daemon.rss((1, 10, 50)),
         "rate": lambda: daemon.rate(20, 4),
+        "cells": lambda: cells.measures(reps["cells"]),
         "snap": lambda: (snapshot.restore_latency(reps["snap"], linux_pvm) + snapshot.density()
                          + snapshot.creation(linux_pvm)),
     }
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
             "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
             **blk.commands(cpu), **net.commands(cpu), **daemon.commands(),
-            **snapshot.commands(),
+            **snapshot.commands(), **cells.commands(),
         },
         "results": results,
     }

@@ -25,13 +25,16 @@ from vmmd.client import Client, ClientError
 
 
 @contextmanager
-def served(max_vms: int = 100, memory_budget: str = "auto") -> Iterator[tuple[Client, int]]:
+def served(max_vms: int = 100, memory_budget: str = "auto",
+           isolation: str = "none") -> Iterator[tuple[Client, int]]:
     """A fresh daemon on a temporary socket (the harness's launcher): (its client, its pid).
     memory_budget: the density bench overcommits on purpose (clones share their snapshot's
-    pages until they write them), so it passes "unlimited"."""
+    pages until they write them), so it passes "unlimited".  isolation: these sections
+    measure the VMM itself, comparable run to run (--isolation none); the cells section
+    (bench/cells.py) measures what cells add, against it."""
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-") as tmp:
         d = spawn(Path(tmp) / "s.sock", "--max-vms", str(max_vms), "--memory-budget",
-                  memory_budget, new_session=True)
+                  memory_budget, "--isolation", isolation, new_session=True)
         with proc.tracked(d.proc):
             try:
                 d.wait_ready()

@@ -21,7 +21,7 @@ def _cell(s: dict[str, Any] | None) -> str:
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"| ({r['id']}) FAILED: {r['error'].splitlines()[0]} | | | | | | |"
-    ratio = r.get("ratio_vmmd_qemu")
+    ratio = r.get("ratio_vmmd_qemu", r.get("ratio"))
     n = max(r.get(c, {}).get("n", 0) for c in COLUMNS)
     cells = [r["what"], r["unit"], *(_cell(r.get(c)) for c in COLUMNS),
              "–" if ratio is None else f"{ratio:.2f}", str(n)]
@@ -40,7 +40,9 @@ def markdown(doc: dict[str, Any]) -> str:
          "compare the columns of one run. Cells: median (p10–p90); vmmd/QEMU = ratio of the "
          "medians (< 1: vmmd faster), except rows marked \"higher better\" (IOPS, MB/s, "
          "VMs/s), where > 1 means vmmd faster. Rows with only a vmmd column have no QEMU "
-         "counterpart (the daemon sections)."),
+         "counterpart (the daemon sections). The cells rows compare vmmd with cells against "
+         "its yardstick in the C floor column (--isolation none, or the goal), ratio = "
+         "cells / yardstick."),
         "",
         "| measure | unit | vmmd | QEMU | C floor | vmmd/QEMU | n |",
         "|---|---|---|---|---|---|---|",

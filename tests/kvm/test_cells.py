@@ -17,7 +17,7 @@ import pytest
 from tests.framework import REPO, wait_until
 from tests.framework.console import ConsoleReader, ticks
 from tests.framework.daemon import Daemon, running_daemon
-from vmmd.client import Client, ClientError, pb
+from vmmd.client import ClientError, pb
 from vmmd.native import seccomp_allowlist
 from vmmd.native.testhooks import available as hooks_built
 from vmmd.vm import snapshot as snapshots
@@ -142,7 +142,7 @@ def killed_by_seccomp(out: dict[str, object], syscall: str) -> None:
     victim = out["victim"]
     assert isinstance(victim, dict) and victim["phase"] == "crashed", out
     assert str(out["result"]).startswith("worker gone"), out
-    assert f"was killed by its seccomp filter: system call " in victim["stop"], out
+    assert "was killed by its seccomp filter: system call " in victim["stop"], out
     assert f"({syscall}) is not allowed" in victim["stop"], out
 
 
@@ -184,6 +184,8 @@ def test_sigbus_in_a_cell_kills_only_that_cell(daemon: Daemon, microguests: dict
         c.restore(str(tmp_path / "s1"), "doomed", resume=True)
         c.restore(str(tmp_path / "s2"), "fine", resume=True, cell="other")
         doomed_pid = c.get("doomed").cell.pid
+        group = Path("/sys/fs/cgroup/pids" + cgroup_dirs(doomed_pid)["pids"])
+        assert group.is_dir(), group
         with ConsoleReader(c, "fine") as con:
             con.wait(lambda d: len(ticks(d)) >= 3, "fine ticks")
             os.truncate(tmp_path / "s1" / snapshots.MEMORY_FILE, snapshots.MEMORY_OFFSET)
@@ -196,6 +198,8 @@ def test_sigbus_in_a_cell_kills_only_that_cell(daemon: Daemon, microguests: dict
             con.wait(lambda d: max(ticks(d)) >= last + 5, "fine ticks on")
         assert c.get("fine").state == pb.VM_STATE_RUNNING
         assert c.get("fine").cell.pid != doomed_pid
+        # The dead cell's cgroup goes with its worker (its crashed VM stays until deleted).
+        wait_until(lambda: not group.exists(), "the dead cell's cgroup removed")
         assert daemon.proc.poll() is None
         c.delete("doomed")
         c.delete("fine")

@@ -107,6 +107,7 @@ class Cell:
     ram_bytes: int = 0
     natives: set[RemoteNativeVm] = field(default_factory=set)
     dead: str | None = None
+    reclaimed: bool = False  # its cgroup, root and uid given back (once)
     exited: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -152,7 +153,7 @@ class _CellLease:
         if cell.dead is not None or cell.channel is None:
             raise NativeError(f"create VM: cell {cell.name}'s worker {cell.dead}", errno.ESRCH)
         native = RemoteNativeVm(cell.channel, kvm_path, cell.name,
-                                on_close=lambda n: cell.natives.discard(n))
+                                on_close=cell.natives.discard)
         with cell.lock:
             cell.natives.add(native)
             if cell.dead is not None:
@@ -302,6 +303,9 @@ class CellPlacement:
         with c.lock:
             c.dead = why
             natives = list(c.natives)
+        with self._lock:
+            if self._cells.get(c.name) is c:
+                del self._cells[c.name]  # the name's next VM gets a new worker
         if c.channel is not None:
             c.channel.mark_dead(why)
         c.exited.set()
@@ -309,6 +313,9 @@ class CellPlacement:
             self.log.error("cell.died", cell=c.name, pid=pid, cause=text, vms=len(natives))
         for n in natives:
             n.lost(why)
+        # Its cgroup, root and uid go now; its VMs (crashed) stay until deleted.
+        threading.Thread(target=self._reclaim, args=(c,), name="cell-reclaim",
+                         daemon=True).start()
 
     def _seccomp_report(self, c: Cell) -> SeccompReport | None:
         try:
@@ -333,6 +340,14 @@ class CellPlacement:
             except ProcessLookupError:
                 pass
             c.exited.wait(2.0)
+        self._reclaim(c)
+
+    def _reclaim(self, c: Cell) -> None:
+        """The cell's cgroup, root directory, report pipe and uid, once."""
+        with self._lock:
+            if c.reclaimed:
+                return
+            c.reclaimed = True
         if c.cgroup is not None:
             c.cgroup.remove()
         try:

@@ -25,9 +25,19 @@ from typing import Any, Self
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.cell import wire
-from vmmd.native import Event, EventType, LegacyState, MachineState, PackedVcpu, StopReason, \
-    VcpuState, VirtioState, VirtioStats, VmStats
 from vmmd.errors import NativeError
+from vmmd.native import (
+    Event,
+    EventType,
+    LegacyState,
+    MachineState,
+    PackedVcpu,
+    StopReason,
+    VcpuState,
+    VirtioState,
+    VirtioStats,
+    VmStats,
+)
 
 CALL_TIMEOUT_S = 30.0  # a worker that takes longer is hung: it is killed
 

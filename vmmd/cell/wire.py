@@ -24,8 +24,17 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
-from vmmd.native import Event, EventType, LegacyState, MachineState, StopReason, VcpuState, \
-    VirtioState, VirtioStats, VmStats
+from vmmd.native import (
+    Event,
+    EventType,
+    LegacyState,
+    MachineState,
+    StopReason,
+    VcpuState,
+    VirtioState,
+    VirtioStats,
+    VmStats,
+)
 from vmmd.vm.boot.cpu import BootRegs, Segment
 from vmmd.vm.snapshot import state
 

@@ -18,9 +18,8 @@ from typing import Any
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.cell import wire
-from vmmd.errors import InvalidSpecError
+from vmmd.errors import InvalidSpecError, NativeError
 from vmmd.native import NativeVm
-from vmmd.errors import NativeError
 
 # The methods a VM has on the wire: NativeVm's, called with the same args.
 METHODS: frozenset[str] = frozenset({
