@@ -84,7 +84,7 @@ def encode(v: Any, fds: list[int]) -> cpb.CellValue:
         return cpb.CellValue(record=cpb.CellRecord(fields={
             str(k): encode(x, fds) for k, x in v.items()}))
     name = type(v).__name__
-    if _RECORDS.get(name) is type(v):
+    if _RECORDS.get(name) is type(v) and dataclasses.is_dataclass(v):
         return cpb.CellValue(record=cpb.CellRecord(type=name, fields={
             f.name: encode(getattr(v, f.name), fds) for f in dataclasses.fields(v)}))
     raise TypeError(f"no wire form for {name}")
@@ -137,12 +137,12 @@ def _record(r: cpb.CellRecord, fds: list[int]) -> Any:
     for f in fields:
         v = decode(r.fields[f.name], fds)
         enum = _ENUMS.get((r.type, f.name))
-        want = _RECORDS.get(str(f.type)) or (bytes if f.type in ("bytes", bytes) else int)
+        want: type = _RECORDS.get(str(f.type)) or (bytes if f.type in ("bytes", bytes) else int)
         if not isinstance(v, want) or isinstance(v, bool):
             raise ProtocolError(f"{r.type}.{f.name}: a {type(v).__name__}")
         if enum is not None:
             try:
-                v = enum(v)
+                v = enum(v)  # type: ignore[arg-type]  # an int, checked above
             except ValueError:
                 raise ProtocolError(f"{r.type}.{f.name}: {v} is not a {enum.__name__}") from None
         values[f.name] = v

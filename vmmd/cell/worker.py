@@ -97,9 +97,9 @@ class Worker:
             return [handle, wire.Fd(vm.event_fd), wire.Fd(vm.console_notify_fd)]
         if method == "close":
             (handle,) = args
-            vm = self._vms.pop(handle, None)
-            if vm is not None:
-                vm.close()
+            closing = self._vms.pop(handle, None)
+            if closing is not None:
+                closing.close()
             for fd in self._kept.pop(handle, []):
                 os.close(fd)
             return []
