@@ -83,6 +83,10 @@ def main(kind: str, arg: str, kernel: str) -> dict[str, object]:
             out[vm_id] = {"phase": info.phase.value,
                           "stop": info.stop.message if info.stop else None}
         out["bystander_ticks"] = [before[-1], after[-1]]
+        # A dead worker's cell gives back its cgroup, root and uid at once,
+        # while its crashed VM stays listed until deleted.
+        out["victim_reclaimed"] = wait(lambda: victim.reclaimed and (
+            victim.cgroup is None or not any(os.path.exists(d) for d in victim.cgroup.dirs)), 5.0)
         out["bystander_in_order"] = after == list(range(after[0], after[0] + len(after)))
     finally:
         m.shutdown(timeout_s=1)

@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from vmmd.spec import CellLimits
 MiB = 1 << 20
 WORKER_OVERHEAD = 32 * MiB  # a worker's own memory beside guest RAM (Python, C core, page tables)
 DEFAULT_UIDS = (1_000_000, 65_536)  # first uid and how many: one per cell
+DEFAULT_SPARES = 2
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -174,8 +176,12 @@ class CellPlacement:
 
     def __init__(self, zygote_factory: Callable[[Callable[[int, int], None]], Zygote], *,
                  cgroups: Any = None, uids: tuple[int, int] = DEFAULT_UIDS,
-                 run_dir: str = "/run") -> None:
-        """zygote_factory(on_exit): forks the zygote (before any thread)."""
+                 run_dir: str = "/run", spares: int = DEFAULT_SPARES) -> None:
+        """zygote_factory(on_exit): forks the zygote (before any thread).
+        spares: workers kept spawned, jailed and in a cgroup of their own,
+        ready to become a new cell: a new cell then costs its limits'
+        writes, not a spawn (the spawn, ~10 ms of it attaching a process
+        to cgroup v1 hierarchies, happens off the request path)."""
         self.log = get_logger(__name__)
         self._lock = threading.Lock()
         self._cells: dict[str, Cell] = {}
@@ -187,6 +193,13 @@ class CellPlacement:
         self._roots = tempfile.mkdtemp(prefix="vmmd-cells-", dir=run_dir)
         os.chmod(self._roots, 0o711)
         self._zygote = zygote_factory(self._on_exit)
+        self._spares: list[Cell] = []
+        self._spares_wanted = spares
+        self._refill = threading.Event()
+        self._closing = False
+        if spares:
+            self._refill.set()
+            threading.Thread(target=self._keep_spares, name="cell-spares", daemon=True).start()
 
     # -- leases --
     def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease:
@@ -217,18 +230,56 @@ class CellPlacement:
                                  "(none were mounted when it started)")
             if not self._free_uids:
                 raise ResourceExhaustedError(f"cells: all {self._uid_count} cell uids are in use")
-            uid = self._free_uids.pop()
-            c = Cell(name, limits, uid, os.path.join(self._roots, _dir_name(uid, name)),
-                     refs=1, ram_bytes=ram_bytes)
+            spare = next((s for s in self._spares if s.dead is None), None)
+            if spare is not None:
+                self._spares.remove(spare)
+                self._refill.set()
+                c, c.name, c.limits = spare, name, limits
+            else:
+                uid = self._free_uids.pop()
+                # Its directory and cgroup are named by uid, unique among live
+                # cells: a name's next cell never meets the last one's leftovers.
+                c = Cell(name, limits, uid, os.path.join(self._roots, str(uid)))
+            c.refs, c.ram_bytes = 1, ram_bytes
             self._cells[name] = c
         try:
-            self._spawn(c)
+            if spare is None:
+                self._spawn(c)
+            elif c.cgroup is not None and limits != CellLimits():
+                c.cgroup.set_limits(cpu=limits.cpu or None,
+                                    memory_bytes=limits.memory_mib * MiB or None,
+                                    pids=limits.pids or None)
         except BaseException:
             with self._lock:
                 del self._cells[name]
             self._teardown(c)
             raise
         return _CellLease(self, c, ram_bytes)
+
+    def _keep_spares(self) -> None:
+        """Keep `spares` workers ready (a thread of its own)."""
+        while True:
+            self._refill.wait()
+            self._refill.clear()
+            while True:
+                with self._lock:
+                    if self._closing or len(self._spares) >= self._spares_wanted or \
+                            not self._free_uids:
+                        break
+                    c = Cell("", CellLimits(), self._free_uids.pop(), "")
+                    c.root = os.path.join(self._roots, str(c.uid))
+                try:
+                    self._spawn(c)
+                except Exception as e:  # noqa: BLE001 - spares are an optimisation
+                    self.log.warning("cell.spare_failed", error=str(e))
+                    self._teardown(c)
+                    break
+                with self._lock:
+                    if self._closing:
+                        break
+                    self._spares.append(c)
+            if self._closing:
+                return
 
     def _release(self, c: Cell, ram_bytes: int) -> None:
         with self._lock:
@@ -244,6 +295,7 @@ class CellPlacement:
 
     # -- one cell's life --
     def _spawn(self, c: Cell) -> None:
+        t = [time.perf_counter()]
         os.mkdir(c.root, 0o555)
         root_fd = os.open(c.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         report_r, report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -253,26 +305,32 @@ class CellPlacement:
             if self._cgroups is not None:
                 lim = c.limits
                 c.cgroup = self._cgroups.create(
-                    _dir_name(c.uid, c.name), cpu=lim.cpu or None,
+                    str(c.uid), cpu=lim.cpu or None,
                     memory_bytes=lim.memory_mib * MiB if lim.memory_mib else None,
                     pids=lim.pids or None)
+            t.append(time.perf_counter())
             c.channel = Channel(ours, lambda why: self._kill(c, why))
             c.pid = self._zygote.spawn(WorkerJail(c.name, c.uid, c.uid), theirs.fileno(),
                                        root_fd, report_w)
+            t.append(time.perf_counter())
             with self._lock:
                 self._by_pid[c.pid] = c
                 status = self._exits.pop(c.pid, None)
             if c.cgroup is not None:
                 c.cgroup.add(c.pid)
+            t.append(time.perf_counter())
             if status is not None:
                 self._on_exit(c.pid, status)
             # Ready: jailed and answering (the first call waits for the jail).
             c.channel.call(0, "ping", timeout_s=10.0)
+            t.append(time.perf_counter())
         finally:
             os.close(root_fd)
             os.close(report_w)
             theirs.close()
-        self.log.info("cell.spawned", cell=c.name, pid=c.pid, uid=c.uid)
+        # Where a spawn's milliseconds went: cgroup made, forked, in its cgroup, answering.
+        self.log.info("cell.spawned", cell=c.name, pid=c.pid, uid=c.uid,
+                      ms=[round((b - a) * 1e3, 2) for a, b in zip(t, t[1:])])
 
     def _kill(self, c: Cell, why: str) -> None:
         self.log.error("cell.protocol_broken", cell=c.name, pid=c.pid, why=why)
@@ -306,6 +364,9 @@ class CellPlacement:
         with self._lock:
             if self._cells.get(c.name) is c:
                 del self._cells[c.name]  # the name's next VM gets a new worker
+            if c in self._spares:
+                self._spares.remove(c)
+                self._refill.set()
         if c.channel is not None:
             c.channel.mark_dead(why)
         c.exited.set()
@@ -366,18 +427,16 @@ class CellPlacement:
             return list(self._cells.values())
 
     def close(self) -> None:
-        for c in self.cells():
+        with self._lock:
+            self._closing = True
+            spares, self._spares = self._spares, []
+        self._refill.set()
+        for c in self.cells() + spares:
             self._teardown(c)
         self._zygote.close()
         if self._cgroups is not None:
             self._cgroups.close()
         shutil.rmtree(self._roots, ignore_errors=True)
-
-
-def _dir_name(uid: int, cell: str) -> str:
-    """A cell's directory and cgroup: by uid first, unique among live cells, so a
-    new cell of a name never meets the old one still being torn down."""
-    return f"{uid}-{cell}"[:65]
 
 
 def _limits_text(lim: CellLimits) -> str:

@@ -352,6 +352,12 @@ class CellCgroup:
     def _file(self, kind: str, name: str) -> str:
         return posixpath.join(self._groups[kind], name)
 
+    def set_limits(self, *, cpu: float | None, memory_bytes: int | None,
+                   pids: int | None) -> None:
+        """Limits for a group made without (a spare cell's, taken by a cell)."""
+        _check_limits(cpu, memory_bytes, pids)
+        self._limit(cpu, memory_bytes, pids)
+
     def _limit(self, cpu: float | None, memory_bytes: int | None, pids: int | None) -> None:
         if cpu is not None:
             quota = max(MIN_QUOTA_US, round(cpu * CFS_PERIOD_US))
