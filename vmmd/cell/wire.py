@@ -166,19 +166,45 @@ def send(sock: socket.socket, frame: cpb.CellFrame, fds: list[int]) -> None:
     sock.sendmsg([data], anc)
 
 
-def recv(sock: socket.socket, deadline: float | None = None) -> tuple[cpb.CellFrame, list[int]]:
+_FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
+SPIN_S = 200e-6  # how long a receiver polls before it sleeps (see recv)
+
+
+def _receive(sock: socket.socket, flags: int) -> tuple[bytes, Any, int, Any]:
+    return sock.recvmsg(MAX_FRAME + 1, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC | flags)
+
+
+def recv(sock: socket.socket, deadline: float | None = None,
+         spin_s: float = SPIN_S) -> tuple[cpb.CellFrame, list[int]]:
     """The next frame and its fds (owned by the caller from here on, even
     when the frame then turns out bad).  EOF, a bad frame or the deadline
-    passing is a ProtocolError (TimeoutError for the deadline)."""
-    if deadline is not None:
-        left = deadline - time.monotonic()
-        poller = select.poll()  # not select(): a daemon's fds pass 1024
-        poller.register(sock, select.POLLIN)
-        if left <= 0 or not poller.poll(left * 1000):
-            raise TimeoutError("the worker did not answer in time")
-    fd_size = array.array("i").itemsize
-    data, anc, flags, _ = sock.recvmsg(MAX_FRAME + 1, socket.CMSG_SPACE(MAX_FDS * fd_size),
-                                       socket.MSG_CMSG_CLOEXEC)
+    passing is a ProtocolError (TimeoutError for the deadline).
+
+    The receiver first polls without sleeping for up to spin_s: calls come
+    in bursts (a restore is a dozen), and on a VM host a sleeping process's
+    wake-up costs more than the call itself (a blocking ping-pong between
+    two processes: 87 us on our PVM machines, 29 us with the caller
+    polling)."""
+    got = None
+    end = time.monotonic() + spin_s
+    while True:
+        try:
+            got = _receive(sock, socket.MSG_DONTWAIT)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                break
+    if got is None:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            poller = select.poll()  # not select(): a daemon's fds pass 1024
+            poller.register(sock, select.POLLIN)
+            if left <= 0 or not poller.poll(left * 1000):
+                raise TimeoutError("the worker did not answer in time")
+        got = _receive(sock, 0)
+    data, anc, flags, _ = got
+    fd_size = _FD_SIZE
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
