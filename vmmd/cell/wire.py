@@ -57,6 +57,8 @@ def encode(v: Any, fds: list[int]) -> cpb.CellValue:
     """A Python value as a CellValue; an Fd's number is appended to fds."""
     if v is None:
         return cpb.CellValue(none=True)
+    if isinstance(v, cpb.CellValue):  # encoded already (a cached state)
+        return v
     if isinstance(v, Fd):
         fds.append(v.fd)
         return cpb.CellValue(fd=len(fds) - 1)
