@@ -4,7 +4,9 @@
  * round a second of vmm_vcpus_probe_halt, whose policy is vcpu.c's).  It
  * parks with the vCPUs while the VM is paused.
  */
+#define _GNU_SOURCE	/* pthread_setname_np */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
@@ -65,6 +67,7 @@ static void *io_main(void *arg)
 	struct epoll_event evs[16];
 	int rounds = 0;
 	sigset_t set;
+	pthread_setname_np(pthread_self(), "vmio");	/* as top -H, ps -L show it */
 	vmm_guard_thread_sigset(&set);	/* SIGBUS stays deliverable: devices run guarded */
 	pthread_sigmask(SIG_SETMASK, &set, NULL);
 	while (!LOAD(&io->quit)) {

@@ -82,6 +82,7 @@ VMM_SYSCALL(rt_sigreturn, ANY, "returning from any handler (the vCPU kick)")
 VMM_SYSCALL(restart_syscall, ANY, "the kernel restarts a sleep or poll after a stop signal")
 VMM_SYSCALL(tgkill, SELF(0), "pthread_kill: the vCPU kick; raise(): only this process")
 VMM_SYSCALL(getpid, ANY, "glibc pthread_kill, raise")
+VMM_SYSCALL(prctl, WHEN(0, 0xffffffff, PR_SET_NAME), "a thread names itself (vcpu<N>, vmio)")
 VMM_SYSCALL(gettid, ANY, "glibc raise; Python threading")
 
 /* ---- waiting and time ---- */

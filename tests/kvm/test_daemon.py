@@ -7,6 +7,7 @@ lifetimes, and SIGTERM with running VMs.  Timeouts here only catch hangs.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -163,3 +164,17 @@ def test_sigterm_stops_running_vms_and_exits_cleanly(microguests: dict[str, Path
         for vm_id in ids[:3]:
             assert (vm_id, pb.EVENT_TYPE_STOPPED) in kinds
         assert {vm_id for vm_id, kind in kinds if kind == pb.EVENT_TYPE_DELETED} == set(ids)
+
+
+def test_vm_threads_are_named(daemon: Daemon, client: Client,
+                              microguests: dict[str, Path]) -> None:
+    """vCPU threads are vcpu<N>, a VM's I/O thread vmio, as top -H and ps -L
+    show them, in whichever process hosts the VM (its cell's worker, or the
+    daemon with --isolation none)."""
+    client.create("named", str(microguests["pvh"]), cmdline="mg=spin", memory_mib=16, vcpus=2)
+    client.start("named")
+    host = client.get("named").cell.pid or daemon.pid
+    comms = sorted(Path(f"/proc/{host}/task/{t}/comm").read_text().strip()
+                   for t in os.listdir(f"/proc/{host}/task"))
+    assert [n for n in comms if n.startswith(("vcpu", "vmio"))] == ["vcpu0", "vcpu1", "vmio"], comms
+    client.delete("named")
