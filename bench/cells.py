@@ -33,6 +33,7 @@ from tests.framework.daemon import DaemonError, spawn
 from vmmd.client import Client, ClientError
 
 MEM_MIB = 16
+SPARE_GAP_S = 0.06  # > a spare's spawn (~20 ms) plus the last VM's teardown
 RATE_MAX_VMS = 1000  # the create-rate run stops there (the daemon's --max-vms is 1100)
 MODES = ("cells", "none")
 
@@ -75,11 +76,13 @@ def _micro(c: Client, vm_id: str, cmdline: str = "mg=print", **kw: Any) -> None:
              **kw)
 
 
-def _create_start_first(mode: str, reps: int) -> list[float]:
-    """CreateVm + StartVm -> first console bytes, ms."""
+def _create_start_first(mode: str, reps: int, gap_s: float = 0.0) -> list[float]:
+    """CreateVm + StartVm -> first console bytes, ms; gap_s between requests
+    (with cells: time for the spare workers to be refilled)."""
     out = []
     with served(mode) as (c, _):
         for i in range(reps):
+            time.sleep(gap_s)
             t0 = time.perf_counter()
             _micro(c, f"f{i}")
             t_create = time.perf_counter() - t0
@@ -99,7 +102,7 @@ def _snapshot(c: Client, d: Path) -> str:
     return str(d)
 
 
-def _restores(mode: str, reps: int, cell: str) -> list[float]:
+def _restores(mode: str, reps: int, cell: str, gap_s: float = 0.0) -> list[float]:
     out = []
     with tempfile.TemporaryDirectory(prefix="vmmd-bench-snap-") as tmp, \
             served(mode) as (c, _):
@@ -108,6 +111,7 @@ def _restores(mode: str, reps: int, cell: str) -> list[float]:
         if cell:
             c.restore(snap, "anchor", **kw)  # the cell exists before the timed restores
         for i in range(reps):
+            time.sleep(gap_s)
             t0 = time.perf_counter()
             c.restore(snap, f"r{i}", **kw)
             out.append((time.perf_counter() - t0) * 1e3)
@@ -214,12 +218,20 @@ def measures(reps: int) -> list[dict[str, Any]]:
                "answering (floor: the 5 ms goal)", "ms", _spawn_times(reps, 0), [5.0]),
            row("cells.spare", "new cell from a spare worker: limits written, answering "
                "(floor: the 5 ms goal)", "ms", _spawn_times(reps, 2), [5.0])]
+    gap = SPARE_GAP_S
     out.append(row("cells.create_first", "CreateVm + StartVm → first console bytes (mg=print), "
-                   "new cell (floor: --isolation none; goal ≤ 1.5)", "ms",
+                   "new cell, back to back (floor: --isolation none; goal ≤ 1.5)", "ms",
                    _create_start_first("cells", reps), _create_start_first("none", reps)))
-    out.append(row("cells.restore_new", "RestoreVm (paused, 1 vCPU / 16 MiB) into a new cell "
-                   "(floor: --isolation none; goal median ≤ 8 ms)", "ms",
+    out.append(row("cells.create_first_spaced", "the same, one request every "
+                   f"{gap * 1e3:.0f} ms (spares refilled)", "ms",
+                   _create_start_first("cells", reps, gap),
+                   _create_start_first("none", reps, gap)))
+    out.append(row("cells.restore_new", "RestoreVm (paused, 1 vCPU / 16 MiB) into a new cell, "
+                   "back to back (floor: --isolation none; goal median ≤ 8 ms)", "ms",
                    _restores("cells", reps, ""), _restores("none", reps, "")))
+    out.append(row("cells.restore_new_spaced", "the same, one request every "
+                   f"{gap * 1e3:.0f} ms (spares refilled)", "ms",
+                   _restores("cells", reps, "", gap), _restores("none", reps, "", gap)))
     out.append(row("cells.restore_existing", "RestoreVm (paused) into an existing cell "
                    "(floor: --isolation none; goal ≤ 1.2)", "ms",
                    _restores("cells", reps, "warm"), _restores("none", reps, "")))

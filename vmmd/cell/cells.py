@@ -44,6 +44,7 @@ MiB = 1 << 20
 WORKER_OVERHEAD = 32 * MiB  # a worker's own memory beside guest RAM (Python, C core, page tables)
 DEFAULT_UIDS = (1_000_000, 65_536)  # first uid and how many: one per cell
 DEFAULT_SPARES = 2
+SPARE_DELAY_S = 0.02
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -261,6 +262,9 @@ class CellPlacement:
         while True:
             self._refill.wait()
             self._refill.clear()
+            # Not at once: the request that took a spare is still building its
+            # VM, and a spawn's fork and filter would take CPU from it.
+            time.sleep(SPARE_DELAY_S)
             while True:
                 with self._lock:
                     if self._closing or len(self._spares) >= self._spares_wanted or \
