@@ -86,7 +86,9 @@ class Worker:
         """Answer calls until the daemon closes the socket."""
         while True:
             try:
-                frame, fds = wire.recv(self._sock)
+                # No polling here: a worker waits for calls, and polling after each
+                # one took CPU from the VMs building beside it (create: 9.6 -> 8.3 ms).
+                frame, fds = wire.recv(self._sock, spin_s=0)
             except wire.ProtocolError:
                 return
             reply_fds: list[int] = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import gc
 import os
 import select
 import signal
@@ -155,6 +156,10 @@ def _zygote_main(sock: socket.socket, test_hooks: bool) -> int:
     import vmmd.native.seccomp  # noqa: F401, PLC0415
     if test_hooks:
         from vmmd.cell import testhooks  # noqa: F401, PLC0415 - before any jail: no host paths after
+    # Objects from here on are never scanned by the GC (and so not written
+    # to): a forked worker shares their pages with the zygote instead of
+    # copying each one the first time a collection walks it.
+    gc.freeze()
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
