@@ -21,15 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from bench import proc, stats, targets
+from bench import daemon, proc, stats, targets
 from bench.daemon import _first_output
 from tests.framework import REPO
-from tests.framework.daemon import DaemonError, spawn
 from vmmd.client import Client, ClientError
 
 MEM_MIB = 16
@@ -38,18 +36,10 @@ RATE_MAX_VMS = 1000  # the create-rate run stops there (the daemon's --max-vms i
 MODES = ("cells", "none")
 
 
-@contextmanager
-def served(mode: str, *args: str) -> Iterator[tuple[Client, int]]:
-    with tempfile.TemporaryDirectory(prefix="vmmd-bench-") as tmp:
-        d = spawn(Path(tmp) / "s.sock", "--isolation", mode, "--memory-budget", "unlimited",
-                  "--max-vms", "1100", *args, new_session=True)
-        with proc.tracked(d.proc):
-            try:
-                d.wait_ready()
-            except DaemonError as e:
-                raise proc.RunError(str(e)) from None
-            with d.client() as client:
-                yield client, d.pid
+def served(mode: str) -> AbstractContextManager[tuple[Client, int]]:
+    """A fresh daemon in isolation `mode` (bench/daemon.py's launcher), room for the
+    1000-clone and create-rate measures."""
+    return daemon.served(max_vms=1100, memory_budget="unlimited", isolation=mode)
 
 
 def row(mid: str, what: str, unit: str, cells: list[float],
