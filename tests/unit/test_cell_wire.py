@@ -182,3 +182,19 @@ def test_a_worker_that_does_not_answer_is_given_up(
     with pytest.raises(WorkerGone):
         ch.call(1, "stats", timeout_s=0.2)
     assert broken and "did not answer in time" in broken[0]
+
+
+def test_a_packed_vcpu_crosses_as_its_struct_bytes() -> None:
+    """restore_vcpu in a cell sends the checked, packed state's bytes; the
+    worker copies them back into a struct of the same size, no other."""
+    from vmmd.native import BLOB_SIZES, VCPU_BLOBS, CpuidEntry, VcpuState, pack_vcpu
+    from vmmd.native.state import packed_bytes, unpack_vcpu_bytes
+
+    s = VcpuState(**{b: bytes([i + 1]) * BLOB_SIZES[b] for i, b in enumerate(VCPU_BLOBS)},
+                  mp_state=0, msrs=((0x10, 7),), cpuid=(CpuidEntry(1, 0, 0, 2, 3, 4, 5),))
+    data = packed_bytes(pack_vcpu(s))
+    c = unpack_vcpu_bytes(data)
+    assert (c.nmsrs, c.msrs[0].index, c.msrs[0].data, c.ncpuid, c.cpuid[0].ebx) == \
+        (1, 0x10, 7, 1, 3)
+    with pytest.raises(ValueError, match="want"):
+        unpack_vcpu_bytes(data[:-1])

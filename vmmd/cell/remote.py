@@ -38,7 +38,9 @@ from vmmd.native import (
     VirtioState,
     VirtioStats,
     VmStats,
+    pack_vcpu,
 )
+from vmmd.native.state import packed_bytes
 
 CALL_TIMEOUT_S = 30.0  # a worker that takes longer is hung: it is killed
 
@@ -55,17 +57,18 @@ class _Encoded:
 
     MAX = 512
 
-    def __init__(self) -> None:
+    def __init__(self, how: Callable[[Any], Any] | None = None) -> None:
+        self._how = how or (lambda obj: wire.encode(obj, []))
         self._lock = threading.Lock()
-        self._by_id: OrderedDict[int, tuple[object, cpb.CellValue]] = OrderedDict()
+        self._by_id: OrderedDict[int, tuple[object, Any]] = OrderedDict()
 
-    def __call__(self, obj: object) -> cpb.CellValue:
+    def __call__(self, obj: Any) -> Any:
         with self._lock:
             hit = self._by_id.get(id(obj))
             if hit is not None and hit[0] is obj:
                 self._by_id.move_to_end(id(obj))
                 return hit[1]
-        m = wire.encode(obj, [])
+        m = self._how(obj)
         with self._lock:
             self._by_id[id(obj)] = (obj, m)
             while len(self._by_id) > self.MAX:
@@ -74,6 +77,7 @@ class _Encoded:
 
 
 _encoded = _Encoded()
+_packed_bytes = _Encoded(packed_bytes)
 
 
 class Channel:
@@ -245,7 +249,10 @@ class RemoteNativeVm:
         return _one(self._call("save_vcpu", idx), VcpuState, "save_vcpu")
 
     def restore_vcpu(self, idx: int, s: VcpuState | PackedVcpu) -> None:
-        self._unit("restore_vcpu", idx, _encoded(s.state if isinstance(s, PackedVcpu) else s))
+        # As the C struct's bytes (checked here already; C bounds its counts):
+        # the worker copies them into a struct, no checking and packing again.
+        packed = s if isinstance(s, PackedVcpu) else pack_vcpu(s)
+        self._unit("restore_vcpu_bytes", idx, _packed_bytes(packed))
 
     def save_machine(self) -> MachineState:
         return _one(self._call("save_machine"), MachineState, "save_machine")

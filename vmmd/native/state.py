@@ -148,6 +148,24 @@ class PackedVcpu:
     cdata: Any
 
 
+def packed_bytes(p: PackedVcpu) -> bytes:
+    """The packed state as the C struct's bytes: what a cell's worker is sent
+    (the daemon checked the state; the worker copies it back into a struct,
+    unpack_vcpu_bytes, instead of checking and packing it again)."""
+    return bytes(ffi.buffer(p.cdata))
+
+
+def unpack_vcpu_bytes(data: bytes) -> Any:
+    """A struct vmm_vcpu_state from packed_bytes() (ValueError for a wrong size).
+    The counts in it are the C core's own checks' business (vmm_vcpu_restore
+    bounds nmsrs and ncpuid)."""
+    c = ffi.new("struct vmm_vcpu_state *")
+    if len(data) != ffi.sizeof(c[0]):
+        raise ValueError(f"a vCPU state of {len(data)} bytes, want {ffi.sizeof(c[0])}")
+    ffi.memmove(c, data, len(data))
+    return c
+
+
 def pack_vcpu(s: VcpuState) -> PackedVcpu:
     """ValueError for a state of the wrong shape."""
     if len(s.msrs) > MAX_MSRS or len(s.cpuid) > MAX_CPUID:

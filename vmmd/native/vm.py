@@ -24,6 +24,7 @@ from vmmd.native.state import (
     scalars,
     set_blob,
     set_scalars,
+    unpack_vcpu_bytes,
 )
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats, virtio_stats_of
 
@@ -143,6 +144,11 @@ class NativeVm:
         A PackedVcpu (pack_vcpu) is used as it is: clones restore from one."""
         packed = s if isinstance(s, PackedVcpu) else pack_vcpu(s)
         check(lib.vmm_vcpu_restore(self._vm, idx, packed.cdata), f"restore vCPU {idx}")
+
+    def restore_vcpu_bytes(self, idx: int, data: bytes) -> None:
+        """restore_vcpu() of a state as packed_bytes() gives it (a cell's worker)."""
+        check(lib.vmm_vcpu_restore(self._vm, idx, unpack_vcpu_bytes(data)),
+              f"restore vCPU {idx}")
 
     def save_machine(self) -> MachineState:
         c = ffi.new("struct vmm_machine_state *")
