@@ -57,6 +57,7 @@ from vmmd.native import (
     VmStats,
     pack_vcpu,
 )
+from vmmd.native.state import unpack_vcpu_bytes
 
 PAGE = 4096
 CONSOLE_RING = 256 * 1024  # the C core keeps this much console history
@@ -155,6 +156,7 @@ class FakeNativeVm:
         self.bare = False
         self.boot_regs: dict[int, Any] = {}
         self.vcpu_states: dict[int, VcpuState] = {}
+        self.vcpu_bytes: dict[int, bytes] = {}  # restore_vcpu_bytes (a cell worker's way)
         self.machine: MachineState | None = None
         self.legacy: LegacyState | None = None
         self.threads = 0
@@ -438,6 +440,14 @@ class FakeNativeVm:
             self._vcpu(idx, f"restore vCPU {idx}")
             self._created(f"restore vCPU {idx}")
             self.vcpu_states[idx] = packed.state
+
+    @_op
+    def restore_vcpu_bytes(self, idx: int, data: bytes) -> None:
+        unpack_vcpu_bytes(data)  # ValueError for a wrong size, as the real one
+        with self._lock:
+            self._vcpu(idx, f"restore vCPU {idx}")
+            self._created(f"restore vCPU {idx}")
+            self.vcpu_bytes[idx] = bytes(data)
 
     @_op
     def save_machine(self) -> MachineState:
