@@ -1,11 +1,12 @@
 """`python -m bench`: run the benchmarks, write build/bench/results.{json,md}, print the table.
 
   --reps N         repetitions of every measure (default: a and in-process 20, b 5, c 3,
-                   blk 3, net 3, api 50, rss 1, rate 1, snap 30)
+                   blk 3, net 3, api 50, rss 1, rate 1, snap 30, cells 30)
   --only a,b,c     measures to run (split = the in-process vmmd split; blk = virtio-blk
                    throughput; net = virtio-net throughput and round trip; api = daemon
                    StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
-                   snap = restore latency, clone density, snapshot cost; default all)
+                   snap = restore latency, clone density, snapshot cost; cells = what
+                   cells cost against --isolation none; default all)
   --skip-linux     leave out (c), the Linux boots (slow on a PVM host: kernel code is emulated)
   --quick          fewer repetitions (a 5, b 2, c 1) and fewer exits; also BENCH_QUICK=1
   --linux-timeout  hard limit per Linux boot, seconds (default 400)
