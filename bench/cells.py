@@ -111,20 +111,8 @@ def _restores(mode: str, reps: int, cell: str, gap_s: float = 0.0) -> list[float
 
 def _private_kib(pid: int, guest_kib: int) -> int:
     """Private RSS of a process, guest RAM mappings (their size) excluded."""
-    total, size, private = 0, 0, 0
-    try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except OSError:
-        return 0
-    for line in text.splitlines():
-        if "-" in line.split(" ", 1)[0] and not line.startswith(("Private", "Size")):
-            total += 0 if size == guest_kib else private
-            size, private = 0, 0
-        elif line.startswith("Size:"):
-            size = int(line.split()[1])
-        elif line.startswith(("Private_Clean:", "Private_Dirty:")):
-            private += int(line.split()[1])
-    return total + (0 if size == guest_kib else private)
+    return daemon._smaps_kib(pid, guest_kib, ("Private_Clean:", "Private_Dirty:"),
+                             anon_only=False)[0]
 
 
 def _rss_kib(pid: int) -> int:

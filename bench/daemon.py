@@ -118,9 +118,12 @@ def _api_linux(client: Client, pvm: bool, timeout: float) -> dict[str, Any]:
                    "s", {"vmmd": [t]})
 
 
-def _smaps_kib(pid: int, guest_kib: int) -> tuple[int, int]:
-    """(Rss of every mapping except guest RAM, Rss of the guest RAM mappings), KiB.  Guest RAM:
-    the anonymous mappings whose size is exactly the guest's memory."""
+def _smaps_kib(pid: int, guest_kib: int, fields: tuple[str, ...] = ("Rss:",),
+               anon_only: bool = True) -> tuple[int, int]:
+    """(the fields summed over every mapping except guest RAM, over the guest RAM
+    mappings), KiB; fields Rss by default.  Guest RAM: the mappings whose size is
+    exactly the guest's memory, anonymous ones only unless anon_only is False (a
+    restored VM's RAM is its snapshot file mapped private)."""
     other = guest = 0
     size = 0
     anon = False
@@ -130,8 +133,8 @@ def _smaps_kib(pid: int, guest_kib: int) -> tuple[int, int]:
             anon = len(head) == 5 or head[5].startswith("[anon")
         elif head[0] == "Size:":
             size = int(head[1])
-        elif head[0] == "Rss:":
-            if anon and size == guest_kib:
+        elif head[0] in fields:
+            if (anon or not anon_only) and size == guest_kib:
                 guest += int(head[1])
             else:
                 other += int(head[1])

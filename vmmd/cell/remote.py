@@ -26,7 +26,7 @@ from typing import Any, Self
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.cell import wire
-from vmmd.errors import NativeError
+from vmmd.errors import InvalidSpecError, NativeError
 from vmmd.native import (
     Event,
     EventType,
@@ -207,7 +207,6 @@ class RemoteNativeVm:
         self._unit("write", gpa, data)
 
     def load_file(self, gpa: int, fd: int, offset: int, length: int, field: Any) -> None:
-        from vmmd.errors import InvalidSpecError  # noqa: PLC0415
         try:
             self._unit("load_file", gpa, wire.Fd(fd), offset, length, list(field)
                        if isinstance(field, tuple) else field)

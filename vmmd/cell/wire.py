@@ -206,12 +206,11 @@ def recv(sock: socket.socket, deadline: float | None = None,
                 raise TimeoutError("the worker did not answer in time")
         got = _receive(sock, 0)
     data, anc, flags, _ = got
-    fd_size = _FD_SIZE
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             a = array.array("i")
-            a.frombytes(payload[:len(payload) - len(payload) % fd_size])
+            a.frombytes(payload[:len(payload) - len(payload) % _FD_SIZE])
             fds.extend(a)
     try:
         if not data:

@@ -27,7 +27,6 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.cell import wire
@@ -270,11 +269,12 @@ def _open_fds() -> list[int]:
         return list(range(3, 1024))
 
 
-def exit_cause(status: int) -> tuple[Any, str]:
+def exit_cause(status: int) -> tuple[int | None, str]:
     """A wait status in words: (signal number or None, text)."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return sig, f"killed by {signal.Signals(sig).name}" if sig in signal.Signals._value2member_map_ \
-            else f"killed by signal {sig}"
-    code = os.WEXITSTATUS(status)
-    return None, f"exited with status {code}"
+        try:
+            return sig, f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return sig, f"killed by signal {sig}"
+    return None, f"exited with status {os.WEXITSTATUS(status)}"
