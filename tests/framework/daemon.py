@@ -142,14 +142,15 @@ class Daemon:
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
-    def settled(self, timeout: float = 5.0) -> tuple[int, int]:
-        """(fds, threads) once they stop changing: a cell is torn down after
-        its last VM's DeleteVm returned, off the request path."""
+    def settled(self, timeout: float = 10.0) -> tuple[int, int]:
+        """(fds, threads) once they have not changed for a second: a cell is
+        torn down, and a spare worker made, after the DeleteVm or CreateVm
+        that caused it returned, off the request path."""
         seen: list[tuple[int, int]] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             seen.append((self.fds(), self.threads()))
-            if len(seen) >= 5 and len(set(seen[-5:])) == 1:
+            if len(seen) >= 20 and len(set(seen[-20:])) == 1:
                 break
             time.sleep(0.05)
         return seen[-1]
