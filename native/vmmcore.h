@@ -238,6 +238,8 @@ struct vmm_machine_state {
 	uint8_t ioapic[512];		/* chip 2 */
 	uint8_t pit[112];		/* struct kvm_pit_state2 */
 	uint64_t clock;			/* kvmclock, ns (struct kvm_clock_data.clock) */
+	uint64_t realtime;		/* host CLOCK_REALTIME, ns, when clock was read;
+					 * 0: not known (state saved by an older vmmd) */
 };
 
 struct vmm_virtq_state {
@@ -267,7 +269,14 @@ struct vmm_legacy_state {	/* the UART and the i8042 */
 int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out);
 int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in);
 int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out);
-int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in);
+/* flags: VMM_RESTORE_CLOCK_REALTIME moves kvmclock forward by the host
+ * wall-clock time since in->realtime (the time the state spent on disk), so
+ * the guest's wall clock agrees with the host's again; without it the clock
+ * goes on from in->clock, as if no time had passed. */
+enum vmm_restore_flags {
+	VMM_RESTORE_CLOCK_REALTIME = 1
+};
+int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in, uint32_t flags);
 int vmm_vm_virtio_save(struct vmm_vm *vm, int idx, struct vmm_virtio_state *out);
 /* -EINVAL: a field is impossible (features not offered, a queue outside
  * RAM...); nothing of the device changed. */
@@ -328,11 +337,14 @@ int vmm_seccomp_syscall_name(int nr, char *buf, uint64_t len);
 
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
+/* KVM_CHECK_EXTENSION(KVM_CAP_ADJUST_CLOCK) on a VM: the KVM_CLOCK_* flags
+ * KVM_GET/SET_CLOCK know here (KVM_CLOCK_REALTIME = 4, KVM_CLOCK_HOST_TSC = 8). */
+int vmm_kvm_clock_flags(const char *kvm_path);
 
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
  * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 2
+#define VMM_CORE_VERSION 3
 int vmm_core_version(void);
 
 #endif

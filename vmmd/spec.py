@@ -174,3 +174,4 @@ class RestoreSpec:
     track_dirty_pages: bool = False
     cell: str = ""
     limits: CellLimits = CellLimits()
+    clock_realtime: bool = False  # kvmclock moved on by the time since the snapshot

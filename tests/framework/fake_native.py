@@ -158,6 +158,7 @@ class FakeNativeVm:
         self.vcpu_states: dict[int, VcpuState] = {}
         self.vcpu_bytes: dict[int, bytes] = {}  # restore_vcpu_bytes (a cell worker's way)
         self.machine: MachineState | None = None
+        self.clock_realtime = False  # restore_machine's option, as last given
         self.legacy: LegacyState | None = None
         self.threads = 0
         self.kvm_fd: int | None = None
@@ -459,13 +460,14 @@ class FakeNativeVm:
                             clock=123456789)
 
     @_op
-    def restore_machine(self, s: MachineState) -> None:
+    def restore_machine(self, s: MachineState, *, clock_realtime: bool = False) -> None:
         for b, size in MACHINE_BLOB_SIZES.items():
             if len(getattr(s, b)) != size:
                 raise ValueError(f"{b}: {len(getattr(s, b))} bytes, want {size}")
         with self._lock:
             self._created("restore irqchip, PIT and clock")
             self.machine = s
+            self.clock_realtime = clock_realtime
 
     def _device(self, idx: int, op: str) -> FakeDevice:
         if not 0 <= idx < len(self.devices):

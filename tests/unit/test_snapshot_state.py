@@ -128,9 +128,20 @@ def test_a_machine_blob_of_the_wrong_size(name: str) -> None:
 
 
 @given(st.builds(MachineState, **{b: blob(n) for b, n in MACHINE_BLOB_SIZES.items()},
-                 clock=st.integers(0, U64)))
+                 clock=st.integers(0, U64), realtime=st.integers(0, U64)))
 def test_a_saved_machine_is_restored_as_it_was(s: MachineState) -> None:
-    assert state.restore_machine(state.save_machine(s)) == s
+    assert state.restore_machine(state.save_machine(s), created_unix_ns=5) == (
+        s if s.realtime else dataclasses.replace(s, realtime=5))
+
+
+def test_a_machine_state_without_realtime_takes_the_snapshots_time() -> None:
+    """A file from before machine.realtime: created_unix_ns stands in (a
+    restore moving the clock on then still knows from when)."""
+    assert state.restore_machine(machine_msg(), created_unix_ns=7).realtime == 7
+    assert state.restore_machine(machine_msg()).realtime == 0  # not known: the clock stays
+    m = machine_msg()
+    m.realtime = 9
+    assert state.restore_machine(m, created_unix_ns=7).realtime == 9
 
 
 # ---- virtio transports ----

@@ -160,7 +160,8 @@ def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
 def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
     return RestoreSpec(req.snapshot_dir, vm_id, _overrides(req.overrides),
                        track_dirty_pages=req.track_dirty_pages,
-                       cell=check_cell_name(req.cell), limits=limits_from_proto(req.limits))
+                       cell=check_cell_name(req.cell), limits=limits_from_proto(req.limits),
+                       clock_realtime=req.clock_realtime)
 
 
 def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
@@ -178,7 +179,8 @@ def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
     # One cell for all clones when named (else each its own): checked once, at the request's path.
     cell, limits = check_cell_name(req.cell), limits_from_proto(req.limits)
     return [RestoreSpec(req.snapshot_dir, f"{prefix}-{i}", _clone_overrides(req, i),
-                        track_dirty_pages=req.track_dirty_pages, cell=cell, limits=limits)
+                        track_dirty_pages=req.track_dirty_pages, cell=cell, limits=limits,
+                        clock_realtime=req.clock_realtime)
             for i in range(req.count)]
 
 

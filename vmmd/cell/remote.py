@@ -256,8 +256,9 @@ class RemoteNativeVm:
     def save_machine(self) -> MachineState:
         return _one(self._call("save_machine"), MachineState, "save_machine")
 
-    def restore_machine(self, s: MachineState) -> None:
-        self._unit("restore_machine", _encoded(s))
+    def restore_machine(self, s: MachineState, *, clock_realtime: bool = False) -> None:
+        # The worker's C core reads the host clock, right at KVM_SET_CLOCK.
+        self._unit("restore_machine", _encoded(s), clock_realtime=clock_realtime)
 
     def save_virtio(self, idx: int) -> VirtioState:
         return _one(self._call("save_virtio", idx), VirtioState, "save_virtio")

@@ -44,7 +44,7 @@ from vmmd.native.state import (
 )
 from vmmd.native.testing import GuestMemory, VirtioBlock, VirtioDevice, VirtioNet
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats
-from vmmd.native.vm import NativeVm, kvm_api_version
+from vmmd.native.vm import NativeVm, kvm_api_version, kvm_clock_flags
 
 __all__ = [
     "BLOB_SIZES", "CORE_VERSION", "LEGACY_KBD_MAX", "LEGACY_RX_MAX", "MACHINE_BLOB_SIZES",
@@ -52,5 +52,6 @@ __all__ = [
     "GuestMemory", "LegacyState", "MachineState", "NativeVm", "PackedVcpu", "QueueState",
     "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice", "VirtioNet",
     "VirtioState", "VirtioStats", "VmStats", "check", "enter_jail", "install_seccomp",
-    "kvm_api_version", "pack_vcpu", "parse_seccomp_report", "seccomp_allowlist", "syscall_name",
+    "kvm_api_version", "kvm_clock_flags", "pack_vcpu", "parse_seccomp_report",
+    "seccomp_allowlist", "syscall_name",
 ]  # fmt: skip

@@ -252,7 +252,7 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
             offset += r.size
         _attach_devices(native, drives, held.images, nets, held.taps)
         native.create_vcpus(spec.vcpus, bare=True)
-        snapshot.apply_state(native, snap, spec, cache)
+        snapshot.apply_state(native, snap, spec, cache, clock_realtime=rs.clock_realtime)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
               snapshot_id=snap.state.snapshot_id,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

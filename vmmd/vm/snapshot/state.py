@@ -80,12 +80,16 @@ def restore_vcpu(m: spb.VcpuState, where: str) -> VcpuState:
 
 # ---- irqchips, PIT, kvmclock ----
 def save_machine(s: MachineState) -> spb.MachineState:
-    return spb.MachineState(**{b: getattr(s, b) for b in MACHINE_BLOB_SIZES}, clock=s.clock)
+    return spb.MachineState(**{b: getattr(s, b) for b in MACHINE_BLOB_SIZES}, clock=s.clock,
+                            realtime=s.realtime)
 
 
-def restore_machine(m: spb.MachineState) -> MachineState:
+def restore_machine(m: spb.MachineState, created_unix_ns: int = 0) -> MachineState:
+    """created_unix_ns: the snapshot's, standing in for a realtime the file
+    lacks (written before it was recorded; taken a few ms from the clock)."""
     return MachineState(**{b: _blob(m, b, size, "machine") for b, size in
-                           MACHINE_BLOB_SIZES.items()}, clock=m.clock)
+                           MACHINE_BLOB_SIZES.items()}, clock=m.clock,
+                        realtime=m.realtime or max(created_unix_ns, 0))
 
 
 # ---- virtio transports ----
