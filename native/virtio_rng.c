@@ -3,8 +3,8 @@
  *
  * A request is a chain of device-writable buffers; the device fills them
  * with random bytes and returns the chain with the count written.  The
- * driver decides the sizes, so a request is bounded (VMM_RNG_MAX_REQUEST),
- * the rest of its buffers left as they were.  getrandom() never blocks
+ * driver decides the sizes, so a request is bounded (max_request, at most
+ * VMM_RNG_MAX_REQUEST), the rest of its buffers left as they were.  getrandom() never blocks
  * here (GRND_NONBLOCK): before the host's pool is ready (only ever early
  * in the host's boot) it fails with EAGAIN and the request gets what was
  * written so far, perhaps nothing, for the driver to ask again.  A chain
@@ -47,8 +47,8 @@ static uint64_t fill(const struct vmm_chain *c, uint8_t *buf, uint64_t want)
 static uint32_t serve(struct vmm_rng *r, const struct vmm_chain *c)
 {
 	uint64_t written = 0;
-	for (int i = c->nseg - c->nwritable; i < c->nseg && written < VMM_RNG_MAX_REQUEST; i++) {
-		uint64_t room = VMM_RNG_MAX_REQUEST - written;
+	for (int i = c->nseg - c->nwritable; i < c->nseg && written < r->max_request; i++) {
+		uint64_t room = r->max_request - written;
 		uint64_t want = c->seg[i].iov_len < room ? c->seg[i].iov_len : room;
 		uint64_t n = fill(c, c->seg[i].iov_base, want);
 		vmm_mem_mark_dirty(r->transport.mem, c->seg[i].iov_base, n);
@@ -76,7 +76,7 @@ static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 			break;
 		}
 		uint32_t written = serve(r, &c);
-		if (written < c.writable_len && written < VMM_RNG_MAX_REQUEST)
+		if (written < c.writable_len && written < r->max_request)
 			v->st.io_errors++;	/* the host's pool was not ready: a short fill */
 		v->st.bytes_read += written;
 		v->st.requests++;
@@ -96,11 +96,14 @@ static const struct vmm_virtio_ops rng_ops = {
 	.queue_notify = queue_notify, .destroy = rng_destroy,
 };
 
-int vmm_rng_create(const struct vmm_mem *mem, struct vmm_rng **out)
+int vmm_rng_create(const struct vmm_mem *mem, uint32_t max_request, struct vmm_rng **out)
 {
+	if (max_request > VMM_RNG_MAX_REQUEST)
+		return -EINVAL;
 	struct vmm_rng *r = calloc(1, sizeof(*r));
 	if (!r)
 		return -ENOMEM;
+	r->max_request = max_request ? max_request : VMM_RNG_MAX_REQUEST;
 	vmm_virtio_init(&r->transport, &rng_ops, r, mem);
 	*out = r;
 	return 0;
@@ -114,10 +117,10 @@ void vmm_rng_destroy(struct vmm_rng *r)
 	free(r);
 }
 
-int vmm_virtio_rng_new(struct vmm_mem *mem, struct vmm_virtio **out)
+int vmm_virtio_rng_new(struct vmm_mem *mem, uint32_t max_request, struct vmm_virtio **out)
 {
 	struct vmm_rng *r;
-	int e = vmm_rng_create(mem, &r);
+	int e = vmm_rng_create(mem, max_request, &r);
 	if (!e)
 		*out = &r->transport;
 	return e;

@@ -13,9 +13,11 @@
 
 struct vmm_rng {
 	struct vmm_virtio transport;	/* first: the device is its transport */
+	uint32_t max_request;		/* 1..VMM_RNG_MAX_REQUEST bytes per request */
 };
 
-int vmm_rng_create(const struct vmm_mem *mem, struct vmm_rng **out);
+/* max_request: bytes per request, 0 for VMM_RNG_MAX_REQUEST; -EINVAL above it. */
+int vmm_rng_create(const struct vmm_mem *mem, uint32_t max_request, struct vmm_rng **out);
 void vmm_rng_destroy(struct vmm_rng *r);
 
 #endif

@@ -372,12 +372,13 @@ int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uin
 	return r ? r : attach_virtio(vm, &n->transport, mmio_base, gsi);
 }
 
-int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint64_t mmio_base, uint32_t gsi)
+int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio_base,
+			  uint32_t gsi)
 {
 	struct vmm_rng *d;
 	int r = can_add_virtio(vm);
 	if (!r)
-		r = vmm_rng_create(vm->mem, &d);
+		r = vmm_rng_create(vm->mem, max_request, &d);
 	return r ? r : attach_virtio(vm, &d->transport, mmio_base, gsi);
 }
 

@@ -131,9 +131,10 @@ int vmm_virtio_net_new(struct vmm_mem *mem, int tap_fd, const uint8_t *mac,
 /* What the I/O thread does when the device's backend fd (the tap) is readable. */
 void vmm_virtio_backend_ready(struct vmm_virtio *v);
 /* A virtio entropy device on plain guest memory: each request is filled
- * from getrandom(), at most 64 KiB of it.  Stats: requests, bytes_read =
- * bytes given to the guest, io_errors = short fills (host pool not ready). */
-int vmm_virtio_rng_new(struct vmm_mem *mem, struct vmm_virtio **out);
+ * from getrandom(), at most max_request bytes of it (1..65536; 0: 65536).
+ * Stats: requests, bytes_read = bytes given to the guest, io_errors = short
+ * fills (the host's pool not ready yet). */
+int vmm_virtio_rng_new(struct vmm_mem *mem, uint32_t max_request, struct vmm_virtio **out);
 
 /* ---- the VM (vm.c; running it: lifecycle.c; the vmm_vcpu_* calls: vcpu.c) ---- */
 enum vmm_vm_state {
@@ -199,8 +200,10 @@ int vmm_vm_add_virtio_blk(struct vmm_vm *vm, int image_fd, int read_only,
  * unknown).  Before start; returns the device index. */
 int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uint32_t max_frame,
 			  uint64_t mmio_base, uint32_t gsi);
-/* A virtio entropy device (virtio-rng); before start; the device index. */
-int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint64_t mmio_base, uint32_t gsi);
+/* A virtio entropy device (virtio-rng), max_request as vmm_virtio_rng_new's;
+ * before start; the device index. */
+int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio_base,
+			  uint32_t gsi);
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out);
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);

@@ -63,7 +63,9 @@ PAGE = 4096
 CONSOLE_RING = 256 * 1024  # the C core keeps this much console history
 MAX_VCPUS = 32
 MAX_VIRTIO = 19
-VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
+VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_RNG = 1, 2, 4
+# Each kind's virtio device id and queues, as the C devices have them.
+KINDS = {"blk": (VIRTIO_ID_BLOCK, 1), "net": (VIRTIO_ID_NET, 2), "rng": (VIRTIO_ID_RNG, 1)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,8 +100,8 @@ class RamRegion:
 
 @dataclass
 class FakeDevice:
-    kind: str  # "blk" | "net"
-    fd: int  # blk: our duplicate of the image; net: the caller's tap fd
+    kind: str  # "blk" | "net" | "rng"
+    fd: int  # blk: our duplicate of the image; net: the caller's tap fd; rng: -1
     mmio_base: int
     gsi: int
     options: dict[str, Any]
@@ -283,6 +285,16 @@ class FakeNativeVm:
             self._check_virtio("attach network interface")
             self.devices.append(FakeDevice("net", tap_fd, mmio_base, gsi,
                                            {"mac": mac, "max_frame": max_frame}))
+            return len(self.devices) - 1
+
+    @_op
+    def add_virtio_rng(self, *, max_request: int, mmio_base: int, gsi: int) -> int:
+        with self._lock:
+            self._check_virtio("attach entropy device")
+            if not 0 <= max_request <= 65536:
+                _raise(errno.EINVAL, "attach entropy device")
+            self.devices.append(FakeDevice("rng", -1, mmio_base, gsi,
+                                           {"max_request": max_request}))
             return len(self.devices) - 1
 
     @_op
@@ -481,10 +493,10 @@ class FakeNativeVm:
             self._paused(f"save device {idx}")
         if d.state is not None:
             return d.state
-        nq = 1 if d.kind == "blk" else 2
+        device_id, nq = KINDS[d.kind]
         q = QueueState(desc=0, avail=0, used=0, size=256, last_avail=0, used_idx=0,
                        signalled_used=0, ready=0, event_idx=0, indirect=0)
-        return VirtioState(device_id=VIRTIO_ID_BLOCK if d.kind == "blk" else VIRTIO_ID_NET,
+        return VirtioState(device_id=device_id,
                            status=0, dev_feat_sel=0, drv_feat_sel=0, queue_sel=0, int_status=0,
                            config_gen=0, driver_features=0, queues=(q,) * nq)
 
@@ -495,8 +507,7 @@ class FakeNativeVm:
         with self._lock:
             d = self._device(idx, f"restore device {idx}")
             self._created(f"restore device {idx}")
-            want = VIRTIO_ID_BLOCK if d.kind == "blk" else VIRTIO_ID_NET
-            if s.device_id != want:
+            if s.device_id != KINDS[d.kind][0]:
                 _raise(errno.EINVAL, f"restore device {idx}")
             d.state = s
 

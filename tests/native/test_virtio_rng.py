@@ -7,6 +7,7 @@ stopped (NEEDS_RESET) where the chain breaks the spec."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 
 import pytest
@@ -25,6 +26,7 @@ from tests.framework.fake_driver import (
     Reg,
     fake_ram,
 )
+from vmmd.errors import NativeError
 from vmmd.native import VirtioRng
 
 VIRTIO_ID_RNG = 4
@@ -151,3 +153,19 @@ def test_a_buffer_outside_ram_stops_the_device_untouched(drv: FakeDriver, addr: 
     assert drv.collect() == [] and drv.needs_reset
     assert beside_used_ring(drv) == before  # not even the buffer inside RAM was written
     assert drv.dev.stats().bad_chains == 1
+
+
+def test_a_smaller_bound_is_kept() -> None:
+    with fake_ram() as mem, VirtioRng(mem, max_request=1000) as dev:
+        drv = FakeDriver(dev, mem, RAM)
+        drv.init(TRANSPORT, queue_size=16)
+        n, data = request(drv, drv.data_bufs(4096, True, (999, 2), fill=FILL))
+        assert n == 1000 and data[1000:] == FILL * 3096
+        assert not drv.broken_canaries()
+
+
+@pytest.mark.parametrize("bound", [MAX_REQUEST + 1, 2**32 - 1])
+def test_a_bound_above_the_devices_is_refused(bound: int) -> None:
+    with fake_ram() as mem, pytest.raises(NativeError) as e:
+        VirtioRng(mem, max_request=bound)
+    assert e.value.errno == errno.EINVAL

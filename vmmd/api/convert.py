@@ -25,6 +25,7 @@ from vmmd.spec import (
     DeviceOverrides,
     DriveOverride,
     DriveSpec,
+    EntropySpec,
     NetOverride,
     NetSpec,
     RestoreSpec,
@@ -143,6 +144,7 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                          guest_mac=n.guest_mac or None, create_tap=n.create_tap)
                                  for n in cfg.network_interfaces),
         track_dirty_pages=cfg.track_dirty_pages,
+        entropy=EntropySpec(cfg.entropy.max_request_bytes) if cfg.HasField("entropy") else None,
         cell=check_cell_name(cfg.cell),
         limits=limits_from_proto(cfg.limits),
     )
@@ -233,6 +235,8 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         drives=[drive_to_proto(d) for d in spec.drives],
         network_interfaces=[net_to_proto(n) for n in spec.network_interfaces],
         track_dirty_pages=spec.track_dirty_pages,
+        entropy=(pb.EntropyDevice(max_request_bytes=spec.entropy.max_request_bytes)
+                 if spec.entropy is not None else None),
         cell=spec.cell, limits=limits_to_proto(spec.limits),
     )
 

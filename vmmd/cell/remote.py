@@ -234,6 +234,10 @@ class RemoteNativeVm:
         return self._int("add_virtio_net", wire.Fd(tap_fd), mac=mac, max_frame=max_frame,
                          mmio_base=mmio_base, gsi=gsi)
 
+    def add_virtio_rng(self, *, max_request: int, mmio_base: int, gsi: int) -> int:
+        return self._int("add_virtio_rng", max_request=max_request, mmio_base=mmio_base,
+                         gsi=gsi)
+
     def set_boot_regs(self, idx: int, regs: Any) -> None:
         self._unit("set_boot_regs", idx, regs)
 

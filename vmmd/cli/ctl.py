@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="TAP[,mac=MAC][,create]", help=NET_HELP)
     c.add_argument("--track-dirty", action="store_true",
                    help="log written pages, for diff snapshots")
+    c.add_argument("--entropy", action="store_true",
+                   help="a virtio entropy device (the guest's /dev/hwrng)")
     _cell_options(c)
     sn = add("snapshot", help="write a snapshot of a paused VM into a directory")
     sn.add_argument("vm_id")
@@ -293,7 +295,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
                                       cmdline=args.cmdline, cmdline_append=args.append,
                                       vcpus=args.vcpus, memory_mib=args.mem_mib,
                                       track_dirty_pages=args.track_dirty, **_devices(args),
-                                      cell=args.cell, limits=_limits(args))])
+                                      cell=args.cell, limits=_limits(args),
+                                      entropy=pb.EntropyDevice() if args.entropy else None)])
     elif cmd == "snapshot":
         show_snapshot(args, client.snapshot(args.vm_id, args.dir, diff=args.diff))
     elif cmd == "restore":

@@ -104,9 +104,10 @@ class VirtioBlock(VirtioDevice):
 class VirtioRng(VirtioDevice):
     """The virtio entropy device: requests filled from the host's getrandom()."""
 
-    def __init__(self, mem: GuestMemory) -> None:
+    def __init__(self, mem: GuestMemory, max_request: int = 0) -> None:
+        """max_request: bytes per request, 1..65536 (0: 65536)."""
         super().__init__(mem, _new_device("create virtio-rng", lib.vmm_virtio_rng_new,
-                                          mem.handle))
+                                          mem.handle, max_request))
 
 
 class VirtioNet(VirtioDevice):

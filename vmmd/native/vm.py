@@ -114,6 +114,12 @@ class NativeVm:
         return check(lib.vmm_vm_add_virtio_net(self._vm, tap_fd, mac, max_frame, mmio_base, gsi),
                      "attach network interface")
 
+    def add_virtio_rng(self, *, max_request: int, mmio_base: int, gsi: int) -> int:
+        """Attach the entropy device (max_request bytes per request, 0: the
+        C core's bound, 64 KiB); its device index."""
+        return check(lib.vmm_vm_add_virtio_rng(self._vm, max_request, mmio_base, gsi),
+                     "attach entropy device")
+
     def virtio_stats(self, idx: int) -> VirtioStats:
         s = ffi.new("struct vmm_virtio_stats *")
         check(lib.vmm_vm_virtio_stats(self._vm, idx, s), f"read device {idx} stats")
