@@ -26,10 +26,12 @@ def test_the_device_is_announced_and_shown(stub: vmm_pb2_grpc.VmServiceStub,
     assert vm.cmdline.split()[-2:] == ["virtio_mmio.device=4K@0xd0000000:5",
                                        "virtio_mmio.device=4K@0xd0001000:6"]
     assert vm.config.HasField("entropy") and vm.config.entropy.max_request_bytes == 4096
+    assert vm.counters.entropy.device_id == "entropy"
+    assert [d.device_id for d in vm.counters.devices] == ["d"]  # drives only, as before
     listed = stub.ListVms(pb.ListVmsRequest(), timeout=HANG_S).vms
     assert [v.config.entropy.max_request_bytes for v in listed if v.vm_id == "e"] == [4096]
     plain = create(vm_id="plain")
-    assert not plain.config.HasField("entropy")
+    assert not plain.config.HasField("entropy") and not plain.counters.HasField("entropy")
     assert "virtio_mmio.device" not in plain.cmdline
 
 

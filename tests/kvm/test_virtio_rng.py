@@ -71,6 +71,9 @@ def test_clones_of_one_snapshot_get_different_bytes(microguests, tmp_path: Path)
                 data = con.wait(lambda b: len(rounds(b)) >= 3, "three rounds after the restore")
             got = rounds(data)
             assert all(n == 256 and not zero for n, _, zero in got.values()), data
+            counted = c.get(v.vm_id).counters.entropy
+            assert counted.device_id == "entropy" and counted.bytes_read >= 3 * 256
+            assert counted.requests >= 3 and counted.bad_requests == 0
             after.append({r: got[r][1] for r in sorted(got)[:3]})
         a, b = after
         assert a.keys() == b.keys(), after  # the same rounds: both go on from the snapshot

@@ -261,6 +261,8 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
             console_bytes=c.console_bytes, console_dropped=c.console_dropped,
             devices=[pb.DeviceCounters(**dataclasses.asdict(d)) for d in c.devices],
             interfaces=[pb.InterfaceCounters(**dataclasses.asdict(i)) for i in c.interfaces],
+            entropy=(pb.DeviceCounters(**dataclasses.asdict(c.entropy))
+                     if c.entropy is not None else None),
         ),
         cmdline=info.cmdline,
     )
