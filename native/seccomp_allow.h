@@ -93,9 +93,11 @@ VMM_SYSCALL(epoll_wait, ANY, "the I/O thread's loop; Python selectors")
 VMM_SYSCALL(eventfd2, ANY, "events, console notify, irqfds, ioeventfds, the I/O wake fd")
 VMM_SYSCALL(timerfd_create, ANY, "console flush timer, halt watchdog")
 VMM_SYSCALL(timerfd_settime, ANY, "console flush timer, halt watchdog")
-VMM_SYSCALL(clock_gettime, ANY, "pause deadlines, event times (a syscall when the vDSO cannot)")
+VMM_SYSCALL(clock_gettime, ANY,
+	    "pause deadlines, event times, host realtime at kvmclock (a syscall without the vDSO)")
 VMM_SYSCALL(clock_nanosleep, ANY, "Python time.sleep")
-VMM_SYSCALL(getrandom, ANY, "Python os.urandom, random, hash seeds")
+VMM_SYSCALL(getrandom, ANY,
+	    "Python os.urandom, random, hash seeds; virtio-rng: guest requests, GRND_NONBLOCK")
 
 /* ---- the broker socket (connected before the jail; fds come as SCM_RIGHTS) ---- */
 VMM_SYSCALL(recvmsg, ANY, "requests and passed fds from the broker")

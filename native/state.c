@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/kvm.h>
 
@@ -26,6 +28,13 @@ _Static_assert(sizeof(((struct vmm_machine_state *)0)->ioapic) ==
 	       sizeof(((struct kvm_irqchip *)0)->chip), "irqchip");
 
 /* ---- the VM: PIC master and slave, IOAPIC, PIT, kvmclock ---- */
+static uint64_t realtime_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static size_t chip_off(int chip)
 {
 	return chip == KVM_IRQCHIP_PIC_MASTER ? offsetof(struct vmm_machine_state, pic_master) :
@@ -48,10 +57,54 @@ int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out)
 	if (!r)
 		r = vmm_ioctl(vm->vm_fd, KVM_GET_CLOCK, &clock);
 	out->clock = clock.clock;
+	/* The host wall clock at that reading, for a restore that moves the clock
+	 * on by the time in between.  KVM reads both in one step when the host
+	 * clock is the TSC; else our own reading right after is microseconds off. */
+	out->realtime = !r && (clock.flags & KVM_CLOCK_REALTIME) ? clock.realtime : realtime_ns();
 	return r;
 }
 
-int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in)
+static int clock_flags(int vm_fd)
+{
+	int r = ioctl(vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_ADJUST_CLOCK);
+	return r < 0 ? -errno : r;
+}
+
+int vmm_kvm_clock_flags(const char *kvm_path)
+{
+	struct vmm_vm *vm;
+	int r = vmm_vm_create(kvm_path, &vm);
+	if (r)
+		return r;
+	r = clock_flags(vm->vm_fd);
+	vmm_vm_destroy(vm);
+	return r;
+}
+
+/* kvmclock from a saved state.  Moving it to the host's wall clock: where
+ * KVM takes KVM_CLOCK_REALTIME, it adds the host time elapsed since
+ * in->realtime itself, reading the host clock inside the ioctl (nothing of
+ * ours runs between reading and setting); else we add it, reading the host
+ * clock just before the ioctl.  A realtime of 0 (unknown) or in the future
+ * (a host clock stepped back) leaves the saved clock as it is. */
+static int set_clock(struct vmm_vm *vm, const struct vmm_machine_state *in, uint32_t flags)
+{
+	struct kvm_clock_data c = { .clock = in->clock };
+	if ((flags & VMM_RESTORE_CLOCK_REALTIME) && in->realtime) {
+		int caps = clock_flags(vm->vm_fd);
+		if (caps > 0 && (caps & KVM_CLOCK_REALTIME)) {
+			c.flags = KVM_CLOCK_REALTIME;
+			c.realtime = in->realtime;
+		} else {
+			uint64_t now = realtime_ns();
+			if (now > in->realtime)
+				c.clock += now - in->realtime;
+		}
+	}
+	return vmm_ioctl(vm->vm_fd, KVM_SET_CLOCK, &c);
+}
+
+int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in, uint32_t flags)
 {
 	int r = vmm_lifecycle_created(vm);
 	for (int chip = 0; !r && chip < 3; chip++) {
@@ -66,9 +119,7 @@ int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in
 		pit.flags &= KVM_PIT_FLAGS_HPET_LEGACY | KVM_PIT_FLAGS_SPEAKER_DATA_ON;
 		r = vmm_ioctl(vm->vm_fd, KVM_SET_PIT2, &pit);
 	}
-	/* No flags: the clock goes on from the saved value on this host. */
-	struct kvm_clock_data clock = { .clock = in->clock };
-	return r ? r : vmm_ioctl(vm->vm_fd, KVM_SET_CLOCK, &clock);
+	return r ? r : set_clock(vm, in, flags);
 }
 
 /* ---- devices ---- */

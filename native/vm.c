@@ -19,6 +19,7 @@
 #include "vcpu.h"
 #include "virtio_blk.h"
 #include "virtio_net.h"
+#include "virtio_rng.h"
 #include "vm.h"
 
 #define TSS_ADDR 0xfffbd000ull
@@ -369,6 +370,16 @@ int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uin
 	if (!r)
 		r = vmm_net_create(vm->mem, tap_fd, mac, max_frame, &n);
 	return r ? r : attach_virtio(vm, &n->transport, mmio_base, gsi);
+}
+
+int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio_base,
+			  uint32_t gsi)
+{
+	struct vmm_rng *d;
+	int r = can_add_virtio(vm);
+	if (!r)
+		r = vmm_rng_create(vm->mem, max_request, &d);
+	return r ? r : attach_virtio(vm, &d->transport, mmio_base, gsi);
 }
 
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out)

@@ -101,7 +101,7 @@ struct vmm_vm_stats {
 	uint64_t events_dropped;
 };
 
-/* ---- virtio devices (virtio_mmio.c, virtq.c, virtio_blk.c) ---- */
+/* ---- virtio devices (virtio_mmio.c, virtq.c, virtio_blk.c, virtio_net.c, virtio_rng.c) ---- */
 struct vmm_virtio_stats {
 	uint64_t notifies;	/* queue notifications served */
 	uint64_t requests;	/* chains completed */
@@ -130,6 +130,11 @@ int vmm_virtio_net_new(struct vmm_mem *mem, int tap_fd, const uint8_t *mac,
 		       uint32_t max_frame, struct vmm_virtio **out);
 /* What the I/O thread does when the device's backend fd (the tap) is readable. */
 void vmm_virtio_backend_ready(struct vmm_virtio *v);
+/* A virtio entropy device on plain guest memory: each request is filled
+ * from getrandom(), at most max_request bytes of it (1..65536; 0: 65536).
+ * Stats: requests, bytes_read = bytes given to the guest, io_errors = short
+ * fills (the host's pool not ready yet). */
+int vmm_virtio_rng_new(struct vmm_mem *mem, uint32_t max_request, struct vmm_virtio **out);
 
 /* ---- the VM (vm.c; running it: lifecycle.c; the vmm_vcpu_* calls: vcpu.c) ---- */
 enum vmm_vm_state {
@@ -195,6 +200,10 @@ int vmm_vm_add_virtio_blk(struct vmm_vm *vm, int image_fd, int read_only,
  * unknown).  Before start; returns the device index. */
 int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uint32_t max_frame,
 			  uint64_t mmio_base, uint32_t gsi);
+/* A virtio entropy device (virtio-rng), max_request as vmm_virtio_rng_new's;
+ * before start; the device index. */
+int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio_base,
+			  uint32_t gsi);
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out);
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
@@ -238,6 +247,8 @@ struct vmm_machine_state {
 	uint8_t ioapic[512];		/* chip 2 */
 	uint8_t pit[112];		/* struct kvm_pit_state2 */
 	uint64_t clock;			/* kvmclock, ns (struct kvm_clock_data.clock) */
+	uint64_t realtime;		/* host CLOCK_REALTIME, ns, when clock was read;
+					 * 0: not known (state saved by an older vmmd) */
 };
 
 struct vmm_virtq_state {
@@ -267,7 +278,14 @@ struct vmm_legacy_state {	/* the UART and the i8042 */
 int vmm_vcpu_save(struct vmm_vm *vm, int idx, struct vmm_vcpu_state *out);
 int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in);
 int vmm_vm_save_machine(struct vmm_vm *vm, struct vmm_machine_state *out);
-int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in);
+/* flags: VMM_RESTORE_CLOCK_REALTIME moves kvmclock forward by the host
+ * wall-clock time since in->realtime (the time the state spent on disk), so
+ * the guest's wall clock agrees with the host's again; without it the clock
+ * goes on from in->clock, as if no time had passed. */
+enum vmm_restore_flags {
+	VMM_RESTORE_CLOCK_REALTIME = 1
+};
+int vmm_vm_restore_machine(struct vmm_vm *vm, const struct vmm_machine_state *in, uint32_t flags);
 int vmm_vm_virtio_save(struct vmm_vm *vm, int idx, struct vmm_virtio_state *out);
 /* -EINVAL: a field is impossible (features not offered, a queue outside
  * RAM...); nothing of the device changed. */
@@ -328,11 +346,14 @@ int vmm_seccomp_syscall_name(int nr, char *buf, uint64_t len);
 
 /* Host facts. */
 int vmm_kvm_api_version(const char *kvm_path);
+/* KVM_CHECK_EXTENSION(KVM_CAP_ADJUST_CLOCK) on a VM: the KVM_CLOCK_* flags
+ * KVM_GET/SET_CLOCK know here (KVM_CLOCK_REALTIME = 4, KVM_CLOCK_HOST_TSC = 8). */
+int vmm_kvm_clock_flags(const char *kvm_path);
 
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
  * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 2
+#define VMM_CORE_VERSION 3
 int vmm_core_version(void);
 
 #endif

@@ -107,15 +107,16 @@ class Client:
                vcpus: int = 0, memory_mib: int = 0, drives: Sequence[pb.Drive] = (),
                nets: Sequence[pb.NetworkInterface] = (),
                track_dirty_pages: bool = False, cell: str = "",
-               limits: pb.CellLimits | None = None) -> pb.Vm:
+               limits: pb.CellLimits | None = None,
+               entropy: pb.EntropyDevice | None = None) -> pb.Vm:
         """A new VM in CREATED; an empty vm_id lets the daemon choose one.
         0 vcpus / memory_mib mean the daemon's defaults; an empty cell, a
-        cell of the VM's own."""
+        cell of the VM's own; entropy given: the VM has an entropy device."""
         boot = pb.BootSource(kernel_path=kernel, initrd_path=initrd or "",
                              cmdline=cmdline or "", cmdline_append=cmdline_append or "")
         config = pb.VmConfig(vcpus=vcpus, memory_mib=memory_mib, boot=boot, drives=drives,
                              network_interfaces=nets, track_dirty_pages=track_dirty_pages,
-                             cell=cell, limits=limits)
+                             cell=cell, limits=limits, entropy=entropy)
         return self._call("CreateVm", pb.CreateVmRequest(vm_id=vm_id, config=config))
 
     def start(self, vm_id: str) -> pb.Vm:
@@ -144,20 +145,22 @@ class Client:
     def restore(self, snapshot_dir: str, vm_id: str = "", resume: bool = False,
                 overrides: pb.DeviceOverrides | None = None,
                 track_dirty_pages: bool = False, cell: str = "",
-                limits: pb.CellLimits | None = None) -> pb.Vm:
+                limits: pb.CellLimits | None = None, clock_realtime: bool = False) -> pb.Vm:
         return self._call("RestoreVm", pb.RestoreVmRequest(
             snapshot_dir=snapshot_dir, vm_id=vm_id, resume=resume, overrides=overrides,
-            track_dirty_pages=track_dirty_pages, cell=cell, limits=limits))
+            track_dirty_pages=track_dirty_pages, cell=cell, limits=limits,
+            clock_realtime=clock_realtime))
 
     def clone(self, snapshot_dir: str, count: int, id_prefix: str = "", resume: bool = False,
               overrides: Sequence[pb.DeviceOverrides] = (),
               track_dirty_pages: bool = False, cell: str = "",
-              limits: pb.CellLimits | None = None) -> list[pb.Vm]:
+              limits: pb.CellLimits | None = None,
+              clock_realtime: bool = False) -> list[pb.Vm]:
         """`count` clones; a named cell takes them all, else each gets one of its own."""
         return list(self._call("CloneVm", pb.CloneVmRequest(
             snapshot_dir=snapshot_dir, count=count, id_prefix=id_prefix, resume=resume,
             overrides=overrides, track_dirty_pages=track_dirty_pages, cell=cell,
-            limits=limits)).vms)
+            limits=limits, clock_realtime=clock_realtime)).vms)
 
     def merge(self, base_dir: str, diff_dir: str) -> pb.Snapshot:
         return self._call("MergeSnapshots", pb.MergeSnapshotsRequest(base_dir=base_dir,

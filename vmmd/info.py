@@ -79,6 +79,7 @@ class VmCounters:
     console_dropped: int = 0
     devices: tuple[DeviceCounters, ...] = ()
     interfaces: tuple[InterfaceCounters, ...] = ()
+    entropy: DeviceCounters | None = None
 
 
 @dataclass(frozen=True)

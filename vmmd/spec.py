@@ -87,6 +87,14 @@ class CellLimits:
 
 
 @dataclass(frozen=True)
+class EntropySpec:
+    """The virtio entropy device: random bytes from the host's getrandom(),
+    at most max_request_bytes per request (0: the device's bound, 64 KiB)."""
+
+    max_request_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class VmSpec:
     vm_id: str
     boot: BootSpec
@@ -95,6 +103,7 @@ class VmSpec:
     drives: tuple[DriveSpec, ...] = ()
     network_interfaces: tuple[NetSpec, ...] = ()
     track_dirty_pages: bool = False  # dirty-page logging, for diff snapshots
+    entropy: EntropySpec | None = None  # a virtio-rng device, after the interfaces
     # Where the VM runs, not what it is (neither is in a snapshot): the cell
     # ("" = one of its own) and that cell's limits.
     cell: str = ""
@@ -174,3 +183,4 @@ class RestoreSpec:
     track_dirty_pages: bool = False
     cell: str = ""
     limits: CellLimits = CellLimits()
+    clock_realtime: bool = False  # kvmclock moved on by the time since the snapshot

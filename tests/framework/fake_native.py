@@ -63,7 +63,9 @@ PAGE = 4096
 CONSOLE_RING = 256 * 1024  # the C core keeps this much console history
 MAX_VCPUS = 32
 MAX_VIRTIO = 19
-VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
+VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_RNG = 1, 2, 4
+# Each kind's virtio device id and queues, as the C devices have them.
+KINDS = {"blk": (VIRTIO_ID_BLOCK, 1), "net": (VIRTIO_ID_NET, 2), "rng": (VIRTIO_ID_RNG, 1)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,8 +100,8 @@ class RamRegion:
 
 @dataclass
 class FakeDevice:
-    kind: str  # "blk" | "net"
-    fd: int  # blk: our duplicate of the image; net: the caller's tap fd
+    kind: str  # "blk" | "net" | "rng"
+    fd: int  # blk: our duplicate of the image; net: the caller's tap fd; rng: -1
     mmio_base: int
     gsi: int
     options: dict[str, Any]
@@ -158,6 +160,7 @@ class FakeNativeVm:
         self.vcpu_states: dict[int, VcpuState] = {}
         self.vcpu_bytes: dict[int, bytes] = {}  # restore_vcpu_bytes (a cell worker's way)
         self.machine: MachineState | None = None
+        self.clock_realtime = False  # restore_machine's option, as last given
         self.legacy: LegacyState | None = None
         self.threads = 0
         self.kvm_fd: int | None = None
@@ -282,6 +285,16 @@ class FakeNativeVm:
             self._check_virtio("attach network interface")
             self.devices.append(FakeDevice("net", tap_fd, mmio_base, gsi,
                                            {"mac": mac, "max_frame": max_frame}))
+            return len(self.devices) - 1
+
+    @_op
+    def add_virtio_rng(self, *, max_request: int, mmio_base: int, gsi: int) -> int:
+        with self._lock:
+            self._check_virtio("attach entropy device")
+            if not 0 <= max_request <= 65536:
+                _raise(errno.EINVAL, "attach entropy device")
+            self.devices.append(FakeDevice("rng", -1, mmio_base, gsi,
+                                           {"max_request": max_request}))
             return len(self.devices) - 1
 
     @_op
@@ -459,13 +472,14 @@ class FakeNativeVm:
                             clock=123456789)
 
     @_op
-    def restore_machine(self, s: MachineState) -> None:
+    def restore_machine(self, s: MachineState, *, clock_realtime: bool = False) -> None:
         for b, size in MACHINE_BLOB_SIZES.items():
             if len(getattr(s, b)) != size:
                 raise ValueError(f"{b}: {len(getattr(s, b))} bytes, want {size}")
         with self._lock:
             self._created("restore irqchip, PIT and clock")
             self.machine = s
+            self.clock_realtime = clock_realtime
 
     def _device(self, idx: int, op: str) -> FakeDevice:
         if not 0 <= idx < len(self.devices):
@@ -479,10 +493,10 @@ class FakeNativeVm:
             self._paused(f"save device {idx}")
         if d.state is not None:
             return d.state
-        nq = 1 if d.kind == "blk" else 2
+        device_id, nq = KINDS[d.kind]
         q = QueueState(desc=0, avail=0, used=0, size=256, last_avail=0, used_idx=0,
                        signalled_used=0, ready=0, event_idx=0, indirect=0)
-        return VirtioState(device_id=VIRTIO_ID_BLOCK if d.kind == "blk" else VIRTIO_ID_NET,
+        return VirtioState(device_id=device_id,
                            status=0, dev_feat_sel=0, drv_feat_sel=0, queue_sel=0, int_status=0,
                            config_gen=0, driver_features=0, queues=(q,) * nq)
 
@@ -493,8 +507,7 @@ class FakeNativeVm:
         with self._lock:
             d = self._device(idx, f"restore device {idx}")
             self._created(f"restore device {idx}")
-            want = VIRTIO_ID_BLOCK if d.kind == "blk" else VIRTIO_ID_NET
-            if s.device_id != want:
+            if s.device_id != KINDS[d.kind][0]:
                 _raise(errno.EINVAL, f"restore device {idx}")
             d.state = s
 

@@ -207,7 +207,7 @@ def _cell_fields(draw: Any, m: set[str]) -> dict[str, Any]:
 
 CREATE_FIELDS = ["vm_id", "kernel_path", "initrd_path", "cmdline", "cmdline_append", "vcpus",
                  "memory_mib", "drives", "network_interfaces", "track_dirty_pages", "cell",
-                 "limits"]
+                 "limits", "entropy"]
 
 
 @st.composite
@@ -227,7 +227,10 @@ def create_requests(draw: Any) -> pb.CreateVmRequest:
                      st.lists(drives(), max_size=4)),
         network_interfaces=_pick(draw, m, "network_interfaces", st.just([]),
                                  st.lists(nics(), min_size=1, max_size=3)),
-        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m))
+        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m),
+        entropy=_pick(draw, m, "entropy", st.sampled_from([None, pb.EntropyDevice()]),
+                      st.builds(pb.EntropyDevice, max_request_bytes=st.one_of(
+                          st.sampled_from([1, 65536, 65537]), u32()))))
     vm_id = _pick(draw, m, "vm_id", st.sampled_from(["", "v1"]), ids())
     return pb.CreateVmRequest(vm_id=vm_id, config=config)
 
@@ -254,7 +257,8 @@ def restore_requests(draw: Any) -> pb.RestoreVmRequest:
         vm_id=_pick(draw, m, "vm_id", st.sampled_from(["", "r1"]), ids()),
         resume=draw(st.booleans()),
         overrides=_pick(draw, m, "overrides", st.just(pb.DeviceOverrides()), overrides()),
-        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m))
+        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m),
+        clock_realtime=draw(st.booleans()))
 
 
 COUNTS = [0, 1, 2, 3, 1025, 2**31, 2**32 - 1]
@@ -272,7 +276,8 @@ def clone_requests(draw: Any) -> pb.CloneVmRequest:
                         st.one_of(ids(), st.just("a" * 62), st.just("a" * 63))),
         resume=draw(st.booleans()),
         overrides=[draw(overrides()) for _ in range(n)],
-        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m))
+        track_dirty_pages=draw(st.booleans()), **_cell_fields(draw, m),
+        clock_realtime=draw(st.booleans()))
 
 
 @st.composite

@@ -192,6 +192,34 @@ def gen_blk() -> None:
                               (OP_WRITE, 2, 0x64, 3), (OP_REINIT, 0, 0, 0), notify)))
 
 
+# ---- virtio-rng ----
+def rng_input(r: Ram, bound: int = 0, features: int = VERSION_1, rng_ops: bytes = ops()) -> bytes:
+    return setup(features, 1) + struct.pack("<I", bound) + rng_ops + bytes(r.b)
+
+
+def gen_rng() -> None:
+    notify = (OP_NOTIFY, 0, 0, 0)
+    r = Ram()
+    heads = [r.chain(0, 0, [(r.alloc(64), 64, True)]),
+             r.chain(0, 1, [(r.alloc(100), 100, True), (r.alloc(0), 0, True),
+                            (r.alloc(300), 300, True)])]
+    r.publish(0, heads)
+    write("virtio_rng", "two-requests", rng_input(r, rng_ops=ops(notify)))
+
+    r = Ram()
+    h = r.indirect(0, 0, [(r.alloc(512), 512, True), (0xFF0, 0x20, True)])  # across A and B
+    r.publish(0, [h])
+    write("virtio_rng", "indirect-event-idx-bound", rng_input(
+        r, 100, VERSION_1 | EVENT_IDX | INDIRECT_DESC,
+        ops(notify, (OP_PUBLISH, 0, 0, 1), notify, (OP_READ, 2, 0x60, 0), (OP_WRITE, 2, 0x64, 1),
+            (OP_REINIT, 0, 0, 0), notify)))
+
+    r = Ram()
+    h = r.chain(0, 0, [(r.alloc(16, b"x" * 16), 16, False), (r.alloc(16), 16, True)])
+    r.publish(0, [h])
+    write("virtio_rng", "readable-buffer", rng_input(r, rng_ops=ops(notify)))
+
+
 # ---- virtio-net ----
 HDR = 12
 
@@ -336,6 +364,7 @@ def main() -> None:
         shutil.rmtree(CORPUS)
     gen_virtq()
     gen_blk()
+    gen_rng()
     gen_net()
     gen_mmio()
     gen_restore()

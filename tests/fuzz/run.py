@@ -37,13 +37,14 @@ CFLAGS = ["-g", "-O1", "-fsanitize=fuzzer,address,undefined", "-fno-sanitize-rec
           "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing", "-pthread",
           f"-I{NATIVE}", f"-fsanitize-coverage-allowlist={FUZZ / 'coverage-allowlist.txt'}"]
 DEVICES = ["virtq.c", "memory.c", "guard.c", "virtio_mmio.c", "irq.c", "virtio_blk.c",
-           "virtio_net.c"]
+           "virtio_net.c", "virtio_rng.c"]
 # harness -> the native sources it links (the code under test).
 HARNESSES = {
     "virtq": ["virtq.c", "memory.c", "guard.c"],
     "virtio_blk": DEVICES,
     "virtio_net_tx": DEVICES,
     "virtio_net_rx": DEVICES,
+    "virtio_rng": DEVICES,
     "virtio_mmio": DEVICES + ["bus.c"],
     "state_restore": DEVICES,
 }

@@ -262,6 +262,7 @@ static const struct {
 	{ "emufail", mode_emufail },
 	{ "blk", mode_blk },
 	{ "net", mode_net },
+	{ "rng", mode_rng },
 };
 
 int main(const char *cmdline)

@@ -157,6 +157,7 @@ int main(const char *cmdline);
 /* blk.c / net.c: virtio-blk and virtio-net drivers (over virtio.c) and their modes */
 void mode_blk(void);
 void mode_net(void);
+void mode_rng(void);
 
 /* assembly (entry.S) */
 extern const char mg_ap_tramp_start[], mg_ap_tramp_end[];

@@ -43,6 +43,7 @@ from vmmd.spec import (
     DeviceOverrides,
     DriveOverride,
     DriveSpec,
+    EntropySpec,
     NetOverride,
     NetSpec,
     RestoreSpec,
@@ -84,7 +85,8 @@ specs = st.builds(
     network_interfaces=st.lists(st.builds(NetSpec, iface_id=texts(), host_dev_name=texts(),
                                           guest_mac=optional(texts(1)),
                                           create_tap=st.booleans()), max_size=3).map(tuple),
-    track_dirty_pages=st.booleans(), cell=cell_names, limits=good_limits)
+    track_dirty_pages=st.booleans(), cell=cell_names, limits=good_limits,
+    entropy=optional(st.builds(EntropySpec, max_request_bytes=st.integers(0, 65536))))
 
 
 def create(config: pb.VmConfig, vm_id: str = "v") -> VmSpec:
@@ -198,11 +200,13 @@ def overrides_pb(path: str = "/img", iface: str = "eth0") -> pb.DeviceOverrides:
 def test_restore_spec_carries_every_field() -> None:
     req = pb.RestoreVmRequest(snapshot_dir="/s", vm_id="r", resume=True,
                               overrides=overrides_pb(), track_dirty_pages=True, cell="web",
-                              limits=pb.CellLimits(cpu=0.5, memory_mib=512, pids=100))
+                              limits=pb.CellLimits(cpu=0.5, memory_mib=512, pids=100),
+                              clock_realtime=True)
     assert convert.restore_spec(req, "r") == RestoreSpec(
         "/s", "r", DeviceOverrides((DriveOverride("d", "/img"),),
                                    (NetOverride("eth0", "tap1", True),)),
-        track_dirty_pages=True, cell="web", limits=CellLimits(0.5, 512, 100))
+        track_dirty_pages=True, cell="web", limits=CellLimits(0.5, 512, 100),
+        clock_realtime=True)
 
 
 def test_a_relative_override_path_of_restore_is_at_overrides() -> None:
@@ -219,10 +223,18 @@ def test_a_clone_count_out_of_range_is_refused(count: int) -> None:
 @pytest.mark.parametrize("count", [1, 2, convert.MAX_CLONES])
 def test_clones_are_named_prefix_dash_index(count: int) -> None:
     specs = convert.clone_specs(pb.CloneVmRequest(snapshot_dir="/s", count=count,
-                                                  track_dirty_pages=True), "c")
+                                                  track_dirty_pages=True,
+                                                  clock_realtime=True), "c")
     assert [s.vm_id for s in specs] == [f"c-{i}" for i in range(count)]
-    assert all(s == RestoreSpec("/s", s.vm_id, DeviceOverrides(), track_dirty_pages=True)
+    assert all(s == RestoreSpec("/s", s.vm_id, DeviceOverrides(), track_dirty_pages=True,
+                                clock_realtime=True)
                for s in specs)
+
+
+def test_the_clock_stays_as_saved_unless_asked() -> None:
+    assert not convert.restore_spec(pb.RestoreVmRequest(snapshot_dir="/s"), "r").clock_realtime
+    assert not convert.clone_specs(pb.CloneVmRequest(snapshot_dir="/s", count=1),
+                                   "c")[0].clock_realtime
 
 
 @given(st.one_of(st.from_regex(ID_RE, fullmatch=True), st.text(max_size=70)),

@@ -35,7 +35,15 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import BootSpec, CellLimits, DriveSpec, NetSpec, RestoreSpec, VmSpec
+from vmmd.spec import (
+    BootSpec,
+    CellLimits,
+    DriveSpec,
+    EntropySpec,
+    NetSpec,
+    RestoreSpec,
+    VmSpec,
+)
 from vmmd.vm import snapshot
 from vmmd.vm.builder import restore_from
 from vmmd.vm.layout import MAX_VCPUS, MiB
@@ -128,9 +136,20 @@ def test_a_machine_blob_of_the_wrong_size(name: str) -> None:
 
 
 @given(st.builds(MachineState, **{b: blob(n) for b, n in MACHINE_BLOB_SIZES.items()},
-                 clock=st.integers(0, U64)))
+                 clock=st.integers(0, U64), realtime=st.integers(0, U64)))
 def test_a_saved_machine_is_restored_as_it_was(s: MachineState) -> None:
-    assert state.restore_machine(state.save_machine(s)) == s
+    assert state.restore_machine(state.save_machine(s), created_unix_ns=5) == (
+        s if s.realtime else dataclasses.replace(s, realtime=5))
+
+
+def test_a_machine_state_without_realtime_takes_the_snapshots_time() -> None:
+    """A file from before machine.realtime: created_unix_ns stands in (a
+    restore moving the clock on then still knows from when)."""
+    assert state.restore_machine(machine_msg(), created_unix_ns=7).realtime == 7
+    assert state.restore_machine(machine_msg()).realtime == 0  # not known: the clock stays
+    m = machine_msg()
+    m.realtime = 9
+    assert state.restore_machine(m, created_unix_ns=7).realtime == 9
 
 
 # ---- virtio transports ----
@@ -237,13 +256,20 @@ def test_a_saved_spec_is_restored_as_it_was(vcpus: int) -> None:
     spec = VmSpec("v", BootSpec("/nonexistent/vmlinux", "/nonexistent/initrd", "console=ttyS0"),
                   vcpus=vcpus, memory_mib=64, track_dirty_pages=True,
                   drives=(DriveSpec("d", "/img", read_only=True, is_root_device=True),),
-                  network_interfaces=(NetSpec("eth0", "tap0", "02:00:00:00:00:01"),))
+                  network_interfaces=(NetSpec("eth0", "tap0", "02:00:00:00:00:01"),),
+                  entropy=EntropySpec(4096) if vcpus == 1 else None)
     m = state.save_spec(spec, "console=ttyS0 x=1", [4096])
     back, cmdline, sizes = state.restore_spec(m)
     # The saved command line is the one the guest got (device words included).
     assert back == dataclasses.replace(spec, boot=dataclasses.replace(spec.boot,
                                                                       cmdline="console=ttyS0 x=1"))
     assert (cmdline, sizes) == ("console=ttyS0 x=1", (4096,))
+
+
+@pytest.mark.parametrize("value", [65537, 2**32 - 1])
+def test_a_saved_entropy_bound_out_of_range_is_lost(value: int) -> None:
+    with lost("spec.entropy.max_request_bytes", f"{value} is outside 1..65536"):
+        state.restore_spec(spec_msg(entropy=spb.Entropy(max_request_bytes=value)))
 
 
 def test_a_saved_spec_has_no_cell() -> None:

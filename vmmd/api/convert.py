@@ -25,6 +25,7 @@ from vmmd.spec import (
     DeviceOverrides,
     DriveOverride,
     DriveSpec,
+    EntropySpec,
     NetOverride,
     NetSpec,
     RestoreSpec,
@@ -143,6 +144,7 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                          guest_mac=n.guest_mac or None, create_tap=n.create_tap)
                                  for n in cfg.network_interfaces),
         track_dirty_pages=cfg.track_dirty_pages,
+        entropy=EntropySpec(cfg.entropy.max_request_bytes) if cfg.HasField("entropy") else None,
         cell=check_cell_name(cfg.cell),
         limits=limits_from_proto(cfg.limits),
     )
@@ -160,7 +162,8 @@ def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
 def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
     return RestoreSpec(req.snapshot_dir, vm_id, _overrides(req.overrides),
                        track_dirty_pages=req.track_dirty_pages,
-                       cell=check_cell_name(req.cell), limits=limits_from_proto(req.limits))
+                       cell=check_cell_name(req.cell), limits=limits_from_proto(req.limits),
+                       clock_realtime=req.clock_realtime)
 
 
 def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
@@ -178,7 +181,8 @@ def clone_specs(req: pb.CloneVmRequest, prefix: str) -> list[RestoreSpec]:
     # One cell for all clones when named (else each its own): checked once, at the request's path.
     cell, limits = check_cell_name(req.cell), limits_from_proto(req.limits)
     return [RestoreSpec(req.snapshot_dir, f"{prefix}-{i}", _clone_overrides(req, i),
-                        track_dirty_pages=req.track_dirty_pages, cell=cell, limits=limits)
+                        track_dirty_pages=req.track_dirty_pages, cell=cell, limits=limits,
+                        clock_realtime=req.clock_realtime)
             for i in range(req.count)]
 
 
@@ -231,6 +235,8 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         drives=[drive_to_proto(d) for d in spec.drives],
         network_interfaces=[net_to_proto(n) for n in spec.network_interfaces],
         track_dirty_pages=spec.track_dirty_pages,
+        entropy=(pb.EntropyDevice(max_request_bytes=spec.entropy.max_request_bytes)
+                 if spec.entropy is not None else None),
         cell=spec.cell, limits=limits_to_proto(spec.limits),
     )
 
@@ -255,6 +261,8 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
             console_bytes=c.console_bytes, console_dropped=c.console_dropped,
             devices=[pb.DeviceCounters(**dataclasses.asdict(d)) for d in c.devices],
             interfaces=[pb.InterfaceCounters(**dataclasses.asdict(i)) for i in c.interfaces],
+            entropy=(pb.DeviceCounters(**dataclasses.asdict(c.entropy))
+                     if c.entropy is not None else None),
         ),
         cmdline=info.cmdline,
     )

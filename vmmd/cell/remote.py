@@ -234,6 +234,10 @@ class RemoteNativeVm:
         return self._int("add_virtio_net", wire.Fd(tap_fd), mac=mac, max_frame=max_frame,
                          mmio_base=mmio_base, gsi=gsi)
 
+    def add_virtio_rng(self, *, max_request: int, mmio_base: int, gsi: int) -> int:
+        return self._int("add_virtio_rng", max_request=max_request, mmio_base=mmio_base,
+                         gsi=gsi)
+
     def set_boot_regs(self, idx: int, regs: Any) -> None:
         self._unit("set_boot_regs", idx, regs)
 
@@ -256,8 +260,9 @@ class RemoteNativeVm:
     def save_machine(self) -> MachineState:
         return _one(self._call("save_machine"), MachineState, "save_machine")
 
-    def restore_machine(self, s: MachineState) -> None:
-        self._unit("restore_machine", _encoded(s))
+    def restore_machine(self, s: MachineState, *, clock_realtime: bool = False) -> None:
+        # The worker's C core reads the host clock, right at KVM_SET_CLOCK.
+        self._unit("restore_machine", _encoded(s), clock_realtime=clock_realtime)
 
     def save_virtio(self, idx: int) -> VirtioState:
         return _one(self._call("save_virtio", idx), VirtioState, "save_virtio")

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="TAP[,mac=MAC][,create]", help=NET_HELP)
     c.add_argument("--track-dirty", action="store_true",
                    help="log written pages, for diff snapshots")
+    c.add_argument("--entropy", action="store_true",
+                   help="a virtio entropy device (the guest's /dev/hwrng)")
     _cell_options(c)
     sn = add("snapshot", help="write a snapshot of a paused VM into a directory")
     sn.add_argument("vm_id")
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--resume", action="store_true", help="run at once")
         r.add_argument("--track-dirty", action="store_true",
                        help="log written pages, for diff snapshots")
+        r.add_argument("--clock-realtime", action="store_true",
+                       help="move the guest's clock on by the time since the snapshot")
         r.add_argument("--drive", action="append", default=[], metavar="ID=PATH",
                        help="the snapshot's drive ID uses PATH (clone: {i} is the clone's number)")
         r.add_argument("--net", action="append", default=[], metavar="ID=TAP[,create]",
@@ -291,20 +295,23 @@ def run(client: Client, args: argparse.Namespace) -> int:
                                       cmdline=args.cmdline, cmdline_append=args.append,
                                       vcpus=args.vcpus, memory_mib=args.mem_mib,
                                       track_dirty_pages=args.track_dirty, **_devices(args),
-                                      cell=args.cell, limits=_limits(args))])
+                                      cell=args.cell, limits=_limits(args),
+                                      entropy=pb.EntropyDevice() if args.entropy else None)])
     elif cmd == "snapshot":
         show_snapshot(args, client.snapshot(args.vm_id, args.dir, diff=args.diff))
     elif cmd == "restore":
         show_vms(args, [client.restore(args.dir, args.id, resume=args.resume,
                                        overrides=_overrides(args, 0),
                                        track_dirty_pages=args.track_dirty,
-                                       cell=args.cell, limits=_limits(args))])
+                                       cell=args.cell, limits=_limits(args),
+                                       clock_realtime=args.clock_realtime)])
     elif cmd == "clone":
         per_clone = [_overrides(args, i) for i in range(args.count)] \
             if args.drive or args.net else []
         show_vms(args, client.clone(args.dir, args.count, args.prefix, resume=args.resume,
                                     overrides=per_clone, track_dirty_pages=args.track_dirty,
-                                    cell=args.cell, limits=_limits(args)),
+                                    cell=args.cell, limits=_limits(args),
+                                    clock_realtime=args.clock_realtime),
                  one=False)
     elif cmd == "merge":
         show_snapshot(args, client.merge(args.base, args.diff))

@@ -48,13 +48,15 @@ class VcpuState:
 
 @dataclass(frozen=True)
 class MachineState:
-    """The VM-wide KVM state: PIC master and slave, IOAPIC, PIT, kvmclock."""
+    """The VM-wide KVM state: PIC master and slave, IOAPIC, PIT, kvmclock
+    (and the host's wall clock when it was read; 0: not known)."""
 
     pic_master: bytes
     pic_slave: bytes
     ioapic: bytes
     pit: bytes
     clock: int
+    realtime: int = 0
 
 
 @dataclass(frozen=True)

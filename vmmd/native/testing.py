@@ -101,6 +101,15 @@ class VirtioBlock(VirtioDevice):
                                           mem.handle, fd, int(read_only), serial.encode()))
 
 
+class VirtioRng(VirtioDevice):
+    """The virtio entropy device: requests filled from the host's getrandom()."""
+
+    def __init__(self, mem: GuestMemory, max_request: int = 0) -> None:
+        """max_request: bytes per request, 1..65536 (0: 65536)."""
+        super().__init__(mem, _new_device("create virtio-rng", lib.vmm_virtio_rng_new,
+                                          mem.handle, max_request))
+
+
 class VirtioNet(VirtioDevice):
     """virtio-net over a non-blocking frame fd (a tap; a SOCK_SEQPACKET
     socket in tests), which the caller keeps open and closes.  max_frame:

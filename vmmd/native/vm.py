@@ -43,6 +43,11 @@ def kvm_api_version(kvm_path: str = "/dev/kvm") -> int:
     return check(lib.vmm_kvm_api_version(kvm_path.encode()), f"open {kvm_path}")
 
 
+def kvm_clock_flags(kvm_path: str = "/dev/kvm") -> int:
+    """The KVM_CLOCK_* flags KVM_SET_CLOCK takes on this host (KVM_CAP_ADJUST_CLOCK)."""
+    return check(lib.vmm_kvm_clock_flags(kvm_path.encode()), "check KVM_CAP_ADJUST_CLOCK")
+
+
 class NativeVm:
     """One KVM VM in the C core.  Not thread-safe for control verbs: the
     caller (vm layer) serializes them; reads (stats, console) are safe."""
@@ -109,6 +114,12 @@ class NativeVm:
         return check(lib.vmm_vm_add_virtio_net(self._vm, tap_fd, mac, max_frame, mmio_base, gsi),
                      "attach network interface")
 
+    def add_virtio_rng(self, *, max_request: int, mmio_base: int, gsi: int) -> int:
+        """Attach the entropy device (max_request bytes per request, 0: the
+        C core's bound, 64 KiB); its device index."""
+        return check(lib.vmm_vm_add_virtio_rng(self._vm, max_request, mmio_base, gsi),
+                     "attach entropy device")
+
     def virtio_stats(self, idx: int) -> VirtioStats:
         s = ffi.new("struct vmm_virtio_stats *")
         check(lib.vmm_vm_virtio_stats(self._vm, idx, s), f"read device {idx} stats")
@@ -154,14 +165,17 @@ class NativeVm:
         c = ffi.new("struct vmm_machine_state *")
         check(lib.vmm_vm_save_machine(self._vm, c), "save irqchip, PIT and clock")
         return MachineState(**{b: bytes(ffi.buffer(getattr(c, b))) for b in MACHINE_BLOB_SIZES},
-                            clock=c.clock)
+                            clock=c.clock, realtime=c.realtime)
 
-    def restore_machine(self, s: MachineState) -> None:
+    def restore_machine(self, s: MachineState, *, clock_realtime: bool = False) -> None:
+        """clock_realtime: move kvmclock on by the host time since s.realtime
+        (the C core reads the host clock right at KVM_SET_CLOCK, or KVM does)."""
         c = ffi.new("struct vmm_machine_state *")
         for b in MACHINE_BLOB_SIZES:
             set_blob(c, b, getattr(s, b))
-        c.clock = s.clock
-        check(lib.vmm_vm_restore_machine(self._vm, c), "restore irqchip, PIT and clock")
+        c.clock, c.realtime = s.clock, s.realtime
+        flags = lib.VMM_RESTORE_CLOCK_REALTIME if clock_realtime else 0
+        check(lib.vmm_vm_restore_machine(self._vm, c, flags), "restore irqchip, PIT and clock")
 
     def save_virtio(self, idx: int) -> VirtioState:
         c = ffi.new("struct vmm_virtio_state *")

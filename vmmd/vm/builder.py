@@ -34,7 +34,7 @@ from vmmd.vm.boot.loader import (
     open_boot_file,
     plan_boot,
 )
-from vmmd.vm.devices import block, net
+from vmmd.vm.devices import block, net, rng
 from vmmd.vm.layout import ram_regions
 from vmmd.vm.snapshot import state
 from vmmd.vm.vm import MemoryFile, Vm
@@ -46,6 +46,7 @@ class Plan:
     boot: BootPlan
     drives: tuple[block.DrivePlan, ...]
     nets: tuple[net.NetPlan, ...]
+    rng: rng.RngPlan | None
     kernel: BootFile  # open while the caller's `files` stack is
     initrd: BootFile | None
 
@@ -60,7 +61,9 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     base = build_cmdline(b.cmdline, b.cmdline_append)
     drives = block.check_drives(spec.drives)
     nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
-    cmdline = append_words(base, *block.cmdline_words(drives, base), *net.cmdline_words(nets))
+    entropy = rng.check_entropy(spec.entropy, first_slot=len(drives) + len(nets))
+    cmdline = append_words(base, *block.cmdline_words(drives, base), *net.cmdline_words(nets),
+                           *rng.cmdline_words(entropy))
     kernel = files.enter_context(open_boot_file(b.kernel_path, KERNEL_PATH))
     initrd = (files.enter_context(open_boot_file(b.initrd_path, INITRD_PATH)) if b.initrd_path
               else None)
@@ -69,11 +72,13 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
     spec = dataclasses.replace(spec, boot=dataclasses.replace(b, cmdline=base, cmdline_append=None),
                                network_interfaces=tuple(n.spec for n in nets))
-    return Plan(spec, boot, drives, nets, kernel, initrd)
+    return Plan(spec, boot, drives, nets, entropy, kernel, initrd)
 
 
 def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...], images: list[int],
-                    nets: tuple[net.NetPlan, ...], taps: list[net.Tap]) -> None:
+                    nets: tuple[net.NetPlan, ...], taps: list[net.Tap],
+                    entropy: rng.RngPlan | None) -> None:
+    """In slot order, as the spec lists them: drives, interfaces, the entropy device."""
     for d, fd in zip(drives, images, strict=True):
         native.add_virtio_blk(fd, read_only=d.spec.read_only,
                               serial=block.serial(d.spec.drive_id), mmio_base=d.mmio_base,
@@ -81,6 +86,9 @@ def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...], image
     for n, tap in zip(nets, taps):
         native.add_virtio_net(tap.fd, mac=n.mac, max_frame=tap.max_frame, mmio_base=n.mmio_base,
                               gsi=n.irq)
+    if entropy is not None:
+        native.add_virtio_rng(max_request=entropy.spec.max_request_bytes,
+                              mmio_base=entropy.mmio_base, gsi=entropy.irq)
 
 
 @dataclass
@@ -138,7 +146,7 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
             native.track_dirty()  # before the RAM: its slots are made logging
         for region in p.boot.ram:
             native.add_ram(region.gpa, region.size)
-        _attach_devices(native, p.drives, held.images, p.nets, held.taps)
+        _attach_devices(native, p.drives, held.images, p.nets, held.taps, p.rng)
         native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, p.kernel, p.initrd)
         native.set_boot_regs(0, regs)
@@ -241,6 +249,10 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
     with _override_terms(saved, rs):
         drives = block.check_drives(spec.drives)
         nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
+    try:
+        entropy = rng.check_entropy(spec.entropy, first_slot=len(drives) + len(nets))
+    except InvalidSpecError as e:  # the snapshot's own device: the file is at fault
+        raise DataLossError(f"snapshot state spec: {e}") from None
     with _override_terms(saved, rs), _resources(drives, nets) as held, \
             _native(kvm_path, native_factory) as native:
         _check_drive_sizes(spec, held.images, sizes)
@@ -250,9 +262,9 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         for r in regions:
             native.add_ram_file(r.gpa, r.size, memory_fd, offset)
             offset += r.size
-        _attach_devices(native, drives, held.images, nets, held.taps)
+        _attach_devices(native, drives, held.images, nets, held.taps, entropy)
         native.create_vcpus(spec.vcpus, bare=True)
-        snapshot.apply_state(native, snap, spec, cache)
+        snapshot.apply_state(native, snap, spec, cache, clock_realtime=rs.clock_realtime)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
               snapshot_id=snap.state.snapshot_id,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

@@ -316,12 +316,12 @@ class Vm:
 
     def counters(self) -> VmCounters:
         """Every counter of the VM and its devices, copied out of the C core."""
-        first = len(self.spec.drives)
+        first, nnets = len(self.spec.drives), len(self.spec.network_interfaces)
         with self._alive() as native:
             s = native.stats()
             devices = [native.virtio_stats(i) for i in range(first)]
-            nets = [native.virtio_stats(first + i)
-                    for i in range(len(self.spec.network_interfaces))]
+            nets = [native.virtio_stats(first + i) for i in range(nnets)]
+            rng = native.virtio_stats(first + nnets) if self.spec.entropy is not None else None
         return VmCounters(
             exits=s.exits, exits_io=s.exits_io, exits_mmio=s.exits_mmio,
             exits_intr=s.exits_intr, exits_other=s.exits_other, unhandled_io=s.unhandled_io,
@@ -331,7 +331,10 @@ class Vm:
                                          v.io_errors, v.bad_chains, v.interrupts)
                           for d, v in zip(self.spec.drives, devices)),
             interfaces=tuple(interface_counters(n, v)
-                             for n, v in zip(self.spec.network_interfaces, nets)))
+                             for n, v in zip(self.spec.network_interfaces, nets)),
+            entropy=None if rng is None else DeviceCounters(
+                "entropy", rng.requests, rng.bytes_read, rng.bytes_written, rng.io_errors,
+                rng.bad_chains, rng.interrupts))
 
     def drive_stats(self) -> list[VirtioStats]:
         """Counters of each drive, in the spec's order."""

@@ -19,7 +19,7 @@ from vmmd.native import (
     pack_vcpu,
 )
 from vmmd.spec import VmSpec
-from vmmd.vm.devices import block, net
+from vmmd.vm.devices import block, net, rng
 from vmmd.vm.snapshot import state
 from vmmd.vm.snapshot.cache import SnapshotCache
 from vmmd.vm.snapshot.files import Snapshot
@@ -28,7 +28,8 @@ from vmmd.vm.snapshot.files import Snapshot
 def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
     """(virtio device id, queues) of each device in attachment order."""
     return ([(block.DEVICE_ID, block.QUEUES)] * len(spec.drives)
-            + [(net.DEVICE_ID, net.QUEUES)] * len(spec.network_interfaces))
+            + [(net.DEVICE_ID, net.QUEUES)] * len(spec.network_interfaces)
+            + [(rng.DEVICE_ID, rng.QUEUES)] * (spec.entropy is not None))
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def prepare(snap: Snapshot, spec: VmSpec) -> Prepared:
         raise DataLossError(f"snapshot state: {len(s.devices)} device states for "
                             f"{len(kinds)} devices")
     p = Prepared(
-        machine=state.restore_machine(s.machine),
+        machine=state.restore_machine(s.machine, s.created_unix_ns),
         vcpus=tuple(_packed(state.restore_vcpu(v, f"vcpus[{i}]"), f"vcpus[{i}]")
                     for i, v in enumerate(s.vcpus)),
         devices=tuple(state.restore_virtio(d, f"devices[{i}]", *kinds[i])
@@ -68,16 +69,17 @@ def _packed(v: VcpuState, where: str) -> PackedVcpu:
 
 
 def apply_state(native: NativeVm, snap: Snapshot, spec: VmSpec,
-                cache: SnapshotCache | None = None) -> None:
+                cache: SnapshotCache | None = None, *, clock_realtime: bool = False) -> None:
     """Put a checked snapshot's state into a VM built from its spec (checked
     and converted once per cached snapshot: clones and repeated restores of
     one snapshot skip it).  KVM or a device refusing a value means a state
-    no VM could have had here: DataLossError, naming what was refused."""
+    no VM could have had here: DataLossError, naming what was refused.
+    clock_realtime: kvmclock moves on by the host time since the snapshot."""
     p = (cache.derived(snap, "prepared", lambda: prepare(snap, spec)) if cache is not None
          else prepare(snap, spec))
     machine, vcpus, devices, legacy = p.machine, p.vcpus, p.devices, p.legacy
     try:
-        native.restore_machine(machine)
+        native.restore_machine(machine, clock_realtime=clock_realtime)
         for i, v in enumerate(vcpus):
             native.restore_vcpu(i, v)
         for i, d in enumerate(devices):

@@ -31,8 +31,9 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import BootSpec, DriveSpec, NetSpec, VmSpec, check_vm_id
+from vmmd.spec import BootSpec, DriveSpec, EntropySpec, NetSpec, VmSpec, check_vm_id
 from vmmd.vm.boot.cmdline import encode_cmdline
+from vmmd.vm.devices.rng import check_max_request
 from vmmd.vm.hostfiles import check_path, kind_of
 from vmmd.vm.layout import MAX_VCPUS
 
@@ -80,12 +81,16 @@ def restore_vcpu(m: spb.VcpuState, where: str) -> VcpuState:
 
 # ---- irqchips, PIT, kvmclock ----
 def save_machine(s: MachineState) -> spb.MachineState:
-    return spb.MachineState(**{b: getattr(s, b) for b in MACHINE_BLOB_SIZES}, clock=s.clock)
+    return spb.MachineState(**{b: getattr(s, b) for b in MACHINE_BLOB_SIZES}, clock=s.clock,
+                            realtime=s.realtime)
 
 
-def restore_machine(m: spb.MachineState) -> MachineState:
+def restore_machine(m: spb.MachineState, created_unix_ns: int = 0) -> MachineState:
+    """created_unix_ns: the snapshot's, standing in for a realtime the file
+    lacks (written before it was recorded; taken a few ms from the clock)."""
     return MachineState(**{b: _blob(m, b, size, "machine") for b, size in
-                           MACHINE_BLOB_SIZES.items()}, clock=m.clock)
+                           MACHINE_BLOB_SIZES.items()}, clock=m.clock,
+                        realtime=m.realtime or max(created_unix_ns, 0))
 
 
 # ---- virtio transports ----
@@ -157,7 +162,9 @@ def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
         network_interfaces=[spb.NetworkInterface(iface_id=n.iface_id,
                                                  host_dev_name=n.host_dev_name,
                                                  guest_mac=n.guest_mac or "")
-                            for n in spec.network_interfaces])
+                            for n in spec.network_interfaces],
+        entropy=(spb.Entropy(max_request_bytes=spec.entropy.max_request_bytes)
+                 if spec.entropy is not None else None))
 
 
 def _saved_path(path: str, where: str, *, required: bool) -> None:
@@ -191,6 +198,12 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         raise _bad(f"spec.{e.path[-1]}", e.problem) from None
     _saved_path(m.kernel_path, "spec.kernel_path", required=True)
     _saved_path(m.initrd_path, "spec.initrd_path", required=False)
+    entropy = None
+    if m.HasField("entropy"):
+        try:
+            entropy = EntropySpec(check_max_request(m.entropy.max_request_bytes))
+        except ValueError as e:
+            raise _bad("spec.entropy.max_request_bytes", str(e)) from None
     spec = VmSpec(
         vm_id=m.vm_id,
         boot=BootSpec(kernel_path=m.kernel_path, initrd_path=m.initrd_path or None,
@@ -199,5 +212,6 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         drives=tuple(DriveSpec(d.drive_id, d.path_on_host, d.read_only, d.is_root_device)
                      for d in m.drives),
         network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None)
-                                 for n in m.network_interfaces))
+                                 for n in m.network_interfaces),
+        entropy=entropy)
     return spec, m.cmdline, tuple(d.size_bytes for d in m.drives)
