@@ -90,15 +90,20 @@ int vmm_kvm_clock_flags(const char *kvm_path)
 static int set_clock(struct vmm_vm *vm, const struct vmm_machine_state *in, uint32_t flags)
 {
 	struct kvm_clock_data c = { .clock = in->clock };
+	vm->tsc_advance_ns = 0;
 	if ((flags & VMM_RESTORE_CLOCK_REALTIME) && in->realtime) {
 		int caps = clock_flags(vm->vm_fd);
-		if (caps > 0 && (caps & KVM_CLOCK_REALTIME)) {
-			c.flags = KVM_CLOCK_REALTIME;
-			c.realtime = in->realtime;
-		} else {
-			uint64_t now = realtime_ns();
-			if (now > in->realtime)
+		uint64_t now = realtime_ns();
+		if (now > in->realtime) {
+			/* A guest whose clocksource is the TSC (Linux prefers it to
+			 * kvmclock when the TSC is invariant) sees only the TSC move. */
+			vm->tsc_advance_ns = now - in->realtime;
+			if (caps > 0 && (caps & KVM_CLOCK_REALTIME)) {
+				c.flags = KVM_CLOCK_REALTIME;
+				c.realtime = in->realtime;
+			} else {
 				c.clock += now - in->realtime;
+			}
 		}
 	}
 	return vmm_ioctl(vm->vm_fd, KVM_SET_CLOCK, &c);

@@ -413,5 +413,5 @@ int vmm_vcpu_restore(struct vmm_vm *vm, int idx, const struct vmm_vcpu_state *in
 	if (idx < 0 || idx >= vm->nvcpus)
 		return -EINVAL;
 	int r = vmm_lifecycle_created(vm);
-	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in);
+	return r ? r : vmm_x86_restore_vcpu(vm->vcpus[idx], in, vm->tsc_advance_ns);
 }

@@ -45,6 +45,9 @@ int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b);
 int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_state);
 /* Snapshots: the whole state, in the order KVM needs it back. */
 int vmm_x86_save_vcpu(struct vmm_vcpu *vc, struct vmm_vcpu_state *s);
-int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s);
+/* tsc_advance_ns: how far the guest's TSC moves past its saved value (0: not
+ * at all), at the vCPU's own TSC rate. */
+int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s,
+			 uint64_t tsc_advance_ns);
 
 #endif

@@ -14,6 +14,7 @@
 #include "vcpu.h"
 
 #define MAX_CPUID_ENTRIES 256
+#define MSR_TSC 0x10		/* IA32_TIME_STAMP_COUNTER */
 
 static size_t cpuid_size(void)
 {
@@ -116,7 +117,7 @@ static int setup_msrs(struct vmm_vcpu *vc)
 		{ 0xc0000081, 0 }, { 0xc0000082, 0 },		/* STAR, LSTAR */
 		{ 0xc0000083, 0 }, { 0xc0000084, 0 },		/* CSTAR, SYSCALL_MASK */
 		{ 0xc0000102, 0 },				/* KERNEL_GS_BASE */
-		{ 0x10, 0 },					/* TSC */
+		{ MSR_TSC, 0 },					/* TSC */
 		{ 0x1a0, 1 },					/* MISC_ENABLE: fast strings */
 		{ 0x2ff, (1u << 11) | 6 },			/* MTRRdefType: on, WB */
 	};
@@ -393,7 +394,18 @@ static int restore_cpuid(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 	return r;
 }
 
-static int restore_msrs(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
+/* The TSC advanced by ns at the vCPU's TSC rate (KVM_GET_TSC_KHZ); 128-bit
+ * product: years in ns times GHz overflow 64 bits. */
+static int advance_tsc(struct vmm_vcpu *vc, struct kvm_msr_entry *tsc, uint64_t ns)
+{
+	int khz = ioctl(vc->fd, KVM_GET_TSC_KHZ, 0);
+	if (khz <= 0)
+		return khz < 0 ? -errno : -EINVAL;
+	tsc->data += (uint64_t)((unsigned __int128)ns * (unsigned)khz / 1000000u);
+	return 0;
+}
+
+static int restore_msrs(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s, uint64_t tsc_advance_ns)
 {
 	if (s->nmsrs > MAX_STATE_MSRS)
 		return -EINVAL;
@@ -401,8 +413,16 @@ static int restore_msrs(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 	if (!m)
 		return -ENOMEM;
 	m->hdr.nmsrs = s->nmsrs;
-	for (uint32_t i = 0; i < s->nmsrs; i++)
+	int r = 0;
+	for (uint32_t i = 0; i < s->nmsrs; i++) {
 		m->e[i] = (struct kvm_msr_entry){ .index = s->msrs[i].index, .data = s->msrs[i].data };
+		if (m->e[i].index == MSR_TSC && tsc_advance_ns && !r)
+			r = advance_tsc(vc, &m->e[i], tsc_advance_ns);
+	}
+	if (r) {
+		free(m);
+		return r;
+	}
 	int got = ioctl(vc->fd, KVM_SET_MSRS, m);
 	free(m);
 	if (got < 0)
@@ -412,7 +432,8 @@ static int restore_msrs(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 
 /* KVM's order: CPUID before anything that depends on it, LAPIC after sregs
  * (the APIC base), MSRs after the LAPIC (TSC deadline), events last. */
-int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
+int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s,
+			 uint64_t tsc_advance_ns)
 {
 	struct kvm_mp_state mp = { .mp_state = s->mp_state };
 	int r = restore_cpuid(vc, s);
@@ -431,7 +452,7 @@ int vmm_x86_restore_vcpu(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 	if (!r)
 		r = vmm_ioctl(vc->fd, KVM_SET_LAPIC, (void *)s->lapic);
 	if (!r)
-		r = restore_msrs(vc, s);
+		r = restore_msrs(vc, s, tsc_advance_ns);
 	if (!r)
 		r = vmm_ioctl(vc->fd, KVM_SET_VCPU_EVENTS, (void *)s->events);
 	return r;
