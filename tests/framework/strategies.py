@@ -128,6 +128,23 @@ TAPS_BAD = ["", "br0", "lo", "gtap", "nosuch0", "x" * 15, "x" * 16, "a/b", "tap0
             "tap 0", "é", "x" * HUGE, "-", ".", ".."]
 MACS_BAD = ["02:00:00:00:00", "02:00:00:00:00:zz", "01:00:5e:00:00:01", "00:00:00:00:00:00",
             "ff:ff:ff:ff:ff:ff", "02:00:00:00:00:01\n", "02-00-00-00-00-01", "x" * HUGE]
+NETNS_BAD = ["nosuch-ns", ".", "..", "a/b", "../netns", "/", "x" * 256, "ns\0", "x" * HUGE]
+
+
+def unicast_macs() -> st.SearchStrategy[str]:
+    """Usable guest MACs (unicast, not all-zero), either case of hex digits."""
+    octets = st.lists(st.integers(0, 255), min_size=6, max_size=6).filter(
+        lambda o: not o[0] & 1 and any(o))
+    return st.builds(lambda o, upper: ":".join(f"{b:02X}" if upper else f"{b:02x}" for b in o),
+                     octets, st.booleans())
+
+
+def bad_macs() -> st.SearchStrategy[str]:
+    """Strings that are not a usable guest MAC: malformed, multicast or all-zero."""
+    multicast = st.lists(st.integers(0, 255), min_size=6, max_size=6).map(
+        lambda o: ":".join(f"{b | 1 if i == 0 else b:02x}" for i, b in enumerate(o)))
+    return st.one_of(st.sampled_from(MACS_BAD + ["AUTO", "auto\n"]), multicast,
+                     text().filter(lambda t: t not in ("", "auto")))
 
 
 @st.composite

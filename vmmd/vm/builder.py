@@ -21,7 +21,7 @@ from typing import Any
 
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
-from vmmd.spec import RestoreSpec, VmSpec
+from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec
 from vmmd.vm import snapshot
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
@@ -166,12 +166,23 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
                                    f"the snapshot has no interface {quoted(n.iface_id)} "
                                    f"(it has {sorted(nets) or 'none'})")
         i = nets[n.iface_id]
-        new_nets[i] = dataclasses.replace(new_nets[i], host_dev_name=n.host_dev_name,
-                                          create_tap=n.create_tap)
+        if _moves_tap(n):
+            new_nets[i] = dataclasses.replace(new_nets[i], host_dev_name=n.host_dev_name,
+                                              create_tap=n.create_tap, netns=n.netns)
+        if n.guest_mac:  # AUTO_MAC: None, generated from the new vm_id as for a new VM
+            new_nets[i] = dataclasses.replace(
+                new_nets[i], guest_mac=None if n.guest_mac == AUTO_MAC else n.guest_mac)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
                                network_interfaces=tuple(new_nets),
                                track_dirty_pages=rs.track_dirty_pages,
                                cell=rs.cell, limits=rs.limits)
+
+
+def _moves_tap(n: NetOverride) -> bool:
+    """The override names a tap (else the snapshot's stays): any of its tap
+    fields set.  A netns or create_tap without a name is an error at
+    host_dev_name (check_nets: "is required")."""
+    return bool(n.host_dev_name or n.netns or n.create_tap)
 
 
 @contextmanager
@@ -186,10 +197,15 @@ def _override_terms(saved: VmSpec, rs: RestoreSpec) -> Iterator[None]:
             raise
         kind, i, rest = e.path[0], e.path[1], e.path[2:]
         assert isinstance(i, int)
+        ids: list[str | None]
         if kind == "drives":
             ids, key = [d.drive_id for d in rs.overrides.drives], saved.drives[i].drive_id
         else:
-            ids = [n.iface_id for n in rs.overrides.network_interfaces]
+            # Only an override that set what the error is about: one that sets
+            # just the MAC keeps the snapshot's tap, whose errors are the snapshot's.
+            mac = rest[:1] == ("guest_mac",)
+            ids = [n.iface_id if (n.guest_mac if mac else _moves_tap(n)) else None
+                   for n in rs.overrides.network_interfaces]
             key = saved.network_interfaces[i].iface_id
         if key in ids:
             raise e.at(("overrides", kind, ids.index(key), *rest)) from None
@@ -241,6 +257,8 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
     with _override_terms(saved, rs):
         drives = block.check_drives(spec.drives)
         nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
+    # As the VM gets it (as plan() does): an "auto" MAC generated, every MAC written one way.
+    spec = dataclasses.replace(spec, network_interfaces=tuple(n.spec for n in nets))
     with _override_terms(saved, rs), _resources(drives, nets) as held, \
             _native(kvm_path, native_factory) as native:
         _check_drive_sizes(spec, held.images, sizes)

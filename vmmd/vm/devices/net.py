@@ -8,10 +8,22 @@ it disappears when the VM (or the daemon) closes it.  The tap fd carries
 the virtio-net header (IFF_VNET_HDR, 12 bytes) and is non-blocking: the C
 device reads and writes it on the VM's I/O thread.  Interfaces take the
 virtio-mmio slots after the drives; the first is eth0 in the guest.
+
+A tap may live in a named network namespace (`netns`: /run/netns/NAME, as
+`ip netns add NAME` makes it).  The namespace file is opened without
+following a symlink and must be a network namespace (an nsfs file of type
+CLONE_NEWNET); then a short-lived thread of its own enters it (setns moves
+only the calling thread's network namespace), opens /dev/net/tun and
+attaches or creates the tap there, and ends.  The tap fd stays bound to
+that namespace, so the VM uses it from any thread, and a tap vmmd created
+there disappears with the fd as in the daemon's namespace.  No thread that
+serves anything else ever changes namespace.  In cells mode the daemon
+opens the taps this way and passes the fds to the worker, as always.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -19,14 +31,20 @@ import os
 import re
 import socket
 import struct
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from vmmd.errors import FieldPath, InvalidSpecError, NativeError, quoted
 from vmmd.info import InterfaceCounters
 from vmmd.native import VirtioStats
 from vmmd.spec import NetSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
+from vmmd.vm.hostfiles import fs_type
 from vmmd.vm.layout import virtio_mmio_slot
+
+T = TypeVar("T")
 
 IFNAMSIZ = 16
 _TAP_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -39,6 +57,9 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_TUN_EXCL, IFF_PERSIST = 0x2, 0x1000, 0x4000, 0x8000, 0x800
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFMTU = 0x8913, 0x8914, 0x8921
 IFF_UP = 0x1
+# linux/sched.h, linux/nsfs.h, linux/magic.h; NAME_MAX: a file name under /run/netns
+CLONE_NEWNET, NS_GET_NSTYPE, NSFS_MAGIC, NAME_MAX = 0x40000000, 0xB703, 0x6E736673, 255
+NETNS_DIR = "/run/netns"
 DEVICE_ID, QUEUES = 1, 2  # virtio-net (RX, TX), as native/virtio_net.c's ops table says
 VNET_HDR_LEN = 12   # struct virtio_net_hdr_v1: VERSION_1 always has num_buffers
 ETH_OVERHEAD = 18   # Ethernet header + one VLAN tag
@@ -81,7 +102,7 @@ def check_nets(nets: tuple[NetSpec, ...], vm_id: str, first_slot: int) -> tuple[
     """Validate ids, tap names and MACs, generate missing MACs, take slots.
     No host access here."""
     ids: set[str] = set()
-    taps: dict[str, int] = {}
+    taps: dict[tuple[str, str], int] = {}  # (netns, tap): one name per namespace
     macs: dict[bytes, int] = {}
     plans = []
     for i, n in enumerate(nets):
@@ -95,11 +116,13 @@ def check_nets(nets: tuple[NetSpec, ...], vm_id: str, first_slot: int) -> tuple[
             raise InvalidSpecError(_field(i, "host_dev_name"),
                                    f"{quoted(n.host_dev_name)} is not a network device name "
                                    f"(1-{IFNAMSIZ - 1} characters of A-Z a-z 0-9 _ . -)")
-        if n.host_dev_name in taps:
+        if (n.netns, n.host_dev_name) in taps:
             raise InvalidSpecError(_field(i, "host_dev_name"), f"{n.host_dev_name} is used by "
-                                   f"network_interfaces[{taps[n.host_dev_name]}] "
+                                   f"network_interfaces[{taps[n.netns, n.host_dev_name]}] "
                                    "already; a tap takes one interface")
-        taps[n.host_dev_name] = i
+        taps[n.netns, n.host_dev_name] = i
+        if n.netns:
+            check_netns_name(n.netns, _field(i, "netns"))
         mac = (parse_mac(n.guest_mac, _field(i, "guest_mac")) if n.guest_mac
                else generated_mac(vm_id, n.iface_id))
         if mac in macs:
@@ -110,7 +133,7 @@ def check_nets(nets: tuple[NetSpec, ...], vm_id: str, first_slot: int) -> tuple[
             region, irq = virtio_mmio_slot(first_slot + i)
         except ValueError:
             raise InvalidSpecError("network_interfaces", f"at most {first_slot + i} devices fit this VM") from None
-        spec = NetSpec(n.iface_id, n.host_dev_name, format_mac(mac), n.create_tap)
+        spec = NetSpec(n.iface_id, n.host_dev_name, format_mac(mac), n.create_tap, n.netns)
         plans.append(NetPlan(spec, i, mac, region.gpa, irq))
     return tuple(plans)
 
@@ -132,7 +155,7 @@ class Taps:
         taps = []
         try:
             for p in plans:
-                tap = _open_tap(p)
+                tap = _open_tap_in(p) if p.spec.netns else _open_tap(p)
                 self._fds.append(tap.fd)
                 taps.append(tap)
         except BaseException:
@@ -144,6 +167,74 @@ class Taps:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def check_netns_name(name: str, field: FieldPath) -> None:
+    """A namespace name as `ip netns` makes them: one file name under /run/netns."""
+    if "/" in name or "\0" in name or name in (".", ".."):
+        raise InvalidSpecError(field, f"{quoted(name)} is not a network namespace name "
+                                      f"(a file name under {NETNS_DIR}: no '/', not . or ..)")
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise InvalidSpecError(field, f"{quoted(name)} is longer than {NAME_MAX} bytes")
+
+
+def open_netns(name: str, field: FieldPath) -> int:
+    """/run/netns/<name> open, checked to be a network namespace."""
+    path = f"{NETNS_DIR}/{name}"
+    try:
+        # O_NONBLOCK: a FIFO planted there must not hang the daemon.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InvalidSpecError(field, f"there is no network namespace {quoted(name)} ({path}; "
+                                      f"create it with `ip netns add {name}`)") from None
+    except OSError as e:
+        why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened: {e.strerror}"
+        raise InvalidSpecError(field, f"{path} {why}, not a network namespace") from None
+    try:
+        # An nsfs file first (only then is NS_GET_NSTYPE nsfs's ioctl), then its kind.
+        if fs_type(fd) != NSFS_MAGIC or fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+            raise InvalidSpecError(field, f"{path} is not a network namespace")
+    except OSError as e:
+        os.close(fd)
+        raise InvalidSpecError(field, f"{path} is not a network namespace ({e.strerror})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_netns(ns_fd: int, fn: Callable[[], T]) -> T:
+    """fn() in a new thread that entered the network namespace ns_fd and ends
+    with fn: the namespace changes nowhere else.  fn's result or exception."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                raise NativeError("setns(CLONE_NEWNET)", ctypes.get_errno())
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="vmmd-netns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    result: T = out["value"]
+    return result
+
+
+def _open_tap_in(p: NetPlan) -> Tap:
+    """_open_tap inside the interface's namespace."""
+    ns_fd = open_netns(p.spec.netns, _field(p.index, "netns"))
+    try:
+        return in_netns(ns_fd, lambda: _open_tap(p))
+    finally:
+        os.close(ns_fd)
 
 
 def _ifreq(name: str, value: int = 0) -> bytes:
@@ -203,10 +294,13 @@ def cmdline_words(plans: tuple[NetPlan, ...]) -> list[str]:
 
 def interface_counters(n: NetSpec, s: VirtioStats) -> InterfaceCounters:
     """The device's counters, plus the frames the tap's own queue dropped
-    while the guest took none (what the host sent toward the guest)."""
+    while the guest took none (what the host sent toward the guest).  The
+    daemon's sysfs shows only its own namespace's taps (and a tap of the
+    same name there is another device), so a tap in a netns reports 0."""
     return InterfaceCounters(n.iface_id, s.rx_frames, s.bytes_read, s.tx_frames,
                              s.bytes_written, s.io_errors,
-                             _tap_counter(n.host_dev_name, "tx_dropped"), s.bad_chains,
+                             0 if n.netns else _tap_counter(n.host_dev_name, "tx_dropped"),
+                             s.bad_chains,
                              s.interrupts)
 
 
