@@ -86,10 +86,11 @@ def nets(*o: pb.InterfaceOverride) -> pb.DeviceOverrides:
     return pb.DeviceOverrides(network_interfaces=list(o))
 
 
-def clone(stub: Stub, snap: Path, *per_clone: pb.DeviceOverrides, prefix: str = "c") -> list[pb.Vm]:
+def clone(stub: Stub, snap: Path, *per_clone: pb.DeviceOverrides, prefix: str = "c",
+          cell: str = "") -> list[pb.Vm]:
     return list(stub.CloneVm(pb.CloneVmRequest(snapshot_dir=str(snap), count=len(per_clone),
-                                               id_prefix=prefix, overrides=list(per_clone)),
-                             timeout=HANG_S).vms)
+                                               id_prefix=prefix, overrides=list(per_clone),
+                                               cell=cell), timeout=HANG_S).vms)
 
 
 def macs(vms: list[pb.Vm]) -> list[str]:
@@ -138,17 +139,20 @@ def test_one_tap_name_in_two_namespaces(stub: Stub, kernel: str, ns: NetNs, ns2:
     assert "same0" not in ns.links() | ns2.links()
 
 
-def test_clones_each_in_a_namespace_of_their_own(stub: Stub, snap: Path, ns: NetNs,
-                                                 ns2: NetNs) -> None:
+@pytest.mark.parametrize("cell", ["", "netpool"])
+def test_clones_each_in_a_namespace_of_their_own(stub: Stub, snap: Path, ns: NetNs, ns2: NetNs,
+                                                 cell: str) -> None:
     """The clone pattern: the same tap name (and the snapshot's MAC and guest
-    IP) in one namespace per clone."""
+    IP) in one namespace per clone; in cells of their own or one shared cell
+    (whose worker lives on after DeleteVm: it must have closed the taps)."""
     vms = clone(stub, snap, *(nets(iface(tap="tap9", netns=n.name, create=True))
-                              for n in (ns, ns2)))
+                              for n in (ns, ns2)), cell=cell)
     assert macs(vms) == [SNAP_MAC, SNAP_MAC]
     assert [vm.config.network_interfaces[0].netns for vm in vms] == [ns.name, ns2.name]
     assert "tap9" in ns.links() and "tap9" in ns2.links() and "tap9" not in root_links()
-    for vm in vms:
-        stub.DeleteVm(pb.DeleteVmRequest(vm_id=vm.vm_id), timeout=HANG_S)
+    stub.DeleteVm(pb.DeleteVmRequest(vm_id=vms[0].vm_id), timeout=HANG_S)
+    assert "tap9" not in ns.links() and "tap9" in ns2.links()
+    stub.DeleteVm(pb.DeleteVmRequest(vm_id=vms[1].vm_id), timeout=HANG_S)
     assert "tap9" not in ns.links() | ns2.links()
 
 

@@ -230,9 +230,17 @@ def in_netns(ns_fd: int, fn: Callable[[], T]) -> T:
 
 def _open_tap_in(p: NetPlan) -> Tap:
     """_open_tap inside the interface's namespace."""
-    ns_fd = open_netns(p.spec.netns, _field(p.index, "netns"))
+    field = _field(p.index, "netns")
+    ns_fd = open_netns(p.spec.netns, field)
     try:
         return in_netns(ns_fd, lambda: _open_tap(p))
+    except NativeError as e:
+        if e.errno != errno.EPERM:
+            raise
+        # As a tap the daemon may not open: the request asks what this daemon cannot do.
+        raise InvalidSpecError(field, f"no permission to enter network namespace "
+                                      f"{quoted(p.spec.netns)} (the daemon needs "
+                                      "CAP_SYS_ADMIN)") from None
     finally:
         os.close(ns_fd)
 
