@@ -9,6 +9,7 @@ every tap lives in the tests' own namespaces."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import uuid
@@ -169,6 +170,30 @@ def test_a_restore_without_overrides_reopens_in_the_saved_namespace(stub: Stub, 
     finally:
         stub.DeleteVm(pb.DeleteVmRequest(vm_id="r"), timeout=HANG_S)
         ns.ip("link", "delete", "snap0")
+
+
+def test_a_namespaced_tap_reports_its_own_drops(stub: Stub, snap: Path, ns: NetNs) -> None:
+    """rx_dropped is the tap's own tx_dropped, read in its namespace (the daemon's
+    sysfs cannot see it, and a tap of the same name there is another one): a
+    paused VM takes no frames, so the tap's queue fills and drops."""
+    tap = f"dr{uuid.uuid4().hex[:8]}"
+    # A decoy of the same name in the daemon's namespace (down, no address), which drops nothing.
+    subprocess.run(["ip", "tuntap", "add", tap, "mode", "tap"], check=True)
+    try:
+        stub.RestoreVm(pb.RestoreVmRequest(snapshot_dir=str(snap), vm_id="d", overrides=nets(
+            iface(tap=tap, netns=ns.name, create=True))), timeout=HANG_S)
+        sock = ns.packet_socket(tap)
+        frame = bytes.fromhex(SNAP_MAC.replace(":", "")) + bytes(6) + b"\x88\xb5" + bytes(46)
+        for _ in range(1500):
+            sock.send(frame)
+        sock.close()
+        stats = json.loads(ns.ip("-j", "-s", "link", "show", tap))[0]["stats64"]
+        dropped = stats["tx"]["dropped"]
+        assert dropped > 0
+        vm = stub.GetVm(pb.GetVmRequest(vm_id="d"), timeout=HANG_S)
+        assert vm.counters.interfaces[0].rx_dropped == dropped
+    finally:
+        subprocess.run(["ip", "link", "delete", tap], check=False)
 
 
 # ---- MACs ----

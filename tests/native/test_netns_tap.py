@@ -1,4 +1,4 @@
-"""Opening taps in named network namespaces (vmm/vm/devices/net.py), without
+"""Opening taps in named network namespaces (vmmd/vm/devices/net.py), without
 KVM or a daemon: /run/netns/NAME is opened only if it is a network
 namespace, the namespace is entered by a thread of its own (the caller's
 never changes), the tap fd lives there, and a setns the kernel refuses is
@@ -117,3 +117,27 @@ def test_names_that_are_not_one_file_name(name: str) -> None:
     with pytest.raises(InvalidSpecError) as e:
         check_nets((NetSpec("e", "t0", netns=name),), "v", 0)
     assert e.value.path == FIELD
+
+
+def test_a_namespaced_tap_s_counter_is_read_there(ns: NetNs) -> None:
+    taps = Taps()
+    plans = check_nets((NetSpec("e", "nstap2", create_tap=True, netns=ns.name),), "v", 0)
+    taps.open(plans)
+    try:
+        assert taps.rx_dropped(0) == 0
+        # the tap is up and nobody reads its fd: its queue fills, then drops
+        sock = ns.packet_socket("nstap2")
+        for _ in range(1500):
+            sock.send(bytes(12) + b"\x88\xb5" + bytes(46))
+        sock.close()
+        assert taps.rx_dropped(0) > 0
+    finally:
+        taps.close()
+    assert taps.rx_dropped(0) == 0  # closed: nothing to read
+
+
+@pytest.mark.parametrize("reply", [b"", bytes(32), bytes(16) * 4,
+                                   (48).to_bytes(4, "little") + (16).to_bytes(2, "little")
+                                   + bytes(26) + (0).to_bytes(2, "little") + bytes(14)])
+def test_an_answer_without_stats_counts_nothing(reply: bytes) -> None:
+    assert net._stats64_tx_dropped(reply) == 0

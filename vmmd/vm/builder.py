@@ -91,6 +91,7 @@ class _Held:
     resources: list[Any]  # closed with the VM
     images: list[int]
     taps: list[net.Tap]
+    tap_set: net.Taps  # (one of the resources) the taps' own counters
 
 
 @contextmanager
@@ -101,7 +102,7 @@ def _resources(drives: tuple[block.DrivePlan, ...],
     locks, taps = block.DriveLocks(), net.Taps()
     try:
         locks.acquire(drives)
-        yield _Held([locks, taps], locks.fds, taps.open(nets))
+        yield _Held([locks, taps], locks.fds, taps.open(nets), taps)
     except BaseException:
         taps.close()
         locks.close()
@@ -143,7 +144,7 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
         regs = load(native, p.boot, p.kernel, p.initrd)
         native.set_boot_regs(0, regs)
     return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(),
-              resources=held.resources, images=held.images)
+              resources=held.resources, images=held.images, taps=held.tap_set)
 
 
 # ---- restore ----
@@ -272,5 +273,6 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         native.create_vcpus(spec.vcpus, bare=True)
         snapshot.apply_state(native, snap, spec, cache)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
+              taps=held.tap_set,
               snapshot_id=snap.state.snapshot_id,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

@@ -55,11 +55,16 @@ TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_TUN_EXCL, IFF_PERSIST = 0x2, 0x1000, 0x4000, 0x8000, 0x800
-SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFMTU = 0x8913, 0x8914, 0x8921
+SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCGIFMTU, SIOCGIFINDEX = 0x8913, 0x8914, 0x8921, 0x8933
 IFF_UP = 0x1
 # linux/sched.h, linux/nsfs.h, linux/magic.h; NAME_MAX: a file name under /run/netns
 CLONE_NEWNET, NS_GET_NSTYPE, NSFS_MAGIC, NAME_MAX = 0x40000000, 0xB703, 0x6E736673, 255
 NETNS_DIR = "/run/netns"
+# linux/netlink.h, linux/rtnetlink.h, linux/if_link.h (tx_dropped: the 8th u64 of
+# rtnl_link_stats64)
+NETLINK_ROUTE, NLM_F_REQUEST, RTM_NEWLINK, RTM_GETLINK = 0, 1, 16, 18
+IFLA_STATS64, STATS64_TX_DROPPED = 23, 7
+NETLINK_BUF, NETLINK_TIMEOUT_S = 65536, 1.0
 DEVICE_ID, QUEUES = 1, 2  # virtio-net (RX, TX), as native/virtio_net.c's ops table says
 VNET_HDR_LEN = 12   # struct virtio_net_hdr_v1: VERSION_1 always has num_buffers
 ETH_OVERHEAD = 18   # Ethernet header + one VLAN tag
@@ -138,10 +143,60 @@ def check_nets(nets: tuple[NetSpec, ...], vm_id: str, first_slot: int) -> tuple[
     return tuple(plans)
 
 
+class LinkStats:
+    """A tap's own counters in another network namespace, where the daemon's
+    sysfs does not reach: a route netlink socket made inside that namespace
+    (a socket stays in the namespace it was made in) asks for the link's
+    rtnl_link_stats64 by ifindex."""
+
+    def __init__(self, name: str) -> None:
+        """Called inside the tap's namespace."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            self._index = struct.unpack_from("i", fcntl.ioctl(s, SIOCGIFINDEX, _ifreq(name)),
+                                              IFNAMSIZ)[0]
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   NETLINK_ROUTE)
+        self._sock.settimeout(NETLINK_TIMEOUT_S)
+        self._lock = threading.Lock()  # one request and its answer at a time
+
+    def tx_dropped(self) -> int:
+        """The tap's tx_dropped (frames toward the guest its queue dropped); 0 if
+        the link is gone or the answer is not one."""
+        # nlmsghdr (len, RTM_GETLINK, NLM_F_REQUEST, seq, pid) + ifinfomsg (index)
+        req = struct.pack("=IHHII", 32, RTM_GETLINK, NLM_F_REQUEST, 1, 0) + \
+            struct.pack("=BxHiII", socket.AF_UNSPEC, 0, self._index, 0, 0)
+        with self._lock:
+            try:
+                self._sock.send(req)
+                reply = self._sock.recv(NETLINK_BUF)
+            except OSError:
+                return 0
+        return _stats64_tx_dropped(reply)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _stats64_tx_dropped(reply: bytes) -> int:
+    """tx_dropped of IFLA_STATS64 in an RTM_NEWLINK answer (0 if none)."""
+    if len(reply) < 32 or struct.unpack_from("=H", reply, 4)[0] != RTM_NEWLINK:
+        return 0
+    end, at = min(struct.unpack_from("=I", reply)[0], len(reply)), 32  # after nlmsghdr + ifinfomsg
+    while at + 4 <= end:
+        length, kind = struct.unpack_from("=HH", reply, at)
+        if length < 4:
+            return 0
+        if kind == IFLA_STATS64 and length >= 4 + 8 * (STATS64_TX_DROPPED + 1):
+            return int(struct.unpack_from("=Q", reply, at + 4 + 8 * STATS64_TX_DROPPED)[0])
+        at += (length + 3) & ~3
+    return 0
+
+
 @dataclass(frozen=True)
 class Tap:
     fd: int
     max_frame: int  # MTU + Ethernet and VLAN headers
+    stats: LinkStats | None = None  # a tap in a named namespace: its counters
 
 
 class Taps:
@@ -149,24 +204,34 @@ class Taps:
     created disappears with its fd)."""
 
     def __init__(self) -> None:
-        self._fds: list[int] = []
+        self._taps: list[tuple[str, Tap]] = []  # (name, tap) in interface order
 
     def open(self, plans: tuple[NetPlan, ...]) -> list[Tap]:
         taps = []
         try:
             for p in plans:
                 tap = _open_tap_in(p) if p.spec.netns else _open_tap(p)
-                self._fds.append(tap.fd)
+                self._taps.append((p.spec.host_dev_name, tap))
                 taps.append(tap)
         except BaseException:
             self.close()
             raise
         return taps
 
+    def rx_dropped(self, i: int) -> int:
+        """Interface i's tap's tx_dropped: what the host sent toward the guest
+        that the tap's queue dropped while the guest took none."""
+        if i >= len(self._taps):
+            return 0  # closed
+        name, tap = self._taps[i]
+        return tap.stats.tx_dropped() if tap.stats else _tap_counter(name, "tx_dropped")
+
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        for _, tap in self._taps:
+            os.close(tap.fd)
+            if tap.stats:
+                tap.stats.close()
+        self._taps = []
 
 
 def check_netns_name(name: str, field: FieldPath) -> None:
@@ -233,7 +298,7 @@ def _open_tap_in(p: NetPlan) -> Tap:
     field = _field(p.index, "netns")
     ns_fd = open_netns(p.spec.netns, field)
     try:
-        return in_netns(ns_fd, lambda: _open_tap(p))
+        return in_netns(ns_fd, lambda: _open_tap(p, stats=True))
     except NativeError as e:
         if e.errno != errno.EPERM:
             raise
@@ -250,7 +315,7 @@ def _ifreq(name: str, value: int = 0) -> bytes:
     return struct.pack(f"{IFNAMSIZ}sH", name.encode(), value).ljust(40, b"\0")
 
 
-def _open_tap(p: NetPlan) -> Tap:
+def _open_tap(p: NetPlan, *, stats: bool = False) -> Tap:
     name, field = p.spec.host_dev_name, _field(p.index, "host_dev_name")
     create = p.spec.create_tap
     try:
@@ -276,10 +341,11 @@ def _open_tap(p: NetPlan) -> Tap:
                 fl = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, _ifreq(name)), IFNAMSIZ)[0]
                 fcntl.ioctl(s, SIOCSIFFLAGS, _ifreq(name, fl | IFF_UP))
             mtu = struct.unpack_from("i", fcntl.ioctl(s, SIOCGIFMTU, _ifreq(name)), IFNAMSIZ)[0]
+        link = LinkStats(name) if stats else None  # stats: in the tap's namespace
     except BaseException:
         os.close(fd)
         raise
-    return Tap(fd, mtu + ETH_OVERHEAD)
+    return Tap(fd, mtu + ETH_OVERHEAD, link)
 
 
 def _tap_error(e: OSError, name: str, field: FieldPath, create: bool) -> InvalidSpecError:
@@ -300,15 +366,11 @@ def cmdline_words(plans: tuple[NetPlan, ...]) -> list[str]:
     return [virtio_mmio_word(p.mmio_base, p.irq) for p in plans]
 
 
-def interface_counters(n: NetSpec, s: VirtioStats) -> InterfaceCounters:
+def interface_counters(n: NetSpec, s: VirtioStats, tap_dropped: int) -> InterfaceCounters:
     """The device's counters, plus the frames the tap's own queue dropped
-    while the guest took none (what the host sent toward the guest).  The
-    daemon's sysfs shows only its own namespace's taps (and a tap of the
-    same name there is another device), so a tap in a netns reports 0."""
+    while the guest took none (what the host sent toward the guest: Taps.rx_dropped)."""
     return InterfaceCounters(n.iface_id, s.rx_frames, s.bytes_read, s.tx_frames,
-                             s.bytes_written, s.io_errors,
-                             0 if n.netns else _tap_counter(n.host_dev_name, "tx_dropped"),
-                             s.bad_chains,
+                             s.bytes_written, s.io_errors, tap_dropped, s.bad_chains,
                              s.interrupts)
 
 
@@ -317,4 +379,4 @@ def _tap_counter(tap: str, name: str) -> int:
         with open(f"/sys/class/net/{tap}/statistics/{name}") as f:
             return int(f.read())
     except (OSError, ValueError):
-        return 0  # the tap is gone, or lives in another namespace than our sysfs
+        return 0  # the tap is gone
