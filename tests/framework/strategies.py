@@ -128,7 +128,8 @@ TAPS_BAD = ["", "br0", "lo", "gtap", "nosuch0", "x" * 15, "x" * 16, "a/b", "tap0
             "tap 0", "é", "x" * HUGE, "-", ".", ".."]
 MACS_BAD = ["02:00:00:00:00", "02:00:00:00:00:zz", "01:00:5e:00:00:01", "00:00:00:00:00:00",
             "ff:ff:ff:ff:ff:ff", "02:00:00:00:00:01\n", "02-00-00-00-00-01", "x" * HUGE]
-NETNS_BAD = ["nosuch-ns", ".", "..", "a/b", "../netns", "/", "x" * 256, "ns\0", "x" * HUGE]
+NETNS_MISSING = ["nosuch-ns", "y" * 255]  # good names, no such namespace
+NETNS_BAD = [*NETNS_MISSING, ".", "..", "a/b", "../netns", "/", "x" * 256, "ns\0", "x" * HUGE]
 
 
 def unicast_macs() -> st.SearchStrategy[str]:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vmmd.errors import FieldPath, InvalidSpecError, NativeError, quoted
+from vmmd.errors import FieldPath, InvalidSpecError, NativeError, quoted, shown
 from vmmd.info import InterfaceCounters
 from vmmd.native import VirtioStats
 from vmmd.spec import NetSpec, check_id
@@ -244,24 +244,25 @@ def check_netns_name(name: str, field: FieldPath) -> None:
 
 
 def open_netns(name: str, field: FieldPath) -> int:
-    """/run/netns/<name> open, checked to be a network namespace."""
-    path = f"{NETNS_DIR}/{name}"
+    """/run/netns/<name> open, checked to be a network namespace.  Messages
+    show the name shortened (it may be 255 bytes)."""
+    path, where = f"{NETNS_DIR}/{name}", f"{NETNS_DIR}/{shown(name)}"
     try:
         # O_NONBLOCK: a FIFO planted there must not hang the daemon.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise InvalidSpecError(field, f"there is no network namespace {quoted(name)} ({path}; "
-                                      f"create it with `ip netns add {name}`)") from None
+        raise InvalidSpecError(field, f"there is no network namespace {quoted(name)} in "
+                                      f"{NETNS_DIR} (`ip netns add NAME` makes one)") from None
     except OSError as e:
         why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened: {e.strerror}"
-        raise InvalidSpecError(field, f"{path} {why}, not a network namespace") from None
+        raise InvalidSpecError(field, f"{where} {why}, not a network namespace") from None
     try:
         # An nsfs file first (only then is NS_GET_NSTYPE nsfs's ioctl), then its kind.
         if fs_type(fd) != NSFS_MAGIC or fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
-            raise InvalidSpecError(field, f"{path} is not a network namespace")
+            raise InvalidSpecError(field, f"{where} is not a network namespace")
     except OSError as e:
         os.close(fd)
-        raise InvalidSpecError(field, f"{path} is not a network namespace ({e.strerror})") from None
+        raise InvalidSpecError(field, f"{where} is not a network namespace ({e.strerror})") from None
     except BaseException:
         os.close(fd)
         raise
