@@ -50,12 +50,14 @@ class DriveSpec:
 @dataclass(frozen=True)
 class NetSpec:
     """A network interface: a host tap device given to the guest as virtio-net.
-    guest_mac None: generated, stable for the VM id and interface id."""
+    guest_mac None: generated, stable for the VM id and interface id.  netns:
+    the named network namespace the tap lives in ("": the daemon's)."""
 
     iface_id: str
     host_dev_name: str
     guest_mac: str | None = None
     create_tap: bool = False
+    netns: str = ""
 
 
 # Cell limits (CellLimits), each 0 (no limit) or within these bounds.
@@ -157,13 +159,20 @@ class DriveOverride:
     path_on_host: str
 
 
+AUTO_MAC = "auto"  # an override's guest_mac: a MAC generated from the new VM's id
+
+
 @dataclass(frozen=True)
 class NetOverride:
-    """At restore: the snapshot's interface `iface_id` goes onto tap `host_dev_name`."""
+    """At restore: the snapshot's interface `iface_id` goes onto tap
+    `host_dev_name` (in `netns`; "" and no netns: the snapshot's tap stays),
+    with `guest_mac` ("": the snapshot's; AUTO_MAC: generated for the new VM)."""
 
     iface_id: str
     host_dev_name: str
     create_tap: bool = False
+    guest_mac: str = ""
+    netns: str = ""
 
 
 @dataclass(frozen=True)

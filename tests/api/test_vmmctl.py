@@ -15,6 +15,7 @@ import pytest
 
 from tests.framework import REPO
 from tests.framework.daemon import running_daemon
+from tests.framework.netns import NetNs
 
 VMMCTL = Path(sys.executable).with_name("vmmctl")  # the installed entry point
 HANG_S = 60.0
@@ -118,3 +119,37 @@ def test_errors_are_one_line_with_the_status_code(ctl_socket: str) -> None:
 def test_usage_errors_exit_2(ctl_socket: str) -> None:
     assert "usage: vmmctl" in vmmctl(ctl_socket, "frobnicate", rc=2)
     assert "--kernel" in vmmctl(ctl_socket, "create", rc=2)
+
+
+@pytest.mark.kvm
+def test_clones_in_a_namespace_with_macs_of_their_own(ctl_socket: str, tmp_path: Path,
+                                                      microguests: dict[str, Path]) -> None:
+    """create --net TAP,create,netns=NS; clone --net ID=TAP{i},create --netns NS --mac ID=auto:
+    each clone's tap in the namespace, each clone a MAC of its own; a fixed MAC for
+    several clones and a bad namespace are refused, nothing made."""
+    with NetNs() as ns:
+        vmmctl(ctl_socket, "create", "--id", "ctl-src", "--kernel", str(microguests["64"]),
+               "--cmdline", "mg=spin", "--mem-mib", "32", "--net",
+               f"src0,create,netns={ns.name}")
+        assert "src0" in ns.links()
+        vmmctl(ctl_socket, "start", "ctl-src")
+        vmmctl(ctl_socket, "pause", "ctl-src")
+        vmmctl(ctl_socket, "snapshot", "ctl-src", str(tmp_path / "s"))
+        vmmctl(ctl_socket, "delete", "ctl-src")
+        clone = ("clone", str(tmp_path / "s"), "--count", "2", "--prefix", "ctl-c",
+                 "--net", "net0=tap{i},create", "--netns", ns.name)
+        err = vmmctl(ctl_socket, *clone, "--mac", "net0=02:00:00:00:00:07", rc=1)
+        assert err.startswith("vmmctl: INVALID_ARGUMENT: --mac 'net0=02:00:00:00:00:07': all 2 ")
+        err = vmmctl(ctl_socket, *clone[:-1], "nosuch-ns", rc=1)
+        assert err.startswith("vmmctl: INVALID_ARGUMENT: overrides[0].network_interfaces[0]."
+                              "netns: there is no network namespace 'nosuch-ns'")
+        assert vm_json(ctl_socket, "list") == {"vms": []} and ns.links() == {"lo"}
+        vms = vm_json(ctl_socket, *clone, "--mac", "net0=auto")["vms"]
+        nets = [v["config"]["network_interfaces"][0] for v in vms]
+        assert [(n["host_dev_name"], n["netns"]) for n in nets] == [("tap0", ns.name),
+                                                                    ("tap1", ns.name)]
+        assert len({n["guest_mac"] for n in nets}) == 2
+        assert ns.links() == {"lo", "tap0", "tap1"}
+        for v in vms:
+            vmmctl(ctl_socket, "delete", v["vm_id"])
+        assert ns.links() == {"lo"}

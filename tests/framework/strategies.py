@@ -122,12 +122,30 @@ def _mutated(draw: Any, names: list[str]) -> set[str]:
 
 
 DRIVE_FIELDS = ["drive_id", "path_on_host", "read_only", "is_root_device"]
-NIC_FIELDS = ["iface_id", "host_dev_name", "guest_mac", "create_tap"]
+NIC_FIELDS = ["iface_id", "host_dev_name", "guest_mac", "create_tap", "netns"]
 TAPS_GOOD = ["tap0", "tap1"]
 TAPS_BAD = ["", "br0", "lo", "gtap", "nosuch0", "x" * 15, "x" * 16, "a/b", "tap0\n", "tap\0",
             "tap 0", "é", "x" * HUGE, "-", ".", ".."]
 MACS_BAD = ["02:00:00:00:00", "02:00:00:00:00:zz", "01:00:5e:00:00:01", "00:00:00:00:00:00",
             "ff:ff:ff:ff:ff:ff", "02:00:00:00:00:01\n", "02-00-00-00-00-01", "x" * HUGE]
+NETNS_MISSING = ["nosuch-ns", "y" * 255]  # good names, no such namespace
+NETNS_BAD = [*NETNS_MISSING, ".", "..", "a/b", "../netns", "/", "x" * 256, "ns\0", "x" * HUGE]
+
+
+def unicast_macs() -> st.SearchStrategy[str]:
+    """Usable guest MACs (unicast, not all-zero), either case of hex digits."""
+    octets = st.lists(st.integers(0, 255), min_size=6, max_size=6).filter(
+        lambda o: not o[0] & 1 and any(o))
+    return st.builds(lambda o, upper: ":".join(f"{b:02X}" if upper else f"{b:02x}" for b in o),
+                     octets, st.booleans())
+
+
+def bad_macs() -> st.SearchStrategy[str]:
+    """Strings that are not a usable guest MAC: malformed, multicast or all-zero."""
+    multicast = st.lists(st.integers(0, 255), min_size=6, max_size=6).map(
+        lambda o: ":".join(f"{b | 1 if i == 0 else b:02x}" for i, b in enumerate(o)))
+    return st.one_of(st.sampled_from(MACS_BAD + ["AUTO", "auto\n"]), multicast,
+                     text().filter(lambda t: t not in ("", "auto")))
 
 
 @st.composite
@@ -154,7 +172,8 @@ def nics(draw: Any) -> pb.NetworkInterface:
                             st.one_of(st.sampled_from(TAPS_GOOD + TAPS_BAD), text())),
         guest_mac=_pick(draw, m, "guest_mac", st.sampled_from(["", "02:00:00:00:00:01"]),
                         st.one_of(st.sampled_from(MACS_BAD), text())),
-        create_tap=create)
+        create_tap=create,
+        netns=_pick(draw, m, "netns", st.just(""), st.one_of(st.sampled_from(NETNS_BAD), text())))
 
 
 # Cells: a name (the vm_id rule, "" = a cell of its own) and limits (each 0 = none, or
@@ -244,7 +263,9 @@ def overrides(draw: Any) -> pb.DeviceOverrides:
     nic = st.builds(pb.InterfaceOverride,
                     iface_id=st.one_of(st.just("eth0"), st.sampled_from(BAD_IDS), text()),
                     host_dev_name=st.one_of(st.sampled_from(TAPS_GOOD + TAPS_BAD), text()),
-                    create_tap=st.booleans())
+                    create_tap=st.booleans(),
+                    guest_mac=st.one_of(st.sampled_from(["", "auto"]), unicast_macs(), bad_macs()),
+                    netns=st.one_of(st.just(""), st.sampled_from(NETNS_BAD), text()))
     return pb.DeviceOverrides(drives=draw(st.lists(drive, max_size=2)),
                               network_interfaces=draw(st.lists(nic, max_size=2)))
 

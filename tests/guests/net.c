@@ -576,6 +576,37 @@ static void op_txflood(struct netdev *n, u64 count, u64 khz)
 }
 
 /*
+ * remac=1 (echo): the MAC is read from config space again before each
+ * frame, and a change printed: a VM restored from a snapshot with another
+ * MAC (a clone) then answers with the MAC its device has now, where a
+ * driver that read it once at probe would keep the snapshot's.
+ */
+static void net_remac(struct netdev *n)
+{
+	u8 mac[6];
+	int same = 1;
+
+	if (!(n->v.accepted & F_NET_MAC))
+		return;
+	for (int i = 0; i < 10; i++) {	/* until ConfigGeneration holds, as net_config */
+		u32 gen = vio_rd(&n->v, VIRTIO_MMIO_CONFIG_GENERATION);
+		for (u32 b = 0; b < 6; b++)
+			mac[b] = vio_rd8(&n->v, VIRTIO_MMIO_CONFIG + b);
+		if (vio_rd(&n->v, VIRTIO_MMIO_CONFIG_GENERATION) == gen)
+			break;
+	}
+	for (u32 b = 0; b < 6; b++) {
+		same &= mac[b] == n->mac[b];
+		n->mac[b] = mac[b];
+	}
+	if (!same) {
+		mg_printf("MG-NET-MAC dev=%u mac=", n->v.index);
+		put_mac(n->mac);
+		mg_putc('\n');
+	}
+}
+
+/*
  * echo: each frame goes back from its own RX buffers (zero copy): the
  * header is zeroed, dst := src, src := our MAC, and the buffers form the
  * TX chain; they are re-posted to RX once the TX completes.
@@ -587,6 +618,7 @@ static void op_echo(struct netdev *n, u64 want)
 	u64 echoed = 0;
 	u32 idle = 0;
 	int timeout = 0;
+	int remac = mg_arg_u64("remac", 0) != 0;
 
 	print_ready(n);
 	wait_init(&w, timeout_ms);
@@ -594,6 +626,8 @@ static void op_echo(struct netdev *n, u64 want)
 		int progress = 0;
 		while (echoed < want && rx_frame(n, f)) {
 			u8 *p = rxbuf(n, f->id[0]);
+			if (remac)
+				net_remac(n);
 			if (f->got > n->tx.qsize)
 				mg_error("net dev=%u: echo: a frame of %u buffers, TX queue of %u",
 					 n->v.index, f->got, n->tx.qsize);

@@ -141,7 +141,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                read_only=d.read_only, is_root_device=d.is_root_device)
                      for d in cfg.drives),
         network_interfaces=tuple(NetSpec(iface_id=n.iface_id, host_dev_name=n.host_dev_name,
-                                         guest_mac=n.guest_mac or None, create_tap=n.create_tap)
+                                         guest_mac=n.guest_mac or None, create_tap=n.create_tap,
+                                         netns=n.netns)
                                  for n in cfg.network_interfaces),
         track_dirty_pages=cfg.track_dirty_pages,
         entropy=EntropySpec(cfg.entropy.max_request_bytes) if cfg.HasField("entropy") else None,
@@ -155,7 +156,8 @@ def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
         _absolute(d.path_on_host, ("overrides", "drives", j, "path_on_host"))
     return DeviceOverrides(
         drives=tuple(DriveOverride(d.drive_id, d.path_on_host) for d in o.drives),
-        network_interfaces=tuple(NetOverride(n.iface_id, n.host_dev_name, n.create_tap)
+        network_interfaces=tuple(NetOverride(n.iface_id, n.host_dev_name, n.create_tap,
+                                             n.guest_mac, n.netns)
                                  for n in o.network_interfaces))
 
 
@@ -213,7 +215,8 @@ def drive_to_proto(d: DriveSpec) -> pb.Drive:
 
 def net_to_proto(n: NetSpec) -> pb.NetworkInterface:
     return pb.NetworkInterface(iface_id=n.iface_id, host_dev_name=n.host_dev_name,
-                               guest_mac=n.guest_mac or "", create_tap=n.create_tap)
+                               guest_mac=n.guest_mac or "", create_tap=n.create_tap,
+                               netns=n.netns)
 
 
 def limits_to_proto(limits: CellLimits) -> pb.CellLimits:

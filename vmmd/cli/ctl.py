@@ -29,7 +29,7 @@ from vmmd.api import convert
 from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb
 from vmmd.errors import InvalidSpecError
-from vmmd.spec import DriveSpec, NetSpec
+from vmmd.spec import AUTO_MAC, DriveSpec, NetSpec
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -78,19 +78,40 @@ def _pair(text: str, what: str) -> tuple[str, str]:
 
 
 def _overrides(args: argparse.Namespace, i: int) -> pb.DeviceOverrides:
-    """--drive ID=PATH / --net ID=TAP[,create] for clone number i ({i} in them)."""
+    """--drive ID=PATH / --net ID=TAP[,create] / --mac ID=MAC / --netns [ID=]NAME for
+    clone number i ({i} in paths, taps and namespaces); one InterfaceOverride per ID."""
     drives = []
     for text in args.drive:
         key, path = _pair(text, "drive")
         drives.append(pb.DriveOverride(drive_id=key, path_on_host=os.path.abspath(
             path.replace("{i}", str(i)))))
-    nets = []
+    nets: dict[str, pb.InterfaceOverride] = {}
     for text in args.net:
         key, value = _pair(text, "net")
         tap, _, opt = value.partition(",")
-        nets.append(pb.InterfaceOverride(iface_id=key, host_dev_name=tap.replace("{i}", str(i)),
-                                         create_tap=opt == "create"))
-    return pb.DeviceOverrides(drives=drives, network_interfaces=nets)
+        nets[key] = pb.InterfaceOverride(iface_id=key, host_dev_name=tap.replace("{i}", str(i)),
+                                         create_tap=opt == "create")
+    for text in args.netns:
+        if "=" not in text:  # NAME alone: every interface given a tap by --net
+            if not nets:
+                raise ClientError("INVALID_ARGUMENT", f"--netns {text!r}: the namespace of the "
+                                  "taps --net ID=TAP names; give --net too (or --netns ID=NAME)")
+            for o in nets.values():
+                o.netns = text.replace("{i}", str(i))
+            continue
+        key, name = _pair(text, "netns")
+        if key not in nets:
+            raise ClientError("INVALID_ARGUMENT", f"--netns {text!r}: a namespace goes with "
+                              f"its tap: give --net {key}=TAP too")
+        nets[key].netns = name.replace("{i}", str(i))
+    for text in args.mac:
+        key, mac = _pair(text, "mac")
+        if args.command == "clone" and args.count > 1 and mac != AUTO_MAC:
+            raise ClientError("INVALID_ARGUMENT", f"--mac {text!r}: all {args.count} clones "
+                              f"would get {mac}; give {key}={AUTO_MAC} (a MAC of its own for "
+                              "each clone), or no --mac (the snapshot's)")
+        nets.setdefault(key, pb.InterfaceOverride(iface_id=key)).guest_mac = mac
+    return pb.DeviceOverrides(drives=drives, network_interfaces=list(nets.values()))
 
 
 def _cell_options(p: argparse.ArgumentParser, clone: bool = False) -> None:
@@ -131,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--drive", action="append", default=[], type=_drive_arg,
                    metavar="PATH[,ro][,root]", help=DRIVE_HELP)
     c.add_argument("--net", action="append", default=[], type=_net_arg,
-                   metavar="TAP[,mac=MAC][,create]", help=NET_HELP)
+                   metavar="TAP[,mac=MAC][,create][,netns=NAME]", help=NET_HELP)
     c.add_argument("--track-dirty", action="store_true",
                    help="log written pages, for diff snapshots")
     c.add_argument("--entropy", action="store_true",
@@ -160,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the snapshot's drive ID uses PATH (clone: {i} is the clone's number)")
         r.add_argument("--net", action="append", default=[], metavar="ID=TAP[,create]",
                        help="the snapshot's interface ID goes onto TAP (clone: {i} as above)")
+        r.add_argument("--netns", action="append", default=[], metavar="[ID=]NAME",
+                       help="the tap of --net ID is in network namespace NAME (/run/netns/NAME); "
+                            "NAME alone: every --net tap's ({i} as above)")
+        r.add_argument("--mac", action="append", default=[], metavar=f"ID=MAC|{AUTO_MAC}",
+                       help="interface ID gets MAC (default: the snapshot's); "
+                            f"{AUTO_MAC}: one generated from the new VM's id"
+                            + (" (for more than one clone only auto)" if name == "clone" else ""))
         _cell_options(r, clone=name == "clone")
     m = add("merge", help="apply a diff snapshot onto its base (the base becomes full)")
     m.add_argument("base", type=os.path.abspath)
@@ -307,7 +335,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
                                        clock_realtime=args.clock_realtime)])
     elif cmd == "clone":
         per_clone = [_overrides(args, i) for i in range(args.count)] \
-            if args.drive or args.net else []
+            if args.drive or args.net or args.netns or args.mac else []
         show_vms(args, client.clone(args.dir, args.count, args.prefix, resume=args.resume,
                                     overrides=per_clone, track_dirty_pages=args.track_dirty,
                                     cell=args.cell, limits=_limits(args),

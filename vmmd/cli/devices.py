@@ -1,5 +1,5 @@
 """Device options shared by `vmmd run` and `vmmctl create`:
-`--drive PATH[,ro][,root]` and `--net TAP[,mac=MAC][,create]`."""
+`--drive PATH[,ro][,root]` and `--net TAP[,mac=MAC][,create][,netns=NAME]`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from vmmd.spec import DriveSpec, NetSpec
 
 DRIVE_HELP = "a raw disk image as virtio-blk (repeatable; vda, vdb... in order)"
 NET_HELP = ("a host tap as virtio-net (repeatable; eth0, eth1... in order); "
-            "create: the tap is made for the VM and removed with it")
+            "create: the tap is made for the VM and removed with it; netns=NAME: the tap is "
+            "in network namespace NAME (/run/netns/NAME, as `ip netns add` makes)")
 
 
 def parse_drive(i: int, text: str) -> DriveSpec:
@@ -22,14 +23,17 @@ def parse_drive(i: int, text: str) -> DriveSpec:
 
 
 def parse_net(i: int, text: str) -> NetSpec:
-    """`TAP[,mac=MAC][,create]` -> a NetSpec with id net<i>."""
+    """`TAP[,mac=MAC][,create][,netns=NAME]` -> a NetSpec with id net<i>."""
     tap, *opts = text.split(",")
-    mac, create = None, False
+    mac, create, netns = None, False, ""
     for o in opts:
         if o.startswith("mac="):
             mac = o[4:]
         elif o == "create":
             create = True
+        elif o.startswith("netns="):
+            netns = o[6:]
         else:
-            raise InvalidSpecError(f"net {text!r}", f"unknown option {o!r} (mac=, create)")
-    return NetSpec(iface_id=f"net{i}", host_dev_name=tap, guest_mac=mac, create_tap=create)
+            raise InvalidSpecError(f"net {text!r}", f"unknown option {o!r} (mac=, create, netns=)")
+    return NetSpec(iface_id=f"net{i}", host_dev_name=tap, guest_mac=mac, create_tap=create,
+                   netns=netns)

@@ -21,7 +21,7 @@ from typing import Any
 
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
-from vmmd.spec import RestoreSpec, VmSpec
+from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec
 from vmmd.vm import snapshot
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
@@ -99,6 +99,7 @@ class _Held:
     resources: list[Any]  # closed with the VM
     images: list[int]
     taps: list[net.Tap]
+    tap_set: net.Taps  # (one of the resources) the taps' own counters
 
 
 @contextmanager
@@ -109,7 +110,7 @@ def _resources(drives: tuple[block.DrivePlan, ...],
     locks, taps = block.DriveLocks(), net.Taps()
     try:
         locks.acquire(drives)
-        yield _Held([locks, taps], locks.fds, taps.open(nets))
+        yield _Held([locks, taps], locks.fds, taps.open(nets), taps)
     except BaseException:
         taps.close()
         locks.close()
@@ -151,7 +152,7 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
         regs = load(native, p.boot, p.kernel, p.initrd)
         native.set_boot_regs(0, regs)
     return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(),
-              resources=held.resources, images=held.images)
+              resources=held.resources, images=held.images, taps=held.tap_set)
 
 
 # ---- restore ----
@@ -174,12 +175,23 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
                                    f"the snapshot has no interface {quoted(n.iface_id)} "
                                    f"(it has {sorted(nets) or 'none'})")
         i = nets[n.iface_id]
-        new_nets[i] = dataclasses.replace(new_nets[i], host_dev_name=n.host_dev_name,
-                                          create_tap=n.create_tap)
+        if _moves_tap(n):
+            new_nets[i] = dataclasses.replace(new_nets[i], host_dev_name=n.host_dev_name,
+                                              create_tap=n.create_tap, netns=n.netns)
+        if n.guest_mac:  # AUTO_MAC: None, generated from the new vm_id as for a new VM
+            new_nets[i] = dataclasses.replace(
+                new_nets[i], guest_mac=None if n.guest_mac == AUTO_MAC else n.guest_mac)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
                                network_interfaces=tuple(new_nets),
                                track_dirty_pages=rs.track_dirty_pages,
                                cell=rs.cell, limits=rs.limits)
+
+
+def _moves_tap(n: NetOverride) -> bool:
+    """The override names a tap (else the snapshot's stays): any of its tap
+    fields set.  A netns or create_tap without a name is an error at
+    host_dev_name (check_nets: "is required")."""
+    return bool(n.host_dev_name or n.netns or n.create_tap)
 
 
 @contextmanager
@@ -194,10 +206,15 @@ def _override_terms(saved: VmSpec, rs: RestoreSpec) -> Iterator[None]:
             raise
         kind, i, rest = e.path[0], e.path[1], e.path[2:]
         assert isinstance(i, int)
+        ids: list[str | None]
         if kind == "drives":
             ids, key = [d.drive_id for d in rs.overrides.drives], saved.drives[i].drive_id
         else:
-            ids = [n.iface_id for n in rs.overrides.network_interfaces]
+            # Only an override that set what the error is about: one that sets
+            # just the MAC keeps the snapshot's tap, whose errors are the snapshot's.
+            mac = rest[:1] == ("guest_mac",)
+            ids = [n.iface_id if (n.guest_mac if mac else _moves_tap(n)) else None
+                   for n in rs.overrides.network_interfaces]
             key = saved.network_interfaces[i].iface_id
         if key in ids:
             raise e.at(("overrides", kind, ids.index(key), *rest)) from None
@@ -253,6 +270,8 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         entropy = rng.check_entropy(spec.entropy, first_slot=len(drives) + len(nets))
     except InvalidSpecError as e:  # the snapshot's own device: the file is at fault
         raise DataLossError(f"snapshot state spec: {e}") from None
+    # As the VM gets it (as plan() does): an "auto" MAC generated, every MAC written one way.
+    spec = dataclasses.replace(spec, network_interfaces=tuple(n.spec for n in nets))
     with _override_terms(saved, rs), _resources(drives, nets) as held, \
             _native(kvm_path, native_factory) as native:
         _check_drive_sizes(spec, held.images, sizes)
@@ -266,5 +285,6 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         native.create_vcpus(spec.vcpus, bare=True)
         snapshot.apply_state(native, snap, spec, cache, clock_realtime=rs.clock_realtime)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
+              taps=held.tap_set,
               snapshot_id=snap.state.snapshot_id,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

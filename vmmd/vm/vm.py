@@ -31,7 +31,7 @@ from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
 from vmmd.vm import snapshot
-from vmmd.vm.devices.net import interface_counters
+from vmmd.vm.devices.net import Taps, interface_counters
 from vmmd.vm.lifecycle import check_verb
 
 # Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
@@ -121,15 +121,18 @@ class MemoryFile:
 class Vm:
     def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
                  resources: list[Any] | None = None, snapshot_id: str | None = None,
-                 memory_file: MemoryFile | None = None, images: list[int] | None = None) -> None:
+                 memory_file: MemoryFile | None = None, images: list[int] | None = None,
+                 taps: Taps | None = None) -> None:
         """images: the drives' open image fds, in drive order (owned by `resources`):
-        their sizes go into a snapshot without opening a path again."""
+        their sizes go into a snapshot without opening a path again.  taps: the
+        interfaces' taps (owned by `resources`), for their own counters."""
         self.spec = spec
         self.cmdline = cmdline if cmdline is not None else spec.boot.cmdline or ""  # as the guest got it
         self._native = native
         self._resources = resources or []  # closed with the VM (drive locks...)
         self._memory_file = memory_file
         self._images = images or []
+        self._taps = taps
         if memory_file is not None:
             self._resources.append(memory_file)
         # _lock: one verb at a time.  _status_lock (short, never held across a
@@ -330,8 +333,8 @@ class Vm:
             devices=tuple(DeviceCounters(d.drive_id, v.requests, v.bytes_read, v.bytes_written,
                                          v.io_errors, v.bad_chains, v.interrupts)
                           for d, v in zip(self.spec.drives, devices)),
-            interfaces=tuple(interface_counters(n, v)
-                             for n, v in zip(self.spec.network_interfaces, nets)),
+            interfaces=tuple(interface_counters(n, v, self._taps.rx_dropped(i) if self._taps else 0)
+                             for i, (n, v) in enumerate(zip(self.spec.network_interfaces, nets))),
             entropy=None if rng is None else DeviceCounters(
                 "entropy", rng.requests, rng.bytes_read, rng.bytes_written, rng.io_errors,
                 rng.bad_chains, rng.interrupts))

@@ -161,7 +161,7 @@ def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
                 for d, size in zip(spec.drives, drive_sizes)],
         network_interfaces=[spb.NetworkInterface(iface_id=n.iface_id,
                                                  host_dev_name=n.host_dev_name,
-                                                 guest_mac=n.guest_mac or "")
+                                                 guest_mac=n.guest_mac or "", netns=n.netns)
                             for n in spec.network_interfaces],
         entropy=(spb.Entropy(max_request_bytes=spec.entropy.max_request_bytes)
                  if spec.entropy is not None else None))
@@ -211,7 +211,8 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         vcpus=m.vcpus, memory_mib=m.memory_mib, track_dirty_pages=m.track_dirty_pages,
         drives=tuple(DriveSpec(d.drive_id, d.path_on_host, d.read_only, d.is_root_device)
                      for d in m.drives),
-        network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None)
+        network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None,
+                                         netns=n.netns)
                                  for n in m.network_interfaces),
         entropy=entropy)
     return spec, m.cmdline, tuple(d.size_bytes for d in m.drives)
