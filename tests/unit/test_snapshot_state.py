@@ -232,10 +232,10 @@ def test_a_saved_spec_gets_the_checks_create_gives(fields: dict[str, object], wh
         state.restore_spec(spec_msg(**fields))
 
 
-@pytest.mark.parametrize("vcpus", [1, MAX_VCPUS])
-def test_a_saved_spec_is_restored_as_it_was(vcpus: int) -> None:
+@pytest.mark.parametrize(("vcpus", "acpi"), [(1, False), (MAX_VCPUS, True)])
+def test_a_saved_spec_is_restored_as_it_was(vcpus: int, acpi: bool) -> None:
     spec = VmSpec("v", BootSpec("/nonexistent/vmlinux", "/nonexistent/initrd", "console=ttyS0"),
-                  vcpus=vcpus, memory_mib=64, track_dirty_pages=True,
+                  vcpus=vcpus, memory_mib=64, track_dirty_pages=True, acpi=acpi,
                   drives=(DriveSpec("d", "/img", read_only=True, is_root_device=True),),
                   network_interfaces=(NetSpec("eth0", "tap0", "02:00:00:00:00:01"),))
     m = state.save_spec(spec, "console=ttyS0 x=1", [4096])
@@ -244,6 +244,12 @@ def test_a_saved_spec_is_restored_as_it_was(vcpus: int) -> None:
     assert back == dataclasses.replace(spec, boot=dataclasses.replace(spec.boot,
                                                                       cmdline="console=ttyS0 x=1"))
     assert (cmdline, sizes) == ("console=ttyS0 x=1", (4096,))
+
+
+def test_a_spec_saved_before_acpi_existed_restores_without_it() -> None:
+    """Snapshots older than the field: the guest booted without ACPI tables."""
+    back, _, _ = state.restore_spec(spec_msg())  # no acpi field on the wire
+    assert back.acpi is False
 
 
 def test_a_saved_spec_has_no_cell() -> None:

@@ -143,6 +143,7 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                          guest_mac=n.guest_mac or None, create_tap=n.create_tap)
                                  for n in cfg.network_interfaces),
         track_dirty_pages=cfg.track_dirty_pages,
+        acpi=cfg.acpi,
         cell=check_cell_name(cfg.cell),
         limits=limits_from_proto(cfg.limits),
     )
@@ -230,7 +231,7 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
                            cmdline=b.cmdline or "", cmdline_append=b.cmdline_append or ""),
         drives=[drive_to_proto(d) for d in spec.drives],
         network_interfaces=[net_to_proto(n) for n in spec.network_interfaces],
-        track_dirty_pages=spec.track_dirty_pages,
+        track_dirty_pages=spec.track_dirty_pages, acpi=spec.acpi,
         cell=spec.cell, limits=limits_to_proto(spec.limits),
     )
 
