@@ -105,6 +105,48 @@ static void mode_tick(void)
 	mg_puts("MG-DONE\n");
 }
 
+/* mg=genid: the 16 bytes at addr= (the VMGenID id), printed now and again
+ * at each change, as a restored or cloned VM's guest sees them. */
+static void put_genid(const u8 *id)
+{
+	static const char hex[] = "0123456789abcdef";
+
+	mg_puts("MG-GENID ");
+	for (int i = 0; i < 16; i++) {
+		mg_putc(hex[id[i] >> 4]);
+		mg_putc(hex[id[i] & 15]);
+	}
+	mg_putc('\n');
+}
+
+static void mode_genid(void)
+{
+	u64 addr = mg_arg_u64("addr", 0xff000);
+	u64 n = mg_arg_u64("n", 0);
+	volatile const u8 *id = (volatile const u8 *)addr;
+	u8 seen[16];
+
+	if (addr + 16 > 0x40000000ULL)
+		mg_error("bad addr %llx (below 1 GiB)", addr);
+	for (int i = 0; i < 16; i++)
+		seen[i] = id[i];
+	put_genid(seen);
+	MB->progress = 0;
+	for (u64 changes = 0; n == 0 || changes < n;) {
+		int same = 1;
+		for (int i = 0; i < 16; i++)
+			same &= seen[i] == id[i];
+		if (!same) {
+			for (int i = 0; i < 16; i++)
+				seen[i] = id[i];
+			put_genid(seen);
+			MB->progress = ++changes;
+		}
+		cpu_relax();
+	}
+	mg_puts("MG-DONE\n");
+}
+
 /* ---- SMP ---- */
 static u64 lapic_base;
 static int x2apic;
@@ -262,6 +304,7 @@ static const struct {
 	{ "emufail", mode_emufail },
 	{ "blk", mode_blk },
 	{ "net", mode_net },
+	{ "genid", mode_genid },
 };
 
 int main(const char *cmdline)
