@@ -49,7 +49,6 @@ RSDP_REVISION = 2  # ACPI 2.0+: has the XSDT
 # Common table header: signature length revision checksum oem_id oem_table_id oem_revision
 # creator_id creator_revision
 HEADER = struct.Struct("<4sIBB6s8sI4sI")
-CHECKSUM_OFFSET = 9
 TABLE_ALIGN = 16
 
 # FADT (ACPI 6.5 table 5.9), 276 bytes: only what a hardware-reduced platform sets.
