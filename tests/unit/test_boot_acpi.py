@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.framework.fake_native import FakeFactory
-from tests.unit.acpi_tools import disassemble
+from tests.unit.acpi_tools import disassemble, execute
 from vmmd.manager import Manager
 from vmmd.spec import BootSpec, DriveSpec, RestoreSpec, VmSpec
 from vmmd.vm import snapshot as snapshots
@@ -144,6 +144,21 @@ def test_vmgenid_and_its_generic_event_device() -> None:
     assert "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000003, }" in ged
     assert "Method (_EVT, 1, NotSerialized)" in ged
     assert "If ((Arg0 == 0x03)) { Notify (\\_SB.VGEN, 0x80)" in ged
+
+
+def test_acpica_runs_the_vmgenid_methods() -> None:
+    """ACPICA's interpreter (acpiexec, the AML engine Linux has) on the tables: ADDR gives the
+    id's address; _EVT notifies VGEN with 0x80 for the GED's IRQ only."""
+    t = build_acpi(2, slots(2))
+    tables = {sig: table(t, sig) for sig in ("FACP", "APIC", "DSDT")}
+    out = execute(tables, "evaluate \\_SB.VGEN.ADDR", "evaluate \\_SB.V001._CRS")
+    assert re.search(r"\[Package\] Contains 2 Elements:\s+\[Integer\] = 00000000000FF000\s+"
+                     r"\[Integer\] = 0000000000000000", out), out
+    assert "86 09 00 01 00 10 00 D0 00 10 00 00 89 06 00 03" in out  # V001's window and IRQ 6
+    notify = "Received a Device Notify on [VGEN]"
+    fired = execute(tables, "evaluate \\_SB.GED._EVT 3")
+    assert notify in fired and "Value 0x80" in fired, fired
+    assert notify not in execute(tables, "evaluate \\_SB.GED._EVT 5")
 
 
 def test_without_vmgenid_there_is_no_ged() -> None:
