@@ -119,15 +119,43 @@ static void put_genid(const u8 *id)
 	mg_putc('\n');
 }
 
+#define IOAPIC_BASE	0xfec00000ULL
+#define IOAPIC_REGSEL	0x00
+#define IOAPIC_WIN	0x10
+#define MSR_X2APIC_SVR	0x80f
+
+/* Route IOAPIC pin `pin` to this CPU's LAPIC as `vector` (fixed, edge,
+ * active high, unmasked) with the LAPIC software-enabled.  Interrupts stay
+ * off: the vector waits in the LAPIC's IRR, where the host can see it. */
+static void route_pin(u64 pin, u64 vector)
+{
+	u64 apic_base_msr = rdmsr(MSR_APIC_BASE);
+	u64 lapic = apic_base_msr & 0xfffff000ULL;
+
+	if (pin > 23 || vector < 0x20 || vector > 0xfe)
+		mg_error("bad ged=%llx / ged_pin=%llu", vector, pin);
+	if (apic_base_msr & APIC_BASE_X2)
+		wrmsr(MSR_X2APIC_SVR, rdmsr(MSR_X2APIC_SVR) | 0x1ff);
+	else
+		mmio_write32((lapic ? lapic : LAPIC_DEFAULT) + LAPIC_SVR, 0x1ff);
+	mmio_write32(IOAPIC_BASE + IOAPIC_REGSEL, 0x11 + 2 * (u32)pin);
+	mmio_write32(IOAPIC_BASE + IOAPIC_WIN, 0);	/* destination: APIC id 0 */
+	mmio_write32(IOAPIC_BASE + IOAPIC_REGSEL, 0x10 + 2 * (u32)pin);
+	mmio_write32(IOAPIC_BASE + IOAPIC_WIN, (u32)vector);
+}
+
 static void mode_genid(void)
 {
 	u64 addr = mg_arg_u64("addr", 0xff000);
 	u64 n = mg_arg_u64("n", 0);
+	u64 ged = mg_arg_u64("ged", 0);
 	volatile const u8 *id = (volatile const u8 *)addr;
 	u8 seen[16];
 
 	if (addr + 16 > 0x40000000ULL)
 		mg_error("bad addr %llx (below 1 GiB)", addr);
+	if (ged)
+		route_pin(mg_arg_u64("ged_pin", 3), ged);
 	for (int i = 0; i < 16; i++)
 		seen[i] = id[i];
 	put_genid(seen);
