@@ -17,9 +17,11 @@ PVM := $(shell test -e /sys/module/kvm_pvm && echo 1)
 # Debian packages: C toolchain and Python headers (the C core), kernel build,
 # guest images, network tests (iproute2, dnsmasq), libseccomp (the cell workers'
 # system call filter).  The bench target adds QEMU.
+# acpica-tools: iasl, which the unit tests use to disassemble (and check) the ACPI tables
+# vmmd writes for guests (vmmd/vm/boot/acpi.py).
 DEB_PACKAGES := build-essential python3-dev python3-venv flex bison bc libelf-dev \
 	libssl-dev dwarves linux-source-6.1 xz-utils busybox-static cpio e2fsprogs lz4 \
-	iproute2 dnsmasq-base libseccomp-dev
+	iproute2 dnsmasq-base libseccomp-dev acpica-tools
 # Node.js runs the foreign-language API client test; any node >= 18 with npm
 # will do (a machine may have it from elsewhere), so it is checked by command.
 NODE_PACKAGES := nodejs npm

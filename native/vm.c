@@ -485,3 +485,20 @@ int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm)
 		return -EINVAL;
 	return vmm_i8042_ctrl_alt_del(&vm->i8042);
 }
+
+#define IOAPIC_PINS 24
+
+int vmm_vm_pulse_irq(struct vmm_vm *vm, uint32_t gsi)
+{
+	if (!vm->irqchip || gsi >= IOAPIC_PINS)
+		return -EINVAL;
+	/* High then low: an edge-triggered IOAPIC pin latches the rising edge,
+	 * and the line is left low as an idle ISA line is. */
+	struct kvm_irq_level line = { .irq = gsi, .level = 1 };
+	if (ioctl(vm->vm_fd, KVM_IRQ_LINE, &line) < 0)
+		return -errno;
+	line.level = 0;
+	if (ioctl(vm->vm_fd, KVM_IRQ_LINE, &line) < 0)
+		return -errno;
+	return 0;
+}

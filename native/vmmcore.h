@@ -207,6 +207,11 @@ int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out);
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
+/* One edge on interrupt line gsi (0..23, the IOAPIC's pins): raised then
+ * lowered through KVM_IRQ_LINE, for a line no device of the core owns (the
+ * ACPI GED's).  Once the irqchip exists (after the vCPUs), in any state;
+ * -EINVAL for a gsi outside the pins or before the irqchip. */
+int vmm_vm_pulse_irq(struct vmm_vm *vm, uint32_t gsi);
 
 /* ---- snapshots: everything a paused VM needs to go on ----
  * state.c composes them (and does the VM-wide KVM state and the memory
@@ -353,7 +358,7 @@ int vmm_kvm_clock_flags(const char *kvm_path);
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
  * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 3
+#define VMM_CORE_VERSION 4
 int vmm_core_version(void);
 
 #endif

@@ -106,6 +106,9 @@ class VmSpec:
     network_interfaces: tuple[NetSpec, ...] = ()
     track_dirty_pages: bool = False  # dirty-page logging, for diff snapshots
     entropy: EntropySpec | None = None  # a virtio-rng device, after the interfaces
+    # ACPI tables (and the VMGenID device); the guest then finds its virtio
+    # devices there, not on the command line (docs/machine.md).
+    acpi: bool = False
     # Where the VM runs, not what it is (neither is in a snapshot): the cell
     # ("" = one of its own) and that cell's limits.
     cell: str = ""

@@ -93,6 +93,18 @@ def test_cell_and_limits_reach_the_config(ctl_socket: str, microguests: dict[str
     vmmctl(ctl_socket, "delete", "ctl-cell")
 
 
+@pytest.mark.kvm
+def test_acpi_reaches_the_config(ctl_socket: str, microguests: dict[str, Path]) -> None:
+    vm = vm_json(ctl_socket, "create", "--id", "ctl-acpi", "--kernel", str(microguests["64"]),
+                 "--mem-mib", "32", "--acpi")
+    assert vm["config"]["acpi"] is True
+    plain = vm_json(ctl_socket, "create", "--id", "ctl-plain", "--kernel",
+                    str(microguests["64"]), "--mem-mib", "32")
+    assert plain["config"].get("acpi", False) is False
+    vmmctl(ctl_socket, "delete", "ctl-acpi")
+    vmmctl(ctl_socket, "delete", "ctl-plain")
+
+
 def test_bad_cell_options_are_the_daemon_s_invalid_argument(ctl_socket: str) -> None:
     create = ("create", "--id", "bad", "--kernel", "/k")
     err = vmmctl(ctl_socket, *create, "--cpu-limit", "nan", rc=1)

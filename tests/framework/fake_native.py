@@ -58,6 +58,7 @@ from vmmd.native import (
     pack_vcpu,
 )
 from vmmd.native.state import unpack_vcpu_bytes
+from vmmd.vm.layout import IOAPIC_PINS
 
 PAGE = 4096
 CONSOLE_RING = 256 * 1024  # the C core keeps this much console history
@@ -142,6 +143,7 @@ class FakeNativeVm:
         self.calls: list[Call] = []
         self.closed = False
         self.cad_sent = threading.Event()  # Ctrl-Alt-Del was sent (whatever the answer)
+        self.irq_pulses: list[int] = []  # pulse_irq's lines, in order
         self._failures: dict[str, int] = dict(failures or {})
         self._lock = threading.RLock()  # the C core's ctl_lock and event ring lock in one
         self._state = RunState.CREATED
@@ -669,6 +671,13 @@ class FakeNativeVm:
             self.on_ctrl_alt_del)
         if answer is not None:
             self.guest_stops(answer)
+
+    @_op
+    def pulse_irq(self, gsi: int) -> None:
+        with self._lock:
+            if not self.nvcpus or not 0 <= gsi < IOAPIC_PINS:  # C: no irqchip yet / no such pin
+                _raise(errno.EINVAL, f"pulse IRQ {gsi}")
+            self.irq_pulses.append(gsi)
 
     # ---- teardown ----
     @classmethod

@@ -105,6 +105,76 @@ static void mode_tick(void)
 	mg_puts("MG-DONE\n");
 }
 
+/* mg=genid: the 16 bytes at addr= (the VMGenID id), printed now and again
+ * at each change, as a restored or cloned VM's guest sees them. */
+static void put_genid(const u8 *id)
+{
+	static const char hex[] = "0123456789abcdef";
+
+	mg_puts("MG-GENID ");
+	for (int i = 0; i < 16; i++) {
+		mg_putc(hex[id[i] >> 4]);
+		mg_putc(hex[id[i] & 15]);
+	}
+	mg_putc('\n');
+}
+
+#define IOAPIC_BASE	0xfec00000ULL
+#define IOAPIC_REGSEL	0x00
+#define IOAPIC_WIN	0x10
+#define MSR_X2APIC_SVR	0x80f
+
+/* Route IOAPIC pin `pin` to this CPU's LAPIC as `vector` (fixed, edge,
+ * active high, unmasked) with the LAPIC software-enabled.  Interrupts stay
+ * off: the vector waits in the LAPIC's IRR, where the host can see it. */
+static void route_pin(u64 pin, u64 vector)
+{
+	u64 apic_base_msr = rdmsr(MSR_APIC_BASE);
+	u64 lapic = apic_base_msr & 0xfffff000ULL;
+
+	if (pin > 23 || vector < 0x20 || vector > 0xfe)
+		mg_error("bad ged=%llx / ged_pin=%llu", vector, pin);
+	if (apic_base_msr & APIC_BASE_X2)
+		wrmsr(MSR_X2APIC_SVR, rdmsr(MSR_X2APIC_SVR) | 0x1ff);
+	else
+		mmio_write32((lapic ? lapic : LAPIC_DEFAULT) + LAPIC_SVR, 0x1ff);
+	mmio_write32(IOAPIC_BASE + IOAPIC_REGSEL, 0x11 + 2 * (u32)pin);
+	mmio_write32(IOAPIC_BASE + IOAPIC_WIN, 0);	/* destination: APIC id 0 */
+	mmio_write32(IOAPIC_BASE + IOAPIC_REGSEL, 0x10 + 2 * (u32)pin);
+	mmio_write32(IOAPIC_BASE + IOAPIC_WIN, (u32)vector);
+}
+
+static void mode_genid(void)
+{
+	u64 addr = mg_arg_u64("addr", 0xff000);
+	u64 n = mg_arg_u64("n", 0);
+	u64 ged = mg_arg_u64("ged", 0);
+	volatile const u8 *id = (volatile const u8 *)addr;
+	u8 seen[16];
+
+	if (addr + 16 > 0x40000000ULL)
+		mg_error("bad addr %llx (below 1 GiB)", addr);
+	if (ged)
+		route_pin(mg_arg_u64("ged_pin", 3), ged);
+	for (int i = 0; i < 16; i++)
+		seen[i] = id[i];
+	put_genid(seen);
+	MB->progress = 0;
+	for (u64 changes = 0; n == 0 || changes < n;) {
+		int same = 1;
+		for (int i = 0; i < 16; i++)
+			same &= seen[i] == id[i];
+		if (!same) {
+			for (int i = 0; i < 16; i++)
+				seen[i] = id[i];
+			put_genid(seen);
+			MB->progress = ++changes;
+		}
+		cpu_relax();
+	}
+	mg_puts("MG-DONE\n");
+}
+
 /* ---- SMP ---- */
 static u64 lapic_base;
 static int x2apic;
@@ -263,6 +333,7 @@ static const struct {
 	{ "blk", mode_blk },
 	{ "net", mode_net },
 	{ "rng", mode_rng },
+	{ "genid", mode_genid },
 };
 
 int main(const char *cmdline)

@@ -3,6 +3,7 @@
 import pytest
 
 from vmmd.errors import InvalidSpecError
+from vmmd.vm import layout
 from vmmd.vm.layout import Region, check_vcpu_count, ram_regions, virtio_mmio_slot
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -42,3 +43,13 @@ def test_virtio_mmio_slots_start_at_0xd0000000_with_irq_5():
     assert virtio_mmio_slot(18)[1] == 23
     with pytest.raises(ValueError):
         virtio_mmio_slot(19)
+
+
+def test_the_acpi_area_lies_in_the_bios_hole_and_the_ged_irq_is_free() -> None:
+    L = layout
+    assert L.LEGACY_AREA_START <= L.ACPI_START < L.ACPI_END <= L.VMGENID_START
+    assert L.VMGENID_START % L.PAGE_SIZE == 0 and L.VMGENID_SIZE == 16
+    assert L.VMGENID_START + L.PAGE_SIZE <= L.BIOS_AREA_END == L.HIMEM_START
+    # Below the first device IRQ, and none of the legacy devices' lines (i8042 1, UART 4).
+    assert L.GED_IRQ < L.IRQ_FIRST_DEVICE and L.GED_IRQ not in (0, 1, 2, 4)
+    assert {virtio_mmio_slot(i)[1] for i in range(L.VIRTIO_MMIO_SLOTS)}.isdisjoint({L.GED_IRQ})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmmd.cli.main import main
+from vmmd.cli.main import _spec, build_parser, main
 
 NO_KVM = "/nonexistent/kvm"
 
@@ -112,6 +112,12 @@ def test_valid_input_reaches_vm_creation(capsys, kernel: Path) -> None:  # type:
     code, err = run(capsys, "--kernel", str(kernel))
     assert code == 1
     assert "create VM" in err and "No such file" in err
+
+
+def test_acpi_option_reaches_the_spec(kernel: Path) -> None:
+    parser = build_parser()
+    assert _spec(parser.parse_args(["run", "--kernel", str(kernel), "--acpi"])).acpi
+    assert not _spec(parser.parse_args(["run", "--kernel", str(kernel)])).acpi
 
 
 def test_drive_missing_file(capsys, kernel: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -85,7 +85,7 @@ specs = st.builds(
     network_interfaces=st.lists(st.builds(NetSpec, iface_id=texts(), host_dev_name=texts(),
                                           guest_mac=optional(texts(1)),
                                           create_tap=st.booleans()), max_size=3).map(tuple),
-    track_dirty_pages=st.booleans(), cell=cell_names, limits=good_limits,
+    track_dirty_pages=st.booleans(), acpi=st.booleans(), cell=cell_names, limits=good_limits,
     entropy=optional(st.builds(EntropySpec, max_request_bytes=st.integers(0, 65536))))
 
 

@@ -251,10 +251,10 @@ def test_a_saved_spec_gets_the_checks_create_gives(fields: dict[str, object], wh
         state.restore_spec(spec_msg(**fields))
 
 
-@pytest.mark.parametrize("vcpus", [1, MAX_VCPUS])
-def test_a_saved_spec_is_restored_as_it_was(vcpus: int) -> None:
+@pytest.mark.parametrize(("vcpus", "acpi"), [(1, False), (MAX_VCPUS, True)])
+def test_a_saved_spec_is_restored_as_it_was(vcpus: int, acpi: bool) -> None:
     spec = VmSpec("v", BootSpec("/nonexistent/vmlinux", "/nonexistent/initrd", "console=ttyS0"),
-                  vcpus=vcpus, memory_mib=64, track_dirty_pages=True,
+                  vcpus=vcpus, memory_mib=64, track_dirty_pages=True, acpi=acpi,
                   drives=(DriveSpec("d", "/img", read_only=True, is_root_device=True),),
                   network_interfaces=(NetSpec("eth0", "tap0", "02:00:00:00:00:01"),),
                   entropy=EntropySpec(4096) if vcpus == 1 else None)
@@ -270,6 +270,12 @@ def test_a_saved_spec_is_restored_as_it_was(vcpus: int) -> None:
 def test_a_saved_entropy_bound_out_of_range_is_lost(value: int) -> None:
     with lost("spec.entropy.max_request_bytes", f"{value} is outside 1..65536"):
         state.restore_spec(spec_msg(entropy=spb.Entropy(max_request_bytes=value)))
+
+
+def test_a_spec_saved_before_acpi_existed_restores_without_it() -> None:
+    """Snapshots older than the field: the guest booted without ACPI tables."""
+    back, _, _ = state.restore_spec(spec_msg())  # no acpi field on the wire
+    assert back.acpi is False
 
 
 def test_a_saved_spec_has_no_cell() -> None:

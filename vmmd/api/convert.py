@@ -146,6 +146,7 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
                                  for n in cfg.network_interfaces),
         track_dirty_pages=cfg.track_dirty_pages,
         entropy=EntropySpec(cfg.entropy.max_request_bytes) if cfg.HasField("entropy") else None,
+        acpi=cfg.acpi,
         cell=check_cell_name(cfg.cell),
         limits=limits_from_proto(cfg.limits),
     )
@@ -237,7 +238,7 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
                            cmdline=b.cmdline or "", cmdline_append=b.cmdline_append or ""),
         drives=[drive_to_proto(d) for d in spec.drives],
         network_interfaces=[net_to_proto(n) for n in spec.network_interfaces],
-        track_dirty_pages=spec.track_dirty_pages,
+        track_dirty_pages=spec.track_dirty_pages, acpi=spec.acpi,
         entropy=(pb.EntropyDevice(max_request_bytes=spec.entropy.max_request_bytes)
                  if spec.entropy is not None else None),
         cell=spec.cell, limits=limits_to_proto(spec.limits),

@@ -390,6 +390,9 @@ class RemoteNativeVm:
     def send_ctrl_alt_del(self) -> None:
         self._unit("send_ctrl_alt_del")
 
+    def pulse_irq(self, gsi: int) -> None:
+        self._unit("pulse_irq", gsi)
+
     # -- teardown --
     def close(self) -> None:
         if self._closed:

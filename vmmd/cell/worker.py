@@ -33,6 +33,7 @@ METHODS: frozenset[str] = frozenset({
     "add_ram_file", "track_dirty", "tracks_dirty", "write_memory", "start", "start_paused",
     "pause", "resume", "stop", "stop_reason", "stats", "thread_count", "next_event",
     "console_set_fd", "console_read", "console_head", "console_input", "send_ctrl_alt_del",
+    "pulse_irq",
 })
 PROPERTIES = frozenset({"tracks_dirty", "stop_reason"})
 # Methods whose fd the C core keeps using without a dup of its own (the

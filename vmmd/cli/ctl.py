@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from vmmd.api import convert
-from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
+from vmmd.cli.devices import ACPI_HELP, DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb
 from vmmd.errors import InvalidSpecError
 from vmmd.spec import AUTO_MAC, DriveSpec, NetSpec
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log written pages, for diff snapshots")
     c.add_argument("--entropy", action="store_true",
                    help="a virtio entropy device (the guest's /dev/hwrng)")
+    c.add_argument("--acpi", action="store_true", help=ACPI_HELP)
     _cell_options(c)
     sn = add("snapshot", help="write a snapshot of a paused VM into a directory")
     sn.add_argument("vm_id")
@@ -323,7 +324,7 @@ def run(client: Client, args: argparse.Namespace) -> int:
                                       cmdline=args.cmdline, cmdline_append=args.append,
                                       vcpus=args.vcpus, memory_mib=args.mem_mib,
                                       track_dirty_pages=args.track_dirty, **_devices(args),
-                                      cell=args.cell, limits=_limits(args),
+                                      acpi=args.acpi, cell=args.cell, limits=_limits(args),
                                       entropy=pb.EntropyDevice() if args.entropy else None)])
     elif cmd == "snapshot":
         show_snapshot(args, client.snapshot(args.vm_id, args.dir, diff=args.diff))

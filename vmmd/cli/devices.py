@@ -10,6 +10,8 @@ DRIVE_HELP = "a raw disk image as virtio-blk (repeatable; vda, vdb... in order)"
 NET_HELP = ("a host tap as virtio-net (repeatable; eth0, eth1... in order); "
             "create: the tap is made for the VM and removed with it; netns=NAME: the tap is "
             "in network namespace NAME (/run/netns/NAME, as `ip netns add` makes)")
+ACPI_HELP = ("describe the machine with ACPI tables and a VMGenID device (the kernel needs "
+             "CONFIG_ACPI; its virtio devices are announced there, not on the command line)")
 
 
 def parse_drive(i: int, text: str) -> DriveSpec:

@@ -21,7 +21,7 @@ from types import FrameType
 
 from vmmd import log
 from vmmd.cli import demo, serve
-from vmmd.cli.devices import DRIVE_HELP, NET_HELP, parse_drive, parse_net
+from vmmd.cli.devices import ACPI_HELP, DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.errors import InvalidSpecError, VmmError
 from vmmd.spec import DEFAULT_MEM_MIB, DEFAULT_VCPUS, BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=DRIVE_HELP)
     run.add_argument("--net", action="append", default=[], metavar="TAP[,mac=MAC][,create]",
                      help=NET_HELP)
+    run.add_argument("--acpi", action="store_true", help=ACPI_HELP)
     run.add_argument("--entry-64bit", action="store_true",
                      help="use the 64-bit entry even when the kernel has a PVH note")
     run.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
@@ -75,6 +76,7 @@ def _spec(args: argparse.Namespace) -> VmSpec:
         memory_mib=args.mem_mib,
         drives=tuple(parse_drive(i, d) for i, d in enumerate(args.drive)),
         network_interfaces=tuple(parse_net(i, n) for i, n in enumerate(args.net)),
+        acpi=args.acpi,
     )
 
 

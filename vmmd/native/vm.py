@@ -299,6 +299,10 @@ class NativeVm:
     def send_ctrl_alt_del(self) -> None:
         check(lib.vmm_vm_send_ctrl_alt_del(self._vm), "send Ctrl-Alt-Del")
 
+    def pulse_irq(self, gsi: int) -> None:
+        """One edge on IOAPIC pin `gsi` (a line no C device owns: the ACPI GED's)."""
+        check(lib.vmm_vm_pulse_irq(self._vm, gsi), f"pulse IRQ {gsi}")
+
     # -- teardown --
     def close(self) -> None:
         if self._vm != ffi.NULL:

@@ -2,9 +2,11 @@
 
 Boot: check everything (kernel, initrd, memory, vCPUs, devices, cmdline) ->
 drive locks and taps -> the KVM VM -> RAM -> devices -> vCPUs -> load the
-guest -> boot registers.  Restore: read and check the snapshot -> the
-saved spec with the overrides -> drive locks and taps -> the KVM VM -> RAM
-mapped from the memory file -> devices -> vCPUs -> the saved state.
+guest (and, with ACPI, a random VMGenID id) -> boot registers.  Restore:
+read and check the snapshot -> the saved spec with the overrides -> drive
+locks and taps -> the KVM VM -> RAM mapped from the memory file -> devices
+-> vCPUs -> the saved state -> with ACPI, a new VMGenID id and its
+notification (the GED's interrupt, pending until the vCPUs run).
 Everything that can be refused is refused before the KVM VM exists; a
 failure after that closes what was made, so nothing half-created is left
 behind.
@@ -34,8 +36,8 @@ from vmmd.vm.boot.loader import (
     open_boot_file,
     plan_boot,
 )
-from vmmd.vm.devices import block, net, rng
-from vmmd.vm.layout import ram_regions
+from vmmd.vm.devices import block, net, rng, vmgenid
+from vmmd.vm.layout import VIRTIO_MMIO_SLOT_SIZE, Region, ram_regions
 from vmmd.vm.snapshot import state
 from vmmd.vm.vm import MemoryFile, Vm
 
@@ -55,20 +57,30 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     """Validate a spec against its files; raises InvalidSpecError naming the field.
     The command line is resolved here (the default, with this host's
     workarounds, unless the spec gives one; plus cmdline_append), and gains
-    the words that announce the devices.  The kernel and initrd are opened
-    once, into `files`, and loaded from those fds later."""
+    the words that announce the devices: `virtio_mmio.device=` words without
+    ACPI; with ACPI the tables announce them (a guest given both would bind
+    whichever it registers first and fail the other's probe: busy window),
+    and only root= is added.  The kernel and initrd are opened once, into
+    `files`, and loaded from those fds later."""
     b = spec.boot
     base = build_cmdline(b.cmdline, b.cmdline_append)
     drives = block.check_drives(spec.drives)
     nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
     entropy = rng.check_entropy(spec.entropy, first_slot=len(drives) + len(nets))
-    cmdline = append_words(base, *block.cmdline_words(drives, base), *net.cmdline_words(nets),
-                           *rng.cmdline_words(entropy))
+    on_cmdline = not spec.acpi
+    cmdline = append_words(base, *block.cmdline_words(drives, base, devices=on_cmdline),
+                           *net.cmdline_words(nets, devices=on_cmdline),
+                           *rng.cmdline_words(entropy, devices=on_cmdline))
+    slots = [(Region(base, VIRTIO_MMIO_SLOT_SIZE), irq)
+             for base, irq in [*((d.mmio_base, d.irq) for d in drives),
+                               *((n.mmio_base, n.irq) for n in nets),
+                               *((e.mmio_base, e.irq) for e in ([entropy] if entropy else []))]]
     kernel = files.enter_context(open_boot_file(b.kernel_path, KERNEL_PATH))
     initrd = (files.enter_context(open_boot_file(b.initrd_path, INITRD_PATH)) if b.initrd_path
               else None)
     boot = plan_boot(inspect_kernel(kernel), inspect_initrd(initrd) if initrd else None,
-                     spec.mem_bytes, spec.vcpus, cmdline, force_64bit=force_64bit)
+                     spec.mem_bytes, spec.vcpus, cmdline, force_64bit=force_64bit,
+                     acpi=slots if spec.acpi else None)
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
     spec = dataclasses.replace(spec, boot=dataclasses.replace(b, cmdline=base, cmdline_append=None),
                                network_interfaces=tuple(n.spec for n in nets))
@@ -150,6 +162,8 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
         _attach_devices(native, p.drives, held.images, p.nets, held.taps, p.rng)
         native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, p.kernel, p.initrd)
+        if spec.acpi:
+            vmgenid.install(native, vmgenid.new_id())
         native.set_boot_regs(0, regs)
     return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(),
               resources=held.resources, images=held.images, taps=held.tap_set)
@@ -284,6 +298,11 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         _attach_devices(native, drives, held.images, nets, held.taps, entropy)
         native.create_vcpus(spec.vcpus, bare=True)
         snapshot.apply_state(native, snap, spec, cache, clock_realtime=rs.clock_realtime)
+        if spec.acpi:  # each restore and clone a generation of its own
+            vmgenid.install(native, vmgenid.new_id(snap.state.vm_generation_id))
+            # Now, with every vCPU's and the IOAPIC's state in place: KVM keeps the edge
+            # pending in the target LAPIC until that vCPU first runs.
+            vmgenid.notify(native)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
               taps=held.tap_set,
               snapshot_id=snap.state.snapshot_id,

@@ -9,6 +9,8 @@ nothing else in vmmd spells a guest address as a number.  The map follows Firecr
     0x0000_8ff0  boot stack top             0x0000_9000  PML4, PDPT at 0xa000, PD at 0xb000
     0x0002_0000  kernel command line (COMMAND_LINE_SIZE bytes incl. NUL)
     0x0009_fc00  Intel MP table (in the EBDA; low RAM in the e820 map ends here)
+    0x000e_0000  ACPI tables (RSDP first: the legacy scan area), up to 0xf_f000 (VMs with ACPI)
+    0x000f_f000  VMGenID page: the 16-byte generation id (VMs with ACPI)
     0x0010_0000  HIMEM: kernels load here or above; RAM up to min(end, 3 GiB)
     0xc000_0000  32-bit MMIO hole up to 4 GiB: virtio-mmio slots from 0xd000_0000, IOAPIC, LAPIC
     0x1_0000_0000  RAM beyond 3 GiB continues here
@@ -42,6 +44,15 @@ COMMAND_LINE_SIZE = 2048  # Linux x86 COMMAND_LINE_SIZE, terminating NUL include
 MPTABLE_START = 0x9FC00
 EBDA_START = 0x9FC00  # low RAM (e820 type 1) is [0, EBDA_START)
 LEGACY_AREA_START = 0xA0000  # VGA/BIOS area: boot structures must end below it
+# ACPI lives where a PC's BIOS keeps it: the RSDP at the start of the area Linux scans for it
+# (0xE0000-0xFFFFF), the other tables after it, and the VMGenID page last.  The area is RAM
+# in the VM's memory slot (so snapshots carry it) but never RAM in the e820 map: with ACPI on
+# the map marks all of it reserved, so the guest keeps off the tables and the generation id.
+ACPI_START = 0xE0000
+VMGENID_START = 0xFF000
+VMGENID_SIZE = 16  # the id; the rest of its page stays zero
+ACPI_END = VMGENID_START  # the tables must end here
+BIOS_AREA_END = 0x100000  # end of the reserved range (= HIMEM_START)
 HIMEM_START = 0x100000
 
 # The 32-bit MMIO hole and what lives in it.
@@ -52,7 +63,11 @@ VIRTIO_MMIO_SLOT_SIZE = 4 * KiB
 IOAPIC_START = 0xFEC0_0000
 LAPIC_START = 0xFEE0_0000
 
-# Interrupt lines: the IOAPIC has 24 pins; legacy devices use 0..4 (UART on 4).
+# Interrupt lines: the IOAPIC has 24 pins; legacy devices use 0..4 (i8042 on 1, UART on 4).
+# The ACPI Generic Event Device (VMGenID's notification) takes COM2's ISA line 3, which no
+# device of ours uses: every pin from 5 up stays a virtio-mmio slot's, so device IRQs (and
+# snapshots) are the same with ACPI on or off.
+GED_IRQ = 3
 IOAPIC_PINS = 24
 IRQ_MAX = IOAPIC_PINS - 1
 IRQ_FIRST_DEVICE = 5

@@ -3,7 +3,7 @@
 This module owns the order of booting a Linux guest: `inspect_kernel` validates the kernel file
 (ELF vmlinux or bzImage), `plan_boot` checks that everything fits (memory, initrd, cmdline,
 vCPUs) before any VM exists, and `load` writes the kernel, initrd, cmdline, zero page or PVH
-start_info, GDT/IDT, page tables and MP table into guest memory and returns the boot vCPU's
+start_info, GDT/IDT, page tables, MP table and (if asked) ACPI tables into guest memory and returns the boot vCPU's
 registers.  Every refusal is an InvalidSpecError naming the spec's field (boot.kernel_path,
 boot.initrd_path, boot.cmdline, memory_mib, vcpus).  Each file is opened once (`open_boot_file`, through
 vm/hostfiles.py: regular files only, never blocking) and loaded from that fd; only its data is
@@ -14,12 +14,13 @@ a segment's bss or a sparse initrd costs no memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 from vmmd.errors import FieldPath, InvalidSpecError, shown
+from vmmd.vm.boot.acpi import build_acpi
 from vmmd.vm.boot.bzimage import is_bzimage, parse_bzimage
 from vmmd.vm.boot.cmdline import encode_cmdline
 from vmmd.vm.boot.cpu import BootRegs, boot_cpu_state
@@ -29,6 +30,7 @@ from vmmd.vm.boot.mptable import build_mptable
 from vmmd.vm.boot.params import HEADER, build_start_info, build_zero_page, memory_map
 from vmmd.vm.hostfiles import open_file
 from vmmd.vm.layout import (
+    ACPI_START,
     CMDLINE_START,
     MMIO_HOLE_START,
     MPTABLE_START,
@@ -83,7 +85,8 @@ def open_boot_file(path: str, field: FieldPath) -> Iterator[BootFile]:
 @dataclass(frozen=True)
 class BootPlan:
     """A checked boot: what goes where.  `cmdline` is NUL-terminated; `entry` is the first rip,
-    in 32-bit PVH mode when `pvh`, else in 64-bit mode."""
+    in 32-bit PVH mode when `pvh`, else in 64-bit mode.  `acpi`: None, or the virtio-mmio
+    slots (window, IRQ) the ACPI tables describe (the MP table is written either way)."""
 
     kernel: KernelImage
     mem_bytes: int
@@ -92,6 +95,7 @@ class BootPlan:
     initrd: Region | None
     pvh: bool
     entry: int
+    acpi: tuple[tuple[Region, int], ...] | None = None
 
     @property
     def ram(self) -> tuple[Region, ...]:
@@ -149,6 +153,7 @@ def plan_boot(
     cmdline: str,
     *,
     force_64bit: bool = False,
+    acpi: Sequence[tuple[Region, int]] | None = None,
 ) -> BootPlan:
     """Check that kernel, initrd and cmdline fit a VM of this size; uses PVH when the kernel has it."""
     check_vcpu_count(vcpus)
@@ -168,6 +173,7 @@ def plan_boot(
         initrd=initrd,
         pvh=pvh_entry is not None,
         entry=kernel.entry64 if pvh_entry is None else pvh_entry,
+        acpi=None if acpi is None else tuple(acpi),
     )
 
 
@@ -189,12 +195,17 @@ def load(mem: GuestMemory, plan: BootPlan, kernel: BootFile,
         size = plan.initrd.size
         _load_file(mem, initrd, (LoadSegment(0, plan.initrd.gpa, size, size),))
     mem.write(CMDLINE_START, plan.cmdline)
-    memmap = memory_map(plan.mem_bytes)
+    memmap = memory_map(plan.mem_bytes, acpi=plan.acpi is not None)
+    rsdp = 0
+    if plan.acpi is not None:
+        tables = build_acpi(plan.vcpus, plan.acpi)
+        mem.write(ACPI_START, tables.blob)
+        rsdp = tables.rsdp
     if plan.pvh:
-        mem.write(PVH_INFO_START, build_start_info(plan.initrd, memmap))
+        mem.write(PVH_INFO_START, build_start_info(plan.initrd, memmap, rsdp))
     else:
         mem.write(ZERO_PAGE_START, build_zero_page(plan.kernel.setup_header, plan.initrd,
-                                                   memmap))
+                                                   memmap, rsdp))
     mem.write(MPTABLE_START, build_mptable(plan.vcpus))
     regs, structures = boot_cpu_state(plan.entry, pvh=plan.pvh)
     for gpa, data in structures:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from vmmd.vm.layout import (
+    ACPI_START,
+    BIOS_AREA_END,
     CMDLINE_START,
     COMMAND_LINE_SIZE,
     EBDA_START,
@@ -46,6 +48,7 @@ class Field:
 ZERO_PAGE_SIZE = 4096
 
 # struct boot_params
+ACPI_RSDP_ADDR = Field(0x070, "<Q")  # read by Linux 5.0+ before it scans for the RSDP
 EXT_RAMDISK_IMAGE = Field(0x0C0, "<I")
 EXT_RAMDISK_SIZE = Field(0x0C4, "<I")
 EXT_CMD_LINE_PTR = Field(0x0C8, "<I")
@@ -109,9 +112,13 @@ class MemoryMapEntry:
     type: MemoryType
 
 
-def memory_map(mem_bytes: int) -> tuple[MemoryMapEntry, ...]:
-    """The guest's RAM as e820 entries: [0, EBDA), [HIMEM, low end), [4 GiB, ...) if any."""
+def memory_map(mem_bytes: int, *, acpi: bool = False) -> tuple[MemoryMapEntry, ...]:
+    """The guest's RAM as e820 entries: [0, EBDA), [HIMEM, low end), [4 GiB, ...) if any;
+    with ACPI, [ACPI_START, 1 MiB) reserved between them (the tables and the VMGenID page)."""
     entries = [MemoryMapEntry(0, EBDA_START, MemoryType.RAM)]
+    if acpi:
+        entries.append(MemoryMapEntry(ACPI_START, BIOS_AREA_END - ACPI_START,
+                                      MemoryType.RESERVED))
     for region in ram_regions(mem_bytes):
         start = max(region.gpa, HIMEM_START)
         entries.append(MemoryMapEntry(start, region.end - start, MemoryType.RAM))
@@ -142,9 +149,11 @@ def _pack_rows(buf: bytearray, offset: int, layout: struct.Struct, rows: Iterabl
 
 
 def build_zero_page(
-    setup_header: bytes, initrd: Region | None, memmap: Sequence[MemoryMapEntry]
+    setup_header: bytes, initrd: Region | None, memmap: Sequence[MemoryMapEntry],
+    rsdp: int = 0,
 ) -> bytes:
-    """The zero page for the 64-bit boot protocol (written at ZERO_PAGE_START)."""
+    """The zero page for the 64-bit boot protocol (written at ZERO_PAGE_START); `rsdp`: the
+    ACPI RSDP's address, 0 for none."""
     if len(setup_header) > SETUP_HEADER_LIMIT - SETUP_HEADER_START:
         raise ValueError(f"setup header of {len(setup_header)} bytes is too long")
     if len(memmap) > E820_MAX_ENTRIES:
@@ -156,13 +165,16 @@ def build_zero_page(
     initrd = initrd or Region(0, 0)
     _put_split(page, RAMDISK_IMAGE, EXT_RAMDISK_IMAGE, initrd.gpa)
     _put_split(page, RAMDISK_SIZE, EXT_RAMDISK_SIZE, initrd.size)
+    ACPI_RSDP_ADDR.put(page, rsdp)
     E820_ENTRIES.put(page, len(memmap))
     _pack_rows(page, E820_TABLE, E820_ENTRY, ((e.addr, e.size, e.type) for e in memmap))
     return bytes(page)
 
 
-def build_start_info(initrd: Region | None, memmap: Sequence[MemoryMapEntry]) -> bytes:
-    """hvm_start_info + module list + memory map, as one blob written at PVH_INFO_START."""
+def build_start_info(initrd: Region | None, memmap: Sequence[MemoryMapEntry],
+                     rsdp: int = 0) -> bytes:
+    """hvm_start_info + module list + memory map, as one blob written at PVH_INFO_START;
+    `rsdp`: the ACPI RSDP's address (rsdp_paddr), 0 for none."""
     memmap_offset = PVH_MEMMAP_START - PVH_INFO_START
     blob = bytearray(memmap_offset + len(memmap) * HVM_MEMMAP_ENTRY.size)
     if PVH_INFO_START + len(blob) > ZERO_PAGE_START:
@@ -172,7 +184,7 @@ def build_start_info(initrd: Region | None, memmap: Sequence[MemoryMapEntry]) ->
         HVM_START_MAGIC, HVM_START_VERSION, 0,
         0 if initrd is None else 1,
         0 if initrd is None else PVH_MODLIST_START,
-        CMDLINE_START, 0, PVH_MEMMAP_START, len(memmap), 0,
+        CMDLINE_START, rsdp, PVH_MEMMAP_START, len(memmap), 0,
     )  # fmt: skip
     if initrd is not None:
         HVM_MODLIST_ENTRY.pack_into(

@@ -72,9 +72,11 @@ def check_drives(drives: tuple[DriveSpec, ...], first_slot: int = 0) -> tuple[Dr
     return tuple(plans)
 
 
-def cmdline_words(plans: tuple[DrivePlan, ...], cmdline: str) -> list[str]:
-    """Device words, plus root= for the root drive unless the cmdline has one."""
-    words = [virtio_mmio_word(p.mmio_base, p.irq) for p in plans]
+def cmdline_words(plans: tuple[DrivePlan, ...], cmdline: str, *,
+                  devices: bool = True) -> list[str]:
+    """Device words (unless not `devices`: ACPI announces them), plus root= for the root
+    drive unless the cmdline has one."""
+    words = [virtio_mmio_word(p.mmio_base, p.irq) for p in plans] if devices else []
     root = next((p for p in plans if p.spec.is_root_device), None)
     if root is not None and not any(w.startswith("root=") for w in cmdline.split()):
         words += [f"root=/dev/{guest_name(root.index)}", "ro" if root.spec.read_only else "rw"]

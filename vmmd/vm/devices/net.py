@@ -363,8 +363,9 @@ def _tap_error(e: OSError, name: str, field: FieldPath, create: bool) -> Invalid
     return InvalidSpecError(field, f"cannot open tap {name}: {e.strerror}")
 
 
-def cmdline_words(plans: tuple[NetPlan, ...]) -> list[str]:
-    return [virtio_mmio_word(p.mmio_base, p.irq) for p in plans]
+def cmdline_words(plans: tuple[NetPlan, ...], *, devices: bool = True) -> list[str]:
+    """Device words, none unless `devices` (with ACPI the tables announce them)."""
+    return [virtio_mmio_word(p.mmio_base, p.irq) for p in plans] if devices else []
 
 
 def interface_counters(n: NetSpec, s: VirtioStats, tap_dropped: int) -> InterfaceCounters:

@@ -48,5 +48,6 @@ def check_entropy(entropy: EntropySpec | None, first_slot: int) -> RngPlan | Non
     return RngPlan(entropy, region.gpa, irq)
 
 
-def cmdline_words(plan: RngPlan | None) -> list[str]:
-    return [] if plan is None else [virtio_mmio_word(plan.mmio_base, plan.irq)]
+def cmdline_words(plan: RngPlan | None, *, devices: bool = True) -> list[str]:
+    """The device's word, none unless `devices` (with ACPI the tables announce it)."""
+    return [virtio_mmio_word(plan.mmio_base, plan.irq)] if plan is not None and devices else []

@@ -154,7 +154,7 @@ def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
     return spb.VmSpec(
         vm_id=spec.vm_id, kernel_path=spec.boot.kernel_path, cmdline=cmdline,
         initrd_path=spec.boot.initrd_path or "", vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-        track_dirty_pages=spec.track_dirty_pages,
+        track_dirty_pages=spec.track_dirty_pages, acpi=spec.acpi,
         drives=[spb.Drive(drive_id=d.drive_id, path_on_host=d.path_on_host,
                           read_only=d.read_only, is_root_device=d.is_root_device,
                           size_bytes=size)
@@ -209,6 +209,7 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         boot=BootSpec(kernel_path=m.kernel_path, initrd_path=m.initrd_path or None,
                       cmdline=m.cmdline),
         vcpus=m.vcpus, memory_mib=m.memory_mib, track_dirty_pages=m.track_dirty_pages,
+        acpi=m.acpi,
         drives=tuple(DriveSpec(d.drive_id, d.path_on_host, d.read_only, d.is_root_device)
                      for d in m.drives),
         network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None,

@@ -1,7 +1,8 @@
 """Taking a snapshot of a paused VM: the order of its components (the files
 in files.py, the per-component conversions in state.py).
 
-Save: vCPUs, irqchips/PIT/kvmclock, devices, UART/i8042, then guest RAM
+Save: vCPUs, irqchips/PIT/kvmclock, devices, UART/i8042, the VMGenID id
+(with ACPI; it is in RAM too, the state names it), then guest RAM
 (the C core writes it; a diff takes the dirty log).
 """
 
@@ -15,6 +16,7 @@ from vmmd.errors import DataLossError, NativeError
 from vmmd.info import SnapshotInfo
 from vmmd.native import NativeVm
 from vmmd.spec import VmSpec
+from vmmd.vm.devices import vmgenid
 from vmmd.vm.layout import PAGE_SIZE, ram_regions
 from vmmd.vm.snapshot import files, state
 from vmmd.vm.snapshot.format import DIFF, FORMAT_VERSION, FULL, MEMORY_OFFSET, new_id
@@ -47,7 +49,8 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: files
         vcpus=[state.save_vcpu(native.save_vcpu(i)) for i in range(spec.vcpus)],
         machine=state.save_machine(native.save_machine()),
         devices=[state.save_virtio(native.save_virtio(i)) for i in range(ndev)],
-        legacy=state.save_legacy(native.save_legacy()))
+        legacy=state.save_legacy(native.save_legacy()),
+        vm_generation_id=vmgenid.current(native) if spec.acpi else b"")
     written = 0
 
     def write_ram(fd: int) -> tuple[int, bytes]:
