@@ -65,6 +65,7 @@ int vmm_vcpu_create(struct vmm_vm *vm, int idx, int bare, struct vmm_vcpu **out)
 		free(vc);
 		return err;
 	}
+	vmm_kvmstats_open(&vc->kstats, vc->fd);
 	/* bare: a restore sets every register, MSR and CPUID leaf right after */
 	int r = bare ? 0 : vmm_x86_setup_vcpu(vm, vc);
 	if (r < 0) {
@@ -80,6 +81,7 @@ void vmm_vcpu_destroy(struct vmm_vcpu *vc)
 	if (!vc)
 		return;
 	munmap(vc->run, (size_t)vc->vm->run_size);
+	vmm_kvmstats_close(&vc->kstats);
 	close(vc->fd);
 	free(vc);
 }
@@ -237,13 +239,19 @@ static int handle_exit(struct vmm_vcpu *vc)
 /* ---- the halt watchdog ----
  * With an in-kernel LAPIC, HLT never exits to us, so a guest that halts
  * every vCPU with interrupts off (Linux's halt without ACPI) would hang
- * silently.  Every second (the I/O thread's timer), each vCPU that made no
- * exit since the last round is kicked and answers from its own thread
- * (KVM_GET_MP_STATE, RFLAGS.IF).  Two rounds in a row of "all dead" stop
- * the VM with reason HALT.  Cost: one kick per idle vCPU per second. */
+ * silently.  Every second (the I/O thread's timer) a round looks at each
+ * vCPU's activity: its exits to us, and KVM's own counts of the HLTs it
+ * ran and the interrupts and NMIs it took (kvmstats.h: a pread, the vCPU
+ * undisturbed).  A vCPU quiet for a round is kicked once and answers from
+ * its own thread (KVM_GET_MP_STATE, RFLAGS.IF) - and that answer stands,
+ * with no more kicks, for as long as the vCPU stays quiet: it is halted (or
+ * spinning) exactly as it was when it answered.  Two rounds in a row of
+ * "all dead" stop the VM with reason HALT.  Cost: one kick per vCPU per
+ * quiet spell, so an idle VM costs no exits.  (Where KVM has no statistics,
+ * an idle vCPU is kicked every round, as before.) */
 
 /* The answer: 1 = halted with interrupts off (dead unless an NMI comes),
- * 2 = waiting for INIT/SIPI, 0 = alive. */
+ * 2 = waiting for INIT/SIPI, 0 = alive; with the activity it was given at. */
 static void answer_probe(struct vmm_vcpu *vc)
 {
 	struct kvm_mp_state mp;
@@ -257,11 +265,22 @@ static void answer_probe(struct vmm_vcpu *vc)
 			 mp.mp_state == KVM_MP_STATE_INIT_RECEIVED)
 			dead = 2;
 	}
+	STORE(&vc->answered_exits, vc->st.exits - vc->st.intr);
+	STORE(&vc->answered_kvm, vmm_kvmstats_activity(&vc->kstats));
 	STORE(&vc->dead_halt, dead);
+	STORE(&vc->answered, 1);
 	STORE(&vc->probe_halt, 0);
 }
 
-/* One round, on the I/O thread: reads the counters, asks the idle vCPUs. */
+/* Nothing happened in the vCPU since it last answered: the answer stands. */
+static int answer_stands(struct vmm_vcpu *vc, uint64_t act, uint64_t kvm)
+{
+	return kvm != VMM_KVMSTATS_NONE && LOAD(&vc->answered) && !LOAD(&vc->probe_halt) &&
+	       LOAD(&vc->answered_exits) == act && LOAD(&vc->answered_kvm) == kvm;
+}
+
+/* One round, on the I/O thread: reads the counters, asks the vCPUs that
+ * went quiet. */
 void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds)
 {
 	if (LOAD(&vm->state) != VMM_VM_RUNNING || LOAD(&vm->pause_req) || LOAD(&vm->stop_req)) {
@@ -273,10 +292,14 @@ void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds)
 		struct vmm_vcpu *vc = vm->vcpus[i];
 		/* Kicks are not activity: they are our own probes. */
 		uint64_t act = LOAD(&vc->st.exits) - LOAD(&vc->st.intr);
-		if (act != vc->last_exits) {
+		uint64_t kvm = vmm_kvmstats_activity(&vc->kstats);
+		int stands = answer_stands(vc, act, kvm);
+		if (!stands && (act != vc->last_exits || kvm != vc->last_kvm)) {
 			vc->last_exits = act;
+			vc->last_kvm = kvm;
 			all_dead = 0;
 			STORE(&vc->dead_halt, 0);
+			STORE(&vc->answered, 0);
 			continue;
 		}
 		if (LOAD(&vc->probe_halt)) {
@@ -288,6 +311,8 @@ void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds)
 			all_dead = 0;
 		if (d == 1)
 			any_halted = 1;
+		if (stands)
+			continue;
 		STORE(&vc->probe_halt, 1);	/* ask again for the next round */
 		vmm_vcpu_kick(vc);
 	}

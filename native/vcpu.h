@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <linux/kvm.h>
 
+#include "kvmstats.h"
 #include "vm.h"
 
 struct vmm_vcpu_stats {
@@ -23,7 +24,10 @@ struct vmm_vcpu {
 	int started;
 	int probe_halt;		/* the watchdog asks: are you halted, IF=0? (atomic) */
 	int dead_halt;		/* answer (atomic) */
-	uint64_t last_exits;	/* the watchdog's view (its rounds run on the I/O thread) */
+	int answered;		/* dead_halt answers for the activity below (atomic) */
+	uint64_t answered_exits, answered_kvm;	/* the activity at the answer (atomic) */
+	uint64_t last_exits, last_kvm;	/* the watchdog's view (its rounds run on the I/O thread) */
+	struct vmm_kvmstats kstats;	/* KVM's counters of this vCPU (kvmstats.h) */
 	struct vmm_vcpu_stats st;	/* written by the owning thread only */
 };
 

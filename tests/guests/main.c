@@ -286,6 +286,16 @@ static void mode_halt(void)
 	mg_end(MG_END_HALT);
 }
 
+/* An idle guest: interrupts on, halted, nothing armed to wake it (no timer
+ * programmed, no device enabled).  What an idle VM costs the host is then
+ * the VMM's own doing. */
+static void mode_idle(void)
+{
+	mg_puts("MG-IDLE\n");
+	for (;;)
+		__asm__ volatile("sti; hlt");
+}
+
 static void mode_triple(void)
 {
 	mg_puts("MG-START\n");
@@ -327,6 +337,7 @@ static const struct {
 	{ "spin", mode_spin },
 	{ "info", mode_info },
 	{ "halt", mode_halt },
+	{ "idle", mode_idle },
 	{ "triple", mode_triple },
 	{ "reset", mode_reset },
 	{ "emufail", mode_emufail },

@@ -170,3 +170,28 @@ def test_registers_readable_only_while_paused(microguests) -> None:  # type: ign
         assert regs["cr0"] & 0x80000001 == 0x80000001  # paging, protected mode
         assert regs["efer"] & 0x500 == 0x500  # long mode enabled and active
         assert mp_state == 0  # KVM_MP_STATE_RUNNABLE
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_an_idle_guest_is_left_alone(microguests, vcpus: int) -> None:  # type: ignore[no-untyped-def]
+    """mg=idle (`sti; hlt`, nothing armed): the halt watchdog asks each quiet
+    vCPU once, and its answer (halted, interrupts on: alive) stands while the
+    vCPU stays quiet - five more rounds cost no exit at all.  (Asking every
+    round, as it used to, cost one exit per vCPU per second.)"""
+    spec = VmSpec(vm_id="idle", boot=BootSpec(str(microguests["pvh"]), cmdline="mg=idle"),
+                  vcpus=vcpus, memory_mib=32)
+    vm = build_vm(spec)
+    try:
+        vm.start()
+        deadline = time.monotonic() + 30
+        while b"MG-IDLE" not in vm.console_read(0)[0]:
+            assert time.monotonic() < deadline, "guest never went idle"
+            time.sleep(0.01)
+        time.sleep(3.5)  # the watchdog's first rounds: each quiet vCPU asked once
+        before = vm.stats().exits
+        time.sleep(5.5)  # five more rounds (one a second)
+        assert vm.stats().exits == before
+        assert vm.state == Phase.RUNNING  # alive: interrupts on, not HALT
+    finally:
+        vm.stop()
+        vm.close()
