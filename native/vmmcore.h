@@ -152,6 +152,9 @@ int vmm_vm_create(const char *kvm_path, struct vmm_vm **out);
  * the VM keeps a duplicate, the caller keeps and closes its own fd. */
 int vmm_vm_create_fd(int kvm_fd, struct vmm_vm **out);
 void vmm_vm_destroy(struct vmm_vm *vm);	/* stops, joins, closes, frees */
+/* The same, but KVM's own teardown of the VM and the freeing of guest RAM
+ * finish on a thread of their own after it returns (vm.c says why). */
+void vmm_vm_destroy_deferred(struct vmm_vm *vm);
 int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size);
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
 /* Creates n vCPUs: CPUID from KVM_GET_SUPPORTED_CPUID with per-vCPU APIC
@@ -358,7 +361,7 @@ int vmm_kvm_clock_flags(const char *kvm_path);
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
  * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 4
+#define VMM_CORE_VERSION 5
 int vmm_core_version(void);
 
 #endif

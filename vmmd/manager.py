@@ -302,7 +302,9 @@ class Manager:
         self._entry(vm_id).deleting = True  # a StopVm waiting on the guest gives up now
         with self._locked(vm_id) as entry:
             entry.deleted = True
-            entry.vm.close()  # STOPPED (on_stopped) always comes before DELETED
+            # STOPPED (on_stopped) always comes before DELETED.  KVM's teardown
+            # of the VM finishes after the answer (1-15 ms measured).
+            entry.vm.close(deferred=True)
             if entry.lease is not None:
                 entry.lease.release()
             self.memory.release(entry.memory_bytes)

@@ -687,7 +687,7 @@ class FakeNativeVm:
         vm.kvm_fd = kvm_fd
         return vm
 
-    def close(self) -> None:
+    def close(self, *, deferred: bool = False) -> None:
         with self._lock:
             self.calls.append(Call("close", (), {}))
             if self.closed:

@@ -195,3 +195,22 @@ def test_an_idle_guest_is_left_alone(microguests, vcpus: int) -> None:  # type: 
     finally:
         vm.stop()
         vm.close()
+
+
+def test_a_deferred_close_still_releases_everything(microguests) -> None:  # type: ignore[no-untyped-def]
+    """DeleteVm's close: KVM's teardown of the VM and the RAM's release finish
+    on a C thread after close() returns - and then every fd is back and the
+    reaper thread gone (waited for, bounded: only hangs are caught here)."""
+    fds_before, threads_before = _fd_count(), _native_threads()
+    vm = _spin_vm(microguests["pvh"], 2)
+    vm.start()
+    vm.stop()
+    vm.close(deferred=True)
+    deadline = time.monotonic() + 10
+    while (_fd_count(), _native_threads()) != (fds_before, threads_before):
+        assert time.monotonic() < deadline, (_fd_count(), fds_before)
+        time.sleep(0.01)
+
+
+def _native_threads() -> int:
+    return len(os.listdir("/proc/self/task"))

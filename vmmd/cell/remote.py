@@ -394,7 +394,8 @@ class RemoteNativeVm:
         self._unit("pulse_irq", gsi)
 
     # -- teardown --
-    def close(self) -> None:
+    def close(self, *, deferred: bool = False) -> None:
+        """The worker always defers KVM's teardown (it answers first)."""
         if self._closed:
             return
         self._closed = True

@@ -135,7 +135,7 @@ class Worker:
             (handle,) = args
             closing = self._vms.pop(handle, None)
             if closing is not None:
-                closing.close()
+                closing.close(deferred=True)  # the daemon waits on this answer
             for fd in self._kept.pop(handle, []):
                 os.close(fd)
             return []

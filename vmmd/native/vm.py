@@ -304,9 +304,11 @@ class NativeVm:
         check(lib.vmm_vm_pulse_irq(self._vm, gsi), f"pulse IRQ {gsi}")
 
     # -- teardown --
-    def close(self) -> None:
+    def close(self, *, deferred: bool = False) -> None:
+        """deferred: KVM's teardown and the RAM's release finish on a C thread
+        after this returns (every fd and device of ours is closed before)."""
         if self._vm != ffi.NULL:
-            lib.vmm_vm_destroy(self._vm)
+            (lib.vmm_vm_destroy_deferred if deferred else lib.vmm_vm_destroy)(self._vm)
             self._vm = ffi.NULL
 
     def __enter__(self) -> Self:

@@ -387,13 +387,15 @@ class Vm:
             native.console_set_fd(fd)
 
     # -- teardown --
-    def close(self) -> None:
+    def close(self, *, deferred: bool = False) -> None:
+        """deferred: KVM's own teardown of the VM may finish after this returns
+        (DeleteVm's answer does not wait for it)."""
         if self._state in (Phase.RUNNING, Phase.PAUSED):
             self.stop()
         self._join_watcher()
         with self._native_lock:
             self._closed = True
-            self._native.close()
+            self._native.close(deferred=deferred)
         for res in self._resources:
             res.close()
         self._resources = []
