@@ -6,7 +6,8 @@
                    throughput; net = virtio-net throughput and round trip; api = daemon
                    StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
                    snap = restore latency, clone density, snapshot cost; cells = what
-                   cells cost against --isolation none; default all)
+                   cells cost against --isolation none; idle = what idle clones cost (100
+                   micro-guests, 50 Linux); default all)
   --skip-linux     leave out (c), the Linux boots (slow on a PVM host: kernel code is emulated)
   --quick          fewer repetitions (a 5, b 2, c 1) and fewer exits; also BENCH_QUICK=1
   --linux-timeout  hard limit per Linux boot, seconds (default 400)
@@ -25,15 +26,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench import blk, cells, daemon, measures, net, proc, report, snapshot, targets
+from bench import (
+    blk,
+    cells,
+    daemon,
+    idle,
+    measures,
+    net,
+    proc,
+    report,
+    snapshot,
+    targets,
+)
 from tests.framework import is_pvm_host
 from tests.framework.guests import build_microguests
 
-SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap", "cells")
+SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap", "cells",
+            "idle")
 DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "api": 50, "rss": 1,
-                "rate": 1, "snap": 30, "cells": 30}
+                "rate": 1, "snap": 30, "cells": 30, "idle": 1}
 QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "net": 1, "api": 10, "rss": 1,
-              "rate": 1, "snap": 10, "cells": 10}
+              "rate": 1, "snap": 10, "cells": 10, "idle": 1}
 EXITS, QUICK_EXITS = 200_000, 50_000
 
 
@@ -89,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "rss": lambda: daemon.rss((1, 10, 50)),
         "rate": lambda: daemon.rate(20, 4),
         "cells": lambda: cells.measures(reps["cells"]),
+        "idle": lambda: idle.micro() + ([] if args.skip_linux else idle.linux(pvm)),
         "snap": lambda: (snapshot.restore_latency(reps["snap"], linux_pvm) + snapshot.density()
                          + snapshot.creation(linux_pvm)),
     }
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
             "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
             **blk.commands(cpu), **net.commands(cpu), **daemon.commands(),
-            **snapshot.commands(), **cells.commands(),
+            **snapshot.commands(), **cells.commands(), **idle.commands(),
         },
         "results": results,
     }
