@@ -19,6 +19,7 @@
 #include "vcpu.h"
 #include "virtio_blk.h"
 #include "virtio_net.h"
+#include "virtio_vsock.h"
 #include "vm.h"
 
 #define TSS_ADDR 0xfffbd000ull
@@ -369,6 +370,16 @@ int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uin
 	if (!r)
 		r = vmm_net_create(vm->mem, tap_fd, mac, max_frame, &n);
 	return r ? r : attach_virtio(vm, &n->transport, mmio_base, gsi);
+}
+
+int vmm_vm_add_virtio_vsock(struct vmm_vm *vm, uint64_t guest_cid, int listen_fd, int dir_fd,
+			    const char *name, uint64_t mmio_base, uint32_t gsi)
+{
+	struct vmm_vsock *vs;
+	int r = can_add_virtio(vm);
+	if (!r)
+		r = vmm_vsock_create(vm->mem, guest_cid, listen_fd, dir_fd, name, &vs);
+	return r ? r : attach_virtio(vm, &vs->transport, mmio_base, gsi);
 }
 
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out)

@@ -64,6 +64,8 @@ CONSOLE_RING = 256 * 1024  # the C core keeps this much console history
 MAX_VCPUS = 32
 MAX_VIRTIO = 19
 VIRTIO_ID_NET, VIRTIO_ID_BLOCK = 1, 2
+VIRTIO_ID_VSOCK = 19
+_KINDS = {"blk": (VIRTIO_ID_BLOCK, 1), "net": (VIRTIO_ID_NET, 2), "vsock": (VIRTIO_ID_VSOCK, 3)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -98,12 +100,12 @@ class RamRegion:
 
 @dataclass
 class FakeDevice:
-    kind: str  # "blk" | "net"
-    fd: int  # blk: our duplicate of the image; net: the caller's tap fd
+    kind: str  # "blk" | "net" | "vsock"
+    fd: int  # blk: our duplicate of the image; net: the caller's tap fd; vsock: our listener dup
     mmio_base: int
     gsi: int
     options: dict[str, Any]
-    stats: VirtioStats = field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0))
+    stats: VirtioStats = field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
     state: VirtioState | None = None
 
 
@@ -222,7 +224,8 @@ class FakeNativeVm:
     def _fds(self) -> list[int]:
         fds = [self._efd, self._console_fd]
         fds += [r.fd for r in self.ram if r.fd >= 0]
-        fds += [d.fd for d in self.devices if d.kind == "blk"]
+        fds += [d.fd for d in self.devices if d.kind in ("blk", "vsock")]
+        fds += [d.options["dir_fd"] for d in self.devices if d.kind == "vsock"]
         return fds
 
     # ---- construction ----
@@ -282,6 +285,18 @@ class FakeNativeVm:
             self._check_virtio("attach network interface")
             self.devices.append(FakeDevice("net", tap_fd, mmio_base, gsi,
                                            {"mac": mac, "max_frame": max_frame}))
+            return len(self.devices) - 1
+
+    @_op
+    def add_virtio_vsock(self, listen_fd: int, dir_fd: int, *, guest_cid: int, name: str,
+                         mmio_base: int, gsi: int) -> int:
+        if not 3 <= guest_cid <= 0xFFFF_FFFE or not name or "/" in name:
+            _raise(errno.EINVAL, "attach vsock device")
+        with self._lock:
+            self._check_virtio("attach vsock device")
+            self.devices.append(FakeDevice("vsock", os.dup(listen_fd), mmio_base, gsi,
+                                           {"guest_cid": guest_cid, "name": name,
+                                            "dir_fd": os.dup(dir_fd)}))
             return len(self.devices) - 1
 
     @_op
@@ -479,22 +494,21 @@ class FakeNativeVm:
             self._paused(f"save device {idx}")
         if d.state is not None:
             return d.state
-        nq = 1 if d.kind == "blk" else 2
+        device_id, nq = _KINDS[d.kind]
         q = QueueState(desc=0, avail=0, used=0, size=256, last_avail=0, used_idx=0,
                        signalled_used=0, ready=0, event_idx=0, indirect=0)
-        return VirtioState(device_id=VIRTIO_ID_BLOCK if d.kind == "blk" else VIRTIO_ID_NET,
+        return VirtioState(device_id=device_id,
                            status=0, dev_feat_sel=0, drv_feat_sel=0, queue_sel=0, int_status=0,
                            config_gen=0, driver_features=0, queues=(q,) * nq)
 
     @_op
     def restore_virtio(self, idx: int, s: VirtioState) -> None:
-        if len(s.queues) > 2:
-            raise ValueError(f"{len(s.queues)} queues, at most 2")
+        if len(s.queues) > 3:
+            raise ValueError(f"{len(s.queues)} queues, at most 3")
         with self._lock:
             d = self._device(idx, f"restore device {idx}")
             self._created(f"restore device {idx}")
-            want = VIRTIO_ID_BLOCK if d.kind == "blk" else VIRTIO_ID_NET
-            if s.device_id != want:
+            if s.device_id != _KINDS[d.kind][0]:
                 _raise(errno.EINVAL, f"restore device {idx}")
             d.state = s
 

@@ -42,7 +42,7 @@ from vmmd.native.state import (
     VirtioState,
     pack_vcpu,
 )
-from vmmd.native.testing import GuestMemory, VirtioBlock, VirtioDevice, VirtioNet
+from vmmd.native.testing import GuestMemory, VirtioBlock, VirtioDevice, VirtioNet, VirtioVsock
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats
 from vmmd.native.vm import NativeVm, kvm_api_version
 
@@ -50,7 +50,7 @@ __all__ = [
     "BLOB_SIZES", "CORE_VERSION", "LEGACY_KBD_MAX", "LEGACY_RX_MAX", "MACHINE_BLOB_SIZES",
     "MAX_CPUID", "MAX_MSRS", "SECCOMP_EXIT", "VCPU_BLOBS", "CpuidEntry", "Event", "EventType",
     "GuestMemory", "LegacyState", "MachineState", "NativeVm", "PackedVcpu", "QueueState",
-    "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice", "VirtioNet",
+    "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice", "VirtioNet", "VirtioVsock",
     "VirtioState", "VirtioStats", "VmStats", "check", "enter_jail", "install_seccomp",
     "kvm_api_version", "pack_vcpu", "parse_seccomp_report", "seccomp_allowlist", "syscall_name",
 ]  # fmt: skip
