@@ -29,6 +29,8 @@ from vmmd.spec import (
     NetSpec,
     RestoreSpec,
     VmSpec,
+    VsockOverride,
+    VsockSpec,
     check_cell_name,
     check_limits,
     check_vm_id,
@@ -145,6 +147,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
         track_dirty_pages=cfg.track_dirty_pages,
         cell=check_cell_name(cfg.cell),
         limits=limits_from_proto(cfg.limits),
+        vsock=(VsockSpec(cfg.vsock.guest_cid, _absolute(cfg.vsock.uds_path, ("vsock", "uds_path")))
+               if cfg.HasField("vsock") else None),
     )
 
 
@@ -154,7 +158,10 @@ def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
     return DeviceOverrides(
         drives=tuple(DriveOverride(d.drive_id, d.path_on_host) for d in o.drives),
         network_interfaces=tuple(NetOverride(n.iface_id, n.host_dev_name, n.create_tap)
-                                 for n in o.network_interfaces))
+                                 for n in o.network_interfaces),
+        vsock=(VsockOverride(o.vsock.guest_cid,
+                             _absolute(o.vsock.uds_path, ("overrides", "vsock", "uds_path")))
+               if o.HasField("vsock") else None))
 
 
 def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
@@ -232,6 +239,8 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         network_interfaces=[net_to_proto(n) for n in spec.network_interfaces],
         track_dirty_pages=spec.track_dirty_pages,
         cell=spec.cell, limits=limits_to_proto(spec.limits),
+        vsock=(pb.Vsock(guest_cid=spec.vsock.guest_cid, uds_path=spec.vsock.uds_path)
+               if spec.vsock else None),
     )
 
 

@@ -26,8 +26,8 @@ from vmmd.native import NativeVm
 # The methods a VM has on the wire: NativeVm's, called with the same args.
 METHODS: frozenset[str] = frozenset({
     "add_ram", "write", "load_file", "read", "create_vcpus", "add_virtio_blk", "add_virtio_net",
-    "virtio_stats", "set_boot_regs", "get_regs", "save_vcpu", "restore_vcpu_bytes",
-    "save_machine",
+    "add_virtio_vsock", "virtio_stats", "set_boot_regs", "get_regs", "save_vcpu",
+    "restore_vcpu_bytes", "save_machine",
     "restore_machine", "save_virtio", "restore_virtio", "save_legacy", "restore_legacy",
     "add_ram_file", "track_dirty", "tracks_dirty", "write_memory", "start", "start_paused",
     "pause", "resume", "stop", "stop_reason", "stats", "thread_count", "next_event",

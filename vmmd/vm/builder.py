@@ -21,7 +21,7 @@ from typing import Any
 
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
-from vmmd.spec import RestoreSpec, VmSpec
+from vmmd.spec import RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm import snapshot
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
@@ -34,7 +34,7 @@ from vmmd.vm.boot.loader import (
     open_boot_file,
     plan_boot,
 )
-from vmmd.vm.devices import block, net
+from vmmd.vm.devices import block, net, vsock
 from vmmd.vm.layout import ram_regions
 from vmmd.vm.snapshot import state
 from vmmd.vm.vm import MemoryFile, Vm
@@ -46,6 +46,7 @@ class Plan:
     boot: BootPlan
     drives: tuple[block.DrivePlan, ...]
     nets: tuple[net.NetPlan, ...]
+    vsock: vsock.VsockPlan | None
     kernel: BootFile  # open while the caller's `files` stack is
     initrd: BootFile | None
 
@@ -60,7 +61,9 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     base = build_cmdline(b.cmdline, b.cmdline_append)
     drives = block.check_drives(spec.drives)
     nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
-    cmdline = append_words(base, *block.cmdline_words(drives, base), *net.cmdline_words(nets))
+    vs = vsock.check_vsock(spec.vsock, first_slot=len(drives) + len(nets))
+    cmdline = append_words(base, *block.cmdline_words(drives, base), *net.cmdline_words(nets),
+                           *vsock.cmdline_words(vs))
     kernel = files.enter_context(open_boot_file(b.kernel_path, KERNEL_PATH))
     initrd = (files.enter_context(open_boot_file(b.initrd_path, INITRD_PATH)) if b.initrd_path
               else None)
@@ -69,40 +72,54 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
     spec = dataclasses.replace(spec, boot=dataclasses.replace(b, cmdline=base, cmdline_append=None),
                                network_interfaces=tuple(n.spec for n in nets))
-    return Plan(spec, boot, drives, nets, kernel, initrd)
-
-
-def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...], images: list[int],
-                    nets: tuple[net.NetPlan, ...], taps: list[net.Tap]) -> None:
-    for d, fd in zip(drives, images, strict=True):
-        native.add_virtio_blk(fd, read_only=d.spec.read_only,
-                              serial=block.serial(d.spec.drive_id), mmio_base=d.mmio_base,
-                              gsi=d.irq)
-    for n, tap in zip(nets, taps):
-        native.add_virtio_net(tap.fd, mac=n.mac, max_frame=tap.max_frame, mmio_base=n.mmio_base,
-                              gsi=n.irq)
+    return Plan(spec, boot, drives, nets, vs, kernel, initrd)
 
 
 @dataclass
 class _Held:
     """What a VM under construction holds on the host: its drive images
-    (open, checked, locked: fds in drive order) and its taps."""
+    (open, checked, locked: fds in drive order), its taps and its vsock
+    listener."""
 
     resources: list[Any]  # closed with the VM
     images: list[int]
     taps: list[net.Tap]
+    listener: vsock.Listener | None
+
+
+def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...],
+                    nets: tuple[net.NetPlan, ...], vs: vsock.VsockPlan | None,
+                    held: _Held) -> None:
+    for d, fd in zip(drives, held.images, strict=True):
+        native.add_virtio_blk(fd, read_only=d.spec.read_only,
+                              serial=block.serial(d.spec.drive_id), mmio_base=d.mmio_base,
+                              gsi=d.irq)
+    for n, tap in zip(nets, held.taps):
+        native.add_virtio_net(tap.fd, mac=n.mac, max_frame=tap.max_frame, mmio_base=n.mmio_base,
+                              gsi=n.irq)
+    if vs is not None and held.listener is not None:
+        native.add_virtio_vsock(held.listener.fd, held.listener.dir_fd,
+                                guest_cid=vs.spec.guest_cid, name=vs.name,
+                                mmio_base=vs.mmio_base, gsi=vs.irq)
 
 
 @contextmanager
-def _resources(drives: tuple[block.DrivePlan, ...],
-               nets: tuple[net.NetPlan, ...]) -> Iterator[_Held]:
-    """Drive images and taps for a VM under construction; released again if
-    the construction fails (the VM's own close() releases them later)."""
+def _resources(drives: tuple[block.DrivePlan, ...], nets: tuple[net.NetPlan, ...],
+               vs: vsock.VsockPlan | None) -> Iterator[_Held]:
+    """Drive images, taps and the vsock listener for a VM under construction;
+    released again if the construction fails (the VM's own close() releases
+    them later; the listener's socket file goes with it)."""
     locks, taps = block.DriveLocks(), net.Taps()
+    listener: vsock.Listener | None = None
     try:
         locks.acquire(drives)
-        yield _Held([locks, taps], locks.fds, taps.open(nets))
+        opened = taps.open(nets)
+        listener = vsock.open_listener(vs)
+        yield _Held([locks, taps] + ([listener] if listener else []), locks.fds, opened,
+                    listener)
     except BaseException:
+        if listener is not None:
+            listener.close()
         taps.close()
         locks.close()
         raise
@@ -133,12 +150,12 @@ def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = Fa
 
 def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
     spec = p.spec
-    with _resources(p.drives, p.nets) as held, _native(kvm_path, factory) as native:
+    with _resources(p.drives, p.nets, p.vsock) as held, _native(kvm_path, factory) as native:
         if spec.track_dirty_pages:
             native.track_dirty()  # before the RAM: its slots are made logging
         for region in p.boot.ram:
             native.add_ram(region.gpa, region.size)
-        _attach_devices(native, p.drives, held.images, p.nets, held.taps)
+        _attach_devices(native, p.drives, p.nets, p.vsock, held)
         native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, p.kernel, p.initrd)
         native.set_boot_regs(0, regs)
@@ -170,18 +187,39 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
                                           create_tap=n.create_tap)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
                                network_interfaces=tuple(new_nets),
+                               vsock=_overridden_vsock(saved, o.vsock),
                                track_dirty_pages=rs.track_dirty_pages,
                                cell=rs.cell, limits=rs.limits)
+
+
+def _overridden_vsock(saved: VmSpec, o: VsockOverride | None) -> VsockSpec | None:
+    """The snapshot's vsock device, with the override's non-empty fields."""
+    if o is None:
+        return saved.vsock
+    if saved.vsock is None:
+        raise InvalidSpecError(("overrides", "vsock"), "the snapshot has no vsock device")
+    return VsockSpec(o.guest_cid or saved.vsock.guest_cid, o.uds_path or saved.vsock.uds_path)
+
+
+def _vsock_term(e: InvalidSpecError, rs: RestoreSpec) -> InvalidSpecError:
+    """A vsock error at the override that set the field, else at snapshot_dir."""
+    o, attr = rs.overrides.vsock, e.path[1] if len(e.path) > 1 else None
+    if o is not None and attr in ("guest_cid", "uds_path") and getattr(o, str(attr)):
+        return e.at(("overrides", "vsock", str(attr)))
+    return InvalidSpecError("snapshot_dir", f"the snapshot's vsock device: {e.problem}")
 
 
 @contextmanager
 def _override_terms(saved: VmSpec, rs: RestoreSpec) -> Iterator[None]:
     """A device error at the spec's (drives, i, attr) is reported at the
     override that put that device there, (overrides, drives, j, attr), or at
-    snapshot_dir for a device as the snapshot itself names it."""
+    snapshot_dir for a device as the snapshot itself names it (vsock: at
+    (overrides, vsock, attr) when the override set attr)."""
     try:
         yield
     except InvalidSpecError as e:
+        if e.path and e.path[0] == "vsock":
+            raise _vsock_term(e, rs) from None
         if len(e.path) < 3 or e.path[0] not in ("drives", "network_interfaces"):
             raise
         kind, i, rest = e.path[0], e.path[1], e.path[2:]
@@ -241,7 +279,8 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
     with _override_terms(saved, rs):
         drives = block.check_drives(spec.drives)
         nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
-    with _override_terms(saved, rs), _resources(drives, nets) as held, \
+        vs = vsock.check_vsock(spec.vsock, first_slot=len(drives) + len(nets))
+    with _override_terms(saved, rs), _resources(drives, nets, vs) as held, \
             _native(kvm_path, native_factory) as native:
         _check_drive_sizes(spec, held.images, sizes)
         if spec.track_dirty_pages:
@@ -250,7 +289,7 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         for r in regions:
             native.add_ram_file(r.gpa, r.size, memory_fd, offset)
             offset += r.size
-        _attach_devices(native, drives, held.images, nets, held.taps)
+        _attach_devices(native, drives, nets, vs, held)
         native.create_vcpus(spec.vcpus, bare=True)
         snapshot.apply_state(native, snap, spec, cache)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,

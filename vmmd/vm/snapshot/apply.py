@@ -19,7 +19,7 @@ from vmmd.native import (
     pack_vcpu,
 )
 from vmmd.spec import VmSpec
-from vmmd.vm.devices import block, net
+from vmmd.vm.devices import block, net, vsock
 from vmmd.vm.snapshot import state
 from vmmd.vm.snapshot.cache import SnapshotCache
 from vmmd.vm.snapshot.files import Snapshot
@@ -28,7 +28,8 @@ from vmmd.vm.snapshot.files import Snapshot
 def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
     """(virtio device id, queues) of each device in attachment order."""
     return ([(block.DEVICE_ID, block.QUEUES)] * len(spec.drives)
-            + [(net.DEVICE_ID, net.QUEUES)] * len(spec.network_interfaces))
+            + [(net.DEVICE_ID, net.QUEUES)] * len(spec.network_interfaces)
+            + [(vsock.DEVICE_ID, vsock.QUEUES)] * (spec.vsock is not None))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import BootSpec, DriveSpec, NetSpec, VmSpec, check_vm_id
+from vmmd.spec import BootSpec, DriveSpec, NetSpec, VmSpec, VsockSpec, check_vm_id
 from vmmd.vm.boot.cmdline import encode_cmdline
 from vmmd.vm.hostfiles import check_path, kind_of
 from vmmd.vm.layout import MAX_VCPUS
@@ -157,7 +157,9 @@ def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
         network_interfaces=[spb.NetworkInterface(iface_id=n.iface_id,
                                                  host_dev_name=n.host_dev_name,
                                                  guest_mac=n.guest_mac or "")
-                            for n in spec.network_interfaces])
+                            for n in spec.network_interfaces],
+        vsock=(spb.Vsock(guest_cid=spec.vsock.guest_cid, uds_path=spec.vsock.uds_path)
+               if spec.vsock else None))
 
 
 def _saved_path(path: str, where: str, *, required: bool) -> None:
@@ -199,5 +201,6 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         drives=tuple(DriveSpec(d.drive_id, d.path_on_host, d.read_only, d.is_root_device)
                      for d in m.drives),
         network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None)
-                                 for n in m.network_interfaces))
+                                 for n in m.network_interfaces),
+        vsock=VsockSpec(m.vsock.guest_cid, m.vsock.uds_path) if m.HasField("vsock") else None)
     return spec, m.cmdline, tuple(d.size_bytes for d in m.drives)
