@@ -262,6 +262,9 @@ static const struct {
 	{ "emufail", mode_emufail },
 	{ "blk", mode_blk },
 	{ "net", mode_net },
+	{ "vsock-echo", mode_vsock_echo },
+	{ "vsock-connect", mode_vsock_connect },
+	{ "vsock-flood", mode_vsock_flood },
 };
 
 int main(const char *cmdline)

@@ -157,6 +157,10 @@ int main(const char *cmdline);
 /* blk.c / net.c: virtio-blk and virtio-net drivers (over virtio.c) and their modes */
 void mode_blk(void);
 void mode_net(void);
+/* vsock.c: virtio-vsock driver and its modes */
+void mode_vsock_echo(void);
+void mode_vsock_connect(void);
+void mode_vsock_flood(void);
 
 /* assembly (entry.S) */
 extern const char mg_ap_tramp_start[], mg_ap_tramp_end[];
