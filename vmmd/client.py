@@ -107,7 +107,7 @@ class Client:
                vcpus: int = 0, memory_mib: int = 0, drives: Sequence[pb.Drive] = (),
                nets: Sequence[pb.NetworkInterface] = (),
                track_dirty_pages: bool = False, cell: str = "",
-               limits: pb.CellLimits | None = None) -> pb.Vm:
+               limits: pb.CellLimits | None = None, vsock: pb.Vsock | None = None) -> pb.Vm:
         """A new VM in CREATED; an empty vm_id lets the daemon choose one.
         0 vcpus / memory_mib mean the daemon's defaults; an empty cell, a
         cell of the VM's own."""
@@ -115,7 +115,7 @@ class Client:
                              cmdline=cmdline or "", cmdline_append=cmdline_append or "")
         config = pb.VmConfig(vcpus=vcpus, memory_mib=memory_mib, boot=boot, drives=drives,
                              network_interfaces=nets, track_dirty_pages=track_dirty_pages,
-                             cell=cell, limits=limits)
+                             cell=cell, limits=limits, vsock=vsock)
         return self._call("CreateVm", pb.CreateVmRequest(vm_id=vm_id, config=config))
 
     def start(self, vm_id: str) -> pb.Vm:

@@ -3,7 +3,9 @@ host -> guest through the listener (Firecracker's CONNECT / OK lines) and
 guest -> host to "<uds_path>_<port>", 64 MiB each way byte for byte, 100
 connections at once, a snapshot with open connections (the restored guest
 hears TRANSPORT_RESET and takes new ones), a refused connect.  In-process VMs
-(shared mode); tests/kvm/test_cells.py runs vsock in a cell."""
+(shared mode), and both ways through a daemon whose VM runs in a cell (the
+jailed worker accepts on the listener the daemon bound and connects relative
+to the directory fd it was passed)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework.console import ConsoleReader
+from tests.framework.daemon import running_daemon
+from vmmd.client import pb
 from vmmd.spec import BootSpec, DeviceOverrides, RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm.builder import build_vm, restore_vm
 from vmmd.vm.vm import Vm
@@ -179,3 +184,44 @@ def test_snapshot_with_open_connections_resets_them(vms: list[Vm], microguests: 
     c = host_connect(new, 9)
     c.sendall(b"after")
     assert recv_exact(c, 5) == b"after"
+
+
+def test_both_ways_from_a_cell(microguests: dict[str, Path], tmp_path: Path) -> None:
+    """The cell's user may connect to what the host opened to it: the
+    directory searchable, the guest's listener writable (as a host gives
+    a jailed Firecracker)."""
+    d = tmp_path / "socks"
+    d.mkdir()
+    d.chmod(0o711)
+    uds = d / "v.sock"
+    n = 8 << 20
+    lis = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lis.bind(f"{uds}.out_6000")  # "out" listens at v.sock.out: its port 6000 is here
+    os.chmod(f"{uds}.out_6000", 0o777)
+    lis.listen(1)
+    lis.settimeout(HANG_S)
+    with running_daemon("--stop-timeout", "1", "--isolation", "cells") as daemon, \
+            daemon.client() as c:
+        c.create("out", str(microguests["64"]), cmdline=f"mg=vsock-flood port=6000 bytes={n}",
+                 memory_mib=64, vsock=pb.Vsock(guest_cid=5, uds_path=f"{uds}.out"))
+        c.create("in", str(microguests["64"]), cmdline="mg=vsock-echo port=80",
+                 memory_mib=64, vsock=pb.Vsock(guest_cid=6, uds_path=str(uds)))
+        assert c.get("out").cell.pid != 0  # a worker of its own: jailed
+        with ConsoleReader(c, "out") as out, ConsoleReader(c, "in") as inn:
+            c.start("out")
+            out.wait(lambda b: b"VSOCK-CONNECTED" in b or b"MG-ERROR" in b, "the guest's connect")
+            assert b"VSOCK-CONNECTED" in out.data, out.data.decode()
+            peer, _ = lis.accept()
+            peer.settimeout(HANG_S)
+            got = recv_exact(peer, n)
+            assert got == pattern(n)
+            out.wait(lambda b: b"VSOCK-DONE" in b, "the guest's DONE")
+            c.start("in")
+            inn.wait(lambda b: b"VSOCK-LISTEN" in b, "the guest listening")
+            s = host_connect(uds, 80)
+            data = os.urandom(1 << 20)
+            threading.Thread(target=s.sendall, args=(data,)).start()
+            assert recv_exact(s, len(data)) == data
+        c.delete("out")
+        c.delete("in")
+    assert not uds.exists()
