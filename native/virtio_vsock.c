@@ -478,9 +478,12 @@ static void guest_request(struct vmm_vsock *vs, const struct hdr *h)
 		owe_rst(vs, h);	/* nobody listens (or no room): the guest's connect fails */
 		return;
 	}
+	/* Counters are free-running: ours start where the guest's fwd_cnt does,
+	 * so nothing is in flight (a REQUEST's fwd_cnt is the guest's to pick). */
 	*c = (struct vmm_vsock_conn){
 		.state = C_OPEN, .fd = fd, .host_port = h->dst_port, .guest_port = h->src_port,
 		.pending = P_RESPONSE, .peer_buf_alloc = h->buf_alloc, .peer_fwd_cnt = h->fwd_cnt,
+		.tx_cnt = h->fwd_cnt,
 	};
 	vs->transport.st.connections++;
 }

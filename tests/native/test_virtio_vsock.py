@@ -214,6 +214,24 @@ def test_host_half_close_reaches_the_guest_as_shutdown(vs: Vsock) -> None:
     assert peer.recv(64) == b"reply"
 
 
+def test_request_with_a_nonzero_fwd_cnt_still_gets_data(vs: Vsock) -> None:
+    """Found by fuzz_virtio_vsock: a REQUEST's fwd_cnt ahead of the device's
+    (zero) send count made every byte look in flight - no credit, ever."""
+    with vs.host_listener(5009) as lis:
+        c = Conn(guest_port=40009, host_port=5009, fwd_cnt=128)
+        vs.g.send_conn(c, OP_REQUEST)
+        vs.g.pump(lambda: bool(vs.g.take(OP_RESPONSE)))
+        peer, _ = lis.accept()
+    peer.sendall(b"data")
+    v = vs.g
+    v.pump(lambda: any(p.op == OP_RW for p in v.pending))
+    [rw] = v.take(OP_RW)
+    assert rw.data == b"data"
+    c.fwd_cnt += 4
+    v.send_conn(c, OP_CREDIT_UPDATE)  # counted from 128 on: accepted
+    assert vs.dev.stats().bad_packets == 0
+
+
 def test_guest_connect_to_nobody_is_reset(vs: Vsock) -> None:
     vs.g.send(OP_REQUEST, 40001, 6000)
     vs.g.pump(lambda: bool(vs.g.pending))
