@@ -46,6 +46,7 @@ HARNESSES = {
     "virtio_net_rx": DEVICES,
     "virtio_mmio": DEVICES + ["bus.c"],
     "state_restore": DEVICES,
+    "virtio_vsock": DEVICES + ["virtio_vsock.c"],
 }
 # ASan's leak check runs after each input (libFuzzer's -detect_leaks, on by default).
 ENV = {"ASAN_OPTIONS": "abort_on_error=1:detect_leaks=1:symbolize=1",
