@@ -34,6 +34,7 @@ def test_vsock_is_announced_and_its_socket_lives_with_the_vm(stub: Stub, kernel:
     assert path.is_socket()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
         c.connect(str(path))  # someone listens
+    assert vm.counters.HasField("vsock") and vm.counters.vsock.connections == 0
     stub.DeleteVm(pb.DeleteVmRequest(vm_id="v"), timeout=HANG_S)
     assert not path.exists()
 

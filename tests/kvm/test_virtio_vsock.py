@@ -151,6 +151,10 @@ def test_hundred_connections_at_once(vms: list[Vm], microguests: dict[str, Path]
     for c in clients:
         c.close()
     wait_for(vm, "VSOCK-CLOSE", 100)
+    counters = vm.counters().vsock
+    assert counters is not None
+    assert (counters.connections, counters.bad_packets, counters.bad_requests) == (100, 0, 0)
+    assert counters.rx_bytes == counters.tx_bytes == 100 * 3000
 
 
 def test_guest_connect_to_nobody_is_refused(vms: list[Vm], microguests: dict[str, Path],

@@ -264,6 +264,7 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
             console_bytes=c.console_bytes, console_dropped=c.console_dropped,
             devices=[pb.DeviceCounters(**dataclasses.asdict(d)) for d in c.devices],
             interfaces=[pb.InterfaceCounters(**dataclasses.asdict(i)) for i in c.interfaces],
+            vsock=pb.VsockCounters(**dataclasses.asdict(c.vsock)) if c.vsock else None,
         ),
         cmdline=info.cmdline,
     )

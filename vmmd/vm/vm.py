@@ -31,6 +31,7 @@ from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
 from vmmd.vm import snapshot
+from vmmd.vm.devices import vsock
 from vmmd.vm.devices.net import interface_counters
 from vmmd.vm.lifecycle import check_verb
 
@@ -322,6 +323,8 @@ class Vm:
             devices = [native.virtio_stats(i) for i in range(first)]
             nets = [native.virtio_stats(first + i)
                     for i in range(len(self.spec.network_interfaces))]
+            nvirtio = first + len(nets)
+            vs = native.virtio_stats(nvirtio) if self.spec.vsock is not None else None
         return VmCounters(
             exits=s.exits, exits_io=s.exits_io, exits_mmio=s.exits_mmio,
             exits_intr=s.exits_intr, exits_other=s.exits_other, unhandled_io=s.unhandled_io,
@@ -331,7 +334,8 @@ class Vm:
                                          v.io_errors, v.bad_chains, v.interrupts)
                           for d, v in zip(self.spec.drives, devices)),
             interfaces=tuple(interface_counters(n, v)
-                             for n, v in zip(self.spec.network_interfaces, nets)))
+                             for n, v in zip(self.spec.network_interfaces, nets)),
+            vsock=vsock.counters(vs) if vs is not None else None)
 
     def drive_stats(self) -> list[VirtioStats]:
         """Counters of each drive, in the spec's order."""

@@ -22,6 +22,8 @@ import stat
 from dataclasses import dataclass
 
 from vmmd.errors import FieldPath, InvalidSpecError, shown
+from vmmd.info import VsockCounters
+from vmmd.native import VirtioStats
 from vmmd.spec import VsockSpec
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.layout import virtio_mmio_slot
@@ -165,3 +167,8 @@ def open_listener(plan: VsockPlan | None) -> Listener | None:
 
 def cmdline_words(plan: VsockPlan | None) -> list[str]:
     return [virtio_mmio_word(plan.mmio_base, plan.irq)] if plan is not None else []
+
+
+def counters(s: VirtioStats) -> VsockCounters:
+    return VsockCounters(s.rx_frames, s.bytes_read, s.tx_frames, s.bytes_written, s.connections,
+                         s.resets, s.io_errors, s.bad_packets, s.bad_chains, s.interrupts)
