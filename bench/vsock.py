@@ -26,6 +26,7 @@ from typing import Any
 from bench.measures import measure
 from bench.proc import RunError
 from tests.framework.guests import build_microguests
+from tests.framework.vsockhost import host_connect, recv_exact
 from vmmd.spec import BootSpec, VmSpec, VsockSpec
 from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import Vm
@@ -51,25 +52,17 @@ def _boot(d: Path, words: str, name: str) -> Vm:
 
 
 def _recv_n(s: socket.socket, n: int) -> None:
-    got = 0
-    while got < n:
-        b = s.recv(1 << 20)
-        if not b:
-            raise RunError(f"EOF after {got} of {n} bytes")
-        got += len(b)
+    try:
+        recv_exact(s, n)
+    except RuntimeError as e:
+        raise RunError(str(e)) from None
 
 
 def _connect(uds: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(TIMEOUT)
-    s.connect(str(uds))
-    s.sendall(f"CONNECT {PORT}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        line += s.recv(1)
-    if not line.startswith(b"OK "):
-        raise RunError(f"CONNECT answered {line!r}")
-    return s
+    try:
+        return host_connect(uds, PORT, TIMEOUT)
+    except RuntimeError as e:
+        raise RunError(str(e)) from None
 
 
 def _echo_mbs(s: socket.socket, n: int) -> float:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.framework import vsockhost
 from tests.framework.console import ConsoleReader
 from tests.framework.daemon import running_daemon
+from tests.framework.vsockhost import recv_exact
 from vmmd.client import pb
 from vmmd.spec import BootSpec, DeviceOverrides, RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm.builder import build_vm, restore_vm
@@ -64,26 +66,7 @@ def boot(vms: list[Vm], kernel: Path, words: str, uds: Path, cid: int = 3) -> Vm
 
 
 def host_connect(uds: Path, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(HANG_S)
-    s.connect(str(uds))
-    s.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        b = s.recv(1)
-        assert b, f"closed after {line!r}"
-        line += b
-    assert line.startswith(b"OK ") and int(line[3:]) >= 1 << 30, line
-    return s
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        b = s.recv(min(1 << 20, n - len(buf)))
-        assert b, f"EOF after {len(buf)} of {n} bytes"
-        buf += b
-    return bytes(buf)
+    return vsockhost.host_connect(uds, port, HANG_S)
 
 
 def test_host_to_guest_64mib_echoed_byte_exact(vms: list[Vm], microguests: dict[str, Path],
