@@ -18,6 +18,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -45,7 +46,10 @@ enum { C_FREE, C_LINE, C_REQUEST, C_OPEN, C_RESET };
 enum { P_REQUEST = 1, P_RESPONSE = 2, P_CREDIT_UPDATE = 4, P_CREDIT_REQUEST = 8,
        P_SHUTDOWN = 16, P_RST = 32 };
 /* epoll tags: the listener, the wake eventfd, connections by index. */
-enum { TAG_LISTEN = 0xffff0001u, TAG_WAKE = 0xffff0002u };
+enum { TAG_LISTEN = 0xffff0001u, TAG_WAKE = 0xffff0002u, TAG_TIMER = 0xffff0003u };
+/* A host client gets this many ticks for its CONNECT line and the guest's
+ * answer to the REQUEST, as Firecracker gives it 2 s: else it is dropped. */
+enum { TICK_MS = 500, CONNECT_TICKS = 4 };
 
 struct hdr {
 	uint64_t src_cid, dst_cid;
@@ -595,7 +599,45 @@ static void tx(struct vmm_vsock *vs)
 		vmm_virtio_signal_used(v, VMM_VSOCK_TXQ);
 }
 
-/* ---- host clients: accept, then the CONNECT line ---- */
+/* ---- host clients: accept, then the CONNECT line, within CONNECT_TICKS ---- */
+static void set_timer(struct vmm_vsock *vs, int on)
+{
+	if (vs->timer_on == on)
+		return;
+	struct itimerspec its = { 0 };
+	if (on)
+		its.it_value = its.it_interval = (struct timespec){ 0, TICK_MS * 1000000L };
+	if (timerfd_settime(vs->timer_fd, 0, &its, NULL) == 0)
+		vs->timer_on = on;
+}
+
+/* A tick: clients still waiting (their line, or the guest's answer) age;
+ * too old, they go (a REQUEST the guest never answered is cancelled by
+ * RST).  The timer runs only while someone waits. */
+static void tick(struct vmm_vsock *vs)
+{
+	uint64_t n;
+	int waiting = 0;
+	if (read(vs->timer_fd, &n, sizeof(n)) < 0) {
+		/* spurious */
+	}
+	for (int i = 0; i < VMM_VSOCK_MAX_CONNS; i++) {
+		struct vmm_vsock_conn *c = &vs->conn[i];
+		if (c->state != C_LINE && c->state != C_REQUEST)
+			continue;
+		if (++c->age < CONNECT_TICKS) {
+			waiting = 1;
+			continue;
+		}
+		vs->transport.st.io_errors++;
+		if (c->state == C_LINE || (c->pending & P_REQUEST))
+			close_conn(vs, c);	/* the guest never heard of it */
+		else
+			reset_conn(vs, c);
+	}
+	set_timer(vs, waiting);
+}
+
 static void accept_clients(struct vmm_vsock *vs)
 {
 	for (int i = 0; i < ACCEPTS_PER_ROUND; i++) {
@@ -610,6 +652,7 @@ static void accept_clients(struct vmm_vsock *vs)
 		}
 		*c = (struct vmm_vsock_conn){ .state = C_LINE, .fd = fd };
 		update_interest(vs, c);
+		set_timer(vs, 1);
 	}
 }
 
@@ -724,6 +767,8 @@ static void backend_ready(struct vmm_virtio *v)
 			if (read(vs->wake_fd, &cnt, sizeof(cnt)) < 0) {
 				/* already drained */
 			}
+		} else if (tag == TAG_TIMER) {
+			tick(vs);
 		} else if (tag < VMM_VSOCK_MAX_CONNS) {
 			conn_event(vs, &vs->conn[tag], evs[i].events);
 		}
@@ -820,7 +865,9 @@ int vmm_vsock_create(const struct vmm_mem *mem, uint64_t guest_cid, int listen_f
 	vs->dir_fd = fcntl(dir_fd, F_DUPFD_CLOEXEC, 0);
 	vs->ep_fd = epoll_create1(EPOLL_CLOEXEC);
 	vs->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	int r = vs->listen_fd < 0 || vs->dir_fd < 0 || vs->ep_fd < 0 || vs->wake_fd < 0 ? -errno : 0;
+	vs->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+	int r = vs->listen_fd < 0 || vs->dir_fd < 0 || vs->ep_fd < 0 || vs->wake_fd < 0 ||
+		vs->timer_fd < 0 ? -errno : 0;
 	/* accept4 must not block: the listener is the broker's, make ours sure */
 	if (!r && fcntl(vs->listen_fd, F_SETFL, fcntl(vs->listen_fd, F_GETFL) | O_NONBLOCK) < 0)
 		r = -errno;
@@ -828,6 +875,8 @@ int vmm_vsock_create(const struct vmm_mem *mem, uint64_t guest_cid, int listen_f
 		r = watch(vs->ep_fd, vs->listen_fd, TAG_LISTEN);
 	if (!r)
 		r = watch(vs->ep_fd, vs->wake_fd, TAG_WAKE);
+	if (!r)
+		r = watch(vs->ep_fd, vs->timer_fd, TAG_TIMER);
 	vmm_virtio_init(&vs->transport, &vsock_ops, vs, mem);
 	if (r) {
 		vmm_vsock_destroy(vs);
@@ -843,7 +892,7 @@ void vmm_vsock_destroy(struct vmm_vsock *vs)
 	if (!vs)
 		return;
 	close_all(vs);
-	int fds[] = { vs->listen_fd, vs->dir_fd, vs->ep_fd, vs->wake_fd };
+	int fds[] = { vs->listen_fd, vs->dir_fd, vs->ep_fd, vs->wake_fd, vs->timer_fd };
 	for (unsigned i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
 		if (fds[i] >= 0)
 			close(fds[i]);

@@ -8,6 +8,10 @@
  *   guest -> host: a REQUEST to CID 2 port P connects to the Unix socket
  *     "<uds_path>_<P>" (relative to the directory fd: see vmm_vsock_create).
  *
+ * A host client has 2 s for its CONNECT line and the guest's answer to the
+ * REQUEST (as Firecracker's connect timeout); then it is closed (and the
+ * guest's half-made connection reset).
+ *
  * Trust: every packet header, length and credit field comes from the guest.
  * A bad packet resets its connection (RST) and is counted (bad_packets); a
  * bad chain (outside RAM, wrong direction, too short) fails the device
@@ -58,6 +62,7 @@ struct vmm_vsock_conn {
 	uint32_t tx_cnt;		/* bytes sent to the guest */
 	char line[VMM_VSOCK_LINE_MAX];	/* the CONNECT line so far */
 	int line_len;
+	uint32_t age;			/* timer ticks spent waiting to be connected */
 };
 
 struct vmm_vsock {
@@ -65,6 +70,7 @@ struct vmm_vsock {
 	uint64_t guest_cid;
 	int listen_fd, dir_fd;		/* the device's own duplicates */
 	int ep_fd, wake_fd;		/* the transport's backend_fd is ep_fd */
+	int timer_fd, timer_on;		/* ticks while host clients wait to connect */
 	char name[VMM_VSOCK_NAME_MAX + 1];	/* uds_path's last component */
 	uint32_t next_port;		/* host ports for host-initiated connections */
 	int rx_wait;			/* some connection waits for RX buffers */

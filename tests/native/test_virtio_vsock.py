@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,31 @@ def test_bad_connect_line_closes_the_client(vs: Vsock, line: bytes) -> None:
     vs.g.pump()
     assert closed(cl)
     assert vs.g.take() == []
+
+
+def test_client_without_a_line_is_dropped_after_2s(vs: Vsock) -> None:
+    cl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    cl.connect(vs.path)
+    cl.sendall(b"CONN")  # and no more
+    t0 = time.monotonic()
+    vs.g.pump(lambda: vs.dev.stats().io_errors == 1, timeout=10)
+    assert 1.5 < time.monotonic() - t0 < 5
+    assert closed(cl)
+    assert vs.g.take() == []
+
+
+def test_request_the_guest_never_answers_is_cancelled_after_2s(vs: Vsock) -> None:
+    cl = vs.client(31)
+    vs.g.pump(lambda: bool(vs.g.pending))
+    [req] = vs.g.take()
+    t0 = time.monotonic()
+    vs.g.pump(lambda: any(p.op == OP_RST for p in vs.g.pending), timeout=10)
+    assert 1.5 < time.monotonic() - t0 < 5
+    [rst] = vs.g.take(OP_RST)
+    assert (rst.src_port, rst.dst_port) == (req.src_port, 31)  # the guest forgets it too
+    assert closed(cl)
+    vs.g.send(OP_RESPONSE, 31, req.src_port)  # too late: answered with RST
+    vs.g.pump(lambda: bool(vs.g.take(OP_RST)))
 
 
 def test_guest_refuses_host_connect(vs: Vsock) -> None:
