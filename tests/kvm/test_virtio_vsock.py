@@ -3,9 +3,9 @@ host -> guest through the listener (Firecracker's CONNECT / OK lines) and
 guest -> host to "<uds_path>_<port>", 64 MiB each way byte for byte, 100
 connections at once, a snapshot with open connections (the restored guest
 hears TRANSPORT_RESET and takes new ones), a refused connect.  In-process VMs
-(shared mode), and both ways through a daemon whose VM runs in a cell (the
+(shared mode), and through a daemon whose VMs run in cells: both ways (the
 jailed worker accepts on the listener the daemon bound and connects relative
-to the directory fd it was passed)."""
+to the directory fd it was passed), and clones of a serving guest."""
 
 from __future__ import annotations
 
@@ -212,3 +212,41 @@ def test_both_ways_from_a_cell(microguests: dict[str, Path], tmp_path: Path) -> 
         c.delete("out")
         c.delete("in")
     assert not uds.exists()
+
+
+def test_clones_in_cells_hear_the_reset_and_serve(microguests: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    """A snapshot of a serving guest with a connection open, cloned twice into
+    cells with a socket and a context id each: every clone hears
+    TRANSPORT_RESET (with its new id) and serves new connections."""
+    d = tmp_path / "socks"
+    d.mkdir()
+    with running_daemon("--stop-timeout", "1", "--isolation", "cells") as daemon, \
+            daemon.client() as c:
+        c.create("orig", str(microguests["64"]), cmdline="mg=vsock-echo port=7", memory_mib=64,
+                 vsock=pb.Vsock(guest_cid=10, uds_path=str(d / "orig")))
+        with ConsoleReader(c, "orig") as con:
+            c.start("orig")
+            con.wait(lambda b: b"VSOCK-LISTEN" in b, "the guest listening")
+            s = host_connect(d / "orig", 7)
+            s.sendall(b"open")
+            assert recv_exact(s, 4) == b"open"
+        c.pause("orig")
+        c.snapshot("orig", str(tmp_path / "snap"))
+        c.delete("orig")
+        assert s.recv(16) == b""
+        each = [pb.DeviceOverrides(vsock=pb.Vsock(guest_cid=20 + k, uds_path=str(d / f"c{k}")))
+                for k in range(2)]
+        vms = c.clone(str(tmp_path / "snap"), 2, id_prefix="c", resume=True, overrides=each)
+        assert [v.cell.pid != 0 for v in vms] == [True, True]
+        for k in range(2):
+            with ConsoleReader(c, f"c-{k}") as con:
+                con.wait(lambda b, k=k: f"VSOCK-RESET n=1 cid={20 + k}".encode() in b,
+                         "the transport reset")
+            s = host_connect(d / f"c{k}", 7)
+            s.sendall(b"clone%d" % k)
+            assert recv_exact(s, 6) == b"clone%d" % k
+            s.close()
+        for k in range(2):
+            c.delete(f"c-{k}")
+    assert sorted(p.name for p in d.iterdir()) == []
