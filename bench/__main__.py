@@ -1,9 +1,10 @@
 """`python -m bench`: run the benchmarks, write build/bench/results.{json,md}, print the table.
 
   --reps N         repetitions of every measure (default: a and in-process 20, b 5, c 3,
-                   blk 3, net 3, api 50, rss 1, rate 1, snap 30, cells 30)
+                   blk 3, net 3, vsock 3, api 50, rss 1, rate 1, snap 30, cells 30)
   --only a,b,c     measures to run (split = the in-process vmmd split; blk = virtio-blk
-                   throughput; net = virtio-net throughput and round trip; api = daemon
+                   throughput; net = virtio-net throughput and round trip; vsock =
+                   virtio-vsock throughput and connection set-up; api = daemon
                    StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
                    snap = restore latency, clone density, snapshot cost; cells = what
                    cells cost against --isolation none; idle = what idle clones cost (100
@@ -37,16 +38,17 @@ from bench import (
     report,
     snapshot,
     targets,
+    vsock,
 )
 from tests.framework import is_pvm_host
 from tests.framework.guests import build_microguests
 
-SECTIONS = ("a", "b", "c", "split", "blk", "net", "api", "rss", "rate", "snap", "cells",
-            "idle")
-DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "api": 50, "rss": 1,
-                "rate": 1, "snap": 30, "cells": 30, "idle": 1}
-QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "net": 1, "api": 10, "rss": 1,
-              "rate": 1, "snap": 10, "cells": 10, "idle": 1}
+SECTIONS = ("a", "b", "c", "split", "blk", "net", "vsock", "api", "rss", "rate", "snap",
+            "cells", "idle")
+DEFAULT_REPS = {"a": 20, "b": 5, "c": 3, "split": 20, "blk": 3, "net": 3, "vsock": 3, "api": 50,
+                "rss": 1, "rate": 1, "snap": 30, "cells": 30, "idle": 1}
+QUICK_REPS = {"a": 5, "b": 2, "c": 1, "split": 5, "blk": 1, "net": 1, "vsock": 1, "api": 10,
+              "rss": 1, "rate": 1, "snap": 10, "cells": 10, "idle": 1}
 EXITS, QUICK_EXITS = 200_000, 50_000
 
 
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "split": lambda: measures.in_process(reps["split"]),
         "blk": lambda: blk.throughput(reps["blk"], cpu, args.quick),
         "net": lambda: net.throughput(reps["net"], cpu, args.quick),
+        "vsock": lambda: vsock.throughput(reps["vsock"], args.quick),
         "api": lambda: daemon.api(reps["api"], None if args.skip_linux else pvm,
                                   args.linux_timeout),
         "rss": lambda: daemon.rss((1, 10, 50)),
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "vmmd, Linux (c)": shlex.join(linux.vmmd()),
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
             "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
-            **blk.commands(cpu), **net.commands(cpu), **daemon.commands(),
+            **blk.commands(cpu), **net.commands(cpu), **vsock.commands(), **daemon.commands(),
             **snapshot.commands(), **cells.commands(), **idle.commands(),
         },
         "results": results,

@@ -7,7 +7,9 @@
  * Measured with strace -f on the KVM tier (boot, pause, snapshot, restore,
  * virtio-blk and -net micro-guests), keeping only what a worker does once
  * Python has imported everything and the broker has passed every fd: no
- * paths are opened, no processes made, no sockets created.
+ * paths are opened, no processes made, no sockets created but virtio-vsock's
+ * Unix stream sockets (connected relative to a directory fd the broker
+ * passed; the jail has no other directory to reach).
  *
  * One line a call: VMM_SYSCALL(name, rule, who needs it and why).  Rules:
  *   ANY		any arguments
@@ -104,3 +106,11 @@ VMM_SYSCALL(recvmsg, ANY, "requests and passed fds from the broker")
 VMM_SYSCALL(sendmsg, ANY, "replies to the broker")
 VMM_SYSCALL(recvfrom, ANY, "Python socket.recv")
 VMM_SYSCALL(sendto, ANY, "Python socket.send")
+
+/* ---- virtio-vsock (virtio_vsock.c): host sockets of the guest's connections ---- */
+VMM_SYSCALL(accept4, ANY, "vsock: host clients on the listener the broker bound")
+VMM_SYSCALL(socket, WHEN(0, 0xffffffff, AF_UNIX), "vsock: a guest connect's Unix socket (no other family)")
+VMM_SYSCALL(connect, ANY, "vsock: a guest connect to <uds>_<port>, a name relative to the cwd")
+VMM_SYSCALL(unshare, WHEN(0, 0xffffffff, CLONE_FS), "vsock: the I/O thread's own cwd (nothing else unshared)")
+VMM_SYSCALL(fchdir, ANY, "vsock: the I/O thread's cwd to the uds directory fd the broker passed")
+VMM_SYSCALL(shutdown, ANY, "vsock: the guest's SHUTDOWN passed on to the host socket")

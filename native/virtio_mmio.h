@@ -22,7 +22,7 @@
 #include "irq.h"
 #include "virtq.h"
 
-#define VMM_VIRTIO_MAX_QUEUES 2
+#define VMM_VIRTIO_MAX_QUEUES 3	/* vsock: RX, TX, event */
 #define VMM_VIRTIO_MMIO_SIZE 0x1000
 #define VMM_VIRTIO_F_VERSION_1 (1ull << 32)
 #define VMM_VIRTIO_F_EVENT_IDX (1ull << 29)

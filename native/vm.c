@@ -21,6 +21,7 @@
 #include "virtio_blk.h"
 #include "virtio_net.h"
 #include "virtio_rng.h"
+#include "virtio_vsock.h"
 #include "vm.h"
 
 #define TSS_ADDR 0xfffbd000ull
@@ -381,6 +382,16 @@ int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio
 	if (!r)
 		r = vmm_rng_create(vm->mem, max_request, &d);
 	return r ? r : attach_virtio(vm, &d->transport, mmio_base, gsi);
+}
+
+int vmm_vm_add_virtio_vsock(struct vmm_vm *vm, uint64_t guest_cid, int listen_fd, int dir_fd,
+			    const char *name, uint64_t mmio_base, uint32_t gsi)
+{
+	struct vmm_vsock *vs;
+	int r = can_add_virtio(vm);
+	if (!r)
+		r = vmm_vsock_create(vm->mem, guest_cid, listen_fd, dir_fd, name, &vs);
+	return r ? r : attach_virtio(vm, &vs->transport, mmio_base, gsi);
 }
 
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out)

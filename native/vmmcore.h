@@ -109,7 +109,10 @@ struct vmm_virtio_stats {
 	uint64_t io_errors;	/* requests answered with an error status */
 	uint64_t bytes_read, bytes_written;
 	uint64_t interrupts;
-	uint64_t rx_frames, tx_frames;	/* net only: to / from the guest */
+	uint64_t rx_frames, tx_frames;	/* net: frames, vsock: packets; to / from the guest */
+	uint64_t bad_packets;	/* vsock: hostile or impossible packets (connection reset) */
+	uint64_t connections;	/* vsock: connections established */
+	uint64_t resets;	/* vsock: RSTs sent to the guest */
 };
 
 /* A virtio-blk device on plain guest memory, without KVM: the native test
@@ -135,6 +138,20 @@ void vmm_virtio_backend_ready(struct vmm_virtio *v);
  * Stats: requests, bytes_read = bytes given to the guest, io_errors = short
  * fills (the host's pool not ready yet). */
 int vmm_virtio_rng_new(struct vmm_mem *mem, uint32_t max_request, struct vmm_virtio **out);
+/* The fd the I/O thread would poll for the device (-1: none). */
+int vmm_virtio_backend_fd(struct vmm_virtio *v);
+/* A virtio-vsock device on plain guest memory (virtio_vsock.h): stream
+ * connections to host Unix sockets.  listen_fd: a listening SOCK_STREAM
+ * Unix socket (host clients write "CONNECT <port>\n"); dir_fd: the directory
+ * holding it (O_DIRECTORY), where a guest connect to host port P goes to
+ * "<name>_<P>"; name: the socket's file name.  The device keeps duplicates
+ * of both fds.  For vsock the stats read: rx_frames / tx_frames = packets
+ * to / from the guest, bytes_read / bytes_written = stream bytes to / from
+ * the guest, io_errors = host-side failures (refused connects, dead
+ * sockets), bad_packets = the guest's packets refused (their connection
+ * reset), connections = connections established, resets = RSTs sent. */
+int vmm_virtio_vsock_new(struct vmm_mem *mem, uint64_t guest_cid, int listen_fd, int dir_fd,
+			 const char *name, struct vmm_virtio **out);
 
 /* ---- the VM (vm.c; running it: lifecycle.c; the vmm_vcpu_* calls: vcpu.c) ---- */
 enum vmm_vm_state {
@@ -207,6 +224,10 @@ int vmm_vm_add_virtio_net(struct vmm_vm *vm, int tap_fd, const uint8_t *mac, uin
  * before start; the device index. */
 int vmm_vm_add_virtio_rng(struct vmm_vm *vm, uint32_t max_request, uint64_t mmio_base,
 			  uint32_t gsi);
+/* A virtio-vsock device (vmm_virtio_vsock_new's arguments); before start.
+ * Returns the device index. */
+int vmm_vm_add_virtio_vsock(struct vmm_vm *vm, uint64_t guest_cid, int listen_fd, int dir_fd,
+			    const char *name, uint64_t mmio_base, uint32_t gsi);
 int vmm_vm_virtio_stats(struct vmm_vm *vm, int idx, struct vmm_virtio_stats *out);
 /* Ctrl-Alt-Del through the i8042 (graceful stop request). */
 int vmm_vm_send_ctrl_alt_del(struct vmm_vm *vm);
@@ -269,7 +290,7 @@ struct vmm_virtio_state {
 	uint32_t device_id, nqueues;
 	uint32_t status, dev_feat_sel, drv_feat_sel, queue_sel, int_status, config_gen;
 	uint64_t driver_features;
-	struct vmm_virtq_state q[2];
+	struct vmm_virtq_state q[3];
 };
 
 struct vmm_legacy_state {	/* the UART and the i8042 */
@@ -361,7 +382,7 @@ int vmm_kvm_clock_flags(const char *kvm_path);
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
  * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-#define VMM_CORE_VERSION 5
+#define VMM_CORE_VERSION 6
 int vmm_core_version(void);
 
 #endif

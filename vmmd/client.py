@@ -108,7 +108,8 @@ class Client:
                nets: Sequence[pb.NetworkInterface] = (),
                track_dirty_pages: bool = False, cell: str = "",
                limits: pb.CellLimits | None = None,
-               entropy: pb.EntropyDevice | None = None, acpi: bool = False) -> pb.Vm:
+               entropy: pb.EntropyDevice | None = None, acpi: bool = False,
+               vsock: pb.Vsock | None = None) -> pb.Vm:
         """A new VM in CREATED; an empty vm_id lets the daemon choose one.
         0 vcpus / memory_mib mean the daemon's defaults; an empty cell, a
         cell of the VM's own; entropy given: the VM has an entropy device."""
@@ -116,7 +117,8 @@ class Client:
                              cmdline=cmdline or "", cmdline_append=cmdline_append or "")
         config = pb.VmConfig(vcpus=vcpus, memory_mib=memory_mib, boot=boot, drives=drives,
                              network_interfaces=nets, track_dirty_pages=track_dirty_pages,
-                             cell=cell, limits=limits, entropy=entropy, acpi=acpi)
+                             cell=cell, limits=limits, entropy=entropy, acpi=acpi,
+                             vsock=vsock)
         return self._call("CreateVm", pb.CreateVmRequest(vm_id=vm_id, config=config))
 
     def start(self, vm_id: str) -> pb.Vm:

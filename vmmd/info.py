@@ -67,6 +67,20 @@ class InterfaceCounters:
 
 
 @dataclass(frozen=True)
+class VsockCounters:
+    rx_packets: int
+    rx_bytes: int
+    tx_packets: int
+    tx_bytes: int
+    connections: int
+    resets: int
+    io_errors: int
+    bad_packets: int
+    bad_requests: int
+    interrupts: int
+
+
+@dataclass(frozen=True)
 class VmCounters:
     exits: int = 0
     exits_io: int = 0
@@ -80,6 +94,7 @@ class VmCounters:
     devices: tuple[DeviceCounters, ...] = ()
     interfaces: tuple[InterfaceCounters, ...] = ()
     entropy: DeviceCounters | None = None
+    vsock: VsockCounters | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from vmmd.budget import BudgetInfo, MemoryBudget
 from vmmd.cell.cells import Lease, Placement, SharedPlacement
 from vmmd.errors import (
     AlreadyExistsError,
+    FieldPath,
     InvalidSpecError,
     NotFoundError,
     ResourceExhaustedError,
@@ -80,6 +81,14 @@ class VmEntry:
                       cell=self.lease.info() if self.lease is not None else None)
 
 
+def _cid_field(rs: RestoreSpec, clone: int | None) -> FieldPath:
+    """Where a restored VM's context id came from: the override, else the snapshot."""
+    o = rs.overrides.vsock
+    field: FieldPath = (("overrides", "vsock", "guest_cid") if o is not None and o.guest_cid
+                        else ("snapshot_dir",))
+    return field if clone is None or field[0] == "snapshot_dir" else ("clones", clone, *field)
+
+
 class Manager:
     def __init__(self, *, kvm_path: str = "/dev/kvm", max_vms: int = DEFAULT_MAX_VMS,
                  memory_budget: int | None = None,
@@ -94,6 +103,7 @@ class Manager:
         self.snapshots = snapshot.SnapshotCache()  # checked snapshots, for repeated restores
         self._lock = threading.Lock()
         self._vms: dict[str, VmEntry | object] = {}
+        self._cids: dict[int, str] = {}  # vsock context ids in use -> the VM's id
         self.events = EventHub()
         self._closing = threading.Event()  # shutdown(): graceful waits end
         self.log = get_logger(__name__)
@@ -111,6 +121,26 @@ class Manager:
                     f"{len(vm_ids)} more asked for)")
             for vm_id in vm_ids:
                 self._vms[vm_id] = _RESERVED
+
+    def _claim_cids(self, vms: list[Vm], fields: list[FieldPath]) -> None:
+        """The VMs' vsock context ids, unique in the daemon: all claimed, or
+        none (InvalidSpecError at that VM's field).  Claimed once the VMs
+        are built: of two concurrent requests for one id, the later fails."""
+        with self._lock:
+            taken = dict(self._cids)
+            for vm, field in zip(vms, fields, strict=True):
+                v = vm.spec.vsock
+                if v is None:
+                    continue
+                if v.guest_cid in taken:
+                    raise InvalidSpecError(field, f"context id {v.guest_cid} is VM "
+                                                  f"{quoted(taken[v.guest_cid])}'s already")
+                taken[v.guest_cid] = vm.spec.vm_id
+            self._cids = taken
+
+    def _release_cids(self, *vm_ids: str) -> None:
+        with self._lock:
+            self._cids = {c: v for c, v in self._cids.items() if v not in vm_ids}
 
     def _unreserve(self, *vm_ids: str) -> None:
         with self._lock:
@@ -180,6 +210,11 @@ class Manager:
             memory = self.memory.reserve(spec.mem_bytes)
             lease = self.placement.acquire(spec.cell, spec.limits, spec.vm_id, spec.mem_bytes)
             vm = build_vm(spec, kvm_path=self._kvm_path, native_factory=lease.factory)
+            try:
+                self._claim_cids([vm], [("vsock", "guest_cid")])
+            except BaseException:
+                vm.close()
+                raise
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -227,9 +262,12 @@ class Manager:
                         if not clones or e.path[0] == "snapshot_dir":
                             raise
                         raise e.within("clones", k) from None
+            self._claim_cids(vms, [_cid_field(rs, k if clones else None)
+                                   for k, rs in enumerate(specs)])
             for vm in vms:
                 vm.start_restored(paused=not resume)
         except BaseException:
+            self._release_cids(*ids)
             for vm in vms:
                 vm.close()
             for lease in leases:
@@ -310,6 +348,7 @@ class Manager:
             self.memory.release(entry.memory_bytes)
             with self._lock:
                 del self._vms[vm_id]
+            self._release_cids(vm_id)
         self._publish(entry, EventKind.DELETED)
 
     def console_input(self, vm_id: str, data: bytes) -> int:

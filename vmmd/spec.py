@@ -3,7 +3,7 @@
 The API and CLI layers convert their input into a VmSpec; the builder
 consumes it.  The specs mirror the API's messages field for field, names
 included (VmSpec ~ VmConfig plus vm_id, BootSpec ~ BootSource, DriveSpec ~
-Drive, NetSpec ~ NetworkInterface, CellLimits ~ CellLimits, RestoreSpec ~
+Drive, NetSpec ~ NetworkInterface, VsockSpec ~ Vsock, CellLimits ~ CellLimits, RestoreSpec ~
 RestoreVmRequest): an error's field path (errors.InvalidSpecError.path) is
 then the API's path as it is, with only the request's own prefix
 ("config") added at the edge.
@@ -60,6 +60,16 @@ class NetSpec:
     netns: str = ""
 
 
+@dataclass(frozen=True)
+class VsockSpec:
+    """A virtio-vsock device: the guest's context id and the Unix socket the
+    daemon listens on for host clients (guest connects to host port P go to
+    "<uds_path>_<P>")."""
+
+    guest_cid: int
+    uds_path: str
+
+
 # Cell limits (CellLimits), each 0 (no limit) or within these bounds.
 # cpu: cgroup v2 takes a quota of at least 1 ms per period, and the default
 # period is 100 ms, so 1% of a core is the smallest quota a cell can get
@@ -109,6 +119,7 @@ class VmSpec:
     # ACPI tables (and the VMGenID device); the guest then finds its virtio
     # devices there, not on the command line (docs/machine.md).
     acpi: bool = False
+    vsock: VsockSpec | None = None
     # Where the VM runs, not what it is (neither is in a snapshot): the cell
     # ("" = one of its own) and that cell's limits.
     cell: str = ""
@@ -179,9 +190,19 @@ class NetOverride:
 
 
 @dataclass(frozen=True)
+class VsockOverride:
+    """At restore: the snapshot's vsock device listens at `uds_path` ("": the
+    snapshot's) and has context id `guest_cid` (0: the snapshot's)."""
+
+    guest_cid: int = 0
+    uds_path: str = ""
+
+
+@dataclass(frozen=True)
 class DeviceOverrides:
     drives: tuple[DriveOverride, ...] = ()
     network_interfaces: tuple[NetOverride, ...] = ()
+    vsock: VsockOverride | None = None
 
 
 @dataclass(frozen=True)

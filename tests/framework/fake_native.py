@@ -65,8 +65,10 @@ CONSOLE_RING = 256 * 1024  # the C core keeps this much console history
 MAX_VCPUS = 32
 MAX_VIRTIO = 19
 VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_RNG = 1, 2, 4
+VIRTIO_ID_VSOCK = 19
 # Each kind's virtio device id and queues, as the C devices have them.
-KINDS = {"blk": (VIRTIO_ID_BLOCK, 1), "net": (VIRTIO_ID_NET, 2), "rng": (VIRTIO_ID_RNG, 1)}
+KINDS = {"blk": (VIRTIO_ID_BLOCK, 1), "net": (VIRTIO_ID_NET, 2), "rng": (VIRTIO_ID_RNG, 1),
+         "vsock": (VIRTIO_ID_VSOCK, 3)}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -101,12 +103,13 @@ class RamRegion:
 
 @dataclass
 class FakeDevice:
-    kind: str  # "blk" | "net" | "rng"
-    fd: int  # blk: our duplicate of the image; net: the caller's tap fd; rng: -1
+    kind: str  # "blk" | "net" | "rng" | "vsock"
+    fd: int  # blk: our duplicate of the image; net: the caller's tap fd; rng: -1; vsock: our
+    # listener dup
     mmio_base: int
     gsi: int
     options: dict[str, Any]
-    stats: VirtioStats = field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0))
+    stats: VirtioStats = field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
     state: VirtioState | None = None
 
 
@@ -227,7 +230,8 @@ class FakeNativeVm:
     def _fds(self) -> list[int]:
         fds = [self._efd, self._console_fd]
         fds += [r.fd for r in self.ram if r.fd >= 0]
-        fds += [d.fd for d in self.devices if d.kind == "blk"]
+        fds += [d.fd for d in self.devices if d.kind in ("blk", "vsock")]
+        fds += [d.options["dir_fd"] for d in self.devices if d.kind == "vsock"]
         return fds
 
     # ---- construction ----
@@ -297,6 +301,16 @@ class FakeNativeVm:
                 _raise(errno.EINVAL, "attach entropy device")
             self.devices.append(FakeDevice("rng", -1, mmio_base, gsi,
                                            {"max_request": max_request}))
+
+    def add_virtio_vsock(self, listen_fd: int, dir_fd: int, *, guest_cid: int, name: str,
+                         mmio_base: int, gsi: int) -> int:
+        if not 3 <= guest_cid <= 0xFFFF_FFFE or not name or "/" in name:
+            _raise(errno.EINVAL, "attach vsock device")
+        with self._lock:
+            self._check_virtio("attach vsock device")
+            self.devices.append(FakeDevice("vsock", os.dup(listen_fd), mmio_base, gsi,
+                                           {"guest_cid": guest_cid, "name": name,
+                                            "dir_fd": os.dup(dir_fd)}))
             return len(self.devices) - 1
 
     @_op
@@ -504,8 +518,8 @@ class FakeNativeVm:
 
     @_op
     def restore_virtio(self, idx: int, s: VirtioState) -> None:
-        if len(s.queues) > 2:
-            raise ValueError(f"{len(s.queues)} queues, at most 2")
+        if len(s.queues) > 3:
+            raise ValueError(f"{len(s.queues)} queues, at most 3")
         with self._lock:
             d = self._device(idx, f"restore device {idx}")
             self._created(f"restore device {idx}")

@@ -15,9 +15,11 @@ writing GUEST_TEXT to the UART, then cli; hlt.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -29,6 +31,7 @@ JAIL_UID = JAIL_GID = 200123
 GUEST_TEXT = b"JAIL-OK\n"
 GUEST_ENTRY = 0x200000
 RAM = 4 << 20
+LIBC = ctypes.CDLL(None)  # before the jail: loading a library opens files
 KEXEC_LOAD = 246  # x86-64; never on the allowlist
 
 
@@ -99,6 +102,12 @@ def main() -> None:
         found["mapped"] = len(mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC))
     elif step == "fork":
         found["forked"] = os.fork()
+    elif step == "unix-socket":  # virtio-vsock's host sockets: AF_UNIX only
+        # libc's socket(), as the C core calls it (Python's socket object
+        # also asks getsockname, which the worker never needs)
+        found["unix"] = LIBC.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0) >= 0
+    elif step == "inet-socket":
+        found["inet"] = LIBC.socket(socket.AF_INET, socket.SOCK_STREAM, 0)
     elif step == "ptrace":
         found["ptrace"] = testhooks.ptrace_attach(int(arg))
     print(json.dumps(found), flush=True)

@@ -32,6 +32,7 @@ SETUP_INIT = 1
 # Where a seed puts queue q's structures (size <= 16) and its buffers.
 QSIZE = 8
 RINGS = [(0x000, 0x080, 0x0A0), (0x100, 0x180, 0x1A0)]
+MAX_QUEUES = 3  # VMM_VIRTIO_MAX_QUEUES: fuzz.h's setup and struct vmm_virtio_state have this many
 HEAP = 0x200
 
 
@@ -83,8 +84,8 @@ class Ram:
 
 def setup(features: int, nq: int, flags: int = SETUP_INIT, size: int = QSIZE) -> bytes:
     out = struct.pack("<BII", flags, features & 0xFFFFFFFF, features >> 32)
-    for q in range(2):
-        desc, avail, used = RINGS[q]
+    for q in range(MAX_QUEUES):
+        desc, avail, used = RINGS[q] if q < len(RINGS) else (0, 0, 0)
         out += struct.pack("<HIII", size if q < nq else 0, desc, avail, used)
     return out
 
@@ -277,6 +278,7 @@ def gen_mmio() -> None:
     net = struct.pack("<BII", SETUP_INIT, NET_FEATURES & 0xFFFFFFFF, NET_FEATURES >> 32)
     for q in range(2):
         net += struct.pack("<HIII", QSIZE, 0x400 + 0x100 * q, 0x480 + 0x100 * q, 0x4A0 + 0x100 * q)
+    net += struct.pack("<HIII", 0, 0, 0, 0) * (MAX_QUEUES - 2)
     r = Ram()
     r.put(0x800, struct.pack("<IIQ", T_IN, 0, 0))
     r.chain(0, 0, [(0x800, 16, False), (0x900, 512, True), (0xB00, 1, True)])
@@ -288,6 +290,38 @@ def gen_mmio() -> None:
     write("virtio_mmio", "no-init", bytes([0]) + blk + net + ops(*m_ops[::3]) + bytes(r.b))
 
 
+# ---- vsock: the RX queue at RINGS[0], TX at RINGS[1], events at EV_RINGS ----
+EV_RINGS = (0x2C00, 0x2C80, 0x2CA0)
+VSOCK_HDR = struct.Struct("<QQIIIHHIII")
+VS_RW, VS_REQUEST, VS_CREDIT_UPDATE, VS_SHUTDOWN = 5, 1, 6, 4
+
+
+def vsock_packet(op: int, src_port: int, dst_port: int, payload: bytes = b"",
+                 flags: int = 0) -> bytes:
+    return VSOCK_HDR.pack(3, 2, src_port, dst_port, len(payload), 1, op, flags, 65536,
+                          0) + payload
+
+
+def gen_vsock() -> None:
+    out = struct.pack("<BII", SETUP_INIT, VERSION_1 & 0xFFFFFFFF, VERSION_1 >> 32)
+    for desc, avail, used in (RINGS[0], RINGS[1], EV_RINGS):
+        out += struct.pack("<HIII", QSIZE, desc, avail, used)
+    r = Ram()
+    rxh = [r.chain(0, k, [(r.alloc(44 + 256), 44 + 256, True)]) for k in range(4)]
+    r.publish(0, rxh)
+    pkts = [vsock_packet(VS_REQUEST, 5000, 1000), vsock_packet(VS_RW, 5000, 1000, b"x" * 32),
+            vsock_packet(VS_CREDIT_UPDATE, 5000, 1000),
+            vsock_packet(VS_SHUTDOWN, 5000, 1000, flags=3)]
+    txh = [r.chain(1, k, [(r.alloc(len(p), p), len(p), False)]) for k, p in enumerate(pkts)]
+    r.publish(1, txh)
+    notify_tx, backend = (OP_NOTIFY, 1, 0, 0), (OP_BACKEND, 0, 0, 0)
+    host = [(OP_FRAME, 0, 0, 1000), backend, (OP_FRAME, 2, 0, 100), backend]
+    write("virtio_vsock", "guest-connects", out + ops(notify_tx, backend, *host, notify_tx)
+          + bytes(r.b))
+    write("virtio_vsock", "host-connects", out + ops(*host, (OP_NOTIFY, 0, 0, 0), backend)
+          + bytes(r.b))
+
+
 # ---- snapshot state ----
 def state(device_id: int, nq: int, status: int, features: int,
           queues: list[tuple[int, int, int, int, int, int, int, int]],
@@ -295,12 +329,12 @@ def state(device_id: int, nq: int, status: int, features: int,
     """queues: (desc, avail, used, size, last_avail, used_idx, ready, event_idx);
     signalled_used is used_idx unless given."""
     out = struct.pack("<8IQ", device_id, nq, status, 1, 1, 0, 0, 0, features)
-    for q in range(2):
+    for q in range(MAX_QUEUES):
         desc, avail, used, size, last, used_idx, ready, evt = queues[q] if q < len(queues) else (0,) * 8
         sig = used_idx if signalled is None else signalled
         out += struct.pack("<3Q4H4B4x", desc, avail, used, size, last, used_idx, sig, ready,
                            evt, 0, 0)
-    assert len(out) == 120
+    assert len(out) == 40 + 40 * MAX_QUEUES
     return out
 
 
@@ -368,6 +402,7 @@ def main() -> None:
     gen_net()
     gen_mmio()
     gen_restore()
+    gen_vsock()
     gen_crashes()
     for d in sorted(CORPUS.iterdir()):
         files = list(d.iterdir())

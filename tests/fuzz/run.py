@@ -47,6 +47,7 @@ HARNESSES = {
     "virtio_rng": DEVICES,
     "virtio_mmio": DEVICES + ["bus.c"],
     "state_restore": DEVICES,
+    "virtio_vsock": DEVICES + ["virtio_vsock.c"],
 }
 # ASan's leak check runs after each input (libFuzzer's -detect_leaks, on by default).
 ENV = {"ASAN_OPTIONS": "abort_on_error=1:detect_leaks=1:symbolize=1",

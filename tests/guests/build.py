@@ -34,12 +34,13 @@ REPO = HERE.parent.parent
 DEFAULT_OUT = REPO / "build" / "guests"
 
 SOURCES = ("mg.h", "virtio.h", "entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c", "rng.c",
+           "vsock.c",
            "link.ld")
 # The virtio-mmio register table is the device's (native/), included from
 # there so guest and device cannot disagree; an input like the sources above.
 NATIVE = REPO / "native"
 SHARED_HEADERS = (NATIVE / "virtio_mmio_regs.h",)
-COMPILE_UNITS = ("entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c", "rng.c")
+COMPILE_UNITS = ("entry.S", "rt.c", "main.c", "virtio.c", "blk.c", "net.c", "rng.c", "vsock.c")
 LINKER_SCRIPT = "link.ld"
 
 # Required flags, then the ones that keep gcc from emitting anything a

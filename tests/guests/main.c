@@ -345,6 +345,9 @@ static const struct {
 	{ "net", mode_net },
 	{ "rng", mode_rng },
 	{ "genid", mode_genid },
+	{ "vsock-echo", mode_vsock_echo },
+	{ "vsock-connect", mode_vsock_connect },
+	{ "vsock-flood", mode_vsock_flood },
 };
 
 int main(const char *cmdline)

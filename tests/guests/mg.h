@@ -158,6 +158,10 @@ int main(const char *cmdline);
 void mode_blk(void);
 void mode_net(void);
 void mode_rng(void);
+/* vsock.c: virtio-vsock driver and its modes */
+void mode_vsock_echo(void);
+void mode_vsock_connect(void);
+void mode_vsock_flood(void);
 
 /* assembly (entry.S) */
 extern const char mg_ap_tramp_start[], mg_ap_tramp_end[];

@@ -88,16 +88,17 @@ def test_the_msr_pair_matches_its_message() -> None:
 def test_counters_have_one_shape() -> None:
     """The C core's counters, the values the manager hands the API, and the API's messages.
     The API leaves out exits_hlt (no HLT exits with an in-kernel LAPIC) and events_dropped
-    (an internal health figure, logged); it adds the per-device lists and the entropy
-    device's counters (a DeviceCounters, filled as a drive's)."""
+    (an internal health figure, logged); it adds the per-device lists, the entropy
+    device's counters (a DeviceCounters, filled as a drive's) and vsock's."""
     assert c_fields("struct vmm_vm_stats") == dc_fields(VmStats)
     api = dc_fields(info.VmCounters)
     assert (dc_fields(VmStats) - {"exits_hlt", "events_dropped"}
-            == api - {"devices", "interfaces", "entropy"})
+            == api - {"devices", "interfaces", "entropy", "vsock"})
     assert api == pb_fields(pb.VmCounters)
     assert c_fields("struct vmm_virtio_stats") == dc_fields(VirtioStats)
     assert dc_fields(info.DeviceCounters) == pb_fields(pb.DeviceCounters)
     assert dc_fields(info.InterfaceCounters) == pb_fields(pb.InterfaceCounters)
+    assert dc_fields(info.VsockCounters) == pb_fields(pb.VsockCounters)
     # What the device counts, as each API message names it (vm/vm.py and devices/net.py).
     drive_from = {"requests": "requests", "bytes_read": "bytes_read",
                   "bytes_written": "bytes_written", "io_errors": "io_errors",

@@ -30,6 +30,8 @@ from vmmd.spec import (
     NetSpec,
     RestoreSpec,
     VmSpec,
+    VsockOverride,
+    VsockSpec,
     check_cell_name,
     check_limits,
     check_vm_id,
@@ -149,6 +151,8 @@ def spec_from_create(req: pb.CreateVmRequest, vm_id: str) -> VmSpec:
         acpi=cfg.acpi,
         cell=check_cell_name(cfg.cell),
         limits=limits_from_proto(cfg.limits),
+        vsock=(VsockSpec(cfg.vsock.guest_cid, _absolute(cfg.vsock.uds_path, ("vsock", "uds_path")))
+               if cfg.HasField("vsock") else None),
     )
 
 
@@ -159,7 +163,10 @@ def _overrides(o: pb.DeviceOverrides) -> DeviceOverrides:
         drives=tuple(DriveOverride(d.drive_id, d.path_on_host) for d in o.drives),
         network_interfaces=tuple(NetOverride(n.iface_id, n.host_dev_name, n.create_tap,
                                              n.guest_mac, n.netns)
-                                 for n in o.network_interfaces))
+                                 for n in o.network_interfaces),
+        vsock=(VsockOverride(o.vsock.guest_cid,
+                             _absolute(o.vsock.uds_path, ("overrides", "vsock", "uds_path")))
+               if o.HasField("vsock") else None))
 
 
 def restore_spec(req: pb.RestoreVmRequest, vm_id: str) -> RestoreSpec:
@@ -242,6 +249,8 @@ def config_to_proto(spec: VmSpec) -> pb.VmConfig:
         entropy=(pb.EntropyDevice(max_request_bytes=spec.entropy.max_request_bytes)
                  if spec.entropy is not None else None),
         cell=spec.cell, limits=limits_to_proto(spec.limits),
+        vsock=(pb.Vsock(guest_cid=spec.vsock.guest_cid, uds_path=spec.vsock.uds_path)
+               if spec.vsock else None),
     )
 
 
@@ -267,6 +276,7 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
             interfaces=[pb.InterfaceCounters(**dataclasses.asdict(i)) for i in c.interfaces],
             entropy=(pb.DeviceCounters(**dataclasses.asdict(c.entropy))
                      if c.entropy is not None else None),
+            vsock=pb.VsockCounters(**dataclasses.asdict(c.vsock)) if c.vsock else None,
         ),
         cmdline=info.cmdline,
     )

@@ -238,6 +238,11 @@ class RemoteNativeVm:
         return self._int("add_virtio_rng", max_request=max_request, mmio_base=mmio_base,
                          gsi=gsi)
 
+    def add_virtio_vsock(self, listen_fd: int, dir_fd: int, *, guest_cid: int, name: str,
+                         mmio_base: int, gsi: int) -> int:
+        return self._int("add_virtio_vsock", wire.Fd(listen_fd), wire.Fd(dir_fd),
+                         guest_cid=guest_cid, name=name, mmio_base=mmio_base, gsi=gsi)
+
     def set_boot_regs(self, idx: int, regs: Any) -> None:
         self._unit("set_boot_regs", idx, regs)
 

@@ -26,7 +26,7 @@ from vmmd.native import NativeVm
 # The methods a VM has on the wire: NativeVm's, called with the same args.
 METHODS: frozenset[str] = frozenset({
     "add_ram", "write", "load_file", "read", "create_vcpus", "add_virtio_blk", "add_virtio_net",
-    "add_virtio_rng",
+    "add_virtio_rng", "add_virtio_vsock",
     "virtio_stats", "set_boot_regs", "get_regs", "save_vcpu", "restore_vcpu_bytes",
     "save_machine",
     "restore_machine", "save_virtio", "restore_virtio", "save_legacy", "restore_legacy",

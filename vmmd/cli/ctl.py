@@ -60,14 +60,16 @@ def _net_arg(text: str) -> NetSpec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _devices(args: argparse.Namespace) -> dict[str, list]:
-    """--drive / --net as API messages, numbered in order (drive0, net0, ...)."""
-    return {
-        "drives": [convert.drive_to_proto(dataclasses.replace(d, drive_id=f"drive{i}"))
-                   for i, d in enumerate(args.drive)],
-        "nets": [convert.net_to_proto(dataclasses.replace(n, iface_id=f"net{i}"))
-                 for i, n in enumerate(args.net)],
-    }
+def _drives(args: argparse.Namespace) -> list[pb.Drive]:
+    """--drive as API messages, numbered in order (drive0, drive1, ...)."""
+    return [convert.drive_to_proto(dataclasses.replace(d, drive_id=f"drive{i}"))
+            for i, d in enumerate(args.drive)]
+
+
+def _nets(args: argparse.Namespace) -> list[pb.NetworkInterface]:
+    """--net as API messages, numbered in order (net0, net1, ...)."""
+    return [convert.net_to_proto(dataclasses.replace(n, iface_id=f"net{i}"))
+            for i, n in enumerate(args.net)]
 
 
 def _pair(text: str, what: str) -> tuple[str, str]:
@@ -323,7 +325,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
         show_vms(args, [client.create(args.id, args.kernel, initrd=args.initrd,
                                       cmdline=args.cmdline, cmdline_append=args.append,
                                       vcpus=args.vcpus, memory_mib=args.mem_mib,
-                                      track_dirty_pages=args.track_dirty, **_devices(args),
+                                      track_dirty_pages=args.track_dirty,
+                                      drives=_drives(args), nets=_nets(args),
                                       acpi=args.acpi, cell=args.cell, limits=_limits(args),
                                       entropy=pb.EntropyDevice() if args.entropy else None)])
     elif cmd == "snapshot":

@@ -42,7 +42,14 @@ from vmmd.native.state import (
     VirtioState,
     pack_vcpu,
 )
-from vmmd.native.testing import GuestMemory, VirtioBlock, VirtioDevice, VirtioNet, VirtioRng
+from vmmd.native.testing import (
+    GuestMemory,
+    VirtioBlock,
+    VirtioDevice,
+    VirtioNet,
+    VirtioRng,
+    VirtioVsock,
+)
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats
 from vmmd.native.vm import NativeVm, kvm_api_version, kvm_clock_flags
 
@@ -51,7 +58,7 @@ __all__ = [
     "MAX_CPUID", "MAX_MSRS", "SECCOMP_EXIT", "VCPU_BLOBS", "CpuidEntry", "Event", "EventType",
     "GuestMemory", "LegacyState", "MachineState", "NativeVm", "PackedVcpu", "QueueState",
     "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice", "VirtioNet",
-    "VirtioRng", "VirtioState", "VirtioStats", "VmStats", "check", "enter_jail", "install_seccomp",
-    "kvm_api_version", "kvm_clock_flags", "pack_vcpu", "parse_seccomp_report",
+    "VirtioRng", "VirtioState", "VirtioStats", "VirtioVsock", "VmStats", "check", "enter_jail",
+    "install_seccomp", "kvm_api_version", "kvm_clock_flags", "pack_vcpu", "parse_seccomp_report",
     "seccomp_allowlist", "syscall_name",
 ]  # fmt: skip

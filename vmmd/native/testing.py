@@ -124,3 +124,23 @@ class VirtioNet(VirtioDevice):
     def rx(self) -> None:
         """What the I/O thread does when the tap is readable."""
         lib.vmm_virtio_backend_ready(self._dev)
+
+
+class VirtioVsock(VirtioDevice):
+    """virtio-vsock: host clients through the listening Unix socket listen_fd,
+    guest connects to "<name>_<port>" in the directory open as dir_fd (the
+    device keeps duplicates of both)."""
+
+    def __init__(self, mem: GuestMemory, listen_fd: int, dir_fd: int, guest_cid: int,
+                 name: str) -> None:
+        super().__init__(mem, _new_device("create virtio-vsock", lib.vmm_virtio_vsock_new,
+                                          mem.handle, guest_cid, listen_fd, dir_fd,
+                                          name.encode()))
+
+    def backend_fd(self) -> int:
+        """The device's epoll fd: readable when a host socket wants serving."""
+        return int(lib.vmm_virtio_backend_fd(self._dev))
+
+    def poll(self) -> None:
+        """What the I/O thread does when backend_fd() is readable."""
+        lib.vmm_virtio_backend_ready(self._dev)

@@ -73,6 +73,9 @@ class VirtioStats:
     interrupts: int
     rx_frames: int
     tx_frames: int
+    bad_packets: int
+    connections: int
+    resets: int
 
 
 def virtio_stats_of(c: Any) -> VirtioStats:

@@ -120,6 +120,16 @@ class NativeVm:
         return check(lib.vmm_vm_add_virtio_rng(self._vm, max_request, mmio_base, gsi),
                      "attach entropy device")
 
+    def add_virtio_vsock(self, listen_fd: int, dir_fd: int, *, guest_cid: int, name: str,
+                         mmio_base: int, gsi: int) -> int:
+        """Attach a virtio-vsock device: host clients come through the listening
+        Unix socket listen_fd, guest connects to host port P go to "<name>_<P>"
+        in the directory open as dir_fd (the device keeps duplicates of both);
+        its device index."""
+        return check(lib.vmm_vm_add_virtio_vsock(self._vm, guest_cid, listen_fd, dir_fd,
+                                                 name.encode(), mmio_base, gsi),
+                     "attach vsock device")
+
     def virtio_stats(self, idx: int) -> VirtioStats:
         s = ffi.new("struct vmm_virtio_stats *")
         check(lib.vmm_vm_virtio_stats(self._vm, idx, s), f"read device {idx} stats")
@@ -184,8 +194,8 @@ class NativeVm:
         return VirtioState(**scalars(c, VirtioState), queues=queues)
 
     def restore_virtio(self, idx: int, s: VirtioState) -> None:
-        if len(s.queues) > 2:
-            raise ValueError(f"{len(s.queues)} queues, at most 2")
+        if len(s.queues) > 3:
+            raise ValueError(f"{len(s.queues)} queues, at most 3")
         c = ffi.new("struct vmm_virtio_state *")
         set_scalars(c, s)
         c.nqueues = len(s.queues)

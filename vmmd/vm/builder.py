@@ -23,7 +23,7 @@ from typing import Any
 
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
-from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec
+from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm import snapshot
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
@@ -36,7 +36,7 @@ from vmmd.vm.boot.loader import (
     open_boot_file,
     plan_boot,
 )
-from vmmd.vm.devices import block, net, rng, vmgenid
+from vmmd.vm.devices import block, net, rng, vmgenid, vsock
 from vmmd.vm.layout import VIRTIO_MMIO_SLOT_SIZE, Region, ram_regions
 from vmmd.vm.snapshot import state
 from vmmd.vm.vm import MemoryFile, Vm
@@ -49,6 +49,7 @@ class Plan:
     drives: tuple[block.DrivePlan, ...]
     nets: tuple[net.NetPlan, ...]
     rng: rng.RngPlan | None
+    vsock: vsock.VsockPlan | None
     kernel: BootFile  # open while the caller's `files` stack is
     initrd: BootFile | None
 
@@ -67,14 +68,17 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     drives = block.check_drives(spec.drives)
     nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
     entropy = rng.check_entropy(spec.entropy, first_slot=len(drives) + len(nets))
+    vs = vsock.check_vsock(spec.vsock, first_slot=len(drives) + len(nets) + (entropy is not None))
     on_cmdline = not spec.acpi
     cmdline = append_words(base, *block.cmdline_words(drives, base, devices=on_cmdline),
                            *net.cmdline_words(nets, devices=on_cmdline),
-                           *rng.cmdline_words(entropy, devices=on_cmdline))
+                           *rng.cmdline_words(entropy, devices=on_cmdline),
+                           *vsock.cmdline_words(vs, devices=on_cmdline))
     slots = [(Region(base, VIRTIO_MMIO_SLOT_SIZE), irq)
              for base, irq in [*((d.mmio_base, d.irq) for d in drives),
                                *((n.mmio_base, n.irq) for n in nets),
-                               *((e.mmio_base, e.irq) for e in ([entropy] if entropy else []))]]
+                               *((e.mmio_base, e.irq) for e in ([entropy] if entropy else [])),
+                               *((v.mmio_base, v.irq) for v in ([vs] if vs else []))]]
     kernel = files.enter_context(open_boot_file(b.kernel_path, KERNEL_PATH))
     initrd = (files.enter_context(open_boot_file(b.initrd_path, INITRD_PATH)) if b.initrd_path
               else None)
@@ -84,46 +88,60 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
     spec = dataclasses.replace(spec, boot=dataclasses.replace(b, cmdline=base, cmdline_append=None),
                                network_interfaces=tuple(n.spec for n in nets))
-    return Plan(spec, boot, drives, nets, entropy, kernel, initrd)
-
-
-def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...], images: list[int],
-                    nets: tuple[net.NetPlan, ...], taps: list[net.Tap],
-                    entropy: rng.RngPlan | None) -> None:
-    """In slot order, as the spec lists them: drives, interfaces, the entropy device."""
-    for d, fd in zip(drives, images, strict=True):
-        native.add_virtio_blk(fd, read_only=d.spec.read_only,
-                              serial=block.serial(d.spec.drive_id), mmio_base=d.mmio_base,
-                              gsi=d.irq)
-    for n, tap in zip(nets, taps):
-        native.add_virtio_net(tap.fd, mac=n.mac, max_frame=tap.max_frame, mmio_base=n.mmio_base,
-                              gsi=n.irq)
-    if entropy is not None:
-        native.add_virtio_rng(max_request=entropy.spec.max_request_bytes,
-                              mmio_base=entropy.mmio_base, gsi=entropy.irq)
+    return Plan(spec, boot, drives, nets, entropy, vs, kernel, initrd)
 
 
 @dataclass
 class _Held:
     """What a VM under construction holds on the host: its drive images
-    (open, checked, locked: fds in drive order) and its taps."""
+    (open, checked, locked: fds in drive order), its taps and its vsock
+    listener."""
 
     resources: list[Any]  # closed with the VM
     images: list[int]
     taps: list[net.Tap]
     tap_set: net.Taps  # (one of the resources) the taps' own counters
+    listener: vsock.Listener | None
+
+
+def _attach_devices(native: NativeVm, drives: tuple[block.DrivePlan, ...],
+                    nets: tuple[net.NetPlan, ...], entropy: rng.RngPlan | None,
+                    vs: vsock.VsockPlan | None, held: _Held) -> None:
+    """In slot order, as the spec lists them: drives, interfaces, the entropy
+    device, the vsock device."""
+    for d, fd in zip(drives, held.images, strict=True):
+        native.add_virtio_blk(fd, read_only=d.spec.read_only,
+                              serial=block.serial(d.spec.drive_id), mmio_base=d.mmio_base,
+                              gsi=d.irq)
+    for n, tap in zip(nets, held.taps):
+        native.add_virtio_net(tap.fd, mac=n.mac, max_frame=tap.max_frame, mmio_base=n.mmio_base,
+                              gsi=n.irq)
+    if entropy is not None:
+        native.add_virtio_rng(max_request=entropy.spec.max_request_bytes,
+                              mmio_base=entropy.mmio_base, gsi=entropy.irq)
+    if vs is not None and held.listener is not None:
+        native.add_virtio_vsock(held.listener.fd, held.listener.dir_fd,
+                                guest_cid=vs.spec.guest_cid, name=vs.name,
+                                mmio_base=vs.mmio_base, gsi=vs.irq)
 
 
 @contextmanager
-def _resources(drives: tuple[block.DrivePlan, ...],
-               nets: tuple[net.NetPlan, ...]) -> Iterator[_Held]:
-    """Drive images and taps for a VM under construction; released again if
-    the construction fails (the VM's own close() releases them later)."""
+def _resources(drives: tuple[block.DrivePlan, ...], nets: tuple[net.NetPlan, ...],
+               vs: vsock.VsockPlan | None) -> Iterator[_Held]:
+    """Drive images, taps and the vsock listener for a VM under construction;
+    released again if the construction fails (the VM's own close() releases
+    them later; the listener's socket file goes with it)."""
     locks, taps = block.DriveLocks(), net.Taps()
+    listener: vsock.Listener | None = None
     try:
         locks.acquire(drives)
-        yield _Held([locks, taps], locks.fds, taps.open(nets), taps)
+        opened = taps.open(nets)
+        listener = vsock.open_listener(vs)
+        yield _Held([locks, taps] + ([listener] if listener else []), locks.fds, opened, taps,
+                    listener)
     except BaseException:
+        if listener is not None:
+            listener.close()
         taps.close()
         locks.close()
         raise
@@ -154,12 +172,12 @@ def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = Fa
 
 def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
     spec = p.spec
-    with _resources(p.drives, p.nets) as held, _native(kvm_path, factory) as native:
+    with _resources(p.drives, p.nets, p.vsock) as held, _native(kvm_path, factory) as native:
         if spec.track_dirty_pages:
             native.track_dirty()  # before the RAM: its slots are made logging
         for region in p.boot.ram:
             native.add_ram(region.gpa, region.size)
-        _attach_devices(native, p.drives, held.images, p.nets, held.taps, p.rng)
+        _attach_devices(native, p.drives, p.nets, p.rng, p.vsock, held)
         native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, p.kernel, p.initrd)
         if spec.acpi:
@@ -197,6 +215,7 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
                 new_nets[i], guest_mac=None if n.guest_mac == AUTO_MAC else n.guest_mac)
     return dataclasses.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
                                network_interfaces=tuple(new_nets),
+                               vsock=_overridden_vsock(saved, o.vsock),
                                track_dirty_pages=rs.track_dirty_pages,
                                cell=rs.cell, limits=rs.limits)
 
@@ -208,14 +227,34 @@ def _moves_tap(n: NetOverride) -> bool:
     return bool(n.host_dev_name or n.netns or n.create_tap)
 
 
+def _overridden_vsock(saved: VmSpec, o: VsockOverride | None) -> VsockSpec | None:
+    """The snapshot's vsock device, with the override's non-empty fields."""
+    if o is None:
+        return saved.vsock
+    if saved.vsock is None:
+        raise InvalidSpecError(("overrides", "vsock"), "the snapshot has no vsock device")
+    return VsockSpec(o.guest_cid or saved.vsock.guest_cid, o.uds_path or saved.vsock.uds_path)
+
+
+def _vsock_term(e: InvalidSpecError, rs: RestoreSpec) -> InvalidSpecError:
+    """A vsock error at the override that set the field, else at snapshot_dir."""
+    o, attr = rs.overrides.vsock, e.path[1] if len(e.path) > 1 else None
+    if o is not None and attr in ("guest_cid", "uds_path") and getattr(o, str(attr)):
+        return e.at(("overrides", "vsock", str(attr)))
+    return InvalidSpecError("snapshot_dir", f"the snapshot's vsock device: {e.problem}")
+
+
 @contextmanager
 def _override_terms(saved: VmSpec, rs: RestoreSpec) -> Iterator[None]:
     """A device error at the spec's (drives, i, attr) is reported at the
     override that put that device there, (overrides, drives, j, attr), or at
-    snapshot_dir for a device as the snapshot itself names it."""
+    snapshot_dir for a device as the snapshot itself names it (vsock: at
+    (overrides, vsock, attr) when the override set attr)."""
     try:
         yield
     except InvalidSpecError as e:
+        if e.path and e.path[0] == "vsock":
+            raise _vsock_term(e, rs) from None
         if len(e.path) < 3 or e.path[0] not in ("drives", "network_interfaces"):
             raise
         kind, i, rest = e.path[0], e.path[1], e.path[2:]
@@ -280,13 +319,15 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
     with _override_terms(saved, rs):
         drives = block.check_drives(spec.drives)
         nets = net.check_nets(spec.network_interfaces, spec.vm_id, first_slot=len(drives))
+        vs = vsock.check_vsock(spec.vsock, first_slot=len(drives) + len(nets)
+                               + (spec.entropy is not None))
     try:
         entropy = rng.check_entropy(spec.entropy, first_slot=len(drives) + len(nets))
     except InvalidSpecError as e:  # the snapshot's own device: the file is at fault
         raise DataLossError(f"snapshot state spec: {e}") from None
     # As the VM gets it (as plan() does): an "auto" MAC generated, every MAC written one way.
     spec = dataclasses.replace(spec, network_interfaces=tuple(n.spec for n in nets))
-    with _override_terms(saved, rs), _resources(drives, nets) as held, \
+    with _override_terms(saved, rs), _resources(drives, nets, vs) as held, \
             _native(kvm_path, native_factory) as native:
         _check_drive_sizes(spec, held.images, sizes)
         if spec.track_dirty_pages:
@@ -295,7 +336,7 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
         for r in regions:
             native.add_ram_file(r.gpa, r.size, memory_fd, offset)
             offset += r.size
-        _attach_devices(native, drives, held.images, nets, held.taps, entropy)
+        _attach_devices(native, drives, nets, entropy, vs, held)
         native.create_vcpus(spec.vcpus, bare=True)
         snapshot.apply_state(native, snap, spec, cache, clock_realtime=rs.clock_realtime)
         if spec.acpi:  # each restore and clone a generation of its own

@@ -31,6 +31,7 @@ from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
 from vmmd.vm import snapshot
+from vmmd.vm.devices import vsock
 from vmmd.vm.devices.net import Taps, interface_counters
 from vmmd.vm.lifecycle import check_verb
 
@@ -325,6 +326,8 @@ class Vm:
             devices = [native.virtio_stats(i) for i in range(first)]
             nets = [native.virtio_stats(first + i) for i in range(nnets)]
             rng = native.virtio_stats(first + nnets) if self.spec.entropy is not None else None
+            nvirtio = first + nnets + (rng is not None)
+            vs = native.virtio_stats(nvirtio) if self.spec.vsock is not None else None
         return VmCounters(
             exits=s.exits, exits_io=s.exits_io, exits_mmio=s.exits_mmio,
             exits_intr=s.exits_intr, exits_other=s.exits_other, unhandled_io=s.unhandled_io,
@@ -337,7 +340,8 @@ class Vm:
                              for i, (n, v) in enumerate(zip(self.spec.network_interfaces, nets))),
             entropy=None if rng is None else DeviceCounters(
                 "entropy", rng.requests, rng.bytes_read, rng.bytes_written, rng.io_errors,
-                rng.bad_chains, rng.interrupts))
+                rng.bad_chains, rng.interrupts),
+            vsock=vsock.counters(vs) if vs is not None else None)
 
     def drive_stats(self) -> list[VirtioStats]:
         """Counters of each drive, in the spec's order."""

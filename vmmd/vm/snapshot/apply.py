@@ -19,7 +19,7 @@ from vmmd.native import (
     pack_vcpu,
 )
 from vmmd.spec import VmSpec
-from vmmd.vm.devices import block, net, rng
+from vmmd.vm.devices import block, net, rng, vsock
 from vmmd.vm.snapshot import state
 from vmmd.vm.snapshot.cache import SnapshotCache
 from vmmd.vm.snapshot.files import Snapshot
@@ -29,7 +29,8 @@ def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
     """(virtio device id, queues) of each device in attachment order."""
     return ([(block.DEVICE_ID, block.QUEUES)] * len(spec.drives)
             + [(net.DEVICE_ID, net.QUEUES)] * len(spec.network_interfaces)
-            + [(rng.DEVICE_ID, rng.QUEUES)] * (spec.entropy is not None))
+            + [(rng.DEVICE_ID, rng.QUEUES)] * (spec.entropy is not None)
+            + [(vsock.DEVICE_ID, vsock.QUEUES)] * (spec.vsock is not None))
 
 
 @dataclass(frozen=True)

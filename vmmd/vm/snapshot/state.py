@@ -31,7 +31,7 @@ from vmmd.native import (
     VcpuState,
     VirtioState,
 )
-from vmmd.spec import BootSpec, DriveSpec, EntropySpec, NetSpec, VmSpec, check_vm_id
+from vmmd.spec import BootSpec, DriveSpec, EntropySpec, NetSpec, VmSpec, VsockSpec, check_vm_id
 from vmmd.vm.boot.cmdline import encode_cmdline
 from vmmd.vm.devices.rng import check_max_request
 from vmmd.vm.hostfiles import check_path, kind_of
@@ -164,7 +164,9 @@ def save_spec(spec: VmSpec, cmdline: str, drive_sizes: list[int]) -> spb.VmSpec:
                                                  guest_mac=n.guest_mac or "", netns=n.netns)
                             for n in spec.network_interfaces],
         entropy=(spb.Entropy(max_request_bytes=spec.entropy.max_request_bytes)
-                 if spec.entropy is not None else None))
+                 if spec.entropy is not None else None),
+        vsock=(spb.Vsock(guest_cid=spec.vsock.guest_cid, uds_path=spec.vsock.uds_path)
+               if spec.vsock else None))
 
 
 def _saved_path(path: str, where: str, *, required: bool) -> None:
@@ -215,5 +217,6 @@ def restore_spec(m: spb.VmSpec) -> tuple[VmSpec, str, tuple[int, ...]]:
         network_interfaces=tuple(NetSpec(n.iface_id, n.host_dev_name, n.guest_mac or None,
                                          netns=n.netns)
                                  for n in m.network_interfaces),
-        entropy=entropy)
+        entropy=entropy,
+        vsock=VsockSpec(m.vsock.guest_cid, m.vsock.uds_path) if m.HasField("vsock") else None)
     return spec, m.cmdline, tuple(d.size_bytes for d in m.drives)

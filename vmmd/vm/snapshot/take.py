@@ -39,7 +39,8 @@ def take_snapshot(native: NativeVm, spec: VmSpec, cmdline: str, directory: files
     t0 = time.monotonic()
     regions = ram_regions(spec.mem_bytes)
     ram_bytes = sum(r.size for r in regions)
-    ndev = len(spec.drives) + len(spec.network_interfaces) + (spec.entropy is not None)
+    ndev = (len(spec.drives) + len(spec.network_interfaces) + (spec.entropy is not None)
+            + (spec.vsock is not None))
     s = spb.SnapshotState(
         format_version=FORMAT_VERSION, snapshot_id=new_id(),
         parent_id=parent or "", kind=DIFF if parent else FULL,
