@@ -6,6 +6,9 @@ clones restored from it come back with their own identity:
 
 - with ACPI and no `virtio_mmio.device=` words on its command line, Linux
   finds vda and eth0 from the DSDT alone (ACPI enumeration);
+- the READY hook sends its line over vsock too (`vmmd_ready=vsock:PORT`):
+  Linux's virtio-vsock driver connects out through our device to the
+  host's listener at `<uds_path>_<PORT>`;
 - Linux's virtio-rng driver drew bytes from our device (its counters);
 - every clone's kernel prints "crng reseeded due to virtual machine fork"
   (the VMGenID notification), and two clones have different generation ids
@@ -26,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -48,6 +52,7 @@ SAT_S = 4.0  # how long the snapshot sits before the clones are restored
 CLOCKSOURCE = "clocksource=kvm-clock"
 RESEED = b"crng reseeded due to virtual machine fork"
 GUEST_IP = "10.213.0.2"
+READY_PORT = 5005
 READY = re.compile(rb"VMMD-GUEST-READY cpus=1 mem_kib=\d+ wall=(\d+)\.(\d+)\r?\n")
 CLOCK = re.compile(rb"VMMD-GUEST-CLOCK wall=(\d+)\.(\d+)\r?\n")
 
@@ -78,8 +83,17 @@ def test_restored_linux_clones_get_fresh_entropy_and_the_hosts_clock(
     image = tmp_path / "rootfs.ext4"
     shutil.copyfile(guest_artifacts["rootfs.ext4"], image)
     tap = f"vmid{os.getpid() % 100000}"
+    # The cell's user connects to what the host opened to it (docs/vsock.md).
+    socks = tmp_path / "socks"
+    socks.mkdir()
+    socks.chmod(0o711)
+    uds = socks / "v.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{uds}_{READY_PORT}")
+    os.chmod(f"{uds}_{READY_PORT}", 0o777)
+    listener.listen(1)
     # loglevel 7: "[vda]" is a notice, IP-Config's line is info; a static address needs no peer.
-    words = (f"vmmd_ready=hold vmmd_clock=1 {CLOCKSOURCE} loglevel=7 "
+    words = (f"vmmd_ready=vsock:{READY_PORT} vmmd_clock=1 {CLOCKSOURCE} loglevel=7 "
              f"ip={GUEST_IP}::10.213.0.1:255.255.255.0::eth0:off")
     with running_daemon("--stop-timeout", "1") as d, d.client() as c:
         vm = c.create("linux", str(guest_artifacts["vmlinux"]),
@@ -88,12 +102,22 @@ def test_restored_linux_clones_get_fresh_entropy_and_the_hosts_clock(
                       drives=[pb.Drive(drive_id="data", path_on_host=str(image),
                                        read_only=True)],
                       nets=[pb.NetworkInterface(iface_id="eth0", host_dev_name=tap,
-                                                create_tap=True)])
+                                                create_tap=True)],
+                      vsock=pb.Vsock(guest_cid=3, uds_path=str(uds)))
         with ConsoleReader(c, "linux") as con:
             c.start("linux")
             con.wait(lambda b: READY.search(b) is not None, "READY")
             before = _clock_offset(con, len(con.data))
             booted = con.data.decode(errors="replace")
+        listener.settimeout(120)  # READY is on the console: its vsock copy follows at once
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(120)
+            line = b""
+            while not line.endswith(b"\n") and (chunk := peer.recv(256)):
+                line += chunk
+        listener.close()
+        assert READY.fullmatch(line), line  # the READY line, over vsock
         command_line = re.search(r"Kernel command line: (.*)", booted)
         assert command_line is not None and "virtio_mmio.device" not in command_line[1]
         assert "ACPI: DSDT" in booted, booted
@@ -110,11 +134,13 @@ def test_restored_linux_clones_get_fresh_entropy_and_the_hosts_clock(
         c.delete("linux")
         time.sleep(SAT_S)
         macs = {"synced": "02:00:00:5e:00:01", "stale": "02:00:00:5e:00:02"}
-        for vm_id, clock in (("synced", True), ("stale", False)):
+        for cid, (vm_id, clock) in enumerate((("synced", True), ("stale", False)), 4):
             iface = pb.InterfaceOverride(iface_id="eth0", host_dev_name=f"{tap}{vm_id[:2]}",
                                          create_tap=True, guest_mac=macs[vm_id])
             c.restore(snap, vm_id, resume=True, clock_realtime=clock,
-                      overrides=pb.DeviceOverrides(network_interfaces=[iface]))
+                      overrides=pb.DeviceOverrides(
+                          network_interfaces=[iface],
+                          vsock=pb.Vsock(guest_cid=cid, uds_path=f"{uds}.{vm_id}")))
         synced, stale = _first_clock(c, "synced"), _first_clock(c, "stale")
         ids = set()
         for vm_id, mac in macs.items():
