@@ -4,8 +4,8 @@
                    blk 3, net 3, vsock 3, api 50, rss 1, rate 1, snap 30, cells 30)
   --only a,b,c     measures to run (split = the in-process vmmd split; blk = virtio-blk
                    throughput; net = virtio-net throughput and round trip; vsock =
-                   virtio-vsock throughput and connection set-up; api = daemon
-                   StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
+                   virtio-vsock throughput, connection set-up and the invoke round trip
+                   (10x the reps); api = daemon StartVm -> console; rss = daemon RSS per idle VM; rate = create+start rate;
                    snap = restore latency, clone density, snapshot cost; cells = what
                    cells cost against --isolation none; idle = what idle clones cost (100
                    micro-guests, 50 Linux); default all)
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "split": lambda: measures.in_process(reps["split"]),
         "blk": lambda: blk.throughput(reps["blk"], cpu, args.quick),
         "net": lambda: net.throughput(reps["net"], cpu, args.quick),
-        "vsock": lambda: vsock.throughput(reps["vsock"], args.quick),
+        "vsock": lambda: (vsock.throughput(reps["vsock"], args.quick)
+                          + vsock.invoke(10 * reps["vsock"])),
         "api": lambda: daemon.api(reps["api"], None if args.skip_linux else pvm,
                                   args.linux_timeout),
         "rss": lambda: daemon.rss((1, 10, 50)),

@@ -11,6 +11,11 @@ vsock is vhost-vsock, a different host side).  Time is the host's (perf_counter)
 - connection set-up: connect to the listener, `CONNECT <port>\\n`, until `OK` is read.
 - floor: the same bytes through a socketpair in this process (a thread echoing), and a
   plain Unix connect + accept + one-byte reply for set-up.
+- the invoke round trip, what a function runner feels, through a daemon: from a snapshot of
+  `mg=vsock-echo` waiting on its port, RestoreVm(resume) -> CONNECT -> a 64-byte request ->
+  its echo -> DeleteVm; one client, then 4 concurrent clients; invocations per second per
+  host core; in the daemon's shared mode and in cells.  Goal (issue 13): median <= 15 ms,
+  p90 <= 25 ms.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ import socket
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from bench import targets
+from bench.daemon import served
 from bench.measures import measure
 from bench.proc import RunError
 from tests.framework.guests import build_microguests
 from tests.framework.vsockhost import host_connect, recv_exact
+from vmmd.client import Client, pb
 from vmmd.spec import BootSpec, VmSpec, VsockSpec
 from vmmd.vm.builder import build_vm
 from vmmd.vm.vm import Vm
@@ -171,6 +180,104 @@ def _wait_closes(vm: Vm, count: int) -> None:
         if time.monotonic() > deadline:
             raise RunError("the guest never saw the connection close")
         time.sleep(0.002)
+
+
+REQUEST = bytes(range(64))
+INVOKE_GOAL_MS = (15.0, 25.0)  # median, p90
+
+
+def _console_until(c: Client, vm_id: str, marker: bytes) -> None:
+    stream = c.console(vm_id)
+    timer = threading.Timer(TIMEOUT, stream.cancel)
+    timer.start()
+    seen = b""
+    try:
+        for chunk in stream:
+            seen += chunk
+            if marker in seen:
+                return
+    finally:
+        timer.cancel()
+        stream.cancel()
+    raise RunError(f"{vm_id}: no {marker!r} on the console: {seen[-300:]!r}")
+
+
+class _Invoker:
+    """Restore -> CONNECT -> request -> answer -> delete, against one snapshot; ms."""
+
+    def __init__(self, c: Client, snap: str, socks: Path) -> None:
+        self.c, self.snap, self.socks = c, snap, socks
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self._n += 1
+            n = self._n
+        vm_id, uds = f"inv{n}", self.socks / f"inv{n}.sock"
+        t0 = time.perf_counter()
+        self.c.restore(self.snap, vm_id, resume=True, overrides=pb.DeviceOverrides(
+            vsock=pb.Vsock(guest_cid=1000 + n, uds_path=str(uds))))
+        with host_connect(uds, PORT, TIMEOUT) as s:
+            s.sendall(REQUEST)
+            answer = recv_exact(s, len(REQUEST))
+        self.c.delete(vm_id)
+        ms = (time.perf_counter() - t0) * 1e3
+        if answer != REQUEST:
+            raise RunError(f"invoke: the guest answered {answer!r}")
+        return ms
+
+
+def _invoke_series(reps: int, isolation: str) -> tuple[list[float], list[float], float]:
+    """(one client, ms; 4 concurrent clients, ms; invocations/s with 4 clients)."""
+    with tempfile.TemporaryDirectory(prefix="vmmd-bench-invoke-") as t, \
+            served(isolation=isolation) as (c, _):
+        socks = Path(t)
+        socks.chmod(0o711)  # a cell's user reaches its sockets (docs/vsock.md)
+        c.create("src", str(targets.MICRO_KERNEL), cmdline=f"mg=vsock-echo port={PORT}",
+                 memory_mib=64, vsock=pb.Vsock(guest_cid=3, uds_path=str(socks / "src.sock")))
+        c.start("src")
+        _console_until(c, "src", b"VSOCK-LISTEN")
+        c.pause("src")
+        snap = str(socks / "snap")
+        c.snapshot("src", snap)
+        c.delete("src")
+        invoke = _Invoker(c, snap, socks)
+        invoke()  # warm-up: the snapshot's pages in the page cache
+        one = [invoke() for _ in range(reps)]
+        with ThreadPoolExecutor(4) as pool:
+            t0 = time.perf_counter()
+            four = list(pool.map(lambda _: invoke(), range(reps * 4)))
+            rate = len(four) / (time.perf_counter() - t0)
+    return one, four, rate
+
+
+def _against_goal(m: dict[str, Any]) -> dict[str, Any]:
+    v, (median, p90) = m.get("vmmd", {}), INVOKE_GOAL_MS
+    if v.get("n"):
+        m.update(goal_median_ms=median, goal_p90_ms=p90, ratio=round(v["median"] / median, 3),
+                 p90_ratio=round(v["p90"] / p90, 3))
+    return m
+
+
+def invoke(reps: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cores = os.cpu_count() or 1
+    for isolation in ("none", "cells"):
+        one, four, rate = _invoke_series(reps, isolation)
+        what = (f"invoke round trip, daemon --isolation {isolation}: RestoreVm(resume) → CONNECT "
+                "→ 64-byte request → echo → DeleteVm")
+        out += [
+            _against_goal(measure(f"vsock.invoke.{isolation}", f"{what}, one client (goal: "
+                                  "median ≤ 15, p90 ≤ 25; ratio = median / 15)", "ms",
+                                  {"vmmd": one})),
+            _against_goal(measure(f"vsock.invoke.{isolation}.x4", f"{what}, 4 concurrent "
+                                  "clients (ratio = median / 15)", "ms", {"vmmd": four})),
+            measure(f"vsock.invoke.{isolation}.rate", f"invocations per second per host core, "
+                    f"--isolation {isolation}, 4 concurrent clients ({cores} cores), higher "
+                    "better", "1/s/core", {"vmmd": [rate / cores]}),
+        ]
+    return out
 
 
 def commands() -> dict[str, str]:

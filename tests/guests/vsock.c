@@ -322,9 +322,16 @@ static int on_data(struct vconn *c, u32 id, u32 len)
 	return 0;
 }
 
+static void poll_ev(void);
+
 /* One packet in RX buffer id; 1 if the buffer is held (not reposted yet). */
 static int on_packet(const struct hdr *h, u32 id)
 {
+	/* After a restore the device posts TRANSPORT_RESET (with the new CID in
+	 * its config) and may then carry a host CONNECT to that CID at once: a
+	 * packet for another CID first takes the events, then is checked. */
+	if (h->dst_cid != guest_cid)
+		poll_ev();
 	if (h->dst_cid != guest_cid || h->src_cid != HOST_CID || h->type != TYPE_STREAM)
 		mg_error("vsock: packet cid %llu -> %llu type %u", h->src_cid, h->dst_cid, h->type);
 	struct vconn *c = find(h->dst_port, h->src_port);
