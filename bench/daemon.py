@@ -74,6 +74,24 @@ def _create_micro(client: Client, vm_id: str, cmdline: str) -> None:
                   memory_mib=MEM_MIB)
 
 
+def console_until(client: Client, vm_id: str, marker: bytes, timeout: float) -> None:
+    """Read the VM's console (from the start) until `marker` shows, or fail after timeout."""
+    stream = client.console(vm_id)
+    timer = threading.Timer(timeout, stream.cancel)
+    timer.start()
+    seen = b""
+    try:
+        for chunk in stream:
+            seen += chunk
+            if marker in seen:
+                return
+    finally:
+        timer.cancel()
+        stream.cancel()
+    raise proc.RunError(f"{vm_id}: no {marker!r} on the console within {timeout:.0f} s: "
+                        f"{seen[-300:]!r}")
+
+
 def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

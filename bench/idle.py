@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import proc, targets
-from bench.daemon import served
+from bench import targets
+from bench.daemon import console_until, served
 from bench.measures import measure
 from vmmd.client import Client
 from vmmd.vm.boot.cmdline import build_cmdline
@@ -65,22 +64,6 @@ def _window(c: Client, pid: int, ids: list[str]) -> dict[str, float]:
             "exits_per_vm_s": (exits1 - exits0) / len(ids) / secs}
 
 
-def _wait_console(c: Client, vm_id: str, marker: bytes, timeout: float) -> None:
-    stream = c.console(vm_id)
-    timer = threading.Timer(timeout, stream.cancel)
-    timer.start()
-    seen = b""
-    try:
-        for chunk in stream:
-            seen += chunk
-            if marker in seen:
-                return
-    finally:
-        timer.cancel()
-        stream.cancel()
-    raise proc.RunError(f"{vm_id}: no {marker!r} within {timeout:.0f} s")
-
-
 def _clones(c: Client, snap: str, n: int, prefix: str) -> list[str]:
     ids: list[str] = []
     while len(ids) < n:
@@ -109,7 +92,7 @@ def micro(n: int = 100) -> list[dict[str, Any]]:
             served(max_vms=n + 10, memory_budget="unlimited") as (c, pid):
         c.create("src", str(targets.MICRO_KERNEL), cmdline="mg=idle", memory_mib=32)
         c.start("src")
-        _wait_console(c, "src", b"MG-IDLE", 60)
+        console_until(c, "src", b"MG-IDLE", 60)
         c.pause("src")
         snap = str(Path(tmp) / "snap")
         c.snapshot("src", snap)
@@ -127,7 +110,7 @@ def linux(pvm: bool, n: int = 50, timeout: float = 900.0) -> list[dict[str, Any]
         c.create("src", str(targets.LINUX_KERNEL), initrd=str(targets.LINUX_INITRD),
                  cmdline=build_cmdline(None, word, pvm_host=pvm), memory_mib=128)
         c.start("src")
-        _wait_console(c, "src", b"VMMD-GUEST-READY", timeout)
+        console_until(c, "src", b"VMMD-GUEST-READY", timeout)
         c.pause("src")
         snap = str(Path(tmp) / "snap")
         c.snapshot("src", snap)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import targets
-from bench.daemon import served
+from bench.daemon import console_until, served
 from bench.measures import measure
 from bench.proc import RunError
 from tests.framework.guests import build_microguests
@@ -186,22 +186,6 @@ REQUEST = bytes(range(64))
 INVOKE_GOAL_MS = (15.0, 25.0)  # median, p90
 
 
-def _console_until(c: Client, vm_id: str, marker: bytes) -> None:
-    stream = c.console(vm_id)
-    timer = threading.Timer(TIMEOUT, stream.cancel)
-    timer.start()
-    seen = b""
-    try:
-        for chunk in stream:
-            seen += chunk
-            if marker in seen:
-                return
-    finally:
-        timer.cancel()
-        stream.cancel()
-    raise RunError(f"{vm_id}: no {marker!r} on the console: {seen[-300:]!r}")
-
-
 class _Invoker:
     """Restore -> CONNECT -> request -> answer -> delete, against one snapshot; ms."""
 
@@ -237,7 +221,7 @@ def _invoke_series(reps: int, isolation: str) -> tuple[list[float], list[float],
         c.create("src", str(targets.MICRO_KERNEL), cmdline=f"mg=vsock-echo port={PORT}",
                  memory_mib=64, vsock=pb.Vsock(guest_cid=3, uds_path=str(socks / "src.sock")))
         c.start("src")
-        _console_until(c, "src", b"VSOCK-LISTEN")
+        console_until(c, "src", b"VSOCK-LISTEN", TIMEOUT)
         c.pause("src")
         snap = str(socks / "snap")
         c.snapshot("src", snap)
