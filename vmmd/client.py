@@ -15,6 +15,7 @@ name and the daemon's details.  No policy lives here.
 from __future__ import annotations
 
 import builtins
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Self, TypeVar
 
@@ -188,3 +189,29 @@ class Client:
         """Lifecycle events of one VM, or of every VM."""
         return Stream(self._stub.WatchEvents(pb.WatchEventsRequest(vm_id=vm_id or "")),
                       lambda ev: ev)
+
+
+def vsock_connect(uds_path: str, port: int, timeout: float = 10.0) -> socket.socket:
+    """A stream to a guest's vsock port through its VM's socket (VmConfig.vsock.uds_path),
+    as a Firecracker client does it: connect, write `CONNECT <port>\\n`, read
+    `OK <host port>\\n`.  ConnectionRefusedError when the device closes instead (nobody
+    listens on that port in the guest, or no answer within its 2 s)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(uds_path)
+        s.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            b = s.recv(1)
+            if not b:
+                raise ConnectionRefusedError(f"guest port {port}: the device closed the "
+                                             f"connection ({line!r})")
+            line += b
+        if not line.startswith(b"OK "):
+            raise ConnectionRefusedError(f"guest port {port}: CONNECT answered {line!r}")
+        s.settimeout(None)
+        return s
+    except BaseException:
+        s.close()
+        raise

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 
 from tests.framework import REPO
+from tests.framework.console import ConsoleReader
 from tests.framework.daemon import running_daemon
 from tests.framework.netns import NetNs
+from vmmd.client import Client
 
 VMMCTL = Path(sys.executable).with_name("vmmctl")  # the installed entry point
 HANG_S = 60.0
@@ -165,3 +167,33 @@ def test_clones_in_a_namespace_with_macs_of_their_own(ctl_socket: str, tmp_path:
         for v in vms:
             vmmctl(ctl_socket, "delete", v["vm_id"])
         assert ns.links() == {"lo"}
+
+
+@pytest.mark.kvm
+def test_vsock_relays_stdin_and_stdout(ctl_socket: str, microguests: dict[str, Path],
+                                       tmp_path: Path) -> None:
+    """`vmmctl vsock VM PORT`: Firecracker's CONNECT through the VM's socket, stdin to the
+    guest's echo server (mg=vsock-echo), its answer on stdout, ended by end of input."""
+    socks = tmp_path / "socks"
+    socks.mkdir()
+    socks.chmod(0o711)  # the cell's user reaches its socket's directory
+    vmmctl(ctl_socket, "create", "--id", "ctl-vs", "--kernel", str(microguests["64"]),
+           "--cmdline", "mg=vsock-echo port=77", "--mem-mib", "64",
+           "--vsock", f"9,{socks / 'v.sock'}")
+    with Client(ctl_socket) as c, ConsoleReader(c, "ctl-vs") as con:
+        vmmctl(ctl_socket, "start", "ctl-vs")
+        con.wait_for(b"VSOCK-LISTEN")
+    assert vmmctl(ctl_socket, "vsock", "ctl-vs", "77", stdin=b"hello, guest\n") == \
+        "hello, guest\n"
+    err = vmmctl(ctl_socket, "vsock", "ctl-vs", "78", rc=1)  # nobody listens there
+    assert err.startswith("vmmctl: vsock ctl-vs 78: guest port 78: the device closed"), err
+    vmmctl(ctl_socket, "delete", "ctl-vs")
+
+
+def test_vsock_needs_a_vsock_device(ctl_socket: str, microguests: dict[str, Path]) -> None:
+    vmmctl(ctl_socket, "create", "--id", "ctl-novs", "--kernel", str(microguests["64"]))
+    assert vmmctl(ctl_socket, "vsock", "ctl-novs", "1", rc=1) == \
+        "vmmctl: ctl-novs has no vsock device\n"
+    assert "a port is 0..4294967295" in vmmctl(ctl_socket, "vsock", "ctl-novs", "-1", rc=2)
+    assert "CID,PATH" in vmmctl(ctl_socket, "create", "--kernel", "/k", "--vsock", "x", rc=2)
+    vmmctl(ctl_socket, "delete", "ctl-novs")

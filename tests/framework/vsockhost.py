@@ -6,23 +6,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from vmmd.client import vsock_connect
+
 
 def host_connect(uds: Path | str, port: int, timeout: float) -> socket.socket:
-    """A stream to guest port `port`, the OK line read (RuntimeError if the device closed)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """A stream to guest port `port`, the OK line read and its host port checked (the
+    device's are 2^30 and up); the client's own connect (vmmd.client.vsock_connect)."""
+    s = vsock_connect(str(uds), port, timeout)
     s.settimeout(timeout)
-    s.connect(str(uds))
-    s.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        b = s.recv(1)
-        if not b:
-            s.close()
-            raise RuntimeError(f"the device closed after {line!r}")
-        line += b
-    if not line.startswith(b"OK ") or int(line[3:]) < 1 << 30:
-        s.close()
-        raise RuntimeError(f"CONNECT answered {line!r}")
     return s
 
 

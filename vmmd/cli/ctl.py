@@ -14,9 +14,11 @@ exits 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
+import socket
 import sys
 import threading
 import time
@@ -27,7 +29,7 @@ from google.protobuf.message import Message
 
 from vmmd.api import convert
 from vmmd.cli.devices import ACPI_HELP, DRIVE_HELP, NET_HELP, parse_drive, parse_net
-from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb
+from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb, vsock_connect
 from vmmd.errors import InvalidSpecError
 from vmmd.spec import AUTO_MAC, DriveSpec, NetSpec
 
@@ -129,6 +131,13 @@ def _cell_options(p: argparse.ArgumentParser, clone: bool = False) -> None:
                    help="the most tasks (processes + threads) in the cell")
 
 
+def _vsock_arg(text: str) -> pb.Vsock:
+    cid, sep, path = text.partition(",")
+    if not sep or not cid.isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: CID,PATH (e.g. 3,/run/vm1.vsock)")
+    return pb.Vsock(guest_cid=int(cid), uds_path=os.path.abspath(path))
+
+
 def _limits(args: argparse.Namespace) -> pb.CellLimits:
     return pb.CellLimits(cpu=args.cpu_limit, memory_mib=args.memory_limit_mib,
                          pids=args.pids_limit)
@@ -160,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--entropy", action="store_true",
                    help="a virtio entropy device (the guest's /dev/hwrng)")
     c.add_argument("--acpi", action="store_true", help=ACPI_HELP)
+    c.add_argument("--vsock", type=_vsock_arg, metavar="CID,PATH",
+                   help="a virtio-vsock device: the guest's context id (3..4294967294) and the "
+                        "Unix socket the daemon listens on (docs/vsock.md)")
     _cell_options(c)
     sn = add("snapshot", help="write a snapshot of a paused VM into a directory")
     sn.add_argument("vm_id")
@@ -207,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     con = add("console", help="attach to a VM's serial console (Ctrl-C detaches)")
     con.add_argument("vm_id")
     con.add_argument("--no-history", action="store_true", help="only output from now on")
+    vs = add("vsock", help="connect stdin/stdout to a port of a VM's vsock device (the guest "
+             "must listen there; Ctrl-C or end of input ends it)")
+    vs.add_argument("vm_id")
+    vs.add_argument("port", type=_vsock_port, help="the guest's port, 0..4294967295")
     ev = add("events", help="follow lifecycle events (Ctrl-C ends)")
     ev.add_argument("vm_id", nargs="?", help="one VM (default: every VM)")
     return p
@@ -311,6 +327,39 @@ def console(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _vsock_port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 0xFFFF_FFFF:
+        raise argparse.ArgumentTypeError(f"{text}: a port is 0..4294967295")
+    return port
+
+
+def vsock(client: Client, args: argparse.Namespace) -> int:
+    """Firecracker's host side, from the shell: the VM's socket, CONNECT, then a
+    relay - stdin to the guest (its end, a half-close), the guest to stdout."""
+    config = client.get(args.vm_id).config
+    if not config.HasField("vsock"):
+        print(f"vmmctl: {args.vm_id} has no vsock device", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        s = vsock_connect(config.vsock.uds_path, args.port)
+    except OSError as e:
+        print(f"vmmctl: vsock {args.vm_id} {args.port}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+    def upstream() -> None:
+        with contextlib.suppress(OSError):
+            while data := os.read(sys.stdin.fileno(), 65536):
+                s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+    threading.Thread(target=upstream, daemon=True).start()
+    with s:
+        while data := s.recv(65536):
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+    return 0
+
+
 def events(client: Client, args: argparse.Namespace) -> int:
     with client.events(args.vm_id) as stream:
         for ev in stream:
@@ -328,7 +377,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
                                       track_dirty_pages=args.track_dirty,
                                       drives=_drives(args), nets=_nets(args),
                                       acpi=args.acpi, cell=args.cell, limits=_limits(args),
-                                      entropy=pb.EntropyDevice() if args.entropy else None)])
+                                      entropy=pb.EntropyDevice() if args.entropy else None,
+                                      vsock=args.vsock)])
     elif cmd == "snapshot":
         show_snapshot(args, client.snapshot(args.vm_id, args.dir, diff=args.diff))
     elif cmd == "restore":
@@ -358,6 +408,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
         show_vms(args, client.list(), one=False)
     elif cmd == "console":
         return console(client, args)
+    elif cmd == "vsock":
+        return vsock(client, args)
     else:
         return events(client, args)
     return 0
