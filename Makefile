@@ -33,10 +33,12 @@ KERNEL_INPUTS := guest-kernels/build-kernel.sh guest-kernels/microvm-x86_64.conf
 	$(wildcard guest-kernels/patches/*.patch)
 IMAGE_INPUTS := guest-kernels/mkimages.py guest-kernels/init.sh
 
-# The demo: the built kernel and initramfs.  On a PVM host guest user space
-# cannot run (see docs/platform.md), so the kernel's READY hook prints
-# the READY line instead of the initramfs.
-DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz \
+# The demo: the built kernel and initramfs, the machine described by ACPI
+# tables (as distro kernels expect; our kernel has CONFIG_ACPI, and without
+# tables it would say so).  On a PVM host guest user space cannot run (see
+# docs/platform.md), so the kernel's READY hook prints the READY line
+# instead of the initramfs.
+DEMO_ARGS := --kernel $(GUEST)/vmlinux --initrd $(GUEST)/initramfs.cpio.gz --acpi \
 	$(if $(PVM),--append vmmd_ready=1)
 
 .PHONY: run test lint guest native testhooks proto deps bench fuzz fuzz-smoke clean distclean

@@ -45,6 +45,7 @@ WORKER_OVERHEAD = 32 * MiB  # a worker's own memory beside guest RAM (Python, C 
 DEFAULT_UIDS = (1_000_000, 65_536)  # first uid and how many: one per cell
 DEFAULT_SPARES = 2
 SPARE_DELAY_S = 0.02
+TEARDOWN_WAIT_S = 5.0  # one cell teardown: 1 s to exit, 2 s after a kill, then its cgroup
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -198,6 +199,7 @@ class CellPlacement:
         self._spares_wanted = spares
         self._refill = threading.Event()
         self._closing = False
+        self._teardowns: set[threading.Thread] = set()  # cells of deleted VMs going away
         if spares:
             self._refill.set()
             threading.Thread(target=self._keep_spares, name="cell-spares", daemon=True).start()
@@ -294,8 +296,11 @@ class CellPlacement:
             if self._cells.get(c.name) is c:
                 del self._cells[c.name]
         # Off the caller's thread: DeleteVm does not wait for a process to die.
-        threading.Thread(target=self._teardown, args=(c,), name="cell-teardown",
-                         daemon=True).start()
+        t = threading.Thread(target=self._teardown, args=(c,), name="cell-teardown",
+                             daemon=True)
+        with self._lock:
+            self._teardowns = {x for x in self._teardowns if x.is_alive()} | {t}
+        t.start()
 
     # -- one cell's life --
     def _spawn(self, c: Cell) -> None:
@@ -437,6 +442,12 @@ class CellPlacement:
         self._refill.set()
         for c in self.cells() + spares:
             self._teardown(c)
+        # Cells of VMs deleted just before: their workers exit and their cgroups
+        # go before the zygote and the cgroup parents do (else: "busy").
+        with self._lock:
+            teardowns, self._teardowns = self._teardowns, set()
+        for t in teardowns:
+            t.join(TEARDOWN_WAIT_S)
         self._zygote.close()
         if self._cgroups is not None:
             self._cgroups.close()

@@ -65,6 +65,7 @@ class Zygote:
         self._cv = threading.Condition()
         self._seq = 0
         self._dead = False
+        self._closed = False  # close() was called: the reader's end is expected
         self.log = get_logger(__name__)
         self._reader = threading.Thread(target=self._read, name="zygote", daemon=True)
 
@@ -120,7 +121,10 @@ class Zygote:
             try:
                 frame, fds = wire.recv(self._sock)
             except (OSError, wire.ProtocolError) as e:
-                self.log.error("zygote.lost", error=str(e))
+                if self._closed:  # our own close(): expected, not news
+                    self.log.debug("zygote.closed")
+                else:
+                    self.log.error("zygote.lost", error=str(e))
                 with self._cv:
                     self._dead = True
                     self._cv.notify_all()
@@ -138,6 +142,7 @@ class Zygote:
 
     def close(self) -> None:
         """The zygote exits when its socket closes; its workers die with it."""
+        self._closed = True
         self._sock.close()
         try:
             os.kill(self.pid, signal.SIGKILL)

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--append", help="words added to the default command line")
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--mem-mib", type=int, default=128)
+    p.add_argument("--acpi", action="store_true",
+                   help="describe the machine with ACPI tables (the kernel needs CONFIG_ACPI)")
 
 
 def _wait_ready(client: Client, daemon: subprocess.Popen[bytes]) -> None:
@@ -64,8 +66,9 @@ def demo(args: argparse.Namespace) -> int:
             vm = c.create("demo", os.path.abspath(args.kernel),
                           initrd=os.path.abspath(args.initrd) if args.initrd else None,
                           cmdline_append=args.append, vcpus=args.vcpus,
-                          memory_mib=args.mem_mib)
-            say(f"created VM demo: {vm.config.vcpus} vCPU, {vm.config.memory_mib} MiB")
+                          memory_mib=args.mem_mib, acpi=args.acpi)
+            say(f"created VM demo: {vm.config.vcpus} vCPU, {vm.config.memory_mib} MiB"
+                + (", ACPI tables" if vm.config.acpi else ""))
             c.start("demo")
             say("started; guest console follows")
             with c.console("demo", from_start=True, follow=True) as stream:
