@@ -10,7 +10,8 @@ and connects relative to the other (so a cell's jail, with no directory of
 its own, reaches exactly that directory).  Everything is checked and the
 socket bound before the VM exists; the socket file is removed when the VM
 closes (or its construction fails) - only if it is still the one we made.
-The device takes the virtio-mmio slot after the drives and interfaces.
+The device takes the virtio-mmio slot after the drives, the interfaces and
+the entropy device (the builder says which: first_slot).
 """
 
 from __future__ import annotations
