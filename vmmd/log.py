@@ -7,13 +7,11 @@ gets its logger with `get_logger(__name__)` and binds context (vm_id) with
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
-import structlog
-
-_configured = False
+_settings: tuple[str, str] | None = None  # (fmt, level) as configure() was given them
+_applied = False  # structlog loaded and configured with them
 
 
 class _StderrLogger:
@@ -32,8 +30,24 @@ class _StderrLogger:
 
 
 def configure(fmt: str = "console", level: str = "info") -> None:
-    """Set up structlog for JSON (daemons) or human console output."""
-    global _configured
+    """Set up structlog for JSON (daemons) or human console output.  structlog
+    itself loads with the first line that passes the level (_LazyLogger)."""
+    global _settings, _applied
+    _settings, _applied = (fmt, level), False
+    if "structlog" in sys.modules:
+        _structlog()
+
+
+def _structlog() -> Any:
+    """structlog, configured as configure() was told."""
+    global _applied
+    import logging
+
+    import structlog
+
+    if _applied:
+        return structlog
+    fmt, level = _settings or ("console", "warning")
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -53,10 +67,42 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         logger_factory=lambda *args: _StderrLogger(),
         cache_logger_on_first_use=False,
     )
-    _configured = True
+    _applied = True
+    return structlog
+
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40,
+           "critical": 50, "fatal": 50}
+
+
+def _drop(*args: Any, **kw: Any) -> None:
+    pass
+
+
+class _LazyLogger:
+    """A bound logger that loads structlog with its first line at or above the
+    configured level.  structlog (and the rich it pulls in where installed)
+    costs ~100 ms of import: `vmmd run` logs nothing at its default level
+    (warning) and must not pay that before its guest starts."""
+
+    __slots__ = ("_name", "_context", "_real")
+
+    def __init__(self, name: str, context: dict[str, Any]) -> None:
+        self._name, self._context, self._real = name, context, None
+
+    def bind(self, **context: Any) -> Any:
+        if self._real is not None:
+            return self._real.bind(**context)
+        return _LazyLogger(self._name, {**self._context, **context})
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._real is None:
+            level = _LEVELS.get(attr)
+            if level is not None and level < _LEVELS.get((_settings or ("", "warning"))[1], 0):
+                return _drop  # below the level: structlog would drop it too
+            self._real = _structlog().get_logger(self._name).bind(**self._context)
+        return getattr(self._real, attr)
 
 
 def get_logger(name: str, **context: Any) -> Any:
-    if not _configured:
-        configure(level="warning")
-    return structlog.get_logger(name).bind(**context)
+    return _LazyLogger(name, context)

@@ -35,6 +35,7 @@ from vmmd.errors import (
 from vmmd.events import EventHub, EventKind, LifecycleEvent, Subscription
 from vmmd.info import Phase, SnapshotInfo, StopSummary, VmInfo
 from vmmd.log import get_logger
+from vmmd.paths import DEFAULT_MAX_VMS
 from vmmd.spec import RestoreSpec, VmSpec, check_vm_id
 from vmmd.vm import snapshot
 from vmmd.vm.builder import NativeFactory, build_vm, restore_from
@@ -45,7 +46,6 @@ from vmmd.vm.vm import Vm
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
 STOP_POLL_S = 0.1  # how often a graceful stop's wait looks whether to give up
-DEFAULT_MAX_VMS = 1024
 _RESERVED = object()
 
 

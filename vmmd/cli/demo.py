@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import subprocess
+
     from vmmd.client import Client
 
 
@@ -50,6 +49,11 @@ def _wait_ready(client: Client, daemon: subprocess.Popen[bytes]) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
+    # Here, not at the top: `vmmd run` shares the parser and pays for every import.
+    import shutil
+    import subprocess
+    import tempfile
+
     from vmmd._proto.vmmd.v1 import vmm_pb2 as pb  # grpc loads only for `demo`
     from vmmd.client import Client, ClientError
 

@@ -15,7 +15,6 @@ import argparse
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Sequence
 from types import FrameType
 
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _spec(args: argparse.Namespace) -> VmSpec:
     return VmSpec(
-        vm_id=f"run-{uuid.uuid4().hex[:8]}",
+        vm_id=f"run-{os.urandom(4).hex()}",  # not uuid: its import costs ~3 ms
         boot=BootSpec(kernel_path=args.kernel, initrd_path=args.initrd, cmdline=args.cmdline,
                       cmdline_append=args.append),
         vcpus=args.vcpus,

@@ -8,7 +8,6 @@ refused), the manager and the gRPC server.  SIGTERM/SIGINT stop every VM
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import resource
 import signal
@@ -17,17 +16,15 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmmd.budget import parse_budget
-from vmmd.cell.cells import CellPlacement, Placement
-from vmmd.cell.cgroup import CgroupError, CgroupTree
-from vmmd.cell.zygote import Zygote
 from vmmd.errors import InvalidSpecError
-from vmmd.log import get_logger
-from vmmd.manager import DEFAULT_MAX_VMS, Manager
-from vmmd.paths import DEFAULT_SOCKET
+from vmmd.paths import DEFAULT_MAX_VMS, DEFAULT_SOCKET
 
+# The daemon's own modules load in serve(), not at import: `vmmd run` shares
+# this parser and must not pay for the manager, cells, structlog and gRPC.
 if TYPE_CHECKING:
     from vmmd.api.server import TlsConfig
+    from vmmd.cell.cells import Placement
+    from vmmd.manager import Manager
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +114,11 @@ def _placement(args: argparse.Namespace) -> Placement | None:
     """Cells (a zygote forked now, cgroups opened) or None: the shared mode."""
     if args.isolation == "none":
         return None
+    from vmmd.cell.cells import CellPlacement
+    from vmmd.cell.cgroup import CgroupError, CgroupTree
+    from vmmd.cell.zygote import Zygote
+    from vmmd.log import get_logger
+
     if os.geteuid() != 0:
         raise InvalidSpecError("--isolation", "cells need root (the daemon makes each "
                                "cell's uid, mount namespace and cgroup): run as root, or "
@@ -135,6 +137,11 @@ def _placement(args: argparse.Namespace) -> Placement | None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vmmd.budget import parse_budget
+    from vmmd.manager import Manager
+
     _raise_fd_limit()
     tls = _tls(args)
     budget = parse_budget(args.memory_budget)
@@ -148,8 +155,11 @@ def serve(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, manager: Manager, tls: TlsConfig | None,
                  budget: int | None) -> int:
     """The server on this loop until SIGTERM/SIGINT, then every VM stopped."""
+    import asyncio
+
     from vmmd.api.discovery import NOT_SERVING  # grpc loads only for `serve`
     from vmmd.api.server import build_server
+    from vmmd.log import get_logger
 
     log = get_logger("vmmd.serve")
     old_umask = os.umask(0o177)  # the socket is born 0600

@@ -15,6 +15,8 @@ cffi releases the GIL around each C call, so a blocking call here never
 stalls other Python threads.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from vmmd.native._lib import CORE_VERSION, check
 from vmmd.native.jail import enter_jail
 from vmmd.native.seccomp import (
@@ -42,16 +44,31 @@ from vmmd.native.state import (
     VirtioState,
     pack_vcpu,
 )
-from vmmd.native.testing import (
-    GuestMemory,
-    VirtioBlock,
-    VirtioDevice,
-    VirtioNet,
-    VirtioRng,
-    VirtioVsock,
-)
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats
 from vmmd.native.vm import NativeVm, kvm_api_version, kvm_clock_flags
+
+if TYPE_CHECKING:
+    from vmmd.native.testing import (
+        GuestMemory,
+        VirtioBlock,
+        VirtioDevice,
+        VirtioNet,
+        VirtioRng,
+        VirtioVsock,
+    )
+
+# The native tier's classes load on first use: a VMM process never needs them.
+_TESTING = frozenset({"GuestMemory", "VirtioBlock", "VirtioDevice", "VirtioNet", "VirtioRng",
+                      "VirtioVsock"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TESTING:
+        from vmmd.native import testing
+
+        return getattr(testing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BLOB_SIZES", "CORE_VERSION", "LEGACY_KBD_MAX", "LEGACY_RX_MAX", "MACHINE_BLOB_SIZES",

@@ -30,7 +30,6 @@ from vmmd.info import (
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
 from vmmd.spec import VmSpec
-from vmmd.vm import snapshot
 from vmmd.vm.devices import vsock
 from vmmd.vm.devices.net import Taps, interface_counters
 from vmmd.vm.lifecycle import check_verb
@@ -214,6 +213,8 @@ class Vm:
                 raise StateError("a diff snapshot needs an earlier snapshot of this VM: take a "
                                  "full one first")
             # A refused directory changes nothing (the diff chain stays).
+            from vmmd.vm import snapshot  # protobuf: loaded by the first snapshot (vmmd run)
+
             with snapshot.writing(directory) as target:
                 parent, self._snapshot_id = self._snapshot_id, None  # until this one is complete
                 info = snapshot.take_snapshot(self._native, self.spec, self.cmdline, target,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import socket
@@ -100,6 +99,8 @@ def format_mac(mac: bytes) -> str:
 
 def generated_mac(vm_id: str, iface_id: str) -> bytes:
     """Locally administered unicast (06:...), the same for the same VM and interface."""
+    import hashlib  # OpenSSL's, ~3 ms to load: only a VM given a NIC without a MAC needs it
+
     return b"\x06" + hashlib.sha256(f"{vm_id}/{iface_id}".encode()).digest()[:5]
 
 
