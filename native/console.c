@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "console.h"
+#include "events.h"	/* vmm_now_ns */
 
 int vmm_console_init(struct vmm_console *c)
 {
@@ -83,6 +84,8 @@ static void flush_locked(struct vmm_console *c)
 void vmm_console_put(struct vmm_console *c, uint8_t byte)
 {
 	pthread_mutex_lock(&c->lock);
+	if (!c->first_ns)
+		STORE(&c->first_ns, vmm_now_ns());
 	c->ring[c->head & (VMM_CONSOLE_RING - 1)] = byte;
 	c->head++;
 	if (byte == '\n' || c->head - c->flushed >= VMM_CONSOLE_BATCH) {

@@ -26,6 +26,7 @@ struct vmm_console {
 	int timer_fd;		/* one-shot: flush a partial line (I/O thread) */
 	int timer_armed;
 	uint64_t dropped;
+	uint64_t first_ns;	/* CLOCK_MONOTONIC of the first byte put, 0 before */
 };
 
 int vmm_console_init(struct vmm_console *c);

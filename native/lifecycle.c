@@ -153,6 +153,7 @@ static int start(struct vmm_vm *vm, int paused)
 	if (!r && (vm->nvcpus == 0 || vm->mem->n == 0))
 		r = -EINVAL;
 	if (!r) {
+		STORE(&vm->start_ns, vmm_now_ns());
 		STORE(&vm->pause_req, paused);
 		r = vmm_iothread_start(vm, &vm->io);
 	}

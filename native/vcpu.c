@@ -352,6 +352,7 @@ static void *vcpu_main(void *arg)
 	pthread_sigmask(SIG_SETMASK, &set, NULL);
 
 	int io_exit = 0;	/* the last exit was PIO/MMIO: KVM finishes it on re-entry */
+	int ran = 0;		/* entered KVM_RUN once (vmm_vm_stats.first_run_ns) */
 	for (;;) {
 		STORE(&vc->run->immediate_exit, 0);
 		if (LOAD(&vm->stop_req))
@@ -365,6 +366,11 @@ static void *vcpu_main(void *arg)
 		}
 		if (LOAD(&vc->probe_halt))
 			answer_probe(vc);
+		if (!ran) {
+			ran = 1;
+			if (vc->idx == 0)
+				STORE(&vm->first_run_ns, vmm_now_ns());
+		}
 		int r = ioctl(vc->fd, KVM_RUN, 0);
 		__atomic_add_fetch(&vc->st.exits, 1, __ATOMIC_RELAXED);
 		if (r < 0) {

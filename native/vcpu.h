@@ -44,6 +44,7 @@ void vmm_vcpus_probe_halt(struct vmm_vm *vm, int *rounds);
 /* x86.c: KVM's supported CPUID (with the VM-wide bits set), read once per
  * VM; then CPUID, MSRs, LAPIC LINTs and FPU for each fresh vCPU. */
 struct kvm_cpuid2 *vmm_x86_supported_cpuid(int kvm_fd);
+size_t vmm_x86_cpuid_size(void);	/* a struct kvm_cpuid2 with room for every entry */
 int vmm_x86_setup_vcpu(struct vmm_vm *vm, struct vmm_vcpu *vc);
 int vmm_x86_set_boot_regs(struct vmm_vcpu *vc, const struct vmm_boot_regs *b);
 int vmm_x86_get_regs(struct vmm_vcpu *vc, struct vmm_boot_regs *b, uint32_t *mp_state);

@@ -274,7 +274,8 @@ struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm)
 	return vm->mem;
 }
 
-static int create_vcpus(struct vmm_vm *vm, int n, int bare)
+/* base: the supported CPUID read earlier (a blob), or NULL to read it now. */
+static int create_vcpus(struct vmm_vm *vm, int n, int bare, const struct kvm_cpuid2 *base)
 {
 	if (n < 1 || n > VMM_MAX_VCPUS)
 		return -EINVAL;
@@ -283,9 +284,18 @@ static int create_vcpus(struct vmm_vm *vm, int n, int bare)
 	int r = setup_irqchip(vm);
 	if (r)
 		return r;
-	vm->cpuid_base = bare ? NULL : vmm_x86_supported_cpuid(vm->kvm_fd);
-	if (!bare && !vm->cpuid_base)
-		return errno ? -errno : -ENOMEM;
+	if (bare) {
+		vm->cpuid_base = NULL;
+	} else if (base) {
+		vm->cpuid_base = malloc(vmm_x86_cpuid_size());
+		if (!vm->cpuid_base)
+			return -ENOMEM;
+		memcpy(vm->cpuid_base, base, vmm_x86_cpuid_size());
+	} else {
+		vm->cpuid_base = vmm_x86_supported_cpuid(vm->kvm_fd);
+		if (!vm->cpuid_base)
+			return errno ? -errno : -ENOMEM;
+	}
 	vm->nvcpus = n;	/* CPUID topology needs the count up front */
 	for (int i = 0; i < n && !r; i++) {
 		r = vmm_vcpu_create(vm, i, bare, &vm->vcpus[i]);
@@ -304,12 +314,40 @@ static int create_vcpus(struct vmm_vm *vm, int n, int bare)
 
 int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
 {
-	return create_vcpus(vm, n, 0);
+	return create_vcpus(vm, n, 0, NULL);
 }
 
 int vmm_vm_create_vcpus_bare(struct vmm_vm *vm, int n)
 {
-	return create_vcpus(vm, n, 1);
+	return create_vcpus(vm, n, 1, NULL);
+}
+
+size_t vmm_cpuid_blob_size(void)
+{
+	return vmm_x86_cpuid_size();
+}
+
+int vmm_vm_supported_cpuid(struct vmm_vm *vm, void *blob, size_t len)
+{
+	if (len != vmm_x86_cpuid_size())
+		return -EINVAL;
+	struct kvm_cpuid2 *c = vmm_x86_supported_cpuid(vm->kvm_fd);
+	if (!c)
+		return errno ? -errno : -ENOMEM;
+	memcpy(blob, c, len);
+	free(c);
+	return 0;
+}
+
+/* The blob comes from our own process, but it is a length and a count
+ * that index a buffer: both checked. */
+int vmm_vm_create_vcpus_cpuid(struct vmm_vm *vm, int n, const void *blob, size_t len)
+{
+	const struct kvm_cpuid2 *base = blob;
+	if (!blob || len != vmm_x86_cpuid_size() ||
+	    base->nent > (len - sizeof(*base)) / sizeof(base->entries[0]))
+		return -EINVAL;
+	return create_vcpus(vm, n, 0, base);
 }
 
 int vmm_vm_vcpu_count(const struct vmm_vm *vm)
@@ -495,6 +533,9 @@ int vmm_vm_get_stats(const struct vmm_vm *vm, struct vmm_vm_stats *o)
 	o->console_bytes = vmm_console_get_head(&vm->console);
 	o->console_dropped = LOAD(&vm->console.dropped);
 	o->events_dropped = LOAD(&vm->events.dropped);
+	o->start_ns = LOAD(&vm->start_ns);
+	o->first_run_ns = LOAD(&vm->first_run_ns);
+	o->first_output_ns = LOAD(&vm->console.first_ns);
 	return 0;
 }
 

@@ -55,6 +55,7 @@ struct vmm_vm {
 	/* Set by a machine restore that moves the clock to the host's (state.c):
 	 * the vCPUs' TSCs, restored after it, move forward by as much (x86.c). */
 	uint64_t tsc_advance_ns;
+	uint64_t start_ns, first_run_ns;	/* vmm_vm_stats explains (atomic) */
 };
 
 /* The pages of RAM region `slot` dirtied since the last call, one bit

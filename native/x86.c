@@ -16,14 +16,14 @@
 #define MAX_CPUID_ENTRIES 256
 #define MSR_TSC 0x10		/* IA32_TIME_STAMP_COUNTER */
 
-static size_t cpuid_size(void)
+size_t vmm_x86_cpuid_size(void)
 {
 	return sizeof(struct kvm_cpuid2) + MAX_CPUID_ENTRIES * sizeof(struct kvm_cpuid_entry2);
 }
 
 struct kvm_cpuid2 *vmm_x86_supported_cpuid(int kvm_fd)
 {
-	struct kvm_cpuid2 *c = calloc(1, cpuid_size());
+	struct kvm_cpuid2 *c = calloc(1, vmm_x86_cpuid_size());
 	if (!c)
 		return NULL;
 	c->nent = MAX_CPUID_ENTRIES;
@@ -99,10 +99,10 @@ static void patch_cpuid(struct kvm_cpuid2 *c, int n, uint32_t apic)
 
 static int setup_cpuid(struct vmm_vm *vm, struct vmm_vcpu *vc)
 {
-	struct kvm_cpuid2 *c = malloc(cpuid_size());
+	struct kvm_cpuid2 *c = malloc(vmm_x86_cpuid_size());
 	if (!c)
 		return -ENOMEM;
-	memcpy(c, vm->cpuid_base, cpuid_size());	/* each vCPU patches its own copy */
+	memcpy(c, vm->cpuid_base, vmm_x86_cpuid_size());	/* each vCPU patches its own copy */
 	/* nvcpus is final before the first vCPU is created. */
 	patch_cpuid(c, vm->nvcpus, (uint32_t)vc->idx);
 	int r = vmm_ioctl(vc->fd, KVM_SET_CPUID2, c);
@@ -331,7 +331,7 @@ static int save_msrs(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
 
 static int save_cpuid(struct vmm_vcpu *vc, struct vmm_vcpu_state *s)
 {
-	struct kvm_cpuid2 *c = calloc(1, cpuid_size());
+	struct kvm_cpuid2 *c = calloc(1, vmm_x86_cpuid_size());
 	if (!c)
 		return -ENOMEM;
 	c->nent = MAX_CPUID_ENTRIES;
@@ -380,7 +380,7 @@ static int restore_cpuid(struct vmm_vcpu *vc, const struct vmm_vcpu_state *s)
 {
 	if (s->ncpuid == 0 || s->ncpuid > MAX_STATE_CPUID)
 		return -EINVAL;
-	struct kvm_cpuid2 *c = calloc(1, cpuid_size());
+	struct kvm_cpuid2 *c = calloc(1, vmm_x86_cpuid_size());
 	if (!c)
 		return -ENOMEM;
 	c->nent = s->ncpuid;

@@ -95,6 +95,8 @@ class VmCounters:
     interfaces: tuple[InterfaceCounters, ...] = ()
     entropy: DeviceCounters | None = None
     vsock: VsockCounters | None = None
+    vcpu_start_us: int = 0     # start call -> vCPU 0's first KVM_RUN (the API's VmCounters)
+    guest_startup_us: int = 0  # that -> the guest's first console byte
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,21 @@ def test_vm_threads_are_named(daemon: Daemon, client: Client,
                    for t in os.listdir(f"/proc/{host}/task"))
     assert [n for n in comms if n.startswith(("vcpu", "vmio"))] == ["vcpu0", "vcpu1", "vmio"], comms
     client.delete("named")
+
+
+def test_start_timings_split_the_wait_between_vmm_and_guest(
+        client: Client, microguests: dict[str, Path]) -> None:
+    """GetVm's vcpu_start_us / guest_startup_us: 0 before the start, then both set, and
+    together no longer than the client waited from StartVm to the first output."""
+    client.create("timed", str(microguests["pvh"]), cmdline="mg=print", memory_mib=16)
+    before = client.get("timed").counters
+    assert (before.vcpu_start_us, before.guest_startup_us) == (0, 0)
+    with ConsoleReader(client, "timed") as con:
+        t0 = time.monotonic()
+        client.start("timed")
+        con.wait_for(b"MG-HELLO")
+        waited_us = (time.monotonic() - t0) * 1e6
+    after = client.get("timed").counters
+    assert after.vcpu_start_us > 0 and after.guest_startup_us > 0
+    assert after.vcpu_start_us + after.guest_startup_us < waited_us
+    client.delete("timed")

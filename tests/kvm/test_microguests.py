@@ -14,7 +14,7 @@ import pytest
 
 from tests.framework.guestrun import run_guest
 from vmmd.info import Phase
-from vmmd.native import StopReason
+from vmmd.native import NativeVm, StopReason
 from vmmd.spec import BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
 
@@ -214,3 +214,31 @@ def test_a_deferred_close_still_releases_everything(microguests) -> None:  # typ
 
 def _native_threads() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+def test_a_bad_cpuid_blob_is_refused() -> None:
+    """vmm_vm_create_vcpus_cpuid checks the blob's length and its entry count (they index
+    a buffer): a wrong one is -EINVAL and no vCPU is made; the real one works."""
+    import errno
+
+    from vmmd.native._lib import ffi, lib
+
+    with NativeVm() as native:
+        native.add_ram(0, 16 << 20)
+        vm = native._vm  # noqa: SLF001 - the C call itself is under test
+        size = lib.vmm_cpuid_blob_size()
+        blob = ffi.new("uint8_t[]", size)
+        assert lib.vmm_vm_supported_cpuid(vm, blob, size) == 0
+        assert lib.vmm_vm_supported_cpuid(vm, blob, size - 1) == -errno.EINVAL
+        nent = ffi.cast("uint32_t *", blob)
+        good = nent[0]
+        assert 0 < good <= (size - 8) // 40  # struct kvm_cpuid2: nent, padding; 40-byte entries
+        for bad_len in (0, size - 1, size + 1):
+            assert lib.vmm_vm_create_vcpus_cpuid(vm, 1, blob, bad_len) == -errno.EINVAL
+        assert lib.vmm_vm_create_vcpus_cpuid(vm, 1, ffi.NULL, size) == -errno.EINVAL
+        nent[0] = (size - 8) // 40 + 1
+        assert lib.vmm_vm_create_vcpus_cpuid(vm, 1, blob, size) == -errno.EINVAL
+        assert lib.vmm_vm_vcpu_count(vm) == 0
+        nent[0] = good
+        assert lib.vmm_vm_create_vcpus_cpuid(vm, 1, blob, size) == 0
+        assert lib.vmm_vm_vcpu_count(vm) == 1

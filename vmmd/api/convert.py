@@ -277,6 +277,7 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
             entropy=(pb.DeviceCounters(**dataclasses.asdict(c.entropy))
                      if c.entropy is not None else None),
             vsock=pb.VsockCounters(**dataclasses.asdict(c.vsock)) if c.vsock else None,
+            vcpu_start_us=c.vcpu_start_us, guest_startup_us=c.guest_startup_us,
         ),
         cmdline=info.cmdline,
     )

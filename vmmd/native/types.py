@@ -60,6 +60,11 @@ class VmStats:
     console_bytes: int
     console_dropped: int
     events_dropped: int
+    # CLOCK_MONOTONIC ns, 0 = not yet: start(), vCPU 0's first KVM_RUN, the first
+    # console byte (the guest's own start-up is first_output_ns - first_run_ns).
+    start_ns: int = 0
+    first_run_ns: int = 0
+    first_output_ns: int = 0
 
 
 @dataclass(frozen=True)

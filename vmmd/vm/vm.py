@@ -118,6 +118,11 @@ class MemoryFile:
             self._fd = -1
 
 
+
+def _span_us(since_ns: int, until_ns: int) -> int:
+    """Microseconds between two of the core's timestamps; 0 while either is unset."""
+    return (until_ns - since_ns) // 1000 if since_ns and until_ns >= since_ns else 0
+
 class Vm:
     def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
                  resources: list[Any] | None = None, snapshot_id: str | None = None,
@@ -342,7 +347,9 @@ class Vm:
             entropy=None if rng is None else DeviceCounters(
                 "entropy", rng.requests, rng.bytes_read, rng.bytes_written, rng.io_errors,
                 rng.bad_chains, rng.interrupts),
-            vsock=vsock.counters(vs) if vs is not None else None)
+            vsock=vsock.counters(vs) if vs is not None else None,
+            vcpu_start_us=_span_us(s.start_ns, s.first_run_ns),
+            guest_startup_us=_span_us(s.first_run_ns, s.first_output_ns))
 
     def drive_stats(self) -> list[VirtioStats]:
         """Counters of each drive, in the spec's order."""
