@@ -6,6 +6,8 @@ inside every repetition, so a drift of the machine hits both alike.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,6 +26,8 @@ def measure(mid: str, what: str, unit: str, series: dict[str, list[float]]) -> d
     m.update({name: stats.summarize(samples) for name, samples in series.items()})
     if "vmmd" in m and "qemu" in m:
         m["ratio_vmmd_qemu"] = stats.ratio(m["vmmd"], m["qemu"])
+    if "vmmd" in m and "floor" in m:
+        m["ratio_vmmd_floor"] = stats.ratio(m["vmmd"], m["floor"])
     return m
 
 
@@ -43,23 +47,44 @@ def startup(reps: int, cpu: str) -> list[dict[str, Any]]:
                 raise r.fail("console did not start with MG-HELLO")
             first[vmm].append(r.marker_s * 1e3)
             ended[vmm].append(r.exit_s * 1e3)
-    return [measure("a.first_output", "process start → first console line (mg=print)", "ms",
-                    first),
-            measure("a.exit", "process start → process exit (mg=print)", "ms", ended)]
+    python = [_process_ms([sys.executable, "-I", "-c", "pass"]) for _ in range(reps)]
+    imports = [_process_ms([sys.executable, "-c", "import vmmd.cli.main"]) for _ in range(reps)]
+    return [stats.goal(measure("a.first_output", "process start → first console line (mg=print)",
+                               "ms", first), ratio=1.0, of="qemu"),
+            measure("a.exit", "process start → process exit (mg=print)", "ms", ended),
+            measure("a.python", "floor of `vmmd run`: the venv's Python starting and exiting "
+                    "(python -I -c pass)", "ms", {"floor": python}),
+            measure("a.imports", "floor of `vmmd run`: Python starting, importing vmmd.cli.main "
+                    "(what `vmmd run` loads) and exiting", "ms", {"floor": imports})]
+
+
+def _process_ms(argv: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, cwd=targets.REPO)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def exit_cost(reps: int, cpu: str, n: int) -> list[dict[str, Any]]:
-    """(b) per-exit cost: (time of mg=exits n=N - time of n=0) / N, against the bare C floor."""
-    guests = [micro_guest(f"mg=exits n={k} port={EXIT_PORT:#x}") for k in (0, n)]
-    per: dict[str, list[float]] = {"vmmd": [], "qemu": [], "floor": []}
-    for _ in range(reps):
-        for vmm, argvs in (("vmmd", [g.vmmd() for g in guests]),
-                           ("qemu", [g.qemu(cpu) for g in guests])):
-            t0, tn = (_exit_time(argv) for argv in argvs)
-            per[vmm].append((tn - t0) / n * 1e6)
-        per["floor"].append(targets.run_floor(n)["exit_ns"] / 1e3)
-    return [measure("b.exit", f"PIO exit round trip (out to {EXIT_PORT:#x}; n={n} minus n=0; "
-                    "floor: bare C KVM_RUN loop)", "µs", per)]
+    """(b) per-exit cost: (time of mg=exits n=N - time of n=0) / N, against the bare C floor
+    running the same three guest instructions an exit (and the same for MMIO, mg=mmio)."""
+    out = []
+    for kind, mode in (("pio", f"mg=exits port={EXIT_PORT:#x}"),
+                       ("mmio", f"mg=mmio addr={targets.EXIT_MMIO:#x}")):
+        guests = [micro_guest(f"{mode} n={k}") for k in (0, n)]
+        per: dict[str, list[float]] = {"vmmd": [], "qemu": [], "floor": []}
+        for _ in range(reps):
+            for vmm, argvs in (("vmmd", [g.vmmd() for g in guests]),
+                               ("qemu", [g.qemu(cpu) for g in guests])):
+                t0, tn = (_exit_time(argv) for argv in argvs)
+                per[vmm].append((tn - t0) / n * 1e6)
+            per["floor"].append(targets.run_floor(n, mmio=kind == "mmio")["exit_ns"] / 1e3)
+        what = (f"PIO exit round trip (out to {EXIT_PORT:#x}" if kind == "pio" else
+                f"MMIO exit round trip (32-bit store to {targets.EXIT_MMIO:#x}")
+        out.append(stats.goal(measure(
+            "b.exit" if kind == "pio" else "b.mmio",
+            f"{what}; n={n} minus n=0; floor: bare C KVM_RUN loop, same 3 guest instructions "
+            "an exit)", "µs", per), ratio=1.1, of="floor"))
+    return out
 
 
 def _exit_time(argv: list[str]) -> float:
@@ -96,7 +121,7 @@ def in_process(reps: int) -> list[dict[str, Any]]:
     log.configure("console", "warning")
     guest = micro_guest("mg=print")
     series: dict[str, list[float]] = {k: [] for k in ("native", "close", "build", "first",
-                                                       "stop")}
+                                                       "stop", "vcpu_start", "guest")}
     create_vm: list[float] = []
     for i in range(reps):
         create_vm.append(targets.run_floor(0)["create_vm_ns"] / 1e3)
@@ -120,12 +145,18 @@ def in_process(reps: int) -> list[dict[str, Any]]:
             if info is None or not info.clean:
                 raise proc.RunError(f"in-process vmmd: guest did not stop cleanly: {info}")
             series["stop"].append((time.perf_counter() - t0) * 1e3)
+            s = vm.stats()
+            series["vcpu_start"].append((s.first_run_ns - s.start_ns) / 1e6)
+            series["guest"].append((s.first_output_ns - s.first_run_ns) / 1e6)
     whats = {
         "native": "NativeVm() (KVM VM, irqchip, PIT2, serial, i8042)",
         "close": "NativeVm.close() of that VM (KVM VM teardown)",
         "build": "build_vm() (checks, KVM VM, 128 MiB RAM, vCPU, load, registers)",
         "first": "start() → first console line (mg=print)",
         "stop": "start() → guest stopped, wait() returns (mg=print)",
+        "vcpu_start": "start() → vCPU 0's first KVM_RUN (the core's clock)",
+        "guest": "the guest's own start-up: vCPU 0's first KVM_RUN → its first console byte "
+                 "(mg=print; the core's clock)",
     }
     return [measure("split.kvm_create_vm", "KVM_CREATE_VM ioctl alone (floor.c)", "µs",
                     {"floor": create_vm}),
