@@ -10,6 +10,9 @@
  * and the guest's three instructions.
  *
  * usage: floor N [port] [mmio]   (built and run by `python -m bench`)
+ *        floor machine N          the KVM floor of CreateVm: N times the ioctls one
+ *                                 of vmmd's VMs needs (see machine_once), timed alone
+ *                                 and averaged: {"machine_ns": ...}
  * prints one JSON line: create_vm_ns (KVM_CREATE_VM alone), exits, run_ns
  * (N KVM_RUN round trips after a warm-up) and exit_ns (run_ns / N).
  */
@@ -55,8 +58,75 @@ static void run_once(int vcpu, struct kvm_run *run, unsigned port, int mmio)
 	}
 }
 
+/* What vmmd's C core asks of KVM for one 1-vCPU, 128 MiB VM, in its order
+ * (vm.c, x86.c), without any of its own work: the VM and its TSS and identity
+ * map, the RAM slot, the irqchip and PIT, one vCPU with CPUID and registers.
+ * The supported CPUID is read once before (as vmmd does).  Returns the time
+ * it took; the close after it is not counted (KVM's teardown, ~20 ms here,
+ * is off vmmd's request path too: vmm_vm_destroy_deferred). */
+static int64_t machine_once(int kvm, int run_size, struct kvm_cpuid2 *cpuid, uint8_t *ram,
+			    size_t ram_size)
+{
+	int64_t t0 = now_ns();
+	int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+	if (vm < 0)
+		die("KVM_CREATE_VM");
+	uint64_t idmap = 0xfffbc000;
+	struct kvm_userspace_memory_region region = {
+		.slot = 0, .guest_phys_addr = 0, .memory_size = ram_size,
+		.userspace_addr = (uintptr_t)ram,
+	};
+	struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+	if (ioctl(vm, KVM_SET_TSS_ADDR, 0xfffbd000) < 0 ||
+	    ioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, &idmap) < 0 ||
+	    ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0 ||
+	    ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0 || ioctl(vm, KVM_CREATE_PIT2, &pit) < 0)
+		die("machine set-up");
+	int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+	if (vcpu < 0)
+		die("KVM_CREATE_VCPU");
+	void *run = mmap(NULL, (size_t)run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+	struct kvm_sregs sregs;
+	struct kvm_regs regs = { .rflags = 2 };
+	if (run == MAP_FAILED || ioctl(vcpu, KVM_SET_CPUID2, cpuid) < 0 ||
+	    ioctl(vcpu, KVM_GET_SREGS, &sregs) < 0 || ioctl(vcpu, KVM_SET_SREGS, &sregs) < 0 ||
+	    ioctl(vcpu, KVM_SET_REGS, &regs) < 0)
+		die("vCPU set-up");
+	int64_t took = now_ns() - t0;
+	munmap(run, (size_t)run_size);
+	close(vcpu);
+	close(vm);
+	return took;
+}
+
+static int machine(long n)
+{
+	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm < 0)
+		die("/dev/kvm");
+	int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	size_t cpuid_size = sizeof(struct kvm_cpuid2) + 256 * sizeof(struct kvm_cpuid_entry2);
+	struct kvm_cpuid2 *cpuid = calloc(1, cpuid_size);
+	size_t ram_size = 128 << 20;
+	uint8_t *ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (run_size < 0 || !cpuid || ram == MAP_FAILED)
+		die("set-up");
+	cpuid->nent = 256;
+	if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, cpuid) < 0)
+		die("KVM_GET_SUPPORTED_CPUID");
+	machine_once(kvm, run_size, cpuid, ram, ram_size);	/* warm-up */
+	int64_t total = 0;
+	for (long i = 0; i < n; i++)
+		total += machine_once(kvm, run_size, cpuid, ram, ram_size);
+	printf("{\"machines\": %ld, \"machine_ns\": %.1f}\n", n, n ? (double)total / (double)n : 0.0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc > 2 && !strcmp(argv[1], "machine"))
+		return machine(strtol(argv[2], NULL, 0));
 	long n = argc > 1 ? strtol(argv[1], NULL, 0) : 100000;
 	unsigned port = argc > 2 ? (unsigned)strtoul(argv[2], NULL, 0) : 0x520;
 	int mmio = argc > 3 && !strcmp(argv[3], "mmio");

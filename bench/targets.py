@@ -114,6 +114,12 @@ def build_floor() -> Path:
     return FLOOR_BIN
 
 
+def run_floor_machine(n: int) -> float:
+    """floor.c's KVM floor of one of our VMs (its ioctls alone, no close), ms."""
+    r = proc.run_ok([str(FLOOR_BIN), "machine", str(n)], 120, b"machine_ns")
+    return float(json.loads(r.output)["machine_ns"]) / 1e6
+
+
 def run_floor(exits: int, mmio: bool = False) -> dict[str, Any]:
     r = proc.run_ok([str(FLOOR_BIN), str(exits), hex(EXIT_PORT), *(["mmio"] if mmio else [])],
                     120, b"exit_ns")
