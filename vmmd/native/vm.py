@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 from typing import Any, Self
 
 from vmmd.errors import FieldPath, InvalidSpecError
@@ -29,14 +30,20 @@ from vmmd.native.state import (
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats, virtio_stats_of
 
 
+@functools.cache
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def _fill(cstruct: Any, value: Any) -> None:
-    """Copy a (nested) dataclass into a cffi struct of the same field names."""
-    for f in dataclasses.fields(value):
-        v = getattr(value, f.name)
-        if dataclasses.is_dataclass(v):
-            _fill(getattr(cstruct, f.name), v)
+    """Copy a (nested) dataclass into a cffi struct of the same field names.  (Field
+    names cached per class: dataclasses.fields() per call was ~0.1 ms of a CreateVm.)"""
+    for name in _names(type(value)):
+        v = getattr(value, name)
+        if hasattr(type(v), "__dataclass_fields__"):
+            _fill(getattr(cstruct, name), v)
         else:
-            setattr(cstruct, f.name, int(v))
+            setattr(cstruct, name, int(v))
 
 
 def kvm_api_version(kvm_path: str = "/dev/kvm") -> int:
