@@ -50,18 +50,29 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     return {"vcpu": vcpu, "own": total - vcpu}
 
 
-def _exits(c: Client, ids: list[str]) -> int:
-    return sum(c.get(v).counters.exits for v in ids)
+KINDS = ("exits", "exits_intr", "exits_io", "exits_mmio", "exits_other")
+
+
+def _exits(c: Client, ids: list[str]) -> dict[str, int]:
+    """The VMs' exits to the VMM, in all and by kind.  exits_intr are the VMM's own doing
+    (a kick: the halt watchdog asking, a pause); the rest are the guest's (its PIO, MMIO)."""
+    out = dict.fromkeys(KINDS, 0)
+    for v in ids:
+        counters = c.get(v).counters
+        for k in KINDS:
+            out[k] += getattr(counters, k)
+    return out
 
 
 def _window(c: Client, pid: int, ids: list[str]) -> dict[str, float]:
-    """CPU shares of one core (own threads, vCPU threads) and exits per VM per second."""
+    """CPU shares of one core (own threads, vCPU threads) and exits per VM per second, in
+    all and of each kind."""
     cpu0, exits0, t0 = _thread_cpu(pid), _exits(c, ids), time.monotonic()
     time.sleep(WINDOW_S)
     cpu1, exits1, secs = _thread_cpu(pid), _exits(c, ids), time.monotonic() - t0
     return {"own_pct": (cpu1["own"] - cpu0["own"]) / secs * 100,
             "vcpu_pct": (cpu1["vcpu"] - cpu0["vcpu"]) / secs * 100,
-            "exits_per_vm_s": (exits1 - exits0) / len(ids) / secs}
+            **{f"{k}_per_vm_s": (exits1[k] - exits0[k]) / len(ids) / secs for k in KINDS}}
 
 
 def _clones(c: Client, snap: str, n: int, prefix: str) -> list[str]:
@@ -83,8 +94,17 @@ def _rows(tag: str, what: str, w: dict[str, float], n: int) -> list[dict[str, An
                       median=1.0),
          "vcpu_threads_pct": round(w["vcpu_pct"], 3), "own_threads_pct": round(w["own_pct"], 3),
          "vms": n},
-        stats.goal(measure(f"idle.{tag}.exits", f"{what}: vCPU exits per VM per second",
-                           "1/VM/s", {"vmmd": [w["exits_per_vm_s"]]}), median=0.1),
+        # The micro-guest does nothing: every exit counts.  Linux has timers of its own: the
+        # goal is on the exits the VMM causes (kicks, exits_intr), the guest's own beside it.
+        {**stats.goal(measure(f"idle.{tag}.exits", f"{what}: " + (
+            "vCPU exits per VM per second" if tag == "micro" else
+            "exits the VMM causes (kicks: exits_intr) per VM per second"), "1/VM/s",
+            {"vmmd": [w["exits_per_vm_s" if tag == "micro" else "exits_intr_per_vm_s"]]}),
+                      median=0.1),
+         **{f"{k}_per_vm_s": round(w[f"{k}_per_vm_s"], 4) for k in KINDS}},
+        measure(f"idle.{tag}.guest_exits", f"{what}: the guest's own exits (PIO, MMIO, other) "
+                "per VM per second", "1/VM/s",
+                {"vmmd": [w["exits_per_vm_s"] - w["exits_intr_per_vm_s"]]}),
     ]
 
 

@@ -27,6 +27,8 @@ struct vmm_vcpu {
 	int answered;		/* dead_halt answers for the activity below (atomic) */
 	uint64_t answered_exits, answered_kvm;	/* the activity at the answer (atomic) */
 	uint64_t last_exits, last_kvm;	/* the watchdog's view (its rounds run on the I/O thread) */
+	int quiet_rounds;	/* rounds without activity since the last (watchdog's) */
+	int ask_after;		/* quiet rounds before it is asked (watchdog's; 0 = 1) */
 	struct vmm_kvmstats kstats;	/* KVM's counters of this vCPU (kvmstats.h) */
 	struct vmm_vcpu_stats st;	/* written by the owning thread only */
 };

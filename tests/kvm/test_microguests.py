@@ -197,6 +197,28 @@ def test_an_idle_guest_is_left_alone(microguests, vcpus: int) -> None:  # type: 
         vm.close()
 
 
+def test_a_guest_that_wakes_every_two_seconds_stops_being_asked(microguests) -> None:  # type: ignore[no-untyped-def]
+    """mg=tick ms=2000: a tick (a console exit: activity) every 2 s, quiet in between,
+    as a tickless idle kernel.  The watchdog asks after 1 quiet round, then 2, then 4
+    (ASK_AFTER_MAX 16): spells of 2 s are never asked again - no kick in the window.
+    (Asking once per quiet spell, as before, cost a kick every 2 s here.)"""
+    spec = VmSpec(vm_id="ticks", boot=BootSpec(str(microguests["pvh"]),
+                                               cmdline="mg=tick ms=2000"), memory_mib=32)
+    vm = build_vm(spec)
+    try:
+        vm.start()
+        time.sleep(7.0)  # the asks at 1 and 2 quiet rounds
+        before = vm.stats()
+        time.sleep(6.5)  # three more spells of 2 s
+        after = vm.stats()
+        assert after.console_bytes > before.console_bytes  # it kept ticking
+        assert after.exits_intr == before.exits_intr
+        assert vm.state == Phase.RUNNING
+    finally:
+        vm.stop()
+        vm.close()
+
+
 def test_a_deferred_close_still_releases_everything(microguests) -> None:  # type: ignore[no-untyped-def]
     """DeleteVm's close: KVM's teardown of the VM and the RAM's release finish
     on a C thread after close() returns - and then every fd is back and the
