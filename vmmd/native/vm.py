@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 from typing import Any, Self
 
 from vmmd.errors import FieldPath, InvalidSpecError
@@ -29,10 +28,14 @@ from vmmd.native.state import (
 )
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats, virtio_stats_of
 
+_NAMES: dict[type, tuple[str, ...]] = {}
 
-@functools.cache
+
 def _names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _fill(cstruct: Any, value: Any) -> None:
