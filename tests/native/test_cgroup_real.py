@@ -83,9 +83,14 @@ def test_limits_placement_cpu_quota_and_removal(tree: CgroupTree) -> None:
         assert read(cell, "memory.max") == str(64 * MiB)
     assert read(cell, "pids.max") == "50"
 
-    busy = child("while True: pass")
+    # Memory is charged where it is first touched (cgroup v1 moves no charges): the
+    # child writes its 4 MiB only once it is in the cell, then spins.
+    busy = child("import sys\nsys.stdin.readline()\nb = b'x' * (4 << 20)\nwhile True: pass")
     try:
         cell.add(busy.pid)
+        assert busy.stdin
+        busy.stdin.write("go\n")
+        busy.stdin.flush()
         start, used0 = time.monotonic(), cell.usage().cpu_ns
         where = f"/{tree.parent_name}/cell-a"
         placed = cgroup_paths(busy.pid)
