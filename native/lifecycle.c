@@ -145,7 +145,32 @@ static void join_all(struct vmm_vm *vm)
 }
 
 /* ---- control operations, one at a time under ctl_lock ---- */
-/* paused: every thread parks before running anything (a restored VM). */
+/* The I/O thread and the vCPU threads, running; called with ctl_lock held.
+ * On failure the VM is stopped, with every thread that did start joined. */
+static int run_threads(struct vmm_vm *vm)
+{
+	STORE(&vm->pause_req, 0);
+	int r = vmm_iothread_start(vm, &vm->io);
+	if (!r) {
+		STORE(&vm->state, VMM_VM_RUNNING);
+		for (int i = 0; i < vm->nvcpus && !r; i++)
+			r = vmm_vcpu_start(vm->vcpus[i]);
+		if (r) {
+			struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
+						.reason = VMM_STOP_KVM_ERROR, .vcpu = -1, .err = -r };
+			vmm_vm_request_stop(vm, VMM_STOP_KVM_ERROR, &ev);
+			join_all(vm);
+			STORE(&vm->state, VMM_VM_STOPPED);
+		}
+	}
+	return r;
+}
+
+/* paused (a restored VM): PAUSED with no thread at all - they start with
+ * the first resume.  A paused VM's threads would only park: making them now
+ * (two thread starts and the park handshake, ~0.3 ms here) is left to the
+ * resume, off a paused restore's path.  Nothing runs meanwhile: no vCPU, no
+ * device, no watchdog - as with parked threads. */
 static int start(struct vmm_vm *vm, int paused)
 {
 	pthread_mutex_lock(&vm->ctl_lock);
@@ -154,24 +179,12 @@ static int start(struct vmm_vm *vm, int paused)
 		r = -EINVAL;
 	if (!r) {
 		STORE(&vm->start_ns, vmm_now_ns());
-		STORE(&vm->pause_req, paused);
-		r = vmm_iothread_start(vm, &vm->io);
-	}
-	if (!r) {
-		STORE(&vm->state, VMM_VM_RUNNING);
-		for (int i = 0; i < vm->nvcpus && !r; i++)
-			r = vmm_vcpu_start(vm->vcpus[i]);
-		if (!r && paused) {
-			r = wait_parked(vm, 5000);
-			if (!r)
-				STORE(&vm->state, VMM_VM_PAUSED);
-		}
-		if (r) {
-			struct vmm_event ev = { .type = VMM_EVENT_STOPPED,
-						.reason = VMM_STOP_KVM_ERROR, .vcpu = -1, .err = -r };
-			vmm_vm_request_stop(vm, VMM_STOP_KVM_ERROR, &ev);
-			join_all(vm);
-			STORE(&vm->state, VMM_VM_STOPPED);
+		if (paused) {
+			STORE(&vm->pause_req, 1);
+			vm->threadless = 1;
+			STORE(&vm->state, VMM_VM_PAUSED);
+		} else {
+			r = run_threads(vm);
 		}
 	}
 	pthread_mutex_unlock(&vm->ctl_lock);
@@ -219,7 +232,14 @@ int vmm_vm_resume(struct vmm_vm *vm)
 {
 	pthread_mutex_lock(&vm->ctl_lock);
 	int st = LOAD(&vm->state), r = 0;
-	if (st == VMM_VM_PAUSED) {
+	if (st == VMM_VM_PAUSED && vm->threadless) {
+		vm->threadless = 0;
+		r = run_threads(vm);
+		if (!r) {
+			struct vmm_event ev = { .type = VMM_EVENT_RESUMED, .vcpu = -1 };
+			vmm_events_push(&vm->events, &ev);
+		}
+	} else if (st == VMM_VM_PAUSED) {
 		STORE(&vm->state, VMM_VM_RUNNING);
 		release_parked(vm);
 		struct vmm_event ev = { .type = VMM_EVENT_RESUMED, .vcpu = -1 };

@@ -52,6 +52,7 @@ struct vmm_vm {
 	int threads;			/* live C threads (atomic) */
 	int track_dirty;		/* dirty-page logging on (snapshots) */
 	int irqchip;			/* in-kernel irqchip and PIT made */
+	int threadless;			/* PAUSED with no thread yet: they start at resume (ctl_lock) */
 	/* Set by a machine restore that moves the clock to the host's (state.c):
 	 * the vCPUs' TSCs, restored after it, move forward by as much (x86.c). */
 	uint64_t tsc_advance_ns;

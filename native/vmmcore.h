@@ -348,7 +348,7 @@ int vmm_vm_tracks_dirty(const struct vmm_vm *vm);
  * gone (its file shrank): the VM then stops with VMM_STOP_MEMORY_FAULT. */
 int64_t vmm_vm_write_memory(struct vmm_vm *vm, int fd, uint64_t offset, int diff,
 			    uint8_t *bitmap, uint64_t bitmap_len);
-/* Start with every vCPU parked: the VM is PAUSED (a restore). */
+/* Start PAUSED (a restore): no thread is made until the first resume. */
 int vmm_vm_start_paused(struct vmm_vm *vm);
 
 /* ---- cells: a worker's jail (jail.c) and system call filter (seccomp.c) ----

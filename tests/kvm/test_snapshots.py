@@ -74,7 +74,9 @@ def test_counting_guest_goes_on_from_where_it_was(microguests, tmp_path: Path) -
         assert info.kind == "full" and info.pages_written > 0
         with restored(tmp_path / "s", "copy") as copy:
             assert counter(copy) == at_snapshot  # the same memory, not yet running
+            assert copy.thread_count() == 0  # a paused restore makes its threads at resume
             copy.resume()
+            assert copy.thread_count() == 2  # its vCPU and its I/O thread
             vm.resume()  # side by side
             run_until(copy, lambda: counter(copy) > at_snapshot + 1000, "the copy counts on")
             run_until(vm, lambda: counter(vm) > at_snapshot + 1000, "the original counts on")

@@ -188,8 +188,9 @@ class Vm:
         self.log.info("vm.started", vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib)
 
     def start_restored(self, *, paused: bool = True) -> None:
-        """A restored VM: its threads come up parked (resume() runs the guest),
-        or running at once."""
+        """A restored VM, PAUSED (resume() runs the guest; the C core makes its
+        threads then) or running at once.  Watched either way: a paused VM
+        can still stop (a snapshot that finds its memory file cut short)."""
         with self._lock:
             check_verb("start", self._state)
             if paused:
