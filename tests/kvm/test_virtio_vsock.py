@@ -41,10 +41,12 @@ def console(vm: Vm) -> str:
 
 def wait_for(vm: Vm, text: str, count: int = 1) -> None:
     deadline = time.monotonic() + HANG_S
-    while console(vm).count(text) < count:
-        assert "MG-ERROR" not in console(vm), console(vm)
-        assert vm.stop_info is None or text in console(vm), console(vm)
-        assert time.monotonic() < deadline, f"no {text!r} after {HANG_S}s:\n{console(vm)}"
+    # One read per round: the checks must see the output the count was taken on
+    # (read again, an awaited "MG-ERROR ..." line can arrive in between).
+    while (out := console(vm)).count(text) < count:
+        assert "MG-ERROR" not in out, out
+        assert vm.stop_info is None or text in out, out
+        assert time.monotonic() < deadline, f"no {text!r} after {HANG_S}s:\n{out}"
         time.sleep(0.01)
 
 
