@@ -420,6 +420,27 @@ def test_close_leaves_a_parent_with_cells(tmp_path: Path) -> None:
     assert fake.path("sys/fs/cgroup/vmmd/c").is_dir()
 
 
+def test_close_waits_out_a_moment_of_ebusy(tmp_path: Path) -> None:
+    """cgroup v1 answers EBUSY for a moment after the last child group went:
+    close() tries again (it used to leave the parent behind, logged)."""
+    fake = v2(tmp_path)
+    tree = fake.open()
+    rmdir, busy = fake.fs.rmdir, [3]
+
+    def flaky(path: str) -> None:
+        if busy[0]:
+            busy[0] -= 1
+            raise OSError(errno.EBUSY, "a child group still going", path)
+        rmdir(path)
+
+    fake.fs.rmdir = flaky  # type: ignore[method-assign]
+    assert tree.close() is True
+    assert not fake.path("sys/fs/cgroup/vmmd").exists()
+    busy[0] = 10**6  # never goes: given up in time, logged, not raised
+    tree2 = fake.open()
+    assert tree2.close(timeout_s=0.05) is False
+
+
 def test_real_kill_uses_cgroup_kill_where_there_is_one(tmp_path: Path) -> None:
     group = tmp_path / "g"
     group.mkdir()

@@ -318,18 +318,26 @@ class CgroupTree:
             raise
         return group
 
-    def close(self) -> bool:
+    def close(self, timeout_s: float = 1.0) -> bool:
         """Remove our parent group where it is empty; False (logged) where
-        a cell's group is still in it."""
+        a cell's group is still in it.  EBUSY is tried again until
+        `timeout_s`: cgroup v1 answers it for a moment after the last
+        child group went (seen at daemon shutdown, right after a cell's)."""
+        deadline = time.monotonic() + timeout_s
         ok = True
         for d in self.dirs:
-            try:
-                self._fs.rmdir(d)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("cgroup.parent_left", dir=d, error=e.strerror)
-                ok = False
+            while True:
+                try:
+                    self._fs.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                        time.sleep(_POLL_S)
+                        continue
+                    log.warning("cgroup.parent_left", dir=d, error=e.strerror)
+                    ok = False
+                break
         return ok
 
 
