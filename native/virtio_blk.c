@@ -159,9 +159,6 @@ static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 	struct vmm_blk *b = (struct vmm_blk *)v;
 	struct vmm_virtq *q = &v->q[qi];
 	struct vmm_chain c;
-	v->st.notifies++;
-	if (v->status & VMM_VIRTIO_STATUS_NEEDS_RESET)
-		return;	/* a broken queue stays stopped until the driver resets */
 	for (;;) {
 		int r = vmm_virtq_pop(q, v->mem, &c);
 		if (r == 0)

@@ -83,10 +83,15 @@ static struct vmm_virtq *selected(struct vmm_virtio *v)
 }
 
 /* Buffers are the driver's until DRIVER_OK (virtio 1.x, 3.1.2): the device
- * consumes none before it, whatever a guest-controlled notify says. */
+ * consumes none before it, whatever a guest-controlled notify says.  A
+ * device that failed (NEEDS_RESET: a bad chain) stays stopped until the
+ * driver resets it: its queue_notify is not called, the notify only counted. */
 static void serve_queue(struct vmm_virtio *v, uint32_t q)
 {
-	if ((v->status & ST_DRIVER_OK) && !v->faulted)
+	if (!(v->status & ST_DRIVER_OK) || v->faulted)
+		return;
+	v->st.notifies++;
+	if (!(v->status & VMM_VIRTIO_STATUS_NEEDS_RESET))
 		v->ops->queue_notify(v, q);
 }
 

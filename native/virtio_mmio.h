@@ -36,7 +36,9 @@ struct vmm_virtio_ops {
 	uint32_t num_queues;
 	uint64_t features;	/* device-specific bits; the transport adds its own */
 	void (*config_read)(void *priv, uint64_t off, uint8_t *data, uint32_t len);
-	/* Process queue q: pop, serve, push.  Called with the transport lock held. */
+	/* Process queue q: pop, serve, push.  Called with the transport lock held,
+	 * after DRIVER_OK and never once the device needs a reset (the
+	 * transport counts the notify: st.notifies). */
 	void (*queue_notify)(struct vmm_virtio *v, uint32_t q);
 	void (*reset)(void *priv);
 	/* The driver set DRIVER_OK: negotiated features are final (net mirrors

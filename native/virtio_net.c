@@ -171,9 +171,6 @@ static void rx(struct vmm_net *n)
 static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 {
 	struct vmm_net *n = (struct vmm_net *)v;
-	v->st.notifies++;
-	if (v->status & VMM_VIRTIO_STATUS_NEEDS_RESET)
-		return;
 	if (qi == VMM_NET_TXQ) {
 		tx(v);
 		return;

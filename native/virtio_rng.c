@@ -64,9 +64,6 @@ static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 	struct vmm_rng *r = (struct vmm_rng *)v;
 	struct vmm_virtq *q = &v->q[qi];
 	struct vmm_chain c;
-	v->st.notifies++;
-	if (v->status & VMM_VIRTIO_STATUS_NEEDS_RESET)
-		return;	/* a broken queue stays stopped until the driver resets */
 	for (;;) {
 		int p = vmm_virtq_pop(q, v->mem, &c);
 		if (p == 0)

@@ -779,9 +779,6 @@ static void backend_ready(struct vmm_virtio *v)
 static void queue_notify(struct vmm_virtio *v, uint32_t qi)
 {
 	struct vmm_vsock *vs = (struct vmm_vsock *)v;
-	v->st.notifies++;
-	if (v->status & VMM_VIRTIO_STATUS_NEEDS_RESET)
-		return;
 	if (qi == VMM_VSOCK_TXQ)
 		tx(vs);
 	else if (qi == VMM_VSOCK_RXQ)
