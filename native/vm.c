@@ -274,8 +274,8 @@ struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm)
 	return vm->mem;
 }
 
-/* base: the supported CPUID read earlier (a blob), or NULL to read it now. */
-static int create_vcpus(struct vmm_vm *vm, int n, int bare, const struct kvm_cpuid2 *base)
+/* base: KVM's supported CPUID (the checked blob), or NULL for bare vCPUs. */
+static int create_vcpus(struct vmm_vm *vm, int n, const struct kvm_cpuid2 *base)
 {
 	if (n < 1 || n > VMM_MAX_VCPUS)
 		return -EINVAL;
@@ -284,21 +284,10 @@ static int create_vcpus(struct vmm_vm *vm, int n, int bare, const struct kvm_cpu
 	int r = setup_irqchip(vm);
 	if (r)
 		return r;
-	if (bare) {
-		vm->cpuid_base = NULL;
-	} else if (base) {
-		vm->cpuid_base = malloc(vmm_x86_cpuid_size());
-		if (!vm->cpuid_base)
-			return -ENOMEM;
-		memcpy(vm->cpuid_base, base, vmm_x86_cpuid_size());
-	} else {
-		vm->cpuid_base = vmm_x86_supported_cpuid(vm->kvm_fd);
-		if (!vm->cpuid_base)
-			return errno ? -errno : -ENOMEM;
-	}
+	vm->cpuid_base = base;	/* read by each vCPU's set-up, during this call only */
 	vm->nvcpus = n;	/* CPUID topology needs the count up front */
 	for (int i = 0; i < n && !r; i++) {
-		r = vmm_vcpu_create(vm, i, bare, &vm->vcpus[i]);
+		r = vmm_vcpu_create(vm, i, !base, &vm->vcpus[i]);
 		if (r) {
 			while (i--) {
 				vmm_vcpu_destroy(vm->vcpus[i]);
@@ -307,19 +296,13 @@ static int create_vcpus(struct vmm_vm *vm, int n, int bare, const struct kvm_cpu
 			vm->nvcpus = 0;
 		}
 	}
-	free(vm->cpuid_base);
 	vm->cpuid_base = NULL;
 	return r;
 }
 
-int vmm_vm_create_vcpus(struct vmm_vm *vm, int n)
-{
-	return create_vcpus(vm, n, 0, NULL);
-}
-
 int vmm_vm_create_vcpus_bare(struct vmm_vm *vm, int n)
 {
-	return create_vcpus(vm, n, 1, NULL);
+	return create_vcpus(vm, n, NULL);
 }
 
 size_t vmm_cpuid_blob_size(void)
@@ -347,7 +330,7 @@ int vmm_vm_create_vcpus_cpuid(struct vmm_vm *vm, int n, const void *blob, size_t
 	if (!blob || len != vmm_x86_cpuid_size() ||
 	    base->nent > (len - sizeof(*base)) / sizeof(base->entries[0]))
 		return -EINVAL;
-	return create_vcpus(vm, n, 0, base);
+	return create_vcpus(vm, n, base);
 }
 
 int vmm_vm_vcpu_count(const struct vmm_vm *vm)

@@ -36,7 +36,7 @@ struct vmm_vm {
 	int nvcpus;
 	struct vmm_vcpu *vcpus[VMM_MAX_VCPUS];
 	/* KVM's supported CPUID, read once while vCPUs are created (x86.c). */
-	struct kvm_cpuid2 *cpuid_base;
+	const struct kvm_cpuid2 *cpuid_base;
 	struct vmm_iothread *io;
 	int nvirtio;
 	struct vmm_virtio *virtio[VMM_MAX_VIRTIO];	/* served by the I/O thread */

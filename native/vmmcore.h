@@ -178,16 +178,16 @@ void vmm_vm_destroy(struct vmm_vm *vm);	/* stops, joins, closes, frees */
 void vmm_vm_destroy_deferred(struct vmm_vm *vm);
 int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size);
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
-/* Creates n vCPUs: CPUID from KVM_GET_SUPPORTED_CPUID with per-vCPU APIC
- * ids and topology, boot MSRs, LAPIC LINT0/LINT1, FPU defaults. */
-int vmm_vm_create_vcpus(struct vmm_vm *vm, int n);
-/* The same without the set-up: for a restore, whose state sets it all. */
+/* Creates n vCPUs without set-up: for a restore, whose state sets it all.
+ * vmm_vm_create_vcpus_cpuid (below) makes them for a boot. */
 int vmm_vm_create_vcpus_bare(struct vmm_vm *vm, int n);
 /* KVM_GET_SUPPORTED_CPUID costs ~0.4 ms on our hosts and its answer never
  * changes: a process reads it once into a blob of vmm_cpuid_blob_size()
  * bytes and creates every later VM's vCPUs from that blob (checked). */
 size_t vmm_cpuid_blob_size(void);
 int vmm_vm_supported_cpuid(struct vmm_vm *vm, void *blob, size_t len);
+/* n vCPUs for a boot: CPUID from the blob with per-vCPU APIC ids and
+ * topology, boot MSRs, LAPIC LINT0/LINT1, FPU defaults. */
 int vmm_vm_create_vcpus_cpuid(struct vmm_vm *vm, int n, const void *blob, size_t len);
 int vmm_vm_vcpu_count(const struct vmm_vm *vm);
 int vmm_vcpu_set_boot_regs(struct vmm_vm *vm, int idx, const struct vmm_boot_regs *regs);
