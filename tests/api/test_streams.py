@@ -99,7 +99,8 @@ def test_console_follow_ends_when_deleted(stub: Stub, daemon: Daemon,
     followers = [follow(stub, "d") for _ in range(4)]
     stub.DeleteVm(pb.DeleteVmRequest(vm_id="d"), timeout=HANG_S)
     for f in followers:
-        assert b"".join(c.data for c in f.result(HANG_S)) in (b"", b"MG-START\n")
+        # The delete may cut the guest's line short: it prints byte by byte.
+        assert b"MG-START\n".startswith(b"".join(c.data for c in f.result(HANG_S)))
     assert daemon.health() == health_pb2.HealthCheckResponse.SERVING
 
 

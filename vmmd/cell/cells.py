@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vmmd.cell.cgroup import CgroupError
 from vmmd.cell.remote import Channel, RemoteNativeVm
 from vmmd.cell.zygote import WorkerJail, Zygote, exit_cause
 from vmmd.errors import InvalidSpecError, NativeError, ResourceExhaustedError, StateError, quoted
@@ -121,7 +122,7 @@ class Cell:
         if self.cgroup is not None and self.dead is None:
             try:
                 memory = self.cgroup.usage().memory_bytes
-            except OSError:
+            except (OSError, CgroupError):  # the cell's group just went (a delete racing)
                 pass
         return CellInfo(name=self.name, pid=self.pid, uid=self.uid, cpu_time_s=cpu,
                         rss_bytes=rss, memory_bytes=memory, limits=self.limits,
