@@ -11,7 +11,8 @@ imports nothing of vmmd but errors.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd.errors import InvalidSpecError, ResourceExhaustedError
 
@@ -56,8 +57,7 @@ def parse_budget(text: str) -> int | None:
     return value * _UNITS[unit]
 
 
-@dataclass(frozen=True)
-class BudgetInfo:
+class BudgetInfo(msgspec.Struct, frozen=True):
     budget_bytes: int  # 0: unlimited
     committed_bytes: int
     overhead_per_vm_bytes: int

@@ -13,7 +13,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+
+import msgspec
 
 from vmmd.info import StopKind
 
@@ -29,11 +30,10 @@ class EventKind(enum.Enum):
     RESTORED = "restored"
 
 
-@dataclass(frozen=True)
-class LifecycleEvent:
+class LifecycleEvent(msgspec.Struct, frozen=True):
     vm_id: str
     kind: EventKind
-    time: float = field(default_factory=time.time)
+    time: float = msgspec.field(default_factory=time.time)
     reason: StopKind | None = None  # STOPPED only
     message: str = ""
 

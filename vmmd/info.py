@@ -11,7 +11,8 @@ leaves.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+
+import msgspec
 
 from vmmd.spec import CellLimits, VmSpec
 
@@ -36,14 +37,12 @@ class StopKind(enum.Enum):
     STOPPED_BY_API = "stopped_by_api"
 
 
-@dataclass(frozen=True)
-class StopSummary:
+class StopSummary(msgspec.Struct, frozen=True):
     kind: StopKind
     message: str
 
 
-@dataclass(frozen=True)
-class DeviceCounters:
+class DeviceCounters(msgspec.Struct, frozen=True):
     device_id: str
     requests: int
     bytes_read: int
@@ -53,8 +52,7 @@ class DeviceCounters:
     interrupts: int
 
 
-@dataclass(frozen=True)
-class InterfaceCounters:
+class InterfaceCounters(msgspec.Struct, frozen=True):
     iface_id: str
     rx_packets: int
     rx_bytes: int
@@ -66,8 +64,7 @@ class InterfaceCounters:
     interrupts: int
 
 
-@dataclass(frozen=True)
-class VsockCounters:
+class VsockCounters(msgspec.Struct, frozen=True):
     rx_packets: int
     rx_bytes: int
     tx_packets: int
@@ -80,8 +77,7 @@ class VsockCounters:
     interrupts: int
 
 
-@dataclass(frozen=True)
-class VmCounters:
+class VmCounters(msgspec.Struct, frozen=True):
     exits: int = 0
     exits_io: int = 0
     exits_mmio: int = 0
@@ -99,8 +95,7 @@ class VmCounters:
     guest_startup_us: int = 0  # that -> the guest's first console byte
 
 
-@dataclass(frozen=True)
-class CellInfo:
+class CellInfo(msgspec.Struct, frozen=True):
     """The cell a VM runs in, read at that moment (the API's CellInfo)."""
 
     name: str           # as the VM's spec named it, or the daemon's name for a cell of its own
@@ -113,8 +108,7 @@ class CellInfo:
     shared: bool        # a named cell other VMs may join (False: its own, or no cells)
 
 
-@dataclass(frozen=True)
-class VmInfo:
+class VmInfo(msgspec.Struct, frozen=True):
     vm_id: str
     phase: Phase
     spec: VmSpec        # as the VM got it (defaults resolved, MACs filled in)
@@ -122,13 +116,12 @@ class VmInfo:
     created_at: float
     started_at: float | None
     uptime_s: float
-    counters: VmCounters = field(default_factory=VmCounters)
+    counters: VmCounters = msgspec.field(default_factory=VmCounters)
     stop: StopSummary | None = None
     cell: CellInfo | None = None  # None: not known (the reply's Vm.cell is unset)
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
+class SnapshotInfo(msgspec.Struct, frozen=True):
     vm_id: str          # the VM it was taken of
     directory: str
     snapshot_id: str

@@ -20,7 +20,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+
+import msgspec
 
 from vmmd.budget import BudgetInfo, MemoryBudget
 from vmmd.cell.cells import Lease, Placement, SharedPlacement
@@ -49,17 +50,16 @@ STOP_POLL_S = 0.1  # how often a graceful stop's wait looks whether to give up
 _RESERVED = object()
 
 
-@dataclass
-class VmEntry:
+class VmEntry(msgspec.Struct):
     vm: Vm
-    created_at: float = field(default_factory=time.time)
+    created_at: float = msgspec.field(default_factory=time.time)
     started_at: float | None = None
     stopped_at: float | None = None  # set once, with the STOPPED event (stop_lock)
     deleted: bool = False  # set under `lock`; a deleted entry is never touched again
     memory_bytes: int = 0  # reserved in the memory budget; given back at delete
     lease: Lease | None = None  # the VM's place in a cell; given back at delete
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = msgspec.field(default_factory=threading.RLock)
+    stop_lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
     deleting: bool = False  # DeleteVm is waiting for this entry's lock
 
     @property

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+
+import msgspec
 
 from vmmd.errors import FieldPath, InvalidSpecError, quoted
 
@@ -25,8 +26,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ID_RULE = "must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
 
 
-@dataclass(frozen=True)
-class BootSpec:
+class BootSpec(msgspec.Struct, frozen=True):
     """How the guest boots.  cmdline None: the default command line (the
     builder resolves it, with this host's workarounds); cmdline_append is
     added to whichever it is."""
@@ -37,8 +37,7 @@ class BootSpec:
     cmdline_append: str | None = None
 
 
-@dataclass(frozen=True)
-class DriveSpec:
+class DriveSpec(msgspec.Struct, frozen=True):
     """A raw disk image given to the guest as a virtio-blk device."""
 
     drive_id: str
@@ -47,8 +46,7 @@ class DriveSpec:
     is_root_device: bool = False
 
 
-@dataclass(frozen=True)
-class NetSpec:
+class NetSpec(msgspec.Struct, frozen=True):
     """A network interface: a host tap device given to the guest as virtio-net.
     guest_mac None: generated, stable for the VM id and interface id.  netns:
     the named network namespace the tap lives in ("": the daemon's)."""
@@ -60,8 +58,7 @@ class NetSpec:
     netns: str = ""
 
 
-@dataclass(frozen=True)
-class VsockSpec:
+class VsockSpec(msgspec.Struct, frozen=True):
     """A virtio-vsock device: the guest's context id and the Unix socket the
     daemon listens on for host clients (guest connects to host port P go to
     "<uds_path>_<P>")."""
@@ -87,8 +84,7 @@ MIN_CELL_MEM_MIB, MAX_CELL_MEM_MIB = 16, 1 << 30
 MIN_PIDS, MAX_PIDS = 8, 1 << 22
 
 
-@dataclass(frozen=True)
-class CellLimits:
+class CellLimits(msgspec.Struct, frozen=True):
     """Caps on a cell (its cgroup); 0: no limit.  cpu is a fraction of one
     core (0.25: a quarter), memory_mib the cell's host memory, guest RAM
     included, pids the most tasks (processes and threads)."""
@@ -98,16 +94,14 @@ class CellLimits:
     pids: int = 0
 
 
-@dataclass(frozen=True)
-class EntropySpec:
+class EntropySpec(msgspec.Struct, frozen=True):
     """The virtio entropy device: random bytes from the host's getrandom(),
     at most max_request_bytes per request (0: the device's bound, 64 KiB)."""
 
     max_request_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class VmSpec:
+class VmSpec(msgspec.Struct, frozen=True):
     vm_id: str
     boot: BootSpec
     vcpus: int = DEFAULT_VCPUS
@@ -165,8 +159,7 @@ def check_limits(limits: CellLimits, path: FieldPath = ("limits",)) -> CellLimit
     return limits
 
 
-@dataclass(frozen=True)
-class DriveOverride:
+class DriveOverride(msgspec.Struct, frozen=True):
     """At restore: the snapshot's drive `drive_id` now lives at `path_on_host`."""
 
     drive_id: str
@@ -176,8 +169,7 @@ class DriveOverride:
 AUTO_MAC = "auto"  # an override's guest_mac: a MAC generated from the new VM's id
 
 
-@dataclass(frozen=True)
-class NetOverride:
+class NetOverride(msgspec.Struct, frozen=True):
     """At restore: the snapshot's interface `iface_id` goes onto tap
     `host_dev_name` (in `netns`; "" and no netns: the snapshot's tap stays),
     with `guest_mac` ("": the snapshot's; AUTO_MAC: generated for the new VM)."""
@@ -189,8 +181,7 @@ class NetOverride:
     netns: str = ""
 
 
-@dataclass(frozen=True)
-class VsockOverride:
+class VsockOverride(msgspec.Struct, frozen=True):
     """At restore: the snapshot's vsock device listens at `uds_path` ("": the
     snapshot's) and has context id `guest_cid` (0: the snapshot's)."""
 
@@ -198,21 +189,19 @@ class VsockOverride:
     uds_path: str = ""
 
 
-@dataclass(frozen=True)
-class DeviceOverrides:
+class DeviceOverrides(msgspec.Struct, frozen=True):
     drives: tuple[DriveOverride, ...] = ()
     network_interfaces: tuple[NetOverride, ...] = ()
     vsock: VsockOverride | None = None
 
 
-@dataclass(frozen=True)
-class RestoreSpec:
+class RestoreSpec(msgspec.Struct, frozen=True):
     """A VM from a snapshot: its new id, where its devices go now, and where
     it runs (its cell and the cell's limits, as VmSpec's: a snapshot has none)."""
 
     snapshot_dir: str
     vm_id: str
-    overrides: DeviceOverrides = field(default_factory=DeviceOverrides)
+    overrides: DeviceOverrides = msgspec.field(default_factory=DeviceOverrides)
     track_dirty_pages: bool = False
     cell: str = ""
     limits: CellLimits = CellLimits()

@@ -28,7 +28,6 @@ call of the VMs it makes next (or of the n-th one).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import errno
 import functools
@@ -36,8 +35,9 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
+
+import msgspec
 
 from vmmd.errors import FieldPath, InvalidSpecError, NativeError
 from vmmd.native import (
@@ -82,15 +82,13 @@ class RunState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(msgspec.Struct, frozen=True):
     name: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
 
-@dataclass
-class RamRegion:
+class RamRegion(msgspec.Struct):
     gpa: int
     size: int
     fd: int = -1  # a dup of the memory file (restore): pages not written read from it
@@ -101,15 +99,14 @@ class RamRegion:
         return self.gpa + self.size
 
 
-@dataclass
-class FakeDevice:
+class FakeDevice(msgspec.Struct):
     kind: str  # "blk" | "net" | "rng" | "vsock"
     fd: int  # blk: our duplicate of the image; net: the caller's tap fd; rng: -1; vsock: our
     # listener dup
     mmio_base: int
     gsi: int
     options: dict[str, Any]
-    stats: VirtioStats = field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    stats: VirtioStats = msgspec.field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
     state: VirtioState | None = None
 
 
@@ -343,8 +340,8 @@ class FakeNativeVm:
             regs = self.boot_regs.get(idx)
         if regs is None:
             return {}, 0
-        return {f.name: getattr(regs, f.name) for f in dataclasses.fields(regs)
-                if isinstance(getattr(regs, f.name), int)}, 0
+        return {f: getattr(regs, f) for f in regs.__struct_fields__
+                if isinstance(getattr(regs, f), int)}, 0
 
     # ---- guest RAM ----
     def _region(self, gpa: int, length: int) -> RamRegion | None:
@@ -443,7 +440,7 @@ class FakeNativeVm:
 
     def set_virtio_stats(self, idx: int, **counters: int) -> None:
         d = self.devices[idx]
-        d.stats = dataclasses.replace(d.stats, **counters)
+        d.stats = msgspec.structs.replace(d.stats, **counters)
 
     # ---- snapshots ----
     def _paused(self, op: str) -> None:
@@ -532,7 +529,7 @@ class FakeNativeVm:
         with self._lock:
             self._paused("save UART and i8042")
             if self.legacy is not None:
-                return dataclasses.replace(self.legacy, console_head=len(self.console))
+                return msgspec.structs.replace(self.legacy, console_head=len(self.console))
         return LegacyState(ier=0, lcr=3, mcr=0, scr=0, dll=1, dlm=0, thr_ipending=0,
                            irq_level=0, rx=b"", ctr=0, cmd=0, status_cmd=0, outp=0, kbd=b"",
                            console_head=len(self.console))
@@ -617,7 +614,7 @@ class FakeNativeVm:
     @_op
     def stats(self) -> VmStats:
         with self._lock:
-            values = {f.name: 0 for f in dataclasses.fields(VmStats)}
+            values = {f: 0 for f in VmStats.__struct_fields__}
             values.update(self.vm_stats)
             values["console_bytes"] = len(self.console)
             return VmStats(**values)

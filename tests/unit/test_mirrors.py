@@ -1,16 +1,15 @@
 """One shape per saved or reported struct: the C struct (native/vmmcore.h, as
-cffi sees it), the Python dataclass and the protobuf message carry the same
+cffi sees it), the Python record and the protobuf message carry the same
 fields, up to the explicit renames and omissions below.  A field added to
 one shape and not the others fails here, in the unit tier, instead of on
 the first snapshot of a KVM test.
 
-Each row: C struct, dataclass, message, renames (C/dataclass name -> message
+Each row: C struct, record, message, renames (C/record name -> message
 name), and the fields one side has on purpose and the others do not (with
 the reason)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -41,13 +40,13 @@ C_ONLY = {
     "struct vmm_event": {"insn_len"},
 }
 
-# (C struct, dataclass, message, {dataclass name: message name}, dataclass-only, message-only)
+# (C struct, record, message, {record name: message name}, record-only, message-only)
 SAVED: list[tuple[str, type, Any, dict[str, str], set[str], set[str]]] = [
     ("struct vmm_vcpu_state", VcpuState, spb.VcpuState, {}, set(), set()),
     ("struct vmm_cpuid_entry", CpuidEntry, spb.CpuidEntry, {}, set(), set()),
     ("struct vmm_machine_state", MachineState, spb.MachineState, {}, set(), set()),
     ("struct vmm_virtq_state", QueueState, spb.VirtqueueState, {}, set(), set()),
-    # C calls the queue array q; the dataclass and the message say queues.
+    # C calls the queue array q; the record and the message say queues.
     ("struct vmm_virtio_state", VirtioState, spb.VirtioDevice, {}, set(), set()),
     ("struct vmm_legacy_state", LegacyState, spb.LegacyDevices,
      {"rx": "rx_fifo", "kbd": "kbd_buffer"}, set(), set()),
@@ -60,7 +59,7 @@ def c_fields(ctype: str) -> set[str]:
 
 
 def dc_fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+    return set(cls.__struct_fields__)
 
 
 def pb_fields(msg: Any) -> set[str]:
@@ -110,7 +109,7 @@ def test_counters_have_one_shape() -> None:
     assert set(drive_from.values()) <= dc_fields(VirtioStats)
 
 
-def test_the_event_struct_matches_its_dataclass() -> None:
+def test_the_event_struct_matches_its_record() -> None:
     assert c_fields("struct vmm_event") == dc_fields(Event)
 
 

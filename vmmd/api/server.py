@@ -10,9 +10,8 @@ calls are plain functions run on a bounded pool whose idle threads exit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
+import msgspec
 
 from vmmd._proto.vmmd.v1 import vmm_pb2
 from vmmd.api.discovery import NOT_SERVING, HealthServicer, add_discovery_services
@@ -27,15 +26,13 @@ MAX_WORKERS = 64
 IDLE_THREAD_S = 10.0
 
 
-@dataclass(frozen=True)
-class TlsConfig:
+class TlsConfig(msgspec.Struct, frozen=True):
     cert_chain: bytes
     private_key: bytes
     client_ca: bytes | None = None  # set: clients must present a cert (mTLS)
 
 
-@dataclass
-class ApiServer:
+class ApiServer(msgspec.Struct):
     server: grpc.aio.Server
     health: HealthServicer
     ports: list[int]

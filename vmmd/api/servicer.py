@@ -13,10 +13,10 @@ import asyncio
 import functools
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import msgspec
 from google.protobuf.message import DecodeError
 
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
@@ -67,8 +67,7 @@ def edge_stream(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@dataclass(frozen=True)
-class Undecodable:
+class Undecodable(msgspec.Struct, frozen=True):
     """A request whose bytes are not the message they should be."""
 
     message: str

@@ -29,8 +29,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import msgspec
 
 from vmmd.cell.cgroup import CgroupError
 from vmmd.cell.remote import Channel, RemoteNativeVm
@@ -68,8 +69,7 @@ class Placement(Protocol):
 
 
 # ---- --isolation none ----
-@dataclass
-class _SharedLease:
+class _SharedLease(msgspec.Struct):
     factory: NativeFactory | None
     name: str
 
@@ -98,8 +98,7 @@ class SharedPlacement:
 
 
 # ---- cells ----
-@dataclass(eq=False)
-class Cell:
+class Cell(msgspec.Struct, eq=False):
     name: str
     limits: CellLimits
     uid: int
@@ -110,11 +109,11 @@ class Cell:
     report_fd: int = -1
     refs: int = 0
     ram_bytes: int = 0
-    natives: set[RemoteNativeVm] = field(default_factory=set)
+    natives: set[RemoteNativeVm] = msgspec.field(default_factory=set)
     dead: str | None = None
     reclaimed: bool = False  # its cgroup, root and uid given back (once)
-    exited: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    exited: threading.Event = msgspec.field(default_factory=threading.Event)
+    lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
 
     def info(self) -> CellInfo:
         cpu, rss = _proc_usage(self.pid) if self.dead is None else (0.0, 0)
@@ -142,8 +141,7 @@ def _proc_usage(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(statm[1]) * _PAGE
 
 
-@dataclass
-class _CellLease:
+class _CellLease(msgspec.Struct):
     pool: CellPlacement
     cell: Cell
     ram_bytes: int

@@ -38,7 +38,8 @@ import re
 import signal
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd.errors import VmmError
 from vmmd.log import get_logger
@@ -71,15 +72,13 @@ class CgroupError(VmmError):
         super().__init__(text)
 
 
-@dataclass(frozen=True)
-class CgroupUsage:
+class CgroupUsage(msgspec.Struct, frozen=True):
     cpu_ns: int  # CPU time used by the cell's processes since the group was made
     memory_bytes: int  # memory charged to the group now (page cache included)
     pids: int  # tasks (processes and threads) in the group now
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(msgspec.Struct, frozen=True):
     """One line of /proc/self/mountinfo, the fields we use."""
 
     root: str  # the path inside the filesystem that is mounted (a cgroup's path)
@@ -111,8 +110,7 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(msgspec.Struct, frozen=True):
     """Where this host keeps our controllers."""
 
     version: int  # 1 or 2

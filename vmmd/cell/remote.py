@@ -334,7 +334,7 @@ class RemoteNativeVm:
             except WorkerGone:
                 pass
         if self._stats is None:
-            return VmStats(**{f: 0 for f in VmStats.__dataclass_fields__})
+            return VmStats(**{f: 0 for f in VmStats.__struct_fields__})
         return self._stats
 
     def virtio_stats(self, idx: int) -> VirtioStats:
@@ -345,7 +345,7 @@ class RemoteNativeVm:
             except WorkerGone:
                 pass
         if idx not in self._vstats:
-            return VirtioStats(**{f: 0 for f in VirtioStats.__dataclass_fields__})
+            return VirtioStats(**{f: 0 for f in VirtioStats.__struct_fields__})
         return self._vstats[idx]
 
     def thread_count(self) -> int:

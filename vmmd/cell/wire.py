@@ -13,7 +13,6 @@ worker as dead.
 from __future__ import annotations
 
 import array
-import dataclasses
 import math
 import os
 import select
@@ -21,6 +20,7 @@ import socket
 import time
 from typing import Any
 
+import msgspec
 from google.protobuf.message import DecodeError
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
@@ -48,8 +48,8 @@ class ProtocolError(Exception):
 
 
 # Records: the plain values that cross, by name, with their fields' types.
-_RECORDS: dict[str, type] = {c.__name__: c for c in (Event, VmStats, VirtioStats, BootRegs,
-                                                     Segment)}
+_RECORDS: dict[str, type[msgspec.Struct]] = {
+    c.__name__: c for c in (Event, VmStats, VirtioStats, BootRegs, Segment)}
 _ENUMS = {("Event", "type"): EventType, ("Event", "reason"): StopReason}
 
 
@@ -86,9 +86,9 @@ def encode(v: Any, fds: list[int]) -> cpb.CellValue:
         return cpb.CellValue(record=cpb.CellRecord(fields={
             str(k): encode(x, fds) for k, x in v.items()}))
     name = type(v).__name__
-    if _RECORDS.get(name) is type(v) and dataclasses.is_dataclass(v):
+    if _RECORDS.get(name) is type(v) and isinstance(v, msgspec.Struct):
         return cpb.CellValue(record=cpb.CellRecord(type=name, fields={
-            f.name: encode(getattr(v, f.name), fds) for f in dataclasses.fields(v)}))
+            f: encode(getattr(v, f), fds) for f in v.__struct_fields__}))
     raise TypeError(f"no wire form for {name}")
 
 
@@ -132,27 +132,27 @@ def _record(r: cpb.CellRecord, fds: list[int]) -> Any:
     cls = _RECORDS.get(r.type)
     if cls is None:
         raise ProtocolError(f"unknown record type {r.type[:40]!r}")
-    fields = dataclasses.fields(cls)
-    if set(r.fields) != {f.name for f in fields}:
+    # (name, annotation as written): these modules' annotations stay strings.
+    fields = [(f, cls.__annotations__[f]) for f in cls.__struct_fields__]
+    if set(r.fields) != {name for name, _ in fields}:
         raise ProtocolError(f"{r.type}: fields {sorted(r.fields)[:20]}")
     values = {}
-    for f in fields:
-        v = decode(r.fields[f.name], fds)
-        enum = _ENUMS.get((r.type, f.name))
-        want: type = _RECORDS.get(str(f.type)) or (bytes if f.type in ("bytes", bytes) else int)
+    for name, ann in fields:
+        v = decode(r.fields[name], fds)
+        enum = _ENUMS.get((r.type, name))
+        want: type = _RECORDS.get(str(ann)) or (bytes if ann in ("bytes", bytes) else int)
         if not isinstance(v, want) or isinstance(v, bool):
-            raise ProtocolError(f"{r.type}.{f.name}: a {type(v).__name__}")
+            raise ProtocolError(f"{r.type}.{name}: a {type(v).__name__}")
         if enum is not None:
             try:
                 v = enum(v)  # type: ignore[arg-type]  # an int, checked above
             except ValueError:
-                raise ProtocolError(f"{r.type}.{f.name}: {v} is not a {enum.__name__}") from None
-        values[f.name] = v
+                raise ProtocolError(f"{r.type}.{name}: {v} is not a {enum.__name__}") from None
+        values[name] = v
     return cls(**values)
 
 
-@dataclasses.dataclass(frozen=True)
-class Fd:
+class Fd(msgspec.Struct, frozen=True):
     """A file descriptor to pass (encode), or one received (decode: the
     receiver owns it and must close it)."""
 

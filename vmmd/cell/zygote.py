@@ -26,7 +26,8 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.cell import wire
@@ -37,8 +38,7 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass(frozen=True)
-class WorkerJail:
+class WorkerJail(msgspec.Struct, frozen=True):
     """What a worker is made: who it runs as and its limits."""
 
     cell: str

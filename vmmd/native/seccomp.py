@@ -3,8 +3,9 @@ reports to the broker."""
 
 from __future__ import annotations
 
-import dataclasses
 import struct
+
+import msgspec
 
 from vmmd.native._lib import check, ffi, lib
 
@@ -15,8 +16,7 @@ _REPORT = struct.Struct("=IiQ")  # struct vmm_seccomp_report: magic, syscall_nr,
 assert _REPORT.size == REPORT_SIZE
 
 
-@dataclasses.dataclass(frozen=True)
-class SeccompReport:
+class SeccompReport(msgspec.Struct, frozen=True):
     """A system call the filter refused: the worker died of it."""
 
     syscall_nr: int

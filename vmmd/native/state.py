@@ -1,6 +1,6 @@
 """What the C core saves of a VM for a snapshot, as plain values (frozen
-dataclasses mirroring native/vmmcore.h's structs field for field; the unit
-test test_mirrors.py pins C struct, dataclass and snapshot.proto together),
+records mirroring native/vmmcore.h's structs field for field; the unit
+test test_mirrors.py pins C struct, record and snapshot.proto together),
 and their packing into C structs.
 
 Sizes come from the C structs themselves (cffi), so a blob of the wrong
@@ -11,15 +11,14 @@ the same packed structs (the snapshot cache holds them).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from vmmd.native._lib import ffi
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(msgspec.Struct, frozen=True):
     function: int
     index: int
     flags: int
@@ -29,8 +28,7 @@ class CpuidEntry:
     edx: int
 
 
-@dataclass(frozen=True)
-class VcpuState:
+class VcpuState(msgspec.Struct, frozen=True):
     """One vCPU: KVM structs as byte blobs of fixed sizes (BLOB_SIZES), plus
     mp_state, the MSRs (index, value) and the CPUID entries."""
 
@@ -46,8 +44,7 @@ class VcpuState:
     cpuid: tuple[CpuidEntry, ...]
 
 
-@dataclass(frozen=True)
-class MachineState:
+class MachineState(msgspec.Struct, frozen=True):
     """The VM-wide KVM state: PIC master and slave, IOAPIC, PIT, kvmclock
     (and the host's wall clock when it was read; 0: not known)."""
 
@@ -59,8 +56,7 @@ class MachineState:
     realtime: int = 0
 
 
-@dataclass(frozen=True)
-class QueueState:
+class QueueState(msgspec.Struct, frozen=True):
     desc: int
     avail: int
     used: int
@@ -73,8 +69,7 @@ class QueueState:
     indirect: int
 
 
-@dataclass(frozen=True)
-class VirtioState:
+class VirtioState(msgspec.Struct, frozen=True):
     device_id: int
     status: int
     dev_feat_sel: int
@@ -86,8 +81,7 @@ class VirtioState:
     queues: tuple[QueueState, ...]
 
 
-@dataclass(frozen=True)
-class LegacyState:
+class LegacyState(msgspec.Struct, frozen=True):
     """The UART, the i8042 and where the console output stands."""
 
     ier: int
@@ -123,15 +117,15 @@ LEGACY_RX_MAX, LEGACY_KBD_MAX = 64, 16
 
 
 def scalars(c: Any, cls: type) -> dict[str, int]:
-    return {f.name: getattr(c, f.name) for f in dataclasses.fields(cls)
-            if f.type in ("int", int)}
+    return {f: getattr(c, f) for f in cls.__struct_fields__  # type: ignore[attr-defined]
+            if cls.__annotations__[f] in ("int", int)}
 
 
 def set_scalars(c: Any, value: Any) -> None:
-    for f in dataclasses.fields(value):
-        v = getattr(value, f.name)
+    for f in value.__struct_fields__:
+        v = getattr(value, f)
         if isinstance(v, int):
-            setattr(c, f.name, v)
+            setattr(c, f, v)
 
 
 def set_blob(c: Any, name: str, data: bytes, limit: int | None = None) -> None:
@@ -141,8 +135,7 @@ def set_blob(c: Any, name: str, data: bytes, limit: int | None = None) -> None:
     ffi.memmove(getattr(c, name), data, len(data))
 
 
-@dataclass(frozen=True)
-class PackedVcpu:
+class PackedVcpu(msgspec.Struct, frozen=True):
     """A vCPU state packed into its C struct, ready for restore_vcpu (C only
     reads it, so one may serve many restores)."""
 

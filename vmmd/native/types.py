@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from vmmd.native._lib import lib
 
@@ -35,8 +35,7 @@ class EventType(enum.IntEnum):
     LOST = lib.VMM_EVENT_LOST
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(msgspec.Struct, frozen=True):
     type: EventType
     reason: StopReason
     vcpu: int
@@ -47,8 +46,7 @@ class Event:
     insn: bytes
 
 
-@dataclass(frozen=True)
-class VmStats:
+class VmStats(msgspec.Struct, frozen=True):
     exits: int
     exits_io: int
     exits_mmio: int
@@ -67,8 +65,7 @@ class VmStats:
     first_output_ns: int = 0
 
 
-@dataclass(frozen=True)
-class VirtioStats:
+class VirtioStats(msgspec.Struct, frozen=True):
     notifies: int
     requests: int
     bad_chains: int
@@ -84,4 +81,4 @@ class VirtioStats:
 
 
 def virtio_stats_of(c: Any) -> VirtioStats:
-    return VirtioStats(**{f.name: getattr(c, f.name) for f in dataclasses.fields(VirtioStats)})
+    return VirtioStats(**{f: getattr(c, f) for f in VirtioStats.__struct_fields__})

@@ -18,7 +18,7 @@ nothing else in vmmd spells a guest address as a number.  The map follows Firecr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from vmmd.errors import InvalidSpecError
 
@@ -79,8 +79,7 @@ MAX_MEM_BYTES = 256 * GiB
 MAX_VCPUS = 32
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(msgspec.Struct, frozen=True):
     """A guest physical range [gpa, gpa + size)."""
 
     gpa: int

@@ -14,8 +14,9 @@ import select
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Self
+
+import msgspec
 
 from vmmd.errors import NotFoundError, StateError, quoted
 from vmmd.info import (
@@ -53,8 +54,7 @@ REASON_TEXT = {
 }
 
 
-@dataclass(frozen=True)
-class StopInfo:
+class StopInfo(msgspec.Struct, frozen=True):
     """Why a VM stopped, in words a user can act on."""
 
     reason: StopReason

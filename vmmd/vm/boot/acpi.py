@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd.vm.boot import aml
 from vmmd.vm.layout import (
@@ -96,8 +97,7 @@ GED_HID = "ACPI0013"
 VMGENID_NOTIFY = 0x80  # "the generation id changed"
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(msgspec.Struct, frozen=True):
     """The blob written at ACPI_START and where each table sits (signature -> region)."""
 
     blob: bytes

@@ -12,7 +12,8 @@ VM layer converts it mechanically.  Two entry states:
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd.vm.layout import (
     BOOT_STACK_POINTER,
@@ -47,8 +48,7 @@ ENTRIES_PER_TABLE = 512
 LDT_TYPE = 2
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(msgspec.Struct, frozen=True):
     """A segment register as KVM takes it (struct vmm_segment); limit is in bytes."""
 
     base: int
@@ -64,8 +64,7 @@ class Segment:
     avl: int
 
 
-@dataclass(frozen=True)
-class BootRegs:
+class BootRegs(msgspec.Struct, frozen=True):
     """The boot CPU's state; field names and order are those of struct vmm_boot_regs."""
 
     rip: int

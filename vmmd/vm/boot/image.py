@@ -6,8 +6,9 @@ reads files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import BinaryIO, Literal
+
+import msgspec
 
 from vmmd.errors import InvalidSpecError
 
@@ -19,8 +20,7 @@ CMDLINE = ("boot", "cmdline")
 KernelKind = Literal["elf", "bzimage"]
 
 
-@dataclass(frozen=True)
-class LoadSegment:
+class LoadSegment(msgspec.Struct, frozen=True):
     """Copy `file_size` bytes from file `offset` to guest `gpa`; zero the rest up to `mem_size`."""
 
     offset: int
@@ -33,8 +33,7 @@ class LoadSegment:
         return self.gpa + self.mem_size
 
 
-@dataclass(frozen=True)
-class KernelImage:
+class KernelImage(msgspec.Struct, frozen=True):
     """A kernel file checked for loading.
 
     `low`..`high` is all guest memory the kernel needs at boot (for a bzImage that includes the

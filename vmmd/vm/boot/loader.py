@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from vmmd.errors import FieldPath, InvalidSpecError, shown
 from vmmd.vm.boot.acpi import build_acpi
@@ -62,8 +63,7 @@ class GuestMemory(Protocol):
                   field: FieldPath) -> None: ...
 
 
-@dataclass(frozen=True)
-class BootFile:
+class BootFile(msgspec.Struct, frozen=True):
     """A kernel or initrd open for loading: checked once, used through its fd."""
 
     path: str
@@ -82,8 +82,7 @@ def open_boot_file(path: str, field: FieldPath) -> Iterator[BootFile]:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class BootPlan:
+class BootPlan(msgspec.Struct, frozen=True):
     """A checked boot: what goes where.  `cmdline` is NUL-terminated; `entry` is the first rip,
     in 32-bit PVH mode when `pvh`, else in 64-bit mode.  `acpi`: None, or the virtio-mmio
     slots (window, IRQ) the ACPI tables describe (the MP table is written either way)."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
+
+import msgspec
 
 from vmmd.vm.layout import (
     ACPI_START,
@@ -31,8 +32,7 @@ from vmmd.vm.layout import (
 )
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(msgspec.Struct, frozen=True):
     """A little-endian integer at a fixed offset of the zero page (or a bzImage file)."""
 
     offset: int
@@ -105,8 +105,7 @@ class MemoryType(IntEnum):
     RESERVED = 2
 
 
-@dataclass(frozen=True)
-class MemoryMapEntry:
+class MemoryMapEntry(msgspec.Struct, frozen=True):
     addr: int
     size: int
     type: MemoryType

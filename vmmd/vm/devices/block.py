@@ -18,7 +18,8 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd.errors import FieldPath, InvalidSpecError, quoted, shown
 from vmmd.spec import DriveSpec, check_id
@@ -30,8 +31,7 @@ SERIAL_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 DEVICE_ID, QUEUES = 2, 1  # virtio-blk, as native/virtio_blk.c's ops table says
 
 
-@dataclass(frozen=True)
-class DrivePlan:
+class DrivePlan(msgspec.Struct, frozen=True):
     spec: DriveSpec
     index: int
     mmio_base: int

@@ -32,8 +32,9 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
+
+import msgspec
 
 from vmmd.errors import FieldPath, InvalidSpecError, NativeError, quoted, shown
 from vmmd.info import InterfaceCounters
@@ -69,8 +70,7 @@ VNET_HDR_LEN = 12   # struct virtio_net_hdr_v1: VERSION_1 always has num_buffers
 ETH_OVERHEAD = 18   # Ethernet header + one VLAN tag
 
 
-@dataclass(frozen=True)
-class NetPlan:
+class NetPlan(msgspec.Struct, frozen=True):
     spec: NetSpec  # mac filled in
     index: int
     mac: bytes
@@ -193,8 +193,7 @@ def _stats64_tx_dropped(reply: bytes) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class Tap:
+class Tap(msgspec.Struct, frozen=True):
     fd: int
     max_frame: int  # MTU + Ethernet and VLAN headers
     stats: LinkStats | None = None  # a tap in a named namespace: its counters

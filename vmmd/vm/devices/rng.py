@@ -7,7 +7,7 @@ virtio-mmio slot is left for it: the one after the interfaces.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from vmmd.errors import InvalidSpecError
 from vmmd.spec import EntropySpec
@@ -18,8 +18,7 @@ DEVICE_ID, QUEUES = 4, 1  # virtio-rng, as native/virtio_rng.c's ops table says
 MAX_REQUEST_BYTES = 64 << 10  # VMM_RNG_MAX_REQUEST: the C device's bound
 
 
-@dataclass(frozen=True)
-class RngPlan:
+class RngPlan(msgspec.Struct, frozen=True):
     spec: EntropySpec
     mmio_base: int
     irq: int

@@ -20,7 +20,8 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
+
+import msgspec
 
 from vmmd.errors import FieldPath, InvalidSpecError, shown
 from vmmd.info import VsockCounters
@@ -41,8 +42,7 @@ def _field(name: str) -> FieldPath:
     return ("vsock", name)
 
 
-@dataclass(frozen=True)
-class VsockPlan:
+class VsockPlan(msgspec.Struct, frozen=True):
     spec: VsockSpec
     mmio_base: int
     irq: int

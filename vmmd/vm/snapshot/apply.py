@@ -6,7 +6,7 @@ each device's transport (validated against guest RAM), UART and i8042.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import msgspec
 
 from vmmd.errors import DataLossError, NativeError
 from vmmd.native import (
@@ -33,8 +33,7 @@ def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
             + [(vsock.DEVICE_ID, vsock.QUEUES)] * (spec.vsock is not None))
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(msgspec.Struct, frozen=True):
     """A snapshot's state checked and converted for the C core."""
 
     machine: MachineState

@@ -35,8 +35,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+
+import msgspec
 
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import (
@@ -74,8 +75,7 @@ _TEMP_RE = re.compile(r"\.(vmstate|memory)\.[0-9a-f]{16}\.tmp")
 
 
 # ---- the directory ----
-@dataclass(frozen=True)
-class SnapshotDir:
+class SnapshotDir(msgspec.Struct, frozen=True):
     """A snapshot directory open as `fd` (and locked) while in use."""
 
     path: Path
@@ -317,8 +317,7 @@ def write(d: SnapshotDir, state: spb.SnapshotState,
 
 
 # ---- reading ----
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(msgspec.Struct, frozen=True):
     directory: Path
     state: spb.SnapshotState
     memory_path: Path

@@ -1,6 +1,6 @@
 """Snapshot state of each component, in the snapshot file's terms.
 
-save_X() turns what the C core saved (vmmd.native dataclasses) into the
+save_X() turns what the C core saved (vmmd.native records) into the
 messages of proto/vmmd/v1/snapshot.proto; restore_X() takes a message read
 from a file - untrusted - checks every size, count and range, and turns it
 back.  A problem raises DataLossError naming the field ("vcpus[1].lapic:
