@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             "micro-guest cmdline (b)": f"mg=exits n={{0,{exits}}} port={targets.EXIT_PORT:#x}",
             "vmmd, Linux (c)": shlex.join(linux.vmmd()),
             "QEMU, Linux (c)": shlex.join(linux.qemu(cpu)),
-            "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x}",
+            "C floor (b)": f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x} {{pio,mmio}}",
+            "C floor with irqchip (b)": (f"{targets.FLOOR_BIN} {exits} {targets.EXIT_PORT:#x} "
+                                         "{pio,mmio} irqchip"),
             **blk.commands(cpu), **net.commands(cpu), **vsock.commands(), **daemon.commands(),
             **snapshot.commands(), **cells.commands(), **idle.commands(),
         },

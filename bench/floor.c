@@ -7,9 +7,11 @@
  * mg=mmio loops are the same three instructions an exit: on a PVM host, where
  * ring-0 guest code is emulated, each instruction shows in the round trip.
  * No irqchip, no devices, no threads: what is left is KVM_RUN itself, the exit
- * and the guest's three instructions.
+ * and the guest's three instructions.  With "irqchip", the VM first gets the
+ * in-kernel irqchip and PIT every vmmd VM has: what KVM_RUN itself costs more
+ * with them, told apart from what vmmd's own loop adds.
  *
- * usage: floor N [port] [mmio]   (built and run by `python -m bench`)
+ * usage: floor N [port] [mmio|pio] [irqchip]   (built and run by `python -m bench`)
  *        floor machine N          the KVM floor of CreateVm: N times the ioctls one
  *                                 of vmmd's VMs needs (see machine_once), timed alone
  *                                 and averaged: {"machine_ns": ...}
@@ -130,6 +132,7 @@ int main(int argc, char **argv)
 	long n = argc > 1 ? strtol(argv[1], NULL, 0) : 100000;
 	unsigned port = argc > 2 ? (unsigned)strtoul(argv[2], NULL, 0) : 0x520;
 	int mmio = argc > 3 && !strcmp(argv[3], "mmio");
+	int irqchip = argc > 4 && !strcmp(argv[4], "irqchip");
 	/* mov dx, port; 1: out dx, al; dec cx; jnz 1b; jmp 1b (when CX wraps) */
 	uint8_t pio_code[] = { 0xba, port & 0xff, port >> 8, 0xee, 0x49, 0x75, 0xfc, 0xeb, 0xfa };
 	/* 1: mov es:[di], eax; dec cx; jnz 1b; jmp 1b */
@@ -157,6 +160,9 @@ int main(int argc, char **argv)
 	};
 	if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
 		die("KVM_SET_USER_MEMORY_REGION");
+	struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+	if (irqchip && (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0 || ioctl(vm, KVM_CREATE_PIT2, &pit) < 0))
+		die("irqchip");
 
 	int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
 	if (vcpu < 0)

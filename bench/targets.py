@@ -120,9 +120,9 @@ def run_floor_machine(n: int) -> float:
     return float(json.loads(r.output)["machine_ns"]) / 1e6
 
 
-def run_floor(exits: int, mmio: bool = False) -> dict[str, Any]:
-    r = proc.run_ok([str(FLOOR_BIN), str(exits), hex(EXIT_PORT), *(["mmio"] if mmio else [])],
-                    120, b"exit_ns")
+def run_floor(exits: int, mmio: bool = False, irqchip: bool = False) -> dict[str, Any]:
+    r = proc.run_ok([str(FLOOR_BIN), str(exits), hex(EXIT_PORT), "mmio" if mmio else "pio",
+                     *(["irqchip"] if irqchip else [])], 120, b"exit_ns")
     return json.loads(r.output)
 
 
