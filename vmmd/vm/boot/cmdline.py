@@ -8,7 +8,7 @@ most COMMAND_LINE_SIZE bytes including the terminating NUL.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from vmmd.errors import InvalidSpecError
 from vmmd.vm.boot.image import CMDLINE
@@ -27,12 +27,13 @@ PVM_WORKAROUNDS = (
     "noxsave no-kvm-hypercalls clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,pcid,invpcid,smap,"
     "rdpid,aes,pclmulqdq,sha_ni,clflushopt,clwb,movbe,sse4_2,erms,fsrm"
 )
-PVM_MODULE_PATH = Path("/sys/module/kvm_pvm")
+PVM_MODULE_PATH = "/sys/module/kvm_pvm"
 
 
-def is_pvm_host(module_path: Path = PVM_MODULE_PATH) -> bool:
-    """Whether the host's KVM is PVM (its module directory exists)."""
-    return module_path.exists()
+def is_pvm_host(module_path: str | os.PathLike[str] = PVM_MODULE_PATH) -> bool:
+    """Whether the host's KVM is PVM (its module directory exists).  (os.path, not
+    pathlib: `vmmd run` does not import pathlib, urllib and ipaddress, ~3 ms.)"""
+    return os.path.exists(module_path)
 
 
 def default_cmdline(pvm_host: bool | None = None) -> str:
