@@ -209,7 +209,8 @@ class Manager:
             check_memory_size(spec.mem_bytes)  # a bad size says so, not "over budget"
             memory = self.memory.reserve(spec.mem_bytes)
             lease = self.placement.acquire(spec.cell, spec.limits, spec.vm_id, spec.mem_bytes)
-            vm = build_vm(spec, kvm_path=self._kvm_path, native_factory=lease.factory)
+            vm = build_vm(spec, kvm_path=self._kvm_path, native_factory=lease.factory,
+                          watcher=lease.watcher)
             try:
                 self._claim_cids([vm], [("vsock", "guest_cid")])
             except BaseException:
@@ -257,7 +258,8 @@ class Manager:
                                                              snap.ram_bytes))
                         vms.append(restore_from(rs, snap, memory_fd, kvm_path=self._kvm_path,
                                                 native_factory=leases[-1].factory,
-                                                cache=self.snapshots))
+                                                cache=self.snapshots,
+                                                watcher=leases[-1].watcher))
                     except InvalidSpecError as e:
                         if not clones or e.path[0] == "snapshot_dir":
                             raise

@@ -6,7 +6,7 @@ FakeNativeVm offers what the Python layers call on NativeVm, with the C
 core's rules where the callers could get them wrong (a verb in the wrong
 run state fails with the errno C returns; construction only while
 created; the first stop reason wins).  Its event fd and console notify
-fd are real eventfds, so the Vm watcher thread sleeps and wakes on them as
+fd are real eventfds, so the watcher thread (vmmd/vm/watcher.py) wakes on them as
 on the real VM.  Guest RAM is sparse (pages written, or read from the
 memory file a restore maps), so a 128 MiB guest costs what it holds.
 

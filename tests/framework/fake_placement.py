@@ -23,6 +23,7 @@ class FakeLease:
     name: str
     factory: Callable[[str], Any] | None
     released: bool = False
+    watcher: None = None  # the process's watcher, as the shared placement's
 
     def info(self) -> CellInfo:
         limits = self.placement.cells[self.name][1]

@@ -2,7 +2,8 @@
 
 The manager asks a Placement for a Lease on a cell for each VM it builds;
 the lease's `factory` makes the VM's native core (the builder calls it),
-`info()` describes the cell for GetVm, `release()` gives the VM's place
+its `watcher` watches the VM's events (a cell's own thread; None: the
+process's, vmmd/vm/watcher.py), `info()` describes the cell for GetVm, `release()` gives the VM's place
 back.  Two placements:
 
 - SharedPlacement (`vmmd serve --isolation none`): every VM's core in the
@@ -41,6 +42,7 @@ from vmmd.info import CellInfo
 from vmmd.log import get_logger
 from vmmd.native.seccomp import REPORT_SIZE, SeccompReport, parse_seccomp_report
 from vmmd.spec import CellLimits
+from vmmd.vm.watcher import Watcher
 
 MiB = 1 << 20
 WORKER_OVERHEAD = 32 * MiB  # a worker's own memory beside guest RAM (Python, C core, page tables)
@@ -56,6 +58,7 @@ NativeFactory = Callable[[str], Any]
 
 class Lease(Protocol):
     factory: NativeFactory | None
+    watcher: Watcher | None
 
     def info(self) -> CellInfo | None: ...
 
@@ -72,6 +75,7 @@ class Placement(Protocol):
 class _SharedLease(msgspec.Struct):
     factory: NativeFactory | None
     name: str
+    watcher: Watcher | None = None
 
     def info(self) -> CellInfo | None:
         return CellInfo(name=self.name, pid=0, uid=0, cpu_time_s=0.0, rss_bytes=0,
@@ -114,6 +118,8 @@ class Cell(msgspec.Struct, eq=False):
     reclaimed: bool = False  # its cgroup, root and uid given back (once)
     exited: threading.Event = msgspec.field(default_factory=threading.Event)
     lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
+    # Its VMs' events come through its worker: a slow worker delays only these.
+    watcher: Watcher = msgspec.field(default_factory=Watcher)
 
     def info(self) -> CellInfo:
         cpu, rss = _proc_usage(self.pid) if self.dead is None else (0.0, 0)
@@ -147,9 +153,11 @@ class _CellLease(msgspec.Struct):
     ram_bytes: int
     factory: NativeFactory | None = None
     released: bool = False
+    watcher: Watcher | None = None
 
     def __post_init__(self) -> None:
         self.factory = self._native
+        self.watcher = self.cell.watcher
 
     def _native(self, kvm_path: str) -> RemoteNativeVm:
         cell = self.cell
@@ -417,6 +425,7 @@ class CellPlacement:
             if c.reclaimed:
                 return
             c.reclaimed = True
+        c.watcher.close()
         if c.cgroup is not None:
             c.cgroup.remove()
         try:

@@ -38,6 +38,7 @@ from vmmd.vm.boot.loader import (
 from vmmd.vm.devices import block, net, rng, vmgenid, vsock
 from vmmd.vm.layout import VIRTIO_MMIO_SLOT_SIZE, Region, ram_regions
 from vmmd.vm.vm import MemoryFile, Vm
+from vmmd.vm.watcher import Watcher
 
 # The snapshot package (protobuf) loads with the first restore, not here: a
 # one-shot `vmmd run` never restores and starts ~20 ms sooner without it.
@@ -165,13 +166,16 @@ def _native(kvm_path: str, factory: NativeFactory | None) -> Iterator[NativeVm]:
 
 
 def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = False,
-             native_factory: NativeFactory | None = None) -> Vm:
+             native_factory: NativeFactory | None = None, watcher: Watcher | None = None) -> Vm:
+    """watcher: the thread that watches the VM's events (a cell's own; None: the
+    process's)."""
     with ExitStack() as files:
         p = plan(spec, files, force_64bit=force_64bit)
-        return _build(p, kvm_path, native_factory)
+        return _build(p, kvm_path, native_factory, watcher)
 
 
-def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
+def _build(p: Plan, kvm_path: str, factory: NativeFactory | None,
+           watcher: Watcher | None) -> Vm:
     spec = p.spec
     with _resources(p.drives, p.nets, p.vsock) as held, _native(kvm_path, factory) as native:
         if spec.track_dirty_pages:
@@ -185,7 +189,8 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None) -> Vm:
             vmgenid.install(native, vmgenid.new_id())
         native.set_boot_regs(0, regs)
     return Vm(p.spec, native, cmdline=p.boot.cmdline.rstrip(b"\0").decode(),
-              resources=held.resources, images=held.images, taps=held.tap_set)
+              resources=held.resources, images=held.images, taps=held.tap_set,
+              watcher=watcher)
 
 
 # ---- restore ----
@@ -301,7 +306,8 @@ def restore_vm(rs: RestoreSpec, *, kvm_path: str = "/dev/kvm",
 
 def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
                  kvm_path: str = "/dev/kvm", native_factory: NativeFactory | None = None,
-                 cache: snapshot.SnapshotCache | None = None) -> Vm:
+                 cache: snapshot.SnapshotCache | None = None,
+                 watcher: Watcher | None = None) -> Vm:
     """restore_vm() of a snapshot already open (clones open it once): its
     memory file mapped from memory_fd, the very file that was checked."""
     from vmmd.vm import snapshot
@@ -352,5 +358,5 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
             vmgenid.notify(native)
     return Vm(spec, native, cmdline=cmdline, resources=held.resources, images=held.images,
               taps=held.tap_set,
-              snapshot_id=snap.state.snapshot_id,
+              snapshot_id=snap.state.snapshot_id, watcher=watcher,
               memory_file=MemoryFile(str(snap.memory_path), memory_fd, snap.memory_file_bytes))

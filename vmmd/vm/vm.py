@@ -1,16 +1,16 @@
 """A running (or runnable) microVM: lifecycle, supervision, console, events.
 
-Vm wraps the C core's VM with the lifecycle table and one watcher thread
-that sleeps on the core's event fd.  When the guest stops itself (reset,
-halt, triple fault, emulation failure...) the watcher joins the C threads,
-records why, and wakes waiters.  No guest exit passes through here: the
-watcher only wakes for lifecycle events.
+Vm wraps the C core's VM with the lifecycle table.  The process's watcher
+thread (vmmd/vm/watcher.py) wakes on the core's event and console fds: when
+the guest stops itself (reset, halt, triple fault, emulation failure...) a
+thread of the VM's own joins the C threads, records why, and wakes waiters.
+No guest exit passes through here: only lifecycle events and console
+notifications do.
 """
 
 from __future__ import annotations
 
 import os
-import select
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +34,7 @@ from vmmd.spec import VmSpec
 from vmmd.vm.devices import vsock
 from vmmd.vm.devices.net import Taps, interface_counters
 from vmmd.vm.lifecycle import check_verb
+from vmmd.vm.watcher import Watcher, shared
 
 # Stops the guest chose: the microVM way to shut down.  Anything else crashed it.
 CLEAN_STOPS = frozenset({StopReason.RESET, StopReason.POWEROFF, StopReason.HALT,
@@ -127,10 +128,11 @@ class Vm:
     def __init__(self, spec: VmSpec, native: NativeVm, *, cmdline: str | None = None,
                  resources: list[Any] | None = None, snapshot_id: str | None = None,
                  memory_file: MemoryFile | None = None, images: list[int] | None = None,
-                 taps: Taps | None = None) -> None:
+                 taps: Taps | None = None, watcher: Watcher | None = None) -> None:
         """images: the drives' open image fds, in drive order (owned by `resources`):
         their sizes go into a snapshot without opening a path again.  taps: the
-        interfaces' taps (owned by `resources`), for their own counters."""
+        interfaces' taps (owned by `resources`), for their own counters.  watcher:
+        the thread that watches the core's fds (the process's one by default)."""
         self.spec = spec
         self.cmdline = cmdline if cmdline is not None else spec.boot.cmdline or ""  # as the guest got it
         self._native = native
@@ -147,8 +149,12 @@ class Vm:
         self._state = Phase.CREATED
         self._stop_requested = False  # a stop came from outside (API, shutdown)
         self._stopped = threading.Event()
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._watcher: threading.Thread | None = None
+        self._watcher = watcher or shared()
+        # _watch_lock: whether the watcher still calls _on_fds, and the thread
+        # that tears the VM down after the guest stopped it (_reaper).
+        self._watch_lock = threading.Lock()
+        self._watched = False
+        self._reaper: threading.Thread | None = None
         self._stop_info: StopInfo | None = None
         self._stop_listeners: list[Callable[[StopSummary], None]] = []
         # Called (from the watcher thread, or close()) when console output may
@@ -182,9 +188,9 @@ class Vm:
     def start(self) -> None:
         with self._lock:
             check_verb("start", self._state)
+            self._watch()  # first: nothing the guest does is missed
             self._native.start()
             self._set_phase(Phase.RUNNING)
-            self._start_watcher()
         self.log.info("vm.started", vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib)
 
     def start_restored(self, *, paused: bool = True) -> None:
@@ -193,19 +199,14 @@ class Vm:
         can still stop (a snapshot that finds its memory file cut short)."""
         with self._lock:
             check_verb("start", self._state)
+            self._watch()
             if paused:
                 self._native.start_paused()
             else:
                 self._native.start()
             self._set_phase(Phase.PAUSED if paused else Phase.RUNNING)
-            self._start_watcher()
         self.log.info("vm.restored", vcpus=self.spec.vcpus, memory_mib=self.spec.memory_mib,
                       snapshot_id=self._snapshot_id, paused=paused)
-
-    def _start_watcher(self) -> None:
-        self._watcher = threading.Thread(target=self._watch, name=f"vm-{self.spec.vm_id}",
-                                         daemon=True)
-        self._watcher.start()
 
     def snapshot(self, directory: str, *, diff: bool = False) -> SnapshotInfo:
         """Write a snapshot of this paused VM (full, or only the pages dirtied
@@ -264,14 +265,14 @@ class Vm:
                 check_verb("stop", self._state)
                 self._stop_requested = True
                 self._native.stop()
-        self._join_watcher()
+        self._unwatch()
         return self._finish()
 
     def wait(self, timeout: float | None = None) -> StopInfo | None:
         """Block until the VM stopped; None on timeout."""
         if not self._stopped.wait(timeout):
             return None
-        self._join_watcher()
+        self._unwatch()
         return self._stop_info
 
     @property
@@ -405,7 +406,7 @@ class Vm:
         (DeleteVm's answer does not wait for it)."""
         if self._state in (Phase.RUNNING, Phase.PAUSED):
             self.stop()
-        self._join_watcher()
+        self._unwatch()
         with self._native_lock:
             self._closed = True
             self._native.close(deferred=deferred)
@@ -413,9 +414,6 @@ class Vm:
             res.close()
         self._resources = []
         self._console_changed()
-        if self._wake >= 0:
-            os.close(self._wake)
-            self._wake = -1
 
     def __enter__(self) -> Self:
         return self
@@ -425,26 +423,54 @@ class Vm:
 
     # -- internals --
     def _watch(self) -> None:
-        efd, cfd = self._native.event_fd, self._native.console_notify_fd
+        """From now on the watcher thread calls _on_fds when the core has an
+        event or console output for us."""
+        with self._watch_lock:
+            if self._watched:
+                return
+            self._watcher.add(self._native.event_fd, self._on_fds)
+            self._watcher.add(self._native.console_notify_fd, self._on_fds)
+            self._watched = True
+
+    def _unwatch(self) -> None:
+        """No more calls of _on_fds (none running when this returns), and the
+        teardown after a guest's own stop, if it began, finished."""
+        with self._watch_lock:
+            watched, self._watched = self._watched, False
+            reaper = self._reaper
+        if watched:
+            self._watcher.remove(self._native.event_fd)
+            self._watcher.remove(self._native.console_notify_fd)
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join()
+
+    def _on_fds(self) -> None:
+        """On the watcher thread: must not block.  Console output wakes the
+        readers; the guest's stop hands the teardown to a thread of this VM."""
+        try:
+            os.eventfd_read(self._native.console_notify_fd)
+            self._console_changed()
+        except BlockingIOError:
+            pass
         last_stop: Event | None = None
-        poller = select.poll()  # not select(): a daemon's fds pass 1024
-        for fd in (efd, cfd, self._wake):
-            poller.register(fd, select.POLLIN)
-        while True:
-            ready = {fd for fd, _ in poller.poll()}
-            if cfd in ready:
-                try:
-                    os.eventfd_read(cfd)
-                except BlockingIOError:
-                    pass
-                self._console_changed()
-            while (ev := self._native.next_event()) is not None:
-                self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
-                if ev.type == EventType.STOPPED:
-                    last_stop = ev
-            if last_stop is not None or self._wake in ready:
-                break
-        # The guest (or stop()) ended the VM: join its C threads here, so a
+        while (ev := self._native.next_event()) is not None:
+            self.log.debug("vm.event", type=ev.type.name, reason=ev.reason.name)
+            if ev.type == EventType.STOPPED:
+                last_stop = ev
+        if last_stop is None:
+            return
+        with self._watch_lock:
+            if not self._watched:
+                return  # stop() or close() took over
+            self._watched = False
+            self._watcher.remove(self._native.event_fd)  # from the watcher: no wait
+            self._watcher.remove(self._native.console_notify_fd)
+            self._reaper = threading.Thread(target=self._reap, args=(last_stop,),
+                                            name=f"vm-{self.spec.vm_id}-stop", daemon=True)
+            self._reaper.start()  # under the lock: _unwatch() joins a started thread
+
+    def _reap(self, last_stop: Event) -> None:
+        # The guest (or a failure) ended the VM: join its C threads here, so a
         # stopped VM holds no threads even if nobody calls stop().
         self._native.stop()
         self._finish(last_stop)
@@ -481,10 +507,3 @@ class Vm:
                     self.log.exception("vm.stop_listener_failed")
         return info
 
-    def _join_watcher(self) -> None:
-        w = self._watcher
-        if w is None or w is threading.current_thread():
-            return
-        if w.is_alive():
-            os.eventfd_write(self._wake, 1)
-            w.join()
