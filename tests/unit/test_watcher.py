@@ -119,6 +119,31 @@ def test_close_ends_the_thread_and_refuses_more() -> None:
     os.close(fd)
 
 
+def test_close_while_a_handler_removes_its_own_fd() -> None:
+    """A cell torn down while its watcher handles a VM's last event (the handler
+    removes the VM's fds itself): neither waits for the other."""
+    w = Watcher()
+    fd = _efd()
+    entered, go = threading.Event(), threading.Event()
+
+    def handler() -> None:
+        _drain(fd)
+        entered.set()
+        go.wait(HANG)
+        w.remove(fd)
+
+    w.add(fd, handler)
+    os.eventfd_write(fd, 1)
+    assert entered.wait(HANG)
+    closer = threading.Thread(target=w.close)
+    closer.start()
+    closer.join(0.1)  # close() now waits for the watcher thread, inside the handler
+    go.set()
+    closer.join(HANG)
+    assert not closer.is_alive(), "close() and the handler's remove() wait for each other"
+    os.close(fd)
+
+
 def test_a_vm_slow_to_read_holds_up_only_its_own_watcher(kernel: str,
                                                          natives: FakeFactory) -> None:
     """Cells: a VM's events come from its cell's worker, which may be throttled or

@@ -408,7 +408,9 @@ class CellPlacement:
 
     def _teardown(self, c: Cell) -> None:
         """Stop the worker (its socket closes: it exits; killed if it does
-        not), then the cgroup, its root and its uid."""
+        not), then the cgroup, its root and its uid.  Its VMs are gone: their
+        watcher too (not at _reclaim: a dead worker's crashed VMs stay)."""
+        c.watcher.close()
         if c.channel is not None:
             c.channel.close()
         if c.pid and not c.exited.wait(1.0):
@@ -425,7 +427,6 @@ class CellPlacement:
             if c.reclaimed:
                 return
             c.reclaimed = True
-        c.watcher.close()
         if c.cgroup is not None:
             c.cgroup.remove()
         try:

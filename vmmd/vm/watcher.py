@@ -59,7 +59,10 @@ class Watcher:
         with self._lock:
             if self._handlers.pop(fd, None) is None:
                 return
-            self._epoll.unregister(fd)
+            if not self._closed:
+                self._epoll.unregister(fd)
+        # (_thread is never cleared: a handler removing its own fd must know it
+        # runs on the watcher, or it would wait for itself.)
         if threading.current_thread() is not self._thread:
             with self._dispatch:
                 pass
@@ -75,7 +78,7 @@ class Watcher:
             if self._closed:
                 return
             self._closed = True
-            thread, self._thread = self._thread, None
+            thread = self._thread
         os.eventfd_write(self._stop_fd, 1)
         if thread is not None and thread is not threading.current_thread():
             thread.join()
