@@ -12,9 +12,10 @@
  * with them, told apart from what vmmd's own loop adds.
  *
  * usage: floor N [port] [mmio|pio] [irqchip]   (built and run by `python -m bench`)
- *        floor machine N          the KVM floor of CreateVm: N times the ioctls one
+ *        floor machine N [PAUSE_US]  the KVM floor of CreateVm: N times the ioctls one
  *                                 of vmmd's VMs needs (see machine_once), timed alone
- *                                 and averaged: {"machine_ns": ...}
+ *                                 and averaged: {"machine_ns": ...}; with PAUSE_US, after
+ *                                 that long asleep each (as the bench's CreateVm comes)
  * prints one JSON line: create_vm_ns (KVM_CREATE_VM alone), exits, run_ns
  * (N KVM_RUN round trips after a warm-up) and exit_ns (run_ns / N).
  */
@@ -101,7 +102,7 @@ static int64_t machine_once(int kvm, int run_size, struct kvm_cpuid2 *cpuid, uin
 	return took;
 }
 
-static int machine(long n)
+static int machine(long n, long pause_us)
 {
 	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm < 0)
@@ -119,8 +120,11 @@ static int machine(long n)
 		die("KVM_GET_SUPPORTED_CPUID");
 	machine_once(kvm, run_size, cpuid, ram, ram_size);	/* warm-up */
 	int64_t total = 0;
-	for (long i = 0; i < n; i++)
+	for (long i = 0; i < n; i++) {
+		if (pause_us > 0)
+			usleep((useconds_t)pause_us);
 		total += machine_once(kvm, run_size, cpuid, ram, ram_size);
+	}
 	printf("{\"machines\": %ld, \"machine_ns\": %.1f}\n", n, n ? (double)total / (double)n : 0.0);
 	return 0;
 }
@@ -128,7 +132,7 @@ static int machine(long n)
 int main(int argc, char **argv)
 {
 	if (argc > 2 && !strcmp(argv[1], "machine"))
-		return machine(strtol(argv[2], NULL, 0));
+		return machine(strtol(argv[2], NULL, 0), argc > 3 ? strtol(argv[3], NULL, 0) : 0);
 	long n = argc > 1 ? strtol(argv[1], NULL, 0) : 100000;
 	unsigned port = argc > 2 ? (unsigned)strtoul(argv[2], NULL, 0) : 0x520;
 	int mmio = argc > 3 && !strcmp(argv[3], "mmio");

@@ -6,6 +6,7 @@ inside every repetition, so a drift of the machine hits both alike.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,9 @@ def startup(reps: int, cpu: str) -> list[dict[str, Any]]:
               for _ in range(reps)]
     imports = [_printed_ms([sys.executable, "-c", "import vmmd.cli.main; print('UP', flush=True)"])
                for _ in range(reps)]
+    libs = ", ".join(_libraries_of("vmmd.cli.main"))
+    libraries = [_printed_ms([sys.executable, "-c", f"import {libs}; print('UP', flush=True)"])
+                 for _ in range(reps)]
     return [stats.goal(measure("a.first_output", "process start → first console line (mg=print)",
                                "ms", first), ratio=1.0, of="qemu"),
             measure("a.exit", "process start → process exit (mg=print)", "ms", ended),
@@ -57,7 +61,21 @@ def startup(reps: int, cpu: str) -> list[dict[str, Any]]:
                     "a line (python -I)", "ms", {"floor": python}),
             measure("a.imports", "floor of `vmmd run`: process start → Python printing a line "
                     "once it imported vmmd.cli.main (what `vmmd run` loads)", "ms",
-                    {"floor": imports})]
+                    {"floor": imports}),
+            measure("a.libraries", "floor of `vmmd run`: process start → Python printing a "
+                    "line once it imported every module vmmd.cli.main loads but vmmd's own "
+                    "(the standard library's, msgspec, cffi's)", "ms", {"floor": libraries})]
+
+
+def _libraries_of(module: str) -> list[str]:
+    """The top-level modules a fresh Python loads for `import module`, vmmd's own
+    apart, in the order it loaded them."""
+    code = (f"import sys; before = set(sys.modules); import {module}; "
+            "print(' '.join(m for m in sys.modules if m not in before and '.' not in m "
+            "and m != 'vmmd'))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=60).stdout
+    return out.split()
 
 
 def _printed_ms(argv: list[str]) -> float:

@@ -114,9 +114,11 @@ def build_floor() -> Path:
     return FLOOR_BIN
 
 
-def run_floor_machine(n: int) -> float:
-    """floor.c's KVM floor of one of our VMs (its ioctls alone, no close), ms."""
-    r = proc.run_ok([str(FLOOR_BIN), "machine", str(n)], 120, b"machine_ns")
+def run_floor_machine(n: int, pause_ms: float = 0.0) -> float:
+    """floor.c's KVM floor of one of our VMs (its ioctls alone, no close), ms; each
+    after pause_ms asleep (as CreateVm comes in the api section)."""
+    r = proc.run_ok([str(FLOOR_BIN), "machine", str(n), str(int(pause_ms * 1000))], 120,
+                    b"machine_ns")
     return float(json.loads(r.output)["machine_ns"]) / 1e6
 
 
