@@ -93,15 +93,23 @@ def _spin_vm(kernel, vcpus: int):  # type: ignore[no-untyped-def]
     return build_vm(spec)
 
 
-def _python_threads() -> set[str]:
-    """This process's Python threads but the process's one VM watcher (vmmd/vm/watcher.py),
-    made by its first VM and kept."""
-    return {t.name for t in threading.enumerate() if t.name != "vm-watcher"}
+def _shared_watcher() -> None:
+    """The process's VM watcher (vmmd/vm/watcher.py), started now if no VM did yet: its
+    thread and fds stay for the process, they are not the next VM's."""
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    shared().add(fd, lambda: None)
+    shared().remove(fd)
+    os.close(fd)
+
+
+def _python_threads() -> set[threading.Thread]:
+    """This process's Python threads but the process's VM watcher."""
+    return set(threading.enumerate()) - {shared().thread}
 
 
 @pytest.mark.parametrize("vcpus", [1, 4])
 def test_stop_from_outside_frees_threads_and_fds(microguests, vcpus: int) -> None:  # type: ignore[no-untyped-def]
-    shared()  # the process's watcher and its fds, kept: made now, if this is the first VM
+    _shared_watcher()
     fds_before, threads_before = _fd_count(), _python_threads()
     vm = _spin_vm(microguests["pvh"], vcpus)
     vm.start()
@@ -232,7 +240,7 @@ def test_a_deferred_close_still_releases_everything(microguests) -> None:  # typ
     """DeleteVm's close: KVM's teardown of the VM and the RAM's release finish
     on a C thread after close() returns - and then every fd is back and the
     reaper thread gone (waited for, bounded: only hangs are caught here)."""
-    shared()  # kept for the process: not this VM's
+    _shared_watcher()
     fds_before, threads_before = _fd_count(), _native_threads()
     vm = _spin_vm(microguests["pvh"], 2)
     vm.start()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.framework.fake_native import FakeFactory
+from vmmd.info import Phase
 from vmmd.native import StopReason
 from vmmd.spec import BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
@@ -104,16 +105,26 @@ def test_a_failing_handler_loses_its_fd_and_nothing_else(watcher: Watcher) -> No
     os.close(good)
 
 
+def test_a_watcher_holds_nothing_until_it_watches() -> None:
+    """A spare cell's watcher: no thread, no fd, until its first VM."""
+    fds = len(os.listdir("/proc/self/fd"))
+    w = Watcher()
+    assert w.thread is None and len(os.listdir("/proc/self/fd")) == fds
+    w.close()
+
+
 def test_close_ends_the_thread_and_refuses_more() -> None:
     w = Watcher()
     fd = _efd()
     before = set(_watcher_threads())
     w.add(fd, lambda: _drain(fd))
     (thread,) = set(_watcher_threads()) - before  # this watcher's (others may run)
+    fds = len(os.listdir("/proc/self/fd"))
     w.remove(fd)
     w.close()
     thread.join(HANG)
     assert not thread.is_alive()
+    assert len(os.listdir("/proc/self/fd")) == fds - 2  # its epoll fd and wake-up fd
     with pytest.raises(RuntimeError, match="closed"):
         w.add(fd, lambda: None)
     os.close(fd)
@@ -175,3 +186,92 @@ def test_a_vm_slow_to_read_holds_up_only_its_own_watcher(kernel: str,
         fast.close()
         slow_w.close()
         fast_w.close()
+
+
+# ---- the VM's side: its teardown when the guest stops, or when stop() does it ----
+def test_a_guest_dead_before_start_returns_stays_dead(kernel: str, natives: FakeFactory) -> None:
+    """The watcher may finish a VM whose guest died at once before start() set the
+    phase: start() must not make it RUNNING again."""
+    vm = build_vm(VmSpec("quick", BootSpec(kernel)), native_factory=natives)
+    native = natives.vms[0]
+    real_start = native.start
+
+    def start_and_die() -> None:
+        real_start()
+        native.guest_stops(StopReason.TRIPLE_FAULT, vcpu=0, rip=0x1234)
+        assert vm._stopped.wait(HANG)  # the reaper finished before start() goes on
+
+    native.start = start_and_die  # type: ignore[method-assign]
+    with vm:
+        vm.start()
+        assert vm.state == Phase.CRASHED
+        assert vm.wait(HANG) is not None
+
+
+def test_a_crash_racing_stop_keeps_its_details(kernel: str, natives: FakeFactory) -> None:
+    """The watcher drained the guest's STOPPED event, then found stop() tearing the
+    VM down: the event's details (vCPU, rip) still reach the stop info."""
+    vm = build_vm(VmSpec("racy", BootSpec(kernel)), native_factory=natives)
+    native = natives.vms[0]
+    real_stop = native.stop
+
+    def crash_then_stop() -> None:
+        native.guest_stops(StopReason.TRIPLE_FAULT, vcpu=0, rip=0x1234)
+        deadline = time.monotonic() + HANG
+        while native._events and time.monotonic() < deadline:  # the watcher drains it
+            time.sleep(0.001)
+        real_stop()
+
+    native.stop = crash_then_stop  # type: ignore[method-assign]
+    with vm:
+        vm.start()
+        info = vm.stop()
+        assert info.reason == StopReason.TRIPLE_FAULT
+        assert "rip 0x1234" in info.message
+
+
+def test_stop_makes_no_reaper_thread(kernel: str, natives: FakeFactory,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """StopVm and DeleteVm tear the VM down on their own thread: the watcher does
+    not start one (a thread start is 0.2-2 ms here) only to be joined."""
+    started: list[str] = []
+    real = threading.Thread.start
+
+    def recording(self: threading.Thread) -> None:
+        started.append(self.name)
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", recording)
+    with build_vm(VmSpec("stopme", BootSpec(kernel)), native_factory=natives) as vm:
+        native = natives.vms[0]
+        real_stop = native.stop
+
+        def stop_seen_by_the_watcher() -> None:
+            real_stop()  # queues STOPPED (requested), as C does
+            deadline = time.monotonic() + HANG
+            while native._events and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        native.stop = stop_seen_by_the_watcher  # type: ignore[method-assign]
+        vm.start()
+        assert vm.stop().reason == StopReason.REQUESTED
+    assert "vm-stopme-stop" not in started
+
+
+def test_no_thread_for_the_reaper_still_stops_the_vm(kernel: str, natives: FakeFactory,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pids limit refuses the reaper thread: the watcher tears the VM down itself."""
+    real = threading.Thread.start
+
+    def refusing(self: threading.Thread) -> None:
+        if self.name.endswith("-stop"):
+            raise RuntimeError("can't start new thread")
+        real(self)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+    vm = build_vm(VmSpec("nopids", BootSpec(kernel)), native_factory=natives)
+    vm.start()
+    natives.vms[0].guest_stops(StopReason.POWEROFF)
+    info = vm.wait(HANG)
+    assert info is not None and info.reason == StopReason.POWEROFF
+    vm.close()  # nothing left to join

@@ -163,6 +163,9 @@ class RemoteNativeVm:
         self._on_close = on_close
         self._closed = False
         self._lost: str | None = None  # why the worker died, once it did
+        # lost() (the zygote reader's thread) writes the event fd that close()
+        # closes: never after, when the number may be another file's.
+        self._fd_lock = threading.Lock()
         self._death_reported = False  # next_event() said STOPPED for it
         self._stats: VmStats | None = None
         self._vstats: dict[int, VirtioStats] = {}
@@ -192,9 +195,10 @@ class RemoteNativeVm:
     def lost(self, why: str) -> None:
         """The worker died (why: in words): the VM's watcher wakes and sees
         the VM stopped."""
-        if self._lost is None:
-            self._lost = why
-            os.eventfd_write(self._event_fd, 1)
+        with self._fd_lock:
+            if self._lost is None and not self._closed:
+                self._lost = why
+                os.eventfd_write(self._event_fd, 1)
 
     def stop_detail(self) -> str | None:
         return self._lost
@@ -403,15 +407,17 @@ class RemoteNativeVm:
         """The worker always defers KVM's teardown (it answers first)."""
         if self._closed:
             return
-        self._closed = True
+        with self._fd_lock:
+            self._closed = True
         try:
             if self._lost is None:
                 self._ch.call(0, "close", self._handle)
         except NativeError:
             pass  # the worker is gone: its VMs went with it
         finally:
-            os.close(self._event_fd)
-            os.close(self._console_fd)
+            with self._fd_lock:
+                os.close(self._event_fd)
+                os.close(self._console_fd)
             if self._on_close is not None:
                 self._on_close(self)
 

@@ -154,7 +154,9 @@ class Vm:
         # that tears the VM down after the guest stopped it (_reaper).
         self._watch_lock = threading.Lock()
         self._watched = False
+        self._stopping = False  # stop() tears down itself: the watcher makes no reaper
         self._reaper: threading.Thread | None = None
+        self._last_stop: Event | None = None  # the core's STOPPED event, once drained
         self._stop_info: StopInfo | None = None
         self._stop_listeners: list[Callable[[StopSummary], None]] = []
         # Called (from the watcher thread, or close()) when console output may
@@ -174,8 +176,11 @@ class Vm:
         return self._state
 
     def _set_phase(self, phase: Phase) -> None:
+        """The phase a verb leads to - unless the VM stopped meanwhile: the
+        watcher may see a guest die before the verb that started it returns."""
         with self._status_lock:
-            self._state = phase
+            if not self._stopped.is_set():
+                self._state = phase
 
     def observe(self) -> tuple[Phase, StopSummary | None]:
         """The phase and how the VM stopped (None while it has not), read
@@ -264,6 +269,8 @@ class Vm:
             if self._state not in (Phase.STOPPED, Phase.CRASHED):
                 check_verb("stop", self._state)
                 self._stop_requested = True
+                with self._watch_lock:
+                    self._stopping = True
                 self._native.stop()
         self._unwatch()
         return self._finish()
@@ -460,24 +467,34 @@ class Vm:
         if last_stop is None:
             return
         with self._watch_lock:
-            if not self._watched:
-                return  # stop() or close() took over
+            self._last_stop = last_stop  # its details (vCPU, rip...) for whoever finishes
+            if not self._watched or self._stopping:
+                return  # stop() or close() tears the VM down (and waits for nobody)
             self._watched = False
             self._watcher.remove(self._native.event_fd)  # from the watcher: no wait
             self._watcher.remove(self._native.console_notify_fd)
-            self._reaper = threading.Thread(target=self._reap, args=(last_stop,),
-                                            name=f"vm-{self.spec.vm_id}-stop", daemon=True)
-            self._reaper.start()  # under the lock: _unwatch() joins a started thread
+            thread = threading.Thread(target=self._reap, name=f"vm-{self.spec.vm_id}-stop",
+                                      daemon=True)
+            try:
+                thread.start()  # under the lock: _unwatch() joins only a started thread
+            except RuntimeError:  # no thread to be had (a pids limit): here, then
+                pass
+            else:
+                self._reaper = thread
+        if self._reaper is not thread:
+            self._reap()
 
-    def _reap(self, last_stop: Event) -> None:
+    def _reap(self) -> None:
         # The guest (or a failure) ended the VM: join its C threads here, so a
         # stopped VM holds no threads even if nobody calls stop().
         self._native.stop()
-        self._finish(last_stop)
+        self._finish()
 
-    def _finish(self, ev: Event | None = None) -> StopInfo:
+    def _finish(self) -> StopInfo:
         """Record why the VM stopped (once), wake waiters, tell listeners."""
         first = False
+        with self._watch_lock:
+            ev = self._last_stop
         with self._status_lock:
             if self._stop_info is None:
                 first = True

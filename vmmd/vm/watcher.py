@@ -28,17 +28,25 @@ log = get_logger(__name__)
 
 
 class Watcher:
+    """Its thread, epoll fd and wake-up eventfd come with the first fd it
+    watches: a cell that never hosted a VM (a spare) holds none of them."""
+
     def __init__(self) -> None:
-        self._epoll = select.epoll()  # not select(): a daemon's fds pass 1024
         self._handlers: dict[int, Callable[[], None]] = {}
-        self._lock = threading.Lock()  # _handlers, the epoll set, _thread
+        self._lock = threading.Lock()  # _handlers, the epoll set, _thread, _closed
         # Held while handlers run: remove() waits out a round that may be
         # running the handler it removes (its VM is about to be freed).
         self._dispatch = threading.Lock()
+        self._epoll: select.epoll | None = None  # not select(): a daemon's fds pass 1024
+        self._stop_fd = -1  # close() ends _run through it
+        # Never cleared once set: a handler removing its own fd must know it
+        # runs on the watcher, or it would wait for itself.
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # close() ends _run
-        self._epoll.register(self._stop_fd, select.EPOLLIN)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
 
     def add(self, fd: int, handler: Callable[[], None]) -> None:
         """Call handler() on the watcher thread whenever fd is readable (the
@@ -46,12 +54,25 @@ class Watcher:
         with self._lock:
             if self._closed:
                 raise RuntimeError("watcher closed")
+            if self._epoll is None:
+                self._start()
+            assert self._epoll is not None
             self._epoll.register(fd, select.EPOLLIN)
             self._handlers[fd] = handler
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="vm-watcher",
-                                                daemon=True)
-                self._thread.start()
+
+    def _start(self) -> None:
+        epoll = select.epoll()
+        stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            epoll.register(stop_fd, select.EPOLLIN)
+            thread = threading.Thread(target=self._run, args=(epoll, stop_fd),
+                                      name="vm-watcher", daemon=True)
+            thread.start()
+        except BaseException:
+            epoll.close()
+            os.close(stop_fd)
+            raise
+        self._epoll, self._stop_fd, self._thread = epoll, stop_fd, thread
 
     def remove(self, fd: int) -> None:
         """Stop watching fd.  Once this returns (called from another thread),
@@ -59,10 +80,8 @@ class Watcher:
         with self._lock:
             if self._handlers.pop(fd, None) is None:
                 return
-            if not self._closed:
+            if not self._closed and self._epoll is not None:
                 self._epoll.unregister(fd)
-        # (_thread is never cleared: a handler removing its own fd must know it
-        # runs on the watcher, or it would wait for itself.)
         if threading.current_thread() is not self._thread:
             with self._dispatch:
                 pass
@@ -73,27 +92,34 @@ class Watcher:
             return len(self._handlers)
 
     def close(self) -> None:
-        """End the thread (a cell's, once its VMs are gone) and free the epoll fd."""
+        """End the thread (a cell's, once its VMs are gone); it frees its fds."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             thread = self._thread
+        if thread is None:
+            return
         os.eventfd_write(self._stop_fd, 1)
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not threading.current_thread():
             thread.join()
-        self._epoll.close()
-        os.close(self._stop_fd)
 
-    def _run(self) -> None:
+    def _run(self, epoll: select.epoll, stop_fd: int) -> None:
+        try:
+            self._serve(epoll, stop_fd)
+        finally:
+            epoll.close()
+            os.close(stop_fd)
+
+    def _serve(self, epoll: select.epoll, stop_fd: int) -> None:
         while True:
             try:
-                ready = self._epoll.poll()
+                ready = epoll.poll()
             except InterruptedError:
                 continue
             with self._dispatch:
                 for fd, _ in ready:
-                    if fd == self._stop_fd:
+                    if fd == stop_fd:
                         return
                     with self._lock:
                         handler = self._handlers.get(fd)
@@ -107,7 +133,7 @@ class Watcher:
                         log.exception("vm.watch_failed", fd=fd)
                         with self._lock:
                             if self._handlers.pop(fd, None) is not None:
-                                self._epoll.unregister(fd)
+                                epoll.unregister(fd)
 
 
 _shared: Watcher | None = None
