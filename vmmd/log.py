@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+_DEFAULTS = ("console", "warning")  # (fmt, level) before configure()
 _settings: tuple[str, str] | None = None  # (fmt, level) as configure() was given them
 _applied = False  # structlog loaded and configured with them
 
@@ -47,7 +48,7 @@ def _structlog() -> Any:
 
     if _applied:
         return structlog
-    fmt, level = _settings or ("console", "warning")
+    fmt, level = _settings or _DEFAULTS
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -98,7 +99,7 @@ class _LazyLogger:
     def __getattr__(self, attr: str) -> Any:
         if self._real is None:
             level = _LEVELS.get(attr)
-            if level is not None and level < _LEVELS.get((_settings or ("", "warning"))[1], 0):
+            if level is not None and level < _LEVELS.get((_settings or _DEFAULTS)[1], 0):
                 return _drop  # below the level: structlog would drop it too
             self._real = _structlog().get_logger(self._name).bind(**self._context)
         return getattr(self._real, attr)

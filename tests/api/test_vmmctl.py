@@ -25,7 +25,9 @@ HANG_S = 60.0
 
 @pytest.fixture(scope="module")
 def ctl_socket() -> Iterator[str]:
-    with running_daemon("--stop-timeout", "1") as d:
+    # Cells named: vmmctl's cell and limit options need them (under VMMD_TEST_ISOLATION=none
+    # the daemon would refuse limits, "limits need cells").
+    with running_daemon("--stop-timeout", "1", "--isolation", "cells") as d:
         yield str(d.socket)
         assert d.proc.poll() is None, "the daemon died"
 
