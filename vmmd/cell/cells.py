@@ -3,8 +3,8 @@
 The manager asks a Placement for a Lease on a cell for each VM it builds;
 the lease's `factory` makes the VM's native core (the builder calls it),
 its `watcher` watches the VM's events (a cell's own thread; None: the
-process's, vmmd/vm/watcher.py), `info()` describes the cell for GetVm, `release()` gives the VM's place
-back.  Two placements:
+process's, vmmd/vm/watcher.py), `info()` describes the cell for GetVm,
+`release()` gives the VM's place back.  Two placements:
 
 - SharedPlacement (`vmmd serve --isolation none`): every VM's core in the
   daemon itself, as before cells;
@@ -58,7 +58,9 @@ NativeFactory = Callable[[str], Any]
 
 class Lease(Protocol):
     factory: NativeFactory | None
-    watcher: Watcher | None
+
+    @property
+    def watcher(self) -> Watcher | None: ...
 
     def info(self) -> CellInfo | None: ...
 
@@ -153,11 +155,13 @@ class _CellLease(msgspec.Struct):
     ram_bytes: int
     factory: NativeFactory | None = None
     released: bool = False
-    watcher: Watcher | None = None
 
     def __post_init__(self) -> None:
         self.factory = self._native
-        self.watcher = self.cell.watcher
+
+    @property
+    def watcher(self) -> Watcher:
+        return self.cell.watcher
 
     def _native(self, kvm_path: str) -> RemoteNativeVm:
         cell = self.cell

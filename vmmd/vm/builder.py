@@ -89,8 +89,9 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
                      spec.mem_bytes, spec.vcpus, cmdline, force_64bit=force_64bit,
                      acpi=slots if spec.acpi else None)
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
-    spec = msgspec.structs.replace(spec, boot=msgspec.structs.replace(b, cmdline=base, cmdline_append=None),
-                               network_interfaces=tuple(n.spec for n in nets))
+    boot_spec = msgspec.structs.replace(b, cmdline=base, cmdline_append=None)
+    spec = msgspec.structs.replace(spec, boot=boot_spec,
+                                   network_interfaces=tuple(n.spec for n in nets))
     return Plan(spec, boot, drives, nets, entropy, vs, kernel, initrd)
 
 
