@@ -64,7 +64,7 @@ def startup(reps: int, cpu: str) -> list[dict[str, Any]]:
                     {"floor": imports}),
             measure("a.libraries", "floor of `vmmd run`: process start → Python printing a "
                     "line once it imported every module vmmd.cli.main loads but vmmd's own "
-                    "(the standard library's, msgspec, cffi's)", "ms", {"floor": libraries})]
+                    "(the standard library's and cffi's)", "ms", {"floor": libraries})]
 
 
 def _libraries_of(module: str) -> list[str]:

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import threading
 
-import msgspec
-
 from vmmd.errors import InvalidSpecError, ResourceExhaustedError
+from vmmd.record import Record
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -57,7 +56,7 @@ def parse_budget(text: str) -> int | None:
     return value * _UNITS[unit]
 
 
-class BudgetInfo(msgspec.Struct, frozen=True):
+class BudgetInfo(Record):
     budget_bytes: int  # 0: unlimited
     committed_bytes: int
     overhead_per_vm_bytes: int

@@ -14,9 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-import msgspec
-
 from vmmd.info import StopKind
+from vmmd.record import Record, field
 
 
 class EventKind(enum.Enum):
@@ -30,10 +29,10 @@ class EventKind(enum.Enum):
     RESTORED = "restored"
 
 
-class LifecycleEvent(msgspec.Struct, frozen=True):
+class LifecycleEvent(Record):
     vm_id: str
     kind: EventKind
-    time: float = msgspec.field(default_factory=time.time)
+    time: float = field(default_factory=time.time)
     reason: StopKind | None = None  # STOPPED only
     message: str = ""
 

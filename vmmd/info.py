@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import enum
 
-import msgspec
-
+from vmmd.record import Record, field
 from vmmd.spec import CellLimits, VmSpec
 
 
@@ -37,12 +36,12 @@ class StopKind(enum.Enum):
     STOPPED_BY_API = "stopped_by_api"
 
 
-class StopSummary(msgspec.Struct, frozen=True):
+class StopSummary(Record):
     kind: StopKind
     message: str
 
 
-class DeviceCounters(msgspec.Struct, frozen=True):
+class DeviceCounters(Record):
     device_id: str
     requests: int
     bytes_read: int
@@ -52,7 +51,7 @@ class DeviceCounters(msgspec.Struct, frozen=True):
     interrupts: int
 
 
-class InterfaceCounters(msgspec.Struct, frozen=True):
+class InterfaceCounters(Record):
     iface_id: str
     rx_packets: int
     rx_bytes: int
@@ -64,7 +63,7 @@ class InterfaceCounters(msgspec.Struct, frozen=True):
     interrupts: int
 
 
-class VsockCounters(msgspec.Struct, frozen=True):
+class VsockCounters(Record):
     rx_packets: int
     rx_bytes: int
     tx_packets: int
@@ -77,7 +76,7 @@ class VsockCounters(msgspec.Struct, frozen=True):
     interrupts: int
 
 
-class VmCounters(msgspec.Struct, frozen=True):
+class VmCounters(Record):
     exits: int = 0
     exits_io: int = 0
     exits_mmio: int = 0
@@ -95,7 +94,7 @@ class VmCounters(msgspec.Struct, frozen=True):
     guest_startup_us: int = 0  # that -> the guest's first console byte
 
 
-class CellInfo(msgspec.Struct, frozen=True):
+class CellInfo(Record):
     """The cell a VM runs in, read at that moment (the API's CellInfo)."""
 
     name: str           # as the VM's spec named it, or the daemon's name for a cell of its own
@@ -108,7 +107,7 @@ class CellInfo(msgspec.Struct, frozen=True):
     shared: bool        # a named cell other VMs may join (False: its own, or no cells)
 
 
-class VmInfo(msgspec.Struct, frozen=True):
+class VmInfo(Record):
     vm_id: str
     phase: Phase
     spec: VmSpec        # as the VM got it (defaults resolved, MACs filled in)
@@ -116,12 +115,12 @@ class VmInfo(msgspec.Struct, frozen=True):
     created_at: float
     started_at: float | None
     uptime_s: float
-    counters: VmCounters = msgspec.field(default_factory=VmCounters)
+    counters: VmCounters = field(default_factory=VmCounters)
     stop: StopSummary | None = None
     cell: CellInfo | None = None  # None: not known (the reply's Vm.cell is unset)
 
 
-class SnapshotInfo(msgspec.Struct, frozen=True):
+class SnapshotInfo(Record):
     vm_id: str          # the VM it was taken of
     directory: str
     snapshot_id: str

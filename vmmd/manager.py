@@ -21,8 +21,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import msgspec
-
 from vmmd.budget import BudgetInfo, MemoryBudget
 from vmmd.cell.cells import Lease, Placement, SharedPlacement
 from vmmd.errors import (
@@ -37,6 +35,7 @@ from vmmd.events import EventHub, EventKind, LifecycleEvent, Subscription
 from vmmd.info import Phase, SnapshotInfo, StopSummary, VmInfo
 from vmmd.log import get_logger
 from vmmd.paths import DEFAULT_MAX_VMS
+from vmmd.record import Record, field
 from vmmd.spec import RestoreSpec, VmSpec, check_vm_id
 from vmmd.vm import snapshot
 from vmmd.vm.builder import NativeFactory, build_vm, restore_from
@@ -50,16 +49,16 @@ STOP_POLL_S = 0.1  # how often a graceful stop's wait looks whether to give up
 _RESERVED = object()
 
 
-class VmEntry(msgspec.Struct):
+class VmEntry(Record, frozen=False):
     vm: Vm
-    created_at: float = msgspec.field(default_factory=time.time)
+    created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     stopped_at: float | None = None  # set once, with the STOPPED event (stop_lock)
     deleted: bool = False  # set under `lock`; a deleted entry is never touched again
     memory_bytes: int = 0  # reserved in the memory budget; given back at delete
     lease: Lease | None = None  # the VM's place in a cell; given back at delete
-    lock: threading.RLock = msgspec.field(default_factory=threading.RLock)
-    stop_lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    stop_lock: threading.Lock = field(default_factory=threading.Lock)
     deleting: bool = False  # DeleteVm is waiting for this entry's lock
 
     @property

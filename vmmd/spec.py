@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 import re
 
-import msgspec
-
 from vmmd.errors import FieldPath, InvalidSpecError, quoted
+from vmmd.record import Record, field
 
 MiB = 1 << 20
 DEFAULT_VCPUS = 1
@@ -26,7 +25,7 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 ID_RULE = "must be 1-64 characters of A-Z a-z 0-9 _ . - starting alphanumeric"
 
 
-class BootSpec(msgspec.Struct, frozen=True):
+class BootSpec(Record):
     """How the guest boots.  cmdline None: the default command line (the
     builder resolves it, with this host's workarounds); cmdline_append is
     added to whichever it is."""
@@ -37,7 +36,7 @@ class BootSpec(msgspec.Struct, frozen=True):
     cmdline_append: str | None = None
 
 
-class DriveSpec(msgspec.Struct, frozen=True):
+class DriveSpec(Record):
     """A raw disk image given to the guest as a virtio-blk device."""
 
     drive_id: str
@@ -46,7 +45,7 @@ class DriveSpec(msgspec.Struct, frozen=True):
     is_root_device: bool = False
 
 
-class NetSpec(msgspec.Struct, frozen=True):
+class NetSpec(Record):
     """A network interface: a host tap device given to the guest as virtio-net.
     guest_mac None: generated, stable for the VM id and interface id.  netns:
     the named network namespace the tap lives in ("": the daemon's)."""
@@ -58,7 +57,7 @@ class NetSpec(msgspec.Struct, frozen=True):
     netns: str = ""
 
 
-class VsockSpec(msgspec.Struct, frozen=True):
+class VsockSpec(Record):
     """A virtio-vsock device: the guest's context id and the Unix socket the
     daemon listens on for host clients (guest connects to host port P go to
     "<uds_path>_<P>")."""
@@ -84,7 +83,7 @@ MIN_CELL_MEM_MIB, MAX_CELL_MEM_MIB = 16, 1 << 30
 MIN_PIDS, MAX_PIDS = 8, 1 << 22
 
 
-class CellLimits(msgspec.Struct, frozen=True):
+class CellLimits(Record):
     """Caps on a cell (its cgroup); 0: no limit.  cpu is a fraction of one
     core (0.25: a quarter), memory_mib the cell's host memory, guest RAM
     included, pids the most tasks (processes and threads)."""
@@ -94,14 +93,14 @@ class CellLimits(msgspec.Struct, frozen=True):
     pids: int = 0
 
 
-class EntropySpec(msgspec.Struct, frozen=True):
+class EntropySpec(Record):
     """The virtio entropy device: random bytes from the host's getrandom(),
     at most max_request_bytes per request (0: the device's bound, 64 KiB)."""
 
     max_request_bytes: int = 0
 
 
-class VmSpec(msgspec.Struct, frozen=True):
+class VmSpec(Record):
     vm_id: str
     boot: BootSpec
     vcpus: int = DEFAULT_VCPUS
@@ -159,7 +158,7 @@ def check_limits(limits: CellLimits, path: FieldPath = ("limits",)) -> CellLimit
     return limits
 
 
-class DriveOverride(msgspec.Struct, frozen=True):
+class DriveOverride(Record):
     """At restore: the snapshot's drive `drive_id` now lives at `path_on_host`."""
 
     drive_id: str
@@ -169,7 +168,7 @@ class DriveOverride(msgspec.Struct, frozen=True):
 AUTO_MAC = "auto"  # an override's guest_mac: a MAC generated from the new VM's id
 
 
-class NetOverride(msgspec.Struct, frozen=True):
+class NetOverride(Record):
     """At restore: the snapshot's interface `iface_id` goes onto tap
     `host_dev_name` (in `netns`; "" and no netns: the snapshot's tap stays),
     with `guest_mac` ("": the snapshot's; AUTO_MAC: generated for the new VM)."""
@@ -181,7 +180,7 @@ class NetOverride(msgspec.Struct, frozen=True):
     netns: str = ""
 
 
-class VsockOverride(msgspec.Struct, frozen=True):
+class VsockOverride(Record):
     """At restore: the snapshot's vsock device listens at `uds_path` ("": the
     snapshot's) and has context id `guest_cid` (0: the snapshot's)."""
 
@@ -189,19 +188,19 @@ class VsockOverride(msgspec.Struct, frozen=True):
     uds_path: str = ""
 
 
-class DeviceOverrides(msgspec.Struct, frozen=True):
+class DeviceOverrides(Record):
     drives: tuple[DriveOverride, ...] = ()
     network_interfaces: tuple[NetOverride, ...] = ()
     vsock: VsockOverride | None = None
 
 
-class RestoreSpec(msgspec.Struct, frozen=True):
+class RestoreSpec(Record):
     """A VM from a snapshot: its new id, where its devices go now, and where
     it runs (its cell and the cell's limits, as VmSpec's: a snapshot has none)."""
 
     snapshot_dir: str
     vm_id: str
-    overrides: DeviceOverrides = msgspec.field(default_factory=DeviceOverrides)
+    overrides: DeviceOverrides = field(default_factory=DeviceOverrides)
     track_dirty_pages: bool = False
     cell: str = ""
     limits: CellLimits = CellLimits()

@@ -37,8 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
-import msgspec
-
+from vmmd import record
 from vmmd.errors import FieldPath, InvalidSpecError, NativeError
 from vmmd.native import (
     BLOB_SIZES,
@@ -58,6 +57,7 @@ from vmmd.native import (
     pack_vcpu,
 )
 from vmmd.native.state import unpack_vcpu_bytes
+from vmmd.record import Record, field
 from vmmd.vm.layout import IOAPIC_PINS
 
 PAGE = 4096
@@ -82,13 +82,13 @@ class RunState(enum.Enum):
     STOPPED = "stopped"
 
 
-class Call(msgspec.Struct, frozen=True):
+class Call(Record):
     name: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
 
 
-class RamRegion(msgspec.Struct):
+class RamRegion(Record, frozen=False):
     gpa: int
     size: int
     fd: int = -1  # a dup of the memory file (restore): pages not written read from it
@@ -99,14 +99,14 @@ class RamRegion(msgspec.Struct):
         return self.gpa + self.size
 
 
-class FakeDevice(msgspec.Struct):
+class FakeDevice(Record, frozen=False):
     kind: str  # "blk" | "net" | "rng" | "vsock"
     fd: int  # blk: our duplicate of the image; net: the caller's tap fd; rng: -1; vsock: our
     # listener dup
     mmio_base: int
     gsi: int
     options: dict[str, Any]
-    stats: VirtioStats = msgspec.field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    stats: VirtioStats = field(default_factory=lambda: VirtioStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
     state: VirtioState | None = None
 
 
@@ -340,7 +340,7 @@ class FakeNativeVm:
             regs = self.boot_regs.get(idx)
         if regs is None:
             return {}, 0
-        return {f: getattr(regs, f) for f in regs.__struct_fields__
+        return {f: getattr(regs, f) for f in regs._fields
                 if isinstance(getattr(regs, f), int)}, 0
 
     # ---- guest RAM ----
@@ -440,7 +440,7 @@ class FakeNativeVm:
 
     def set_virtio_stats(self, idx: int, **counters: int) -> None:
         d = self.devices[idx]
-        d.stats = msgspec.structs.replace(d.stats, **counters)
+        d.stats = record.replace(d.stats, **counters)
 
     # ---- snapshots ----
     def _paused(self, op: str) -> None:
@@ -529,7 +529,7 @@ class FakeNativeVm:
         with self._lock:
             self._paused("save UART and i8042")
             if self.legacy is not None:
-                return msgspec.structs.replace(self.legacy, console_head=len(self.console))
+                return record.replace(self.legacy, console_head=len(self.console))
         return LegacyState(ier=0, lcr=3, mcr=0, scr=0, dll=1, dlm=0, thr_ipending=0,
                            irq_level=0, rx=b"", ctr=0, cmd=0, status_cmd=0, outp=0, kbd=b"",
                            console_head=len(self.console))
@@ -614,7 +614,7 @@ class FakeNativeVm:
     @_op
     def stats(self) -> VmStats:
         with self._lock:
-            values = {f: 0 for f in VmStats.__struct_fields__}
+            values = {f: 0 for f in VmStats._fields}
             values.update(self.vm_stats)
             values["console_bytes"] = len(self.console)
             return VmStats(**values)

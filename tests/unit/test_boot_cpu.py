@@ -106,7 +106,7 @@ def test_boot_regs_mirror_the_c_struct():
     if not path.is_file():
         pytest.skip(f"{path} not present")
     header = path.read_text()
-    assert list(BootRegs.__struct_fields__) == _c_struct_fields(
+    assert list(BootRegs._fields) == _c_struct_fields(
         header, "vmm_boot_regs"
     )
-    assert list(Segment.__struct_fields__) == _c_struct_fields(header, "vmm_segment")
+    assert list(Segment._fields) == _c_struct_fields(header, "vmm_segment")

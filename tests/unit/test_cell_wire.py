@@ -69,7 +69,7 @@ def test_hostile_values_are_refused(value: cpb.CellValue, problem: str) -> None:
 
 
 def test_counters_must_be_whole() -> None:
-    stats = VirtioStats(*range(len(VirtioStats.__struct_fields__)))
+    stats = VirtioStats(*range(len(VirtioStats._fields)))
     m = wire.encode(stats, [])
     m.record.fields["requests"].CopyFrom(cpb.CellValue(b=True))
     with pytest.raises(wire.ProtocolError, match="requests: a bool"):

@@ -59,7 +59,7 @@ def c_fields(ctype: str) -> set[str]:
 
 
 def dc_fields(cls: type) -> set[str]:
-    return set(cls.__struct_fields__)
+    return set(cls._fields)
 
 
 def pb_fields(msg: Any) -> set[str]:

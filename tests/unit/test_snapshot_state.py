@@ -12,12 +12,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.framework.fake_native import FakeFactory
+from vmmd import record
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import DataLossError, InvalidSpecError
 from vmmd.native import (
@@ -139,7 +139,7 @@ def test_a_machine_blob_of_the_wrong_size(name: str) -> None:
                  clock=st.integers(0, U64), realtime=st.integers(0, U64)))
 def test_a_saved_machine_is_restored_as_it_was(s: MachineState) -> None:
     assert state.restore_machine(state.save_machine(s), created_unix_ns=5) == (
-        s if s.realtime else msgspec.structs.replace(s, realtime=5))
+        s if s.realtime else record.replace(s, realtime=5))
 
 
 def test_a_machine_state_without_realtime_takes_the_snapshots_time() -> None:
@@ -261,7 +261,7 @@ def test_a_saved_spec_is_restored_as_it_was(vcpus: int, acpi: bool) -> None:
     m = state.save_spec(spec, "console=ttyS0 x=1", [4096])
     back, cmdline, sizes = state.restore_spec(m)
     # The saved command line is the one the guest got (device words included).
-    assert back == msgspec.structs.replace(spec, boot=msgspec.structs.replace(spec.boot,
+    assert back == record.replace(spec, boot=record.replace(spec.boot,
                                                                       cmdline="console=ttyS0 x=1"))
     assert (cmdline, sizes) == ("console=ttyS0 x=1", (4096,))
 
@@ -281,7 +281,7 @@ def test_a_spec_saved_before_acpi_existed_restores_without_it() -> None:
 def test_a_saved_spec_has_no_cell() -> None:
     """Where a VM ran (its cell, the cell's limits) is not what it is: not saved."""
     spec = VmSpec("v", BootSpec("/nonexistent/vmlinux"), memory_mib=64)
-    placed = msgspec.structs.replace(spec, cell="web", limits=CellLimits(0.5, 256, 64))
+    placed = record.replace(spec, cell="web", limits=CellLimits(0.5, 256, 64))
     assert state.save_spec(placed, "x", []) == state.save_spec(spec, "x", [])
     back, _, _ = state.restore_spec(state.save_spec(placed, "x", []))
     assert (back.cell, back.limits) == ("", CellLimits())

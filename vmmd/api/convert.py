@@ -8,9 +8,9 @@ request's own prefix is added (`request_error`): nothing is renamed.
 
 from __future__ import annotations
 
-import msgspec
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from vmmd import record
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
 from vmmd.budget import BudgetInfo
 from vmmd.errors import InvalidSpecError, quoted, shown
@@ -271,11 +271,11 @@ def vm_to_proto(info: VmInfo) -> pb.Vm:
             exits_intr=c.exits_intr, exits_other=c.exits_other,
             unhandled_io=c.unhandled_io, unhandled_mmio=c.unhandled_mmio,
             console_bytes=c.console_bytes, console_dropped=c.console_dropped,
-            devices=[pb.DeviceCounters(**msgspec.structs.asdict(d)) for d in c.devices],
-            interfaces=[pb.InterfaceCounters(**msgspec.structs.asdict(i)) for i in c.interfaces],
-            entropy=(pb.DeviceCounters(**msgspec.structs.asdict(c.entropy))
+            devices=[pb.DeviceCounters(**record.asdict(d)) for d in c.devices],
+            interfaces=[pb.InterfaceCounters(**record.asdict(i)) for i in c.interfaces],
+            entropy=(pb.DeviceCounters(**record.asdict(c.entropy))
                      if c.entropy is not None else None),
-            vsock=pb.VsockCounters(**msgspec.structs.asdict(c.vsock)) if c.vsock else None,
+            vsock=pb.VsockCounters(**record.asdict(c.vsock)) if c.vsock else None,
             vcpu_start_us=c.vcpu_start_us, guest_startup_us=c.guest_startup_us,
         ),
         cmdline=info.cmdline,

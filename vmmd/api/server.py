@@ -11,13 +11,13 @@ calls are plain functions run on a bounded pool whose idle threads exit
 from __future__ import annotations
 
 import grpc
-import msgspec
 
 from vmmd._proto.vmmd.v1 import vmm_pb2
 from vmmd.api.discovery import NOT_SERVING, HealthServicer, add_discovery_services
 from vmmd.api.pool import ElasticPool
 from vmmd.api.servicer import VmServicer, vm_service_handlers
 from vmmd.manager import Manager
+from vmmd.record import Record
 
 SERVICE_NAME = vmm_pb2.DESCRIPTOR.services_by_name["VmService"].full_name
 # Unary calls running at once (more wait in the pool's queue); streams are
@@ -26,13 +26,13 @@ MAX_WORKERS = 64
 IDLE_THREAD_S = 10.0
 
 
-class TlsConfig(msgspec.Struct, frozen=True):
+class TlsConfig(Record):
     cert_chain: bytes
     private_key: bytes
     client_ca: bytes | None = None  # set: clients must present a cert (mTLS)
 
 
-class ApiServer(msgspec.Struct):
+class ApiServer(Record, frozen=False):
     server: grpc.aio.Server
     health: HealthServicer
     ports: list[int]

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
-import msgspec
 from google.protobuf.message import DecodeError
 
 from vmmd._proto.vmmd.v1 import vmm_pb2 as pb
@@ -26,6 +25,7 @@ from vmmd.api.status import status_for
 from vmmd.errors import InvalidSpecError
 from vmmd.log import get_logger
 from vmmd.manager import Manager
+from vmmd.record import Record
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = get_logger(__name__)
@@ -67,7 +67,7 @@ def edge_stream(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class Undecodable(msgspec.Struct, frozen=True):
+class Undecodable(Record):
     """A request whose bytes are not the message they should be."""
 
     message: str

@@ -32,8 +32,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import msgspec
-
 from vmmd.cell.cgroup import CgroupError
 from vmmd.cell.remote import Channel, RemoteNativeVm
 from vmmd.cell.zygote import WorkerJail, Zygote, exit_cause
@@ -41,6 +39,7 @@ from vmmd.errors import InvalidSpecError, NativeError, ResourceExhaustedError, S
 from vmmd.info import CellInfo
 from vmmd.log import get_logger
 from vmmd.native.seccomp import REPORT_SIZE, SeccompReport, parse_seccomp_report
+from vmmd.record import Record, field
 from vmmd.spec import CellLimits
 from vmmd.vm.watcher import Watcher
 
@@ -74,7 +73,7 @@ class Placement(Protocol):
 
 
 # ---- --isolation none ----
-class _SharedLease(msgspec.Struct):
+class _SharedLease(Record, frozen=False):
     factory: NativeFactory | None
     name: str
     watcher: Watcher | None = None
@@ -104,7 +103,7 @@ class SharedPlacement:
 
 
 # ---- cells ----
-class Cell(msgspec.Struct, eq=False):
+class Cell(Record, frozen=False, eq=False):
     name: str
     limits: CellLimits
     uid: int
@@ -115,13 +114,13 @@ class Cell(msgspec.Struct, eq=False):
     report_fd: int = -1
     refs: int = 0
     ram_bytes: int = 0
-    natives: set[RemoteNativeVm] = msgspec.field(default_factory=set)
+    natives: set[RemoteNativeVm] = field(default_factory=set)
     dead: str | None = None
     reclaimed: bool = False  # its cgroup, root and uid given back (once)
-    exited: threading.Event = msgspec.field(default_factory=threading.Event)
-    lock: threading.Lock = msgspec.field(default_factory=threading.Lock)
+    exited: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
     # Its VMs' events come through its worker: a slow worker delays only these.
-    watcher: Watcher = msgspec.field(default_factory=Watcher)
+    watcher: Watcher = field(default_factory=Watcher)
 
     def info(self) -> CellInfo:
         cpu, rss = _proc_usage(self.pid) if self.dead is None else (0.0, 0)
@@ -149,7 +148,7 @@ def _proc_usage(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(statm[1]) * _PAGE
 
 
-class _CellLease(msgspec.Struct):
+class _CellLease(Record, frozen=False):
     pool: CellPlacement
     cell: Cell
     ram_bytes: int

@@ -39,10 +39,9 @@ import signal
 import time
 from collections.abc import Collection, Mapping
 
-import msgspec
-
 from vmmd.errors import VmmError
 from vmmd.log import get_logger
+from vmmd.record import Record
 
 log = get_logger(__name__)
 
@@ -72,13 +71,13 @@ class CgroupError(VmmError):
         super().__init__(text)
 
 
-class CgroupUsage(msgspec.Struct, frozen=True):
+class CgroupUsage(Record):
     cpu_ns: int  # CPU time used by the cell's processes since the group was made
     memory_bytes: int  # memory charged to the group now (page cache included)
     pids: int  # tasks (processes and threads) in the group now
 
 
-class Mount(msgspec.Struct, frozen=True):
+class Mount(Record):
     """One line of /proc/self/mountinfo, the fields we use."""
 
     root: str  # the path inside the filesystem that is mounted (a cgroup's path)
@@ -110,7 +109,7 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-class Layout(msgspec.Struct, frozen=True):
+class Layout(Record):
     """Where this host keeps our controllers."""
 
     version: int  # 1 or 2

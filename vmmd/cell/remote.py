@@ -338,7 +338,7 @@ class RemoteNativeVm:
             except WorkerGone:
                 pass
         if self._stats is None:
-            return VmStats(**{f: 0 for f in VmStats.__struct_fields__})
+            return VmStats(**{f: 0 for f in VmStats._fields})
         return self._stats
 
     def virtio_stats(self, idx: int) -> VirtioStats:
@@ -349,7 +349,7 @@ class RemoteNativeVm:
             except WorkerGone:
                 pass
         if idx not in self._vstats:
-            return VirtioStats(**{f: 0 for f in VirtioStats.__struct_fields__})
+            return VirtioStats(**{f: 0 for f in VirtioStats._fields})
         return self._vstats[idx]
 
     def thread_count(self) -> int:

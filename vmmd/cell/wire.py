@@ -20,7 +20,6 @@ import socket
 import time
 from typing import Any
 
-import msgspec
 from google.protobuf.message import DecodeError
 
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
@@ -35,6 +34,7 @@ from vmmd.native import (
     VirtioStats,
     VmStats,
 )
+from vmmd.record import Record
 from vmmd.vm.boot.cpu import BootRegs, Segment
 from vmmd.vm.snapshot import state
 
@@ -48,7 +48,7 @@ class ProtocolError(Exception):
 
 
 # Records: the plain values that cross, by name, with their fields' types.
-_RECORDS: dict[str, type[msgspec.Struct]] = {
+_RECORDS: dict[str, type[Record]] = {
     c.__name__: c for c in (Event, VmStats, VirtioStats, BootRegs, Segment)}
 _ENUMS = {("Event", "type"): EventType, ("Event", "reason"): StopReason}
 
@@ -86,9 +86,9 @@ def encode(v: Any, fds: list[int]) -> cpb.CellValue:
         return cpb.CellValue(record=cpb.CellRecord(fields={
             str(k): encode(x, fds) for k, x in v.items()}))
     name = type(v).__name__
-    if _RECORDS.get(name) is type(v) and isinstance(v, msgspec.Struct):
+    if _RECORDS.get(name) is type(v) and isinstance(v, Record):
         return cpb.CellValue(record=cpb.CellRecord(type=name, fields={
-            f: encode(getattr(v, f), fds) for f in v.__struct_fields__}))
+            f: encode(getattr(v, f), fds) for f in v._fields}))
     raise TypeError(f"no wire form for {name}")
 
 
@@ -133,7 +133,7 @@ def _record(r: cpb.CellRecord, fds: list[int]) -> Any:
     if cls is None:
         raise ProtocolError(f"unknown record type {r.type[:40]!r}")
     # (name, annotation as written): these modules' annotations stay strings.
-    fields = [(f, cls.__annotations__[f]) for f in cls.__struct_fields__]
+    fields = [(f, cls.__annotations__[f]) for f in cls._fields]
     if set(r.fields) != {name for name, _ in fields}:
         raise ProtocolError(f"{r.type}: fields {sorted(r.fields)[:20]}")
     values = {}
@@ -152,7 +152,7 @@ def _record(r: cpb.CellRecord, fds: list[int]) -> Any:
     return cls(**values)
 
 
-class Fd(msgspec.Struct, frozen=True):
+class Fd(Record):
     """A file descriptor to pass (encode), or one received (decode: the
     receiver owns it and must close it)."""
 

@@ -27,18 +27,17 @@ import sys
 import threading
 from collections.abc import Callable
 
-import msgspec
-
 from vmmd._proto.vmmd.v1 import cell_pb2 as cpb
 from vmmd.cell import wire
 from vmmd.errors import NativeError
 from vmmd.log import get_logger
+from vmmd.record import Record
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class WorkerJail(msgspec.Struct, frozen=True):
+class WorkerJail(Record):
     """What a worker is made: who it runs as and its limits."""
 
     cell: str

@@ -23,10 +23,10 @@ import threading
 import time
 from collections.abc import Sequence
 
-import msgspec
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from vmmd import record
 from vmmd.api import convert
 from vmmd.cli.devices import ACPI_HELP, DRIVE_HELP, NET_HELP, parse_drive, parse_net
 from vmmd.client import DEFAULT_SOCKET, Client, ClientError, pb, vsock_connect
@@ -52,7 +52,7 @@ def _drive_arg(text: str) -> DriveSpec:
         d = parse_drive(0, text)
     except InvalidSpecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return msgspec.structs.replace(d, path_on_host=os.path.abspath(d.path_on_host))
+    return record.replace(d, path_on_host=os.path.abspath(d.path_on_host))
 
 
 def _net_arg(text: str) -> NetSpec:
@@ -64,13 +64,13 @@ def _net_arg(text: str) -> NetSpec:
 
 def _drives(args: argparse.Namespace) -> list[pb.Drive]:
     """--drive as API messages, numbered in order (drive0, drive1, ...)."""
-    return [convert.drive_to_proto(msgspec.structs.replace(d, drive_id=f"drive{i}"))
+    return [convert.drive_to_proto(record.replace(d, drive_id=f"drive{i}"))
             for i, d in enumerate(args.drive)]
 
 
 def _nets(args: argparse.Namespace) -> list[pb.NetworkInterface]:
     """--net as API messages, numbered in order (net0, net1, ...)."""
-    return [convert.net_to_proto(msgspec.structs.replace(n, iface_id=f"net{i}"))
+    return [convert.net_to_proto(record.replace(n, iface_id=f"net{i}"))
             for i, n in enumerate(args.net)]
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import struct
 
-import msgspec
-
 from vmmd.native._lib import check, ffi, lib
+from vmmd.record import Record
 
 # What a worker killed by the filter exits with: 128 + SIGSYS.
 SECCOMP_EXIT = lib.VMM_SECCOMP_EXIT
@@ -16,7 +15,7 @@ _REPORT = struct.Struct("=IiQ")  # struct vmm_seccomp_report: magic, syscall_nr,
 assert _REPORT.size == REPORT_SIZE
 
 
-class SeccompReport(msgspec.Struct, frozen=True):
+class SeccompReport(Record):
     """A system call the filter refused: the worker died of it."""
 
     syscall_nr: int

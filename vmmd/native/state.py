@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-
 from vmmd.native._lib import ffi
+from vmmd.record import Record
 
 
-class CpuidEntry(msgspec.Struct, frozen=True):
+class CpuidEntry(Record):
     function: int
     index: int
     flags: int
@@ -28,7 +27,7 @@ class CpuidEntry(msgspec.Struct, frozen=True):
     edx: int
 
 
-class VcpuState(msgspec.Struct, frozen=True):
+class VcpuState(Record):
     """One vCPU: KVM structs as byte blobs of fixed sizes (BLOB_SIZES), plus
     mp_state, the MSRs (index, value) and the CPUID entries."""
 
@@ -44,7 +43,7 @@ class VcpuState(msgspec.Struct, frozen=True):
     cpuid: tuple[CpuidEntry, ...]
 
 
-class MachineState(msgspec.Struct, frozen=True):
+class MachineState(Record):
     """The VM-wide KVM state: PIC master and slave, IOAPIC, PIT, kvmclock
     (and the host's wall clock when it was read; 0: not known)."""
 
@@ -56,7 +55,7 @@ class MachineState(msgspec.Struct, frozen=True):
     realtime: int = 0
 
 
-class QueueState(msgspec.Struct, frozen=True):
+class QueueState(Record):
     desc: int
     avail: int
     used: int
@@ -69,7 +68,7 @@ class QueueState(msgspec.Struct, frozen=True):
     indirect: int
 
 
-class VirtioState(msgspec.Struct, frozen=True):
+class VirtioState(Record):
     device_id: int
     status: int
     dev_feat_sel: int
@@ -81,7 +80,7 @@ class VirtioState(msgspec.Struct, frozen=True):
     queues: tuple[QueueState, ...]
 
 
-class LegacyState(msgspec.Struct, frozen=True):
+class LegacyState(Record):
     """The UART, the i8042 and where the console output stands."""
 
     ier: int
@@ -117,12 +116,12 @@ LEGACY_RX_MAX, LEGACY_KBD_MAX = 64, 16
 
 
 def scalars(c: Any, cls: type) -> dict[str, int]:
-    return {f: getattr(c, f) for f in cls.__struct_fields__  # type: ignore[attr-defined]
+    return {f: getattr(c, f) for f in cls._fields  # type: ignore[attr-defined]
             if cls.__annotations__[f] in ("int", int)}
 
 
 def set_scalars(c: Any, value: Any) -> None:
-    for f in value.__struct_fields__:
+    for f in value._fields:
         v = getattr(value, f)
         if isinstance(v, int):
             setattr(c, f, v)
@@ -135,7 +134,7 @@ def set_blob(c: Any, name: str, data: bytes, limit: int | None = None) -> None:
     ffi.memmove(getattr(c, name), data, len(data))
 
 
-class PackedVcpu(msgspec.Struct, frozen=True):
+class PackedVcpu(Record):
     """A vCPU state packed into its C struct, ready for restore_vcpu (C only
     reads it, so one may serve many restores)."""
 

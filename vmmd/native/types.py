@@ -5,9 +5,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-import msgspec
-
 from vmmd.native._lib import lib
+from vmmd.record import Record
 
 
 class StopReason(enum.IntEnum):
@@ -35,7 +34,7 @@ class EventType(enum.IntEnum):
     LOST = lib.VMM_EVENT_LOST
 
 
-class Event(msgspec.Struct, frozen=True):
+class Event(Record):
     type: EventType
     reason: StopReason
     vcpu: int
@@ -46,7 +45,7 @@ class Event(msgspec.Struct, frozen=True):
     insn: bytes
 
 
-class VmStats(msgspec.Struct, frozen=True):
+class VmStats(Record):
     exits: int
     exits_io: int
     exits_mmio: int
@@ -65,7 +64,7 @@ class VmStats(msgspec.Struct, frozen=True):
     first_output_ns: int = 0
 
 
-class VirtioStats(msgspec.Struct, frozen=True):
+class VirtioStats(Record):
     notifies: int
     requests: int
     bad_chains: int
@@ -81,4 +80,4 @@ class VirtioStats(msgspec.Struct, frozen=True):
 
 
 def virtio_stats_of(c: Any) -> VirtioStats:
-    return VirtioStats(**{f: getattr(c, f) for f in VirtioStats.__struct_fields__})
+    return VirtioStats(**{f: getattr(c, f) for f in VirtioStats._fields})

@@ -5,8 +5,6 @@ from __future__ import annotations
 import errno
 from typing import Any, Self
 
-import msgspec
-
 from vmmd.errors import FieldPath, InvalidSpecError
 from vmmd.native._lib import check, ffi, lib
 from vmmd.native.state import (
@@ -28,13 +26,14 @@ from vmmd.native.state import (
     unpack_vcpu_bytes,
 )
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats, virtio_stats_of
+from vmmd.record import Record
 
 
 def _fill(cstruct: Any, value: Any) -> None:
     """Copy a (nested) record into a cffi struct of the same field names."""
-    for name in value.__struct_fields__:
+    for name in value._fields:
         v = getattr(value, name)
-        if isinstance(v, msgspec.Struct):
+        if isinstance(v, Record):
             _fill(getattr(cstruct, name), v)
         else:
             setattr(cstruct, name, int(v))
@@ -174,7 +173,7 @@ class NativeVm:
             **{b: bytes(ffi.buffer(getattr(c, b))) for b in VCPU_BLOBS}, mp_state=c.mp_state,
             msrs=tuple((c.msrs[i].index, c.msrs[i].data) for i in range(c.nmsrs)),
             cpuid=tuple(CpuidEntry(**{f: getattr(c.cpuid[i], f)
-                                      for f in CpuidEntry.__struct_fields__})
+                                      for f in CpuidEntry._fields})
                         for i in range(c.ncpuid)))
 
     def restore_vcpu(self, idx: int, s: VcpuState | PackedVcpu) -> None:
@@ -277,7 +276,7 @@ class NativeVm:
     def stats(self) -> VmStats:
         s = ffi.new("struct vmm_vm_stats *")
         check(lib.vmm_vm_get_stats(self._vm, s), "read VM stats")
-        return VmStats(**{f: getattr(s, f) for f in VmStats.__struct_fields__})
+        return VmStats(**{f: getattr(s, f) for f in VmStats._fields})
 
     def thread_count(self) -> int:
         return lib.vmm_vm_thread_count(self._vm)

@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
+from vmmd import record
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
 from vmmd.native import NativeVm
+from vmmd.record import Record
 from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
 from vmmd.vm.boot.image import INITRD_PATH, KERNEL_PATH
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from vmmd.vm import snapshot
 
 
-class Plan(msgspec.Struct, frozen=True):
+class Plan(Record):
     spec: VmSpec  # as the VM gets it: generated values (MACs) filled in
     boot: BootPlan
     drives: tuple[block.DrivePlan, ...]
@@ -89,13 +89,13 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
                      spec.mem_bytes, spec.vcpus, cmdline, force_64bit=force_64bit,
                      acpi=slots if spec.acpi else None)
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
-    boot_spec = msgspec.structs.replace(b, cmdline=base, cmdline_append=None)
-    spec = msgspec.structs.replace(spec, boot=boot_spec,
+    boot_spec = record.replace(b, cmdline=base, cmdline_append=None)
+    spec = record.replace(spec, boot=boot_spec,
                                    network_interfaces=tuple(n.spec for n in nets))
     return Plan(spec, boot, drives, nets, entropy, vs, kernel, initrd)
 
 
-class _Held(msgspec.Struct):
+class _Held(Record, frozen=False):
     """What a VM under construction holds on the host: its drive images
     (open, checked, locked: fds in drive order), its taps and its vsock
     listener."""
@@ -207,7 +207,7 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
             raise InvalidSpecError(("overrides", "drives", j, "drive_id"), "the snapshot has no "
                                    f"drive {quoted(d.drive_id)} (it has {sorted(drives) or 'none'})")
         i = drives[d.drive_id]
-        new_drives[i] = msgspec.structs.replace(new_drives[i], path_on_host=d.path_on_host)
+        new_drives[i] = record.replace(new_drives[i], path_on_host=d.path_on_host)
     for j, n in enumerate(o.network_interfaces):
         if n.iface_id not in nets:
             raise InvalidSpecError(("overrides", "network_interfaces", j, "iface_id"),
@@ -215,12 +215,12 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
                                    f"(it has {sorted(nets) or 'none'})")
         i = nets[n.iface_id]
         if _moves_tap(n):
-            new_nets[i] = msgspec.structs.replace(new_nets[i], host_dev_name=n.host_dev_name,
+            new_nets[i] = record.replace(new_nets[i], host_dev_name=n.host_dev_name,
                                               create_tap=n.create_tap, netns=n.netns)
         if n.guest_mac:  # AUTO_MAC: None, generated from the new vm_id as for a new VM
-            new_nets[i] = msgspec.structs.replace(
+            new_nets[i] = record.replace(
                 new_nets[i], guest_mac=None if n.guest_mac == AUTO_MAC else n.guest_mac)
-    return msgspec.structs.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
+    return record.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
                                network_interfaces=tuple(new_nets),
                                vsock=_overridden_vsock(saved, o.vsock),
                                track_dirty_pages=rs.track_dirty_pages,
@@ -339,7 +339,7 @@ def restore_from(rs: RestoreSpec, snap: snapshot.Snapshot, memory_fd: int, *,
     except InvalidSpecError as e:  # the snapshot's own device: the file is at fault
         raise DataLossError(f"snapshot state spec: {e}") from None
     # As the VM gets it (as plan() does): an "auto" MAC generated, every MAC written one way.
-    spec = msgspec.structs.replace(spec, network_interfaces=tuple(n.spec for n in nets))
+    spec = record.replace(spec, network_interfaces=tuple(n.spec for n in nets))
     with _override_terms(saved, rs), _resources(drives, nets, vs) as held, \
             _native(kvm_path, native_factory) as native:
         _check_drive_sizes(spec, held.images, sizes)

@@ -18,9 +18,8 @@ nothing else in vmmd spells a guest address as a number.  The map follows Firecr
 
 from __future__ import annotations
 
-import msgspec
-
 from vmmd.errors import InvalidSpecError
+from vmmd.record import Record
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -79,7 +78,7 @@ MAX_MEM_BYTES = 256 * GiB
 MAX_VCPUS = 32
 
 
-class Region(msgspec.Struct, frozen=True):
+class Region(Record):
     """A guest physical range [gpa, gpa + size)."""
 
     gpa: int

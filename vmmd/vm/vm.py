@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Self
 
-import msgspec
-
 from vmmd.errors import NotFoundError, StateError, quoted
 from vmmd.info import (
     DeviceCounters,
@@ -30,6 +28,7 @@ from vmmd.info import (
 )
 from vmmd.log import get_logger
 from vmmd.native import Event, EventType, NativeVm, StopReason, VirtioStats, VmStats
+from vmmd.record import Record
 from vmmd.spec import VmSpec
 from vmmd.vm.devices import vsock
 from vmmd.vm.devices.net import Taps, interface_counters
@@ -55,7 +54,7 @@ REASON_TEXT = {
 }
 
 
-class StopInfo(msgspec.Struct, frozen=True):
+class StopInfo(Record):
     """Why a VM stopped, in words a user can act on."""
 
     reason: StopReason

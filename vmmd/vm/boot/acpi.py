@@ -23,8 +23,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-import msgspec
-
+from vmmd.record import Record
 from vmmd.vm.boot import aml
 from vmmd.vm.layout import (
     ACPI_END,
@@ -97,7 +96,7 @@ GED_HID = "ACPI0013"
 VMGENID_NOTIFY = 0x80  # "the generation id changed"
 
 
-class AcpiTables(msgspec.Struct, frozen=True):
+class AcpiTables(Record):
     """The blob written at ACPI_START and where each table sits (signature -> region)."""
 
     blob: bytes

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import struct
 
-import msgspec
-
+from vmmd.record import Record
 from vmmd.vm.layout import (
     BOOT_STACK_POINTER,
     GDT_START,
@@ -48,7 +47,7 @@ ENTRIES_PER_TABLE = 512
 LDT_TYPE = 2
 
 
-class Segment(msgspec.Struct, frozen=True):
+class Segment(Record):
     """A segment register as KVM takes it (struct vmm_segment); limit is in bytes."""
 
     base: int
@@ -64,7 +63,7 @@ class Segment(msgspec.Struct, frozen=True):
     avl: int
 
 
-class BootRegs(msgspec.Struct, frozen=True):
+class BootRegs(Record):
     """The boot CPU's state; field names and order are those of struct vmm_boot_regs."""
 
     rip: int

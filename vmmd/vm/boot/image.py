@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import BinaryIO, Literal
 
-import msgspec
-
 from vmmd.errors import InvalidSpecError
+from vmmd.record import Record
 
 # The spec's (and API's) fields the boot loader's errors name.
 KERNEL_PATH = ("boot", "kernel_path")
@@ -20,7 +19,7 @@ CMDLINE = ("boot", "cmdline")
 KernelKind = Literal["elf", "bzimage"]
 
 
-class LoadSegment(msgspec.Struct, frozen=True):
+class LoadSegment(Record):
     """Copy `file_size` bytes from file `offset` to guest `gpa`; zero the rest up to `mem_size`."""
 
     offset: int
@@ -33,7 +32,7 @@ class LoadSegment(msgspec.Struct, frozen=True):
         return self.gpa + self.mem_size
 
 
-class KernelImage(msgspec.Struct, frozen=True):
+class KernelImage(Record):
     """A kernel file checked for loading.
 
     `low`..`high` is all guest memory the kernel needs at boot (for a bzImage that includes the

@@ -18,9 +18,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
-import msgspec
-
 from vmmd.errors import FieldPath, InvalidSpecError, shown
+from vmmd.record import Record
 from vmmd.vm.boot.acpi import build_acpi
 from vmmd.vm.boot.bzimage import is_bzimage, parse_bzimage
 from vmmd.vm.boot.cmdline import encode_cmdline
@@ -63,7 +62,7 @@ class GuestMemory(Protocol):
                   field: FieldPath) -> None: ...
 
 
-class BootFile(msgspec.Struct, frozen=True):
+class BootFile(Record):
     """A kernel or initrd open for loading: checked once, used through its fd."""
 
     path: str
@@ -82,7 +81,7 @@ def open_boot_file(path: str, field: FieldPath) -> Iterator[BootFile]:
         os.close(fd)
 
 
-class BootPlan(msgspec.Struct, frozen=True):
+class BootPlan(Record):
     """A checked boot: what goes where.  `cmdline` is NUL-terminated; `entry` is the first rip,
     in 32-bit PVH mode when `pvh`, else in 64-bit mode.  `acpi`: None, or the virtio-mmio
     slots (window, IRQ) the ACPI tables describe (the MP table is written either way)."""

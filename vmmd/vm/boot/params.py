@@ -14,8 +14,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from enum import IntEnum
 
-import msgspec
-
+from vmmd.record import Record
 from vmmd.vm.layout import (
     ACPI_START,
     BIOS_AREA_END,
@@ -32,7 +31,7 @@ from vmmd.vm.layout import (
 )
 
 
-class Field(msgspec.Struct, frozen=True):
+class Field(Record):
     """A little-endian integer at a fixed offset of the zero page (or a bzImage file)."""
 
     offset: int
@@ -105,7 +104,7 @@ class MemoryType(IntEnum):
     RESERVED = 2
 
 
-class MemoryMapEntry(msgspec.Struct, frozen=True):
+class MemoryMapEntry(Record):
     addr: int
     size: int
     type: MemoryType

@@ -19,9 +19,8 @@ import os
 import stat
 from collections.abc import Callable
 
-import msgspec
-
 from vmmd.errors import FieldPath, InvalidSpecError, quoted, shown
+from vmmd.record import Record
 from vmmd.spec import DriveSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.hostfiles import check_path, open_file
@@ -31,7 +30,7 @@ SERIAL_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 DEVICE_ID, QUEUES = 2, 1  # virtio-blk, as native/virtio_blk.c's ops table says
 
 
-class DrivePlan(msgspec.Struct, frozen=True):
+class DrivePlan(Record):
     spec: DriveSpec
     index: int
     mmio_base: int

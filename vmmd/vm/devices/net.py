@@ -34,11 +34,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import msgspec
-
 from vmmd.errors import FieldPath, InvalidSpecError, NativeError, quoted, shown
 from vmmd.info import InterfaceCounters
 from vmmd.native import VirtioStats
+from vmmd.record import Record
 from vmmd.spec import NetSpec, check_id
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.hostfiles import fs_type
@@ -70,7 +69,7 @@ VNET_HDR_LEN = 12   # struct virtio_net_hdr_v1: VERSION_1 always has num_buffers
 ETH_OVERHEAD = 18   # Ethernet header + one VLAN tag
 
 
-class NetPlan(msgspec.Struct, frozen=True):
+class NetPlan(Record):
     spec: NetSpec  # mac filled in
     index: int
     mac: bytes
@@ -193,7 +192,7 @@ def _stats64_tx_dropped(reply: bytes) -> int:
     return 0
 
 
-class Tap(msgspec.Struct, frozen=True):
+class Tap(Record):
     fd: int
     max_frame: int  # MTU + Ethernet and VLAN headers
     stats: LinkStats | None = None  # a tap in a named namespace: its counters

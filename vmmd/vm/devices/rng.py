@@ -7,9 +7,8 @@ virtio-mmio slot is left for it: the one after the interfaces.
 
 from __future__ import annotations
 
-import msgspec
-
 from vmmd.errors import InvalidSpecError
+from vmmd.record import Record
 from vmmd.spec import EntropySpec
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.layout import virtio_mmio_slot
@@ -18,7 +17,7 @@ DEVICE_ID, QUEUES = 4, 1  # virtio-rng, as native/virtio_rng.c's ops table says
 MAX_REQUEST_BYTES = 64 << 10  # VMM_RNG_MAX_REQUEST: the C device's bound
 
 
-class RngPlan(msgspec.Struct, frozen=True):
+class RngPlan(Record):
     spec: EntropySpec
     mmio_base: int
     irq: int

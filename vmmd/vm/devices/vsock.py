@@ -21,11 +21,10 @@ import os
 import socket
 import stat
 
-import msgspec
-
 from vmmd.errors import FieldPath, InvalidSpecError, shown
 from vmmd.info import VsockCounters
 from vmmd.native import VirtioStats
+from vmmd.record import Record
 from vmmd.spec import VsockSpec
 from vmmd.vm.boot.cmdline import virtio_mmio_word
 from vmmd.vm.layout import virtio_mmio_slot
@@ -42,7 +41,7 @@ def _field(name: str) -> FieldPath:
     return ("vsock", name)
 
 
-class VsockPlan(msgspec.Struct, frozen=True):
+class VsockPlan(Record):
     spec: VsockSpec
     mmio_base: int
     irq: int

@@ -6,8 +6,6 @@ each device's transport (validated against guest RAM), UART and i8042.
 
 from __future__ import annotations
 
-import msgspec
-
 from vmmd.errors import DataLossError, NativeError
 from vmmd.native import (
     LegacyState,
@@ -18,6 +16,7 @@ from vmmd.native import (
     VirtioState,
     pack_vcpu,
 )
+from vmmd.record import Record
 from vmmd.spec import VmSpec
 from vmmd.vm.devices import block, net, rng, vsock
 from vmmd.vm.snapshot import state
@@ -33,7 +32,7 @@ def device_kinds(spec: VmSpec) -> list[tuple[int, int]]:
             + [(vsock.DEVICE_ID, vsock.QUEUES)] * (spec.vsock is not None))
 
 
-class Prepared(msgspec.Struct, frozen=True):
+class Prepared(Record):
     """A snapshot's state checked and converted for the C core."""
 
     machine: MachineState

@@ -37,8 +37,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import msgspec
-
 from vmmd._proto.vmmd.v1 import snapshot_pb2 as spb
 from vmmd.errors import (
     BusyError,
@@ -48,6 +46,7 @@ from vmmd.errors import (
     ResourceExhaustedError,
     shown,
 )
+from vmmd.record import Record
 from vmmd.vm.hostfiles import PSEUDO_FILESYSTEMS, check_path, fs_type, kind_of, open_file
 from vmmd.vm.snapshot.cache import SnapshotCache
 from vmmd.vm.snapshot.format import (
@@ -75,7 +74,7 @@ _TEMP_RE = re.compile(r"\.(vmstate|memory)\.[0-9a-f]{16}\.tmp")
 
 
 # ---- the directory ----
-class SnapshotDir(msgspec.Struct, frozen=True):
+class SnapshotDir(Record):
     """A snapshot directory open as `fd` (and locked) while in use."""
 
     path: Path
@@ -317,7 +316,7 @@ def write(d: SnapshotDir, state: spb.SnapshotState,
 
 
 # ---- reading ----
-class Snapshot(msgspec.Struct, frozen=True):
+class Snapshot(Record):
     directory: Path
     state: spb.SnapshotState
     memory_path: Path
