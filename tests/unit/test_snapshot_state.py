@@ -262,7 +262,7 @@ def test_a_saved_spec_is_restored_as_it_was(vcpus: int, acpi: bool) -> None:
     back, cmdline, sizes = state.restore_spec(m)
     # The saved command line is the one the guest got (device words included).
     assert back == record.replace(spec, boot=record.replace(spec.boot,
-                                                                      cmdline="console=ttyS0 x=1"))
+                                                             cmdline="console=ttyS0 x=1"))
     assert (cmdline, sizes) == ("console=ttyS0 x=1", (4096,))
 
 

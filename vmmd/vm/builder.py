@@ -91,7 +91,7 @@ def plan(spec: VmSpec, files: ExitStack, *, force_64bit: bool = False) -> Plan:
     # As the VM gets it: the command line resolved (GetVm shows it), MACs filled in.
     boot_spec = record.replace(b, cmdline=base, cmdline_append=None)
     spec = record.replace(spec, boot=boot_spec,
-                                   network_interfaces=tuple(n.spec for n in nets))
+                          network_interfaces=tuple(n.spec for n in nets))
     return Plan(spec, boot, drives, nets, entropy, vs, kernel, initrd)
 
 
@@ -216,15 +216,15 @@ def _overridden(saved: VmSpec, rs: RestoreSpec) -> VmSpec:
         i = nets[n.iface_id]
         if _moves_tap(n):
             new_nets[i] = record.replace(new_nets[i], host_dev_name=n.host_dev_name,
-                                              create_tap=n.create_tap, netns=n.netns)
+                                     create_tap=n.create_tap, netns=n.netns)
         if n.guest_mac:  # AUTO_MAC: None, generated from the new vm_id as for a new VM
             new_nets[i] = record.replace(
                 new_nets[i], guest_mac=None if n.guest_mac == AUTO_MAC else n.guest_mac)
     return record.replace(saved, vm_id=rs.vm_id, drives=tuple(new_drives),
-                               network_interfaces=tuple(new_nets),
-                               vsock=_overridden_vsock(saved, o.vsock),
-                               track_dirty_pages=rs.track_dirty_pages,
-                               cell=rs.cell, limits=rs.limits)
+                      network_interfaces=tuple(new_nets),
+                      vsock=_overridden_vsock(saved, o.vsock),
+                      track_dirty_pages=rs.track_dirty_pages,
+                      cell=rs.cell, limits=rs.limits)
 
 
 def _moves_tap(n: NetOverride) -> bool:
