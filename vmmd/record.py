@@ -95,19 +95,21 @@ class Record:
             raise TypeError(f"{cls.__name__}() takes {len(names)} positional arguments, "
                             f"{len(args)} given")
         values = dict(zip(names, args))
-        for name, value in kwargs.items():
-            if name not in cls._fieldset:
-                raise TypeError(f"{cls.__name__}() has no field {name!r}")
-            if name in values:
-                raise TypeError(f"{cls.__name__}() got {name!r} twice")
-            values[name] = value
+        if kwargs:
+            if not kwargs.keys() <= cls._fieldset:
+                unknown = sorted(kwargs.keys() - cls._fieldset)[0]
+                raise TypeError(f"{cls.__name__}() has no field {unknown!r}")
+            if args and not kwargs.keys().isdisjoint(values):
+                twice = sorted(kwargs.keys() & values.keys())[0]
+                raise TypeError(f"{cls.__name__}() got {twice!r} twice")
+            values.update(kwargs)
         if len(values) < len(names):
-            for name in names:
+            for name, default in cls._defaults.items():
                 if name not in values:
-                    default = cls._defaults.get(name, _MISSING)
-                    if default is _MISSING:
-                        raise TypeError(f"{cls.__name__}() is missing field {name!r}")
                     values[name] = default.make() if type(default) is _Factory else default
+            if len(values) < len(names):
+                missing = next(n for n in names if n not in values)
+                raise TypeError(f"{cls.__name__}() is missing field {missing!r}")
         object.__setattr__(self, "__dict__", values)
         if cls._post_init is not None:
             cls._post_init(self)

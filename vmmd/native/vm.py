@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 from typing import Any, Self
 
 from vmmd.errors import FieldPath, InvalidSpecError
@@ -37,6 +38,16 @@ def _fill(cstruct: Any, value: Any) -> None:
             _fill(getattr(cstruct, name), v)
         else:
             setattr(cstruct, name, int(v))
+
+
+# Boot registers come in a few shapes (one per boot protocol and entry point, records
+# equal by value): each is copied into the C struct field by field once, ~100 cffi
+# setattrs, and its bytes kept.
+@functools.lru_cache(maxsize=64)
+def _packed_boot_regs(regs: Any) -> bytes:
+    c = ffi.new("struct vmm_boot_regs *")
+    _fill(c, regs)
+    return bytes(ffi.buffer(c))
 
 
 def kvm_api_version(kvm_path: str = "/dev/kvm") -> int:
@@ -153,7 +164,8 @@ class NativeVm:
 
     def set_boot_regs(self, idx: int, regs: Any) -> None:
         c = ffi.new("struct vmm_boot_regs *")
-        _fill(c, regs)
+        packed = _packed_boot_regs(regs)
+        ffi.memmove(c, packed, len(packed))
         check(lib.vmm_vcpu_set_boot_regs(self._vm, idx, c), f"set vCPU {idx} registers")
 
     def get_regs(self, idx: int) -> tuple[dict[str, Any], int]:
