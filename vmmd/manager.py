@@ -217,11 +217,14 @@ class Manager:
                 raise
         except BaseException:
             if lease is not None:
+                lease.built()
                 lease.release()
             self.memory.release(memory)
             self._unreserve(spec.vm_id)
             raise
-        return self._register(vm, EventKind.CREATED, memory, lease).info()
+        info = self._register(vm, EventKind.CREATED, memory, lease).info()
+        lease.built()
+        return info
 
     # -- snapshots --
     def snapshot(self, vm_id: str, directory: str, *, diff: bool) -> SnapshotInfo:
@@ -272,6 +275,7 @@ class Manager:
             for vm in vms:
                 vm.close()
             for lease in leases:
+                lease.built()
                 lease.release()
             self.memory.release(memory)
             self._unreserve(*ids)
@@ -282,7 +286,10 @@ class Manager:
         if resume:
             for entry in entries:
                 self._publish(entry, EventKind.RESUMED)
-        return [e.info() for e in entries]
+        infos = [e.info() for e in entries]
+        for lease in leases:
+            lease.built()
+        return infos
 
     def merge(self, base_dir: str, diff_dir: str) -> SnapshotInfo:
         return snapshot.merge_snapshots(base_dir, diff_dir)

@@ -30,6 +30,9 @@ class FakeLease:
         return CellInfo(name=self.name, pid=4242, uid=100000, cpu_time_s=0.0, rss_bytes=0,
                         memory_bytes=0, limits=limits, shared=not self.name.startswith("@"))
 
+    def built(self) -> None:
+        self.placement.built += 1
+
     def release(self) -> None:
         assert not self.released, f"lease on {self.name} released twice"
         self.released = True
@@ -45,6 +48,7 @@ class FakePlacement:
         self.factory = factory
         self.cells: dict[str, tuple[int, CellLimits]] = {}  # name -> (leases, limits)
         self.closed = False
+        self.acquired = self.built = 0  # leases given, and told their VM was built
 
     def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> FakeLease:
         name = cell or f"@{vm_id}"
@@ -55,6 +59,7 @@ class FakePlacement:
             self.cells[name] = (refs + 1, have)
         else:
             self.cells[name] = (1, limits)
+        self.acquired += 1
         return FakeLease(self, name, self.factory)
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from tests.framework.guestrun import run_guest
 from vmmd.info import Phase
+from vmmd.manager import Manager
 from vmmd.native import NativeVm, StopReason
 from vmmd.spec import BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
@@ -105,6 +106,41 @@ def _shared_watcher() -> None:
 def _python_threads() -> set[threading.Thread]:
     """This process's Python threads but the process's VM watcher."""
     return set(threading.enumerate()) - {shared().thread}
+
+
+def test_the_shared_placement_builds_on_a_kvm_vm_made_ahead(microguests) -> None:  # type: ignore[no-untyped-def]
+    """--isolation none (vmmd/vm/shelf.py): the second VM's KVM VM was made by the
+    shelf's thread, between the requests, and that VM boots and runs the guest; the
+    placement's close destroys the spare, so the process holds no fd more than before."""
+    _shared_watcher()
+    fds_before = _fd_count()
+    m = Manager()
+    shelf = m.placement._shelf  # type: ignore[attr-defined]
+    try:
+        spec = [VmSpec(vm_id=f"shelf{i}", boot=BootSpec(str(microguests["pvh"]),
+                                                         cmdline="mg=print"), memory_mib=16)
+                for i in range(2)]
+        m.create(spec[0])
+        deadline = time.monotonic() + 30
+        while shelf._spare is None:
+            assert time.monotonic() < deadline, "no spare made"
+            time.sleep(0.001)
+        spare = shelf._spare[1]
+        m.create(spec[1])
+        vm = m._vms["shelf1"].vm  # type: ignore[union-attr]
+        assert vm._native is spare
+        m.start("shelf1")
+        while b"MG-DONE" not in vm.console_read(0)[0]:
+            assert time.monotonic() < deadline, "the guest never finished"
+            time.sleep(0.01)
+        assert vm.console_read(0)[0].startswith(b"MG-HELLO\n")
+    finally:
+        m.shutdown()
+    assert shelf._spare is None
+    deadline = time.monotonic() + 30
+    while _fd_count() != fds_before:  # the VMs' KVM teardown finishes on a C thread
+        assert time.monotonic() < deadline, (_fd_count(), fds_before)
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("vcpus", [1, 4])

@@ -41,6 +41,7 @@ from vmmd.log import get_logger
 from vmmd.native.seccomp import REPORT_SIZE, SeccompReport, parse_seccomp_report
 from vmmd.record import Record, field
 from vmmd.spec import CellLimits
+from vmmd.vm.shelf import Shelf
 from vmmd.vm.watcher import Watcher
 
 MiB = 1 << 20
@@ -63,6 +64,10 @@ class Lease(Protocol):
 
     def info(self) -> CellInfo | None: ...
 
+    def built(self) -> None:
+        """The manager is done building the VM (or failed to): the placement may
+        prepare the next VM now, off the request path."""
+
     def release(self) -> None: ...
 
 
@@ -77,10 +82,15 @@ class _SharedLease(Record, frozen=False):
     factory: NativeFactory | None
     name: str
     watcher: Watcher | None = None
+    shelf: Shelf | None = None
 
     def info(self) -> CellInfo | None:
         return CellInfo(name=self.name, pid=0, uid=0, cpu_time_s=0.0, rss_bytes=0,
                         memory_bytes=0, limits=CellLimits(), shared=False)
+
+    def built(self) -> None:
+        if self.shelf is not None:
+            self.shelf.refill()
 
     def release(self) -> None:
         pass
@@ -90,16 +100,20 @@ class SharedPlacement:
     """Every VM in the daemon's own process (trusted workloads, benchmarks)."""
 
     def __init__(self, factory: NativeFactory | None = None) -> None:
-        self._factory = factory
+        """factory: makes each VM's core (a test's fake); None: the C core's, from a
+        shelf that makes the next VM's KVM part between requests (vmmd/vm/shelf.py)."""
+        self._shelf = Shelf() if factory is None else None
+        self._factory = factory if self._shelf is None else self._shelf.take
 
     def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease:
         if limits != CellLimits():
             raise InvalidSpecError("limits", "limits need cells: this daemon runs with "
                                    "--isolation none")
-        return _SharedLease(self._factory, cell)
+        return _SharedLease(self._factory, cell, shelf=self._shelf)
 
     def close(self) -> None:
-        pass
+        if self._shelf is not None:
+            self._shelf.close()
 
 
 # ---- cells ----
@@ -176,6 +190,9 @@ class _CellLease(Record, frozen=False):
 
     def info(self) -> CellInfo | None:
         return self.cell.info()
+
+    def built(self) -> None:
+        pass  # a cell's worker makes its VMs on demand
 
     def release(self) -> None:
         if not self.released:

@@ -1,0 +1,128 @@
+"""vmmd/vm/shelf.py: the spare KVM VM made between requests (a fake VM here; the
+daemon tests run the real one with --isolation none)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from vmmd.errors import NativeError
+from vmmd.vm.shelf import Shelf
+
+TIMEOUT_S = 10.0
+
+
+class FakeVm:
+    def __init__(self, path: str, thread: str) -> None:
+        self.path, self.thread, self.closed = path, thread, False
+
+    def close(self) -> None:
+        assert not self.closed, "closed twice"
+        self.closed = True
+
+
+class Maker:
+    """Makes FakeVms, records them; `fail` makes the next ones raise, `gate` holds them."""
+
+    def __init__(self) -> None:
+        self.made: list[FakeVm] = []
+        self.fail = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.lock = threading.Lock()
+
+    def __call__(self, path: str) -> Any:
+        self.gate.wait(TIMEOUT_S)
+        if self.fail:
+            raise NativeError("create VM", 24)
+        vm = FakeVm(path, threading.current_thread().name)
+        with self.lock:
+            self.made.append(vm)
+        return vm
+
+
+def _until(cond: Any) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def _spare(shelf: Shelf) -> Any:
+    return shelf._spare[1] if shelf._spare else None
+
+
+def test_the_first_take_makes_inline_and_the_next_gets_the_spare() -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    first = shelf.take("/dev/kvm")
+    assert first.thread == threading.current_thread().name  # nothing on the shelf yet
+    time.sleep(0.05)
+    assert _spare(shelf) is None and shelf._thread is None  # nothing beside the request
+    shelf.refill()  # the request is done
+    _until(lambda: _spare(shelf) is not None)
+    spare = _spare(shelf)
+    assert spare.thread == "vm-shelf"
+    shelf.refill()  # a spare is there: nothing more made
+    assert shelf.take("/dev/kvm") is spare
+    shelf.refill()
+    _until(lambda: _spare(shelf) not in (None, spare))
+    shelf.close()
+    assert [vm.closed for vm in make.made] == [False, False, True]  # only the spare closed
+
+
+def test_a_spare_for_another_kvm_path_is_not_handed_out() -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    shelf.take("/dev/kvm")
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    old = _spare(shelf)
+    vm = shelf.take("/other/kvm")
+    assert vm.path == "/other/kvm" and vm is not old and old.closed
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None and _spare(shelf).path == "/other/kvm")
+    shelf.close()
+
+
+def test_a_failed_spare_leaves_the_next_take_to_make_and_report_its_own() -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    make.fail = True
+    with pytest.raises(NativeError):
+        shelf.take("/dev/kvm")  # the caller's own failure, reported to it
+    shelf.refill()
+    _until(lambda: shelf._want is None)  # the thread tried, failed, logged
+    assert _spare(shelf) is None
+    make.fail = False
+    vm = shelf.take("/dev/kvm")
+    assert vm.thread == threading.current_thread().name
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    shelf.close()
+
+
+def test_close_destroys_the_spare_and_a_vm_being_made() -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    shelf.take("/dev/kvm")
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    spare = _spare(shelf)
+    make.gate.clear()
+    shelf.take("/dev/kvm")
+    shelf.refill()  # the thread now makes the next spare, held at the gate
+    _until(lambda: shelf._want is None)
+    shelf.close()
+    assert spare.closed is False  # handed out by the take above: the caller's
+    make.gate.set()
+    _until(lambda: len(make.made) == 3 and make.made[-1].closed)
+    assert shelf._thread is not None
+    shelf._thread.join(TIMEOUT_S)
+    assert not shelf._thread.is_alive()
+    vm = shelf.take("/dev/kvm")  # after close: made inline, nothing made ahead
+    shelf.refill()
+    assert not vm.closed and _spare(shelf) is None and len(make.made) == 4

@@ -1,0 +1,96 @@
+"""A KVM VM made ahead of the request that needs it.
+
+What KVM does for a new VM before any of its configuration matters (the VM,
+its TSS and identity map, the in-kernel irqchip and PIT, the core's eventfds
+and legacy devices: `vmm_vm_create`) costs ~0.3-0.4 ms of every CreateVm,
+RestoreVm and CloneVm on our hosts.  A daemon can pay it between requests:
+the shelf keeps one such VM, hands it to the next build, and makes the next
+one on a thread of its own once the request that took the last one is done
+(`refill`: while that request runs, making a VM beside it would slow it down,
+both ask for the process's mmap lock).  The VM on the shelf has no RAM, vCPUs or
+devices yet and has never run: it is what `NativeVm(kvm_path)` returns.
+
+One spare, not a pool: it costs a KVM VM (a few fds, the PIT's kernel
+thread) for as long as the daemon lives, and a burst of creates beyond the
+first makes its VMs inline as before.  A failure to make the spare is not
+an error of any request: the next take makes its VM inline, and reports
+that failure to its own caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from vmmd.log import get_logger
+from vmmd.native import NativeVm
+
+log = get_logger(__name__)
+
+
+class Shelf:
+    def __init__(self, make: Callable[[str], NativeVm] = NativeVm) -> None:
+        self._make = make
+        self._lock = threading.Lock()  # everything below
+        self._spare: tuple[str, NativeVm] | None = None  # (kvm path, VM)
+        self._path: str | None = None  # the kvm path last taken: the next spare's
+        self._want: str | None = None  # the kvm path of the spare to make now
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def take(self, kvm_path: str) -> NativeVm:
+        """A fresh VM on kvm_path: the spare if it is one, else made now."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            self._path = kvm_path
+        if spare is not None and spare[0] == kvm_path:
+            return spare[1]
+        if spare is not None:
+            spare[1].close()
+        return self._make(kvm_path)
+
+    def refill(self) -> None:
+        """The request that took a VM is done: make the next spare, off the
+        caller's thread (the first refill starts that thread: once)."""
+        with self._lock:
+            if self._closed or self._spare is not None or self._path is None:
+                return
+            self._want = self._path
+            self._start()
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Destroy the spare; the thread ends (not waited for: a VM it is making
+        is destroyed by it)."""
+        with self._lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+            self._wake.notify()
+        if spare is not None:
+            spare[1].close()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vm-shelf", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while self._want is None and not self._closed:
+                    self._wake.wait()
+                path, self._want = self._want, None
+                if self._closed or path is None:
+                    return
+            try:
+                vm = self._make(path)
+            except Exception as e:  # noqa: BLE001 - the next take makes its own and reports
+                log.warning("shelf.make_failed", error=str(e))
+                continue
+            with self._lock:
+                keep = not self._closed and self._spare is None
+                if keep:
+                    self._spare = (path, vm)
+            if not keep:
+                vm.close()
