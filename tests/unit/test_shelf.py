@@ -74,13 +74,17 @@ def test_the_first_take_makes_inline_and_the_next_gets_the_spare() -> None:
     assert [vm.closed for vm in make.made] == [False, False, True]  # only the spare closed
 
 
-def test_a_spare_for_another_kvm_path_is_not_handed_out() -> None:
-    make = Maker()
+def _stocked(make: Maker) -> tuple[Shelf, Any]:
+    """A shelf after one request on /dev/kvm: (it, the spare it then made)."""
     shelf = Shelf(make)
     shelf.take("/dev/kvm")
     shelf.refill()
     _until(lambda: _spare(shelf) is not None)
-    old = _spare(shelf)
+    return shelf, _spare(shelf)
+
+
+def test_a_spare_for_another_kvm_path_is_not_handed_out() -> None:
+    shelf, old = _stocked(Maker())
     vm = shelf.take("/other/kvm")
     assert vm.path == "/other/kvm" and vm is not old and old.closed
     shelf.refill()
@@ -107,11 +111,7 @@ def test_a_failed_spare_leaves_the_next_take_to_make_and_report_its_own() -> Non
 
 def test_close_destroys_the_spare_and_a_vm_being_made() -> None:
     make = Maker()
-    shelf = Shelf(make)
-    shelf.take("/dev/kvm")
-    shelf.refill()
-    _until(lambda: _spare(shelf) is not None)
-    spare = _spare(shelf)
+    shelf, spare = _stocked(make)
     make.gate.clear()
     shelf.take("/dev/kvm")
     shelf.refill()  # the thread now makes the next spare, held at the gate
