@@ -97,6 +97,21 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _held(pid: int, ram_bytes: int) -> tuple[int, int]:
+    """What a deleted VM must give back, as counts to compare with before it: the
+    daemon's open fds, and its read-write mappings of exactly the guest's RAM size
+    (the C core maps RAM as one such region; its teardown unmaps it after closing
+    KVM's fds)."""
+    with open(f"/proc/{pid}/maps") as f:
+        ram = sum(1 for line in f if _mapping_size(line) == ram_bytes and " rw" in line)
+    return _fd_count(pid), ram
+
+
+def _mapping_size(line: str) -> int:
+    start, end = line.split(" ", 1)[0].split("-")
+    return int(end, 16) - int(start, 16)
+
+
 def _delete(client: Client, vm_id: str) -> None:
     try:
         client.delete(vm_id)
@@ -114,7 +129,7 @@ def api(reps: int, pvm: bool | None, linux_timeout: float) -> list[dict[str, Any
     with served() as (client, pid):
         for _ in range(reps):
             vm_id = "api"  # the same id every time: a deleted VM's id is free at once
-            fds = _fd_count(pid)
+            held = _held(pid, MEM_MIB << 20)
             t0 = time.perf_counter()
             _create_micro(client, vm_id, "mg=print")
             series["create"].append((time.perf_counter() - t0) * 1e3)
@@ -129,7 +144,8 @@ def api(reps: int, pvm: bool | None, linux_timeout: float) -> list[dict[str, Any
             t0 = time.perf_counter()
             client.delete(vm_id)
             series["delete"].append((time.perf_counter() - t0) * 1e3)
-            while _fd_count(pid) > fds and time.perf_counter() - t0 < 1.0:
+            while (any(now > then for now, then in zip(_held(pid, MEM_MIB << 20), held))
+                   and time.perf_counter() - t0 < 1.0):
                 time.sleep(0.0005)
             series["released"].append((time.perf_counter() - t0) * 1e3)
         # The gRPC floor, its own loop (a call just before CreateVm would warm its path):
@@ -162,8 +178,8 @@ def api(reps: int, pvm: bool | None, linux_timeout: float) -> list[dict[str, Any
              "first": "StartVm → first console bytes via StreamConsole (mg=print)",
              "delete": "DeleteVm RPC returns (the VM stopped; the next CreateVm reuses its id); "
                        "floor: api.noop",
-             "released": "DeleteVm call → every fd of the VM closed in the daemon (polled "
-                         "every 0.5 ms, 1 s at most)",
+             "released": "DeleteVm call → every fd of the VM closed in the daemon and its "
+                         "RAM unmapped (polled every 0.5 ms, 1 s at most)",
              "guest": "the guest's own start-up in those VMs: vCPU 0's first KVM_RUN → first "
                       "console byte (GetVm counters.guest_startup_us, the core's clock)",
              "beyond": "StartVm → first console bytes via StreamConsole, beyond the guest's own "
