@@ -19,7 +19,7 @@ class FakeVm:
     def __init__(self, path: str, thread: str) -> None:
         self.path, self.thread, self.closed = path, thread, False
 
-    def close(self) -> None:
+    def close(self, *, deferred: bool = False) -> None:
         assert not self.closed, "closed twice"
         self.closed = True
 

@@ -1,17 +1,18 @@
 """A KVM VM made ahead of the request that needs it.
 
-What KVM does for a new VM before any of its configuration matters (the VM,
-its TSS and identity map, the in-kernel irqchip and PIT, the core's eventfds
-and legacy devices: `vmm_vm_create`) costs ~0.3-0.4 ms of every CreateVm,
-RestoreVm and CloneVm on our hosts.  A daemon can pay it between requests:
+What a new VM needs before any of its configuration matters (/dev/kvm
+opened, the KVM VM with its TSS and identity map, the core's eventfds,
+console and legacy devices: `vmm_vm_create`) costs ~0.3-0.4 ms of every
+CreateVm, RestoreVm and CloneVm on our hosts.  (The irqchip and PIT are not
+in it: they come after the RAM, native/vm.c says why.)  A daemon can pay it between requests:
 the shelf keeps one such VM, hands it to the next build, and makes the next
 one on a thread of its own once the request that took the last one is done
 (`refill`: while that request runs, making a VM beside it would slow it down,
 both ask for the process's mmap lock).  The VM on the shelf has no RAM, vCPUs or
 devices yet and has never run: it is what `NativeVm(kvm_path)` returns.
 
-One spare, not a pool: it costs a KVM VM (a few fds, the PIT's kernel
-thread) for as long as the daemon lives, and a burst of creates beyond the
+One spare, not a pool: it costs an empty KVM VM (5 fds) for as long as the
+daemon lives, and a burst of creates beyond the
 first makes its VMs inline as before.  A failure to make the spare is not
 an error of any request: the next take makes its VM inline, and reports
 that failure to its own caller.
@@ -47,7 +48,7 @@ class Shelf:
         if spare is not None and spare[0] == kvm_path:
             return spare[1]
         if spare is not None:
-            spare[1].close()
+            spare[1].close(deferred=True)  # KVM's teardown off the request path
         return self._make(kvm_path)
 
     def refill(self) -> None:
