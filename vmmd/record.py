@@ -53,20 +53,23 @@ class Record:
 
     def __init_subclass__(cls, *, frozen: bool = True, eq: bool = True, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        names = list(cls._fields)
-        defaults = dict(cls._defaults)
+        if cls._fields:  # what frozenness, equality and defaults would mean is unclear
+            raise TypeError(f"{cls.__name__}: a record cannot extend another record")
+        names: list[str] = []
+        defaults: dict[str, Any] = {}
         for name, ann in cls.__dict__.get("__annotations__", {}).items():
-            if "ClassVar" in str(ann):
+            if str(ann).startswith(("ClassVar", "typing.ClassVar")):
                 continue
-            if name not in names:
-                names.append(name)
+            names.append(name)
             default = cls.__dict__.get(name, _MISSING)
             if default is _MISSING:
-                defaults.pop(name, None)
                 continue
             if isinstance(default, _SHARED_MUTABLE):
                 raise TypeError(f"{cls.__name__}.{name}: a {type(default).__name__} default "
                                 "would be shared by every record; use field(default_factory=)")
+            if hasattr(type(default), "__get__"):  # a method or property of that name
+                raise TypeError(f"{cls.__name__}.{name}: a field's default must be a value, "
+                                f"not a {type(default).__name__}")
             defaults[name] = default
             delattr(cls, name)  # the instance's own value is the field
         for before, after in zip(names, names[1:]):
@@ -77,12 +80,16 @@ class Record:
         cls._fieldset = frozenset(names)
         cls._defaults = defaults
         cls._post_init = getattr(cls, "__post_init__", None)
+        setattr(cls, "__match_args__", cls._fields)  # noqa: B010 - mypy: no class attribute
         get = attrgetter(*names) if names else (lambda r: ())
         cls._values = staticmethod(get if len(names) != 1 else (lambda r: (get(r),)))
+        if "__eq__" in cls.__dict__ or "__hash__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__}: a record's equality is its fields' "
+                            "(eq=False: identity)")
         if not eq:
             cls.__eq__ = object.__eq__  # type: ignore[method-assign]
             cls.__hash__ = object.__hash__  # type: ignore[method-assign]
-        elif not frozen and "__hash__" not in cls.__dict__:
+        elif not frozen:
             cls.__hash__ = None  # type: ignore[assignment]  # equal by value, yet mutable
         if frozen:
             cls.__setattr__ = _refuse  # type: ignore[method-assign,assignment]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
+from typing import ClassVar
 
 import pytest
 from hypothesis import given
@@ -146,3 +147,33 @@ def test_class_definitions_that_would_misbehave_are_refused() -> None:
         class Order(Record):
             a: int = 0
             b: int
+    with pytest.raises(TypeError, match="Sub: a record cannot extend another record"):
+        class Sub(Point):
+            z: int = 0
+    with pytest.raises(TypeError, match="size: a field's default must be a value, not a "
+                                        "property"):
+        class Shadowed(Record):
+            size: int
+
+            @property  # type: ignore[no-redef]
+            def size(self) -> int:
+                return 1
+    with pytest.raises(TypeError, match="Equal: a record's equality is its fields'"):
+        class Equal(Record):  # noqa: PLW1641 - refused before any hash matters
+            a: int
+
+            def __eq__(self, other: object) -> bool:
+                return True
+
+
+def test_class_variables_are_not_fields_and_patterns_match_fields() -> None:
+    class Counted(Record):
+        made: ClassVar[int] = 0
+        name: str = "x"
+
+    assert Counted._fields == ("name",) and Counted.made == 0
+    match Point(1, 2):
+        case Point(x, y):
+            assert (x, y) == (1, 2)
+        case _:
+            raise AssertionError("no match")
