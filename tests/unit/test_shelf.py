@@ -29,12 +29,15 @@ class Maker:
 
     def __init__(self) -> None:
         self.made: list[FakeVm] = []
+        self.attempts = 0
         self.fail = False
         self.gate = threading.Event()
         self.gate.set()
         self.lock = threading.Lock()
 
     def __call__(self, path: str) -> Any:
+        with self.lock:
+            self.attempts += 1
         self.gate.wait(TIMEOUT_S)
         if self.fail:
             raise NativeError("create VM", 24)
@@ -67,6 +70,8 @@ def test_the_first_take_makes_inline_and_the_next_gets_the_spare() -> None:
     spare = _spare(shelf)
     assert spare.thread == "vm-shelf"
     shelf.refill()  # a spare is there: nothing more made
+    time.sleep(0.05)
+    assert len(make.made) == 2
     assert shelf.take("/dev/kvm") is spare
     shelf.refill()
     _until(lambda: _spare(shelf) not in (None, spare))
@@ -99,7 +104,7 @@ def test_a_failed_spare_leaves_the_next_take_to_make_and_report_its_own() -> Non
     with pytest.raises(NativeError):
         shelf.take("/dev/kvm")  # the caller's own failure, reported to it
     shelf.refill()
-    _until(lambda: shelf._want is None)  # the thread tried, failed, logged
+    _until(lambda: make.attempts == 2 and not shelf._making)  # the thread tried, failed
     assert _spare(shelf) is None
     make.fail = False
     vm = shelf.take("/dev/kvm")
@@ -126,3 +131,37 @@ def test_close_destroys_the_spare_and_a_vm_being_made() -> None:
     vm = shelf.take("/dev/kvm")  # after close: made inline, nothing made ahead
     shelf.refill()
     assert not vm.closed and _spare(shelf) is None and len(make.made) == 4
+
+
+def test_refills_while_a_spare_is_being_made_make_no_second_one() -> None:
+    """CloneVm tells each clone's lease: one spare, not one made and thrown away."""
+    make = Maker()
+    shelf = Shelf(make)
+    shelf.take("/dev/kvm")
+    make.gate.clear()
+    shelf.refill()
+    _until(lambda: shelf._making)
+    shelf.refill()
+    shelf.refill()
+    make.gate.set()
+    _until(lambda: _spare(shelf) is not None)
+    time.sleep(0.05)
+    assert len(make.made) == 2 and not any(vm.closed for vm in make.made)
+    shelf.close()
+
+
+def test_a_refill_without_a_thread_to_be_had_fails_no_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    shelf.take("/dev/kvm")
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    shelf.refill()  # does not raise
+    assert shelf._thread is None and _spare(shelf) is None
+    monkeypatch.undo()
+    shelf.refill()  # a later request's refill gets one
+    _until(lambda: _spare(shelf) is not None)
+    shelf.close()

@@ -36,6 +36,7 @@ class Shelf:
         self._spare: tuple[str, NativeVm] | None = None  # (kvm path, VM)
         self._path: str | None = None  # the kvm path last taken: the next spare's
         self._want: str | None = None  # the kvm path of the spare to make now
+        self._making = False  # the thread is making one (refill has nothing to ask)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -53,12 +54,20 @@ class Shelf:
 
     def refill(self) -> None:
         """The request that took a VM is done: make the next spare, off the
-        caller's thread (the first refill starts that thread: once)."""
+        caller's thread (the first refill starts that thread: once).  Never
+        raises: a request's outcome does not depend on the next one's spare."""
         with self._lock:
-            if self._closed or self._spare is not None or self._path is None:
+            if self._closed or self._spare is not None or self._making or self._path is None:
                 return
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="vm-shelf", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as e:  # no thread to be had (pids limit): no spare
+                    log.warning("shelf.no_thread", error=str(e))
+                    return
+                self._thread = thread
             self._want = self._path
-            self._start()
             self._wake.notify()
 
     def close(self) -> None:
@@ -71,11 +80,6 @@ class Shelf:
         if spare is not None:
             spare[1].close()
 
-    def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="vm-shelf", daemon=True)
-            self._thread.start()
-
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -84,12 +88,16 @@ class Shelf:
                 path, self._want = self._want, None
                 if self._closed or path is None:
                     return
+                self._making = True
             try:
                 vm = self._make(path)
             except Exception as e:  # noqa: BLE001 - the next take makes its own and reports
                 log.warning("shelf.make_failed", error=str(e))
+                with self._lock:
+                    self._making = False
                 continue
             with self._lock:
+                self._making = False
                 keep = not self._closed and self._spare is None
                 if keep:
                     self._spare = (path, vm)
