@@ -11,6 +11,10 @@ one on a thread of its own once the request that took the last one is done
 both ask for the process's mmap lock).  The VM on the shelf has no RAM, vCPUs or
 devices yet and has never run: it is what `NativeVm(kvm_path)` returns.
 
+"Between requests" holds for one client's requests in turn: a request that
+arrives while the spare is being made runs beside it (and, the spare not being
+there yet, makes its own VM inline).
+
 One spare, not a pool: it costs an empty KVM VM (5 fds) for as long as the
 daemon lives, and a burst of creates beyond the
 first makes its VMs inline as before.  A failure to make the spare is not
