@@ -94,6 +94,8 @@ class Record:
         if frozen:
             cls.__setattr__ = _refuse  # type: ignore[method-assign,assignment]
             cls.__delattr__ = _refuse  # type: ignore[method-assign,assignment]
+        else:
+            cls.__setattr__ = _set_field  # type: ignore[method-assign,assignment]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)
@@ -132,6 +134,14 @@ class Record:
     def __repr__(self) -> str:
         values = ", ".join(f"{n}={v!r}" for n, v in zip(self._fields, type(self)._values(self)))
         return f"{type(self).__name__}({values})"
+
+
+def _set_field(self: Record, name: str, value: Any) -> None:
+    """A mutable record's fields change; a misspelt name is an error, not a new
+    attribute (instances have a __dict__, unlike msgspec's Structs)."""
+    if name not in self._fieldset:
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
+    object.__setattr__(self, name, value)
 
 
 def _refuse(self: Record, name: str, *value: Any) -> None:

@@ -112,6 +112,8 @@ def test_default_factories_make_a_value_per_record() -> None:
     assert b.seen == set()
     a.name = "changed"  # frozen=False: mutable
     assert a.name == "changed"
+    with pytest.raises(AttributeError, match="Held has no field 'nmae'"):
+        a.nmae = "typo"  # type: ignore[attr-defined]
 
 
 def test_a_mutable_record_is_not_hashable_and_identity_records_are() -> None:
