@@ -217,14 +217,11 @@ class Manager:
                 raise
         except BaseException:
             if lease is not None:
-                lease.built()
                 lease.release()
             self.memory.release(memory)
             self._unreserve(spec.vm_id)
             raise
-        info = self._register(vm, EventKind.CREATED, memory, lease).info()
-        lease.built()
-        return info
+        return self._register(vm, EventKind.CREATED, memory, lease).info()
 
     # -- snapshots --
     def snapshot(self, vm_id: str, directory: str, *, diff: bool) -> SnapshotInfo:
@@ -275,7 +272,6 @@ class Manager:
             for vm in vms:
                 vm.close()
             for lease in leases:
-                lease.built()
                 lease.release()
             self.memory.release(memory)
             self._unreserve(*ids)
@@ -286,10 +282,7 @@ class Manager:
         if resume:
             for entry in entries:
                 self._publish(entry, EventKind.RESUMED)
-        infos = [e.info() for e in entries]
-        for lease in leases:
-            lease.built()
-        return infos
+        return [e.info() for e in entries]
 
     def merge(self, base_dir: str, diff_dir: str) -> SnapshotInfo:
         return snapshot.merge_snapshots(base_dir, diff_dir)
@@ -374,6 +367,12 @@ class Manager:
         """A reader of the VM's console (history first if from_start).  An
         unknown id fails here, before anything is read."""
         return ConsoleCursor(self._entry(vm_id).vm, from_start=from_start)
+
+    def settled(self) -> None:
+        """A request that built VMs has been answered (the API calls this once the
+        reply is sent): the placement may prepare the next VM now, off any request's
+        path (vmmd/vm/shelf.py)."""
+        self.placement.settled()
 
     def shutdown(self, timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         """Stop every VM (graceful, in parallel, then forced) and delete them."""

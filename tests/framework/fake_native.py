@@ -136,6 +136,8 @@ def _raise(err: int, op: str) -> None:
 class FakeNativeVm:
     """One fake VM of the C core.  kvm_path is recorded, never opened."""
 
+    prepared = None  # never made ahead (NativeVm.prepared)
+
     def __init__(self, kvm_path: str = "/dev/kvm", *, on_ctrl_alt_del: str = "reset",
                  failures: dict[str, int] | None = None) -> None:
         self.kvm_path = kvm_path
@@ -248,6 +250,22 @@ class FakeNativeVm:
     @_op
     def add_ram(self, gpa: int, size: int) -> None:
         self._add_region(gpa, size, -1, 0, f"add RAM at 0x{gpa:x}")
+
+    @property
+    def ram_shape(self) -> Any:
+        """As NativeVm's: the anonymous regions and dirty tracking; None with none
+        or with any region from a file."""
+        if not self.ram or any(r.fd >= 0 for r in self.ram):
+            return None
+        return tuple((r.gpa, r.size) for r in self.ram), self._track_dirty
+
+    def prepare(self, shape: Any) -> None:
+        ram, dirty = shape
+        if dirty:
+            self.track_dirty()
+        for gpa, size in ram:
+            self.add_ram(gpa, size)
+        self.prepared = shape
 
     @_op
     def add_ram_file(self, gpa: int, size: int, fd: int, offset: int) -> None:

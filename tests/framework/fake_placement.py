@@ -30,9 +30,6 @@ class FakeLease:
         return CellInfo(name=self.name, pid=4242, uid=100000, cpu_time_s=0.0, rss_bytes=0,
                         memory_bytes=0, limits=limits, shared=not self.name.startswith("@"))
 
-    def built(self) -> None:
-        self.placement.built += 1
-
     def release(self) -> None:
         assert not self.released, f"lease on {self.name} released twice"
         self.released = True
@@ -48,7 +45,7 @@ class FakePlacement:
         self.factory = factory
         self.cells: dict[str, tuple[int, CellLimits]] = {}  # name -> (leases, limits)
         self.closed = False
-        self.acquired = self.built = 0  # leases given, and told their VM was built
+        self.settled_calls = 0  # Manager.settled() heard
 
     def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> FakeLease:
         name = cell or f"@{vm_id}"
@@ -59,8 +56,10 @@ class FakePlacement:
             self.cells[name] = (refs + 1, have)
         else:
             self.cells[name] = (1, limits)
-        self.acquired += 1
         return FakeLease(self, name, self.factory)
+
+    def settled(self) -> None:
+        self.settled_calls += 1
 
     def close(self) -> None:
         self.closed = True

@@ -196,3 +196,47 @@ def test_start_timings_split_the_wait_between_vmm_and_guest(
     assert after.vcpu_start_us > 0 and after.guest_startup_us > 0
     assert after.vcpu_start_us + after.guest_startup_us < waited_us
     client.delete("timed")
+
+
+def _ram_maps(pid: int, size: int) -> dict[str, int]:
+    """The process's read-write mappings of exactly `size` bytes (the C core maps a
+    guest's RAM as one), by address range, with the KiB of each that are resident."""
+    maps: dict[str, int] = {}
+    current: str | None = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            current = head[0] if end - start == size and head[1].startswith("rw") else None
+            if current:
+                maps[current] = 0
+        elif current and head[0] == "Rss:":
+            maps[current] = int(head[1])
+    return maps
+
+
+def test_a_shared_daemon_makes_the_next_vm_with_its_ram_once_a_create_is_answered(
+        microguests: dict[str, Path]) -> None:
+    """--isolation none (vmmd/vm/shelf.py): after a CreateVm, the daemon makes the next
+    VM ahead with the same RAM; the next CreateVm of that size is built on it (the
+    guest then runs in that very mapping) and another spare is made."""
+    size = 24 << 20  # no other mapping in the daemon has this size
+    kernel = str(microguests["pvh"])
+    with running_daemon("--isolation", "none", check_exit=True) as d, d.client() as c:
+        assert _ram_maps(d.pid, size) == {}
+        c.create("first", kernel, cmdline="mg=print", memory_mib=24)
+        wait_until(lambda: len(_ram_maps(d.pid, size)) == 2, "a spare with the VM's RAM")
+        first_and_spare = _ram_maps(d.pid, size)
+        c.create("second", kernel, cmdline="mg=print", memory_mib=24)
+        wait_until(lambda: len(_ram_maps(d.pid, size)) == 3, "the next spare")
+        with ConsoleReader(c, "second") as con:
+            c.start("second")
+            con.wait_for(b"MG-DONE")
+        # The guest wrote into the spare's RAM (the first VM never ran: all of its
+        # RAM the kernel's load did not touch is untouched); the new spare has none.
+        now = _ram_maps(d.pid, size)
+        grew = {m for m in first_and_spare if now[m] > first_and_spare[m]}
+        assert len(grew) == 1 and min(now.values()) == 0, (first_and_spare, now)
+        for vm_id in ("first", "second"):
+            c.delete(vm_id)
+        wait_until(lambda: len(_ram_maps(d.pid, size)) == 1, "only the spare left")

@@ -9,15 +9,27 @@ from typing import Any
 
 import pytest
 
+from tests.framework.fake_native import FakeFactory
 from vmmd.errors import NativeError
+from vmmd.spec import BootSpec, VmSpec
+from vmmd.vm.builder import build_vm
 from vmmd.vm.shelf import Shelf
 
 TIMEOUT_S = 10.0
 
 
 class FakeVm:
+    ram_shape: Any = None  # what a build gave it (NativeVm.ram_shape)
+    prepared: Any = None
+    refuse_ram = False  # prepare() fails as a RAM slot KVM refuses would
+
     def __init__(self, path: str, thread: str) -> None:
         self.path, self.thread, self.closed = path, thread, False
+
+    def prepare(self, shape: Any) -> None:
+        if self.refuse_ram:
+            raise NativeError("add RAM at 0x0", 12)
+        self.prepared = shape
 
     def close(self, *, deferred: bool = False) -> None:
         assert not self.closed, "closed twice"
@@ -120,7 +132,7 @@ def test_close_destroys_the_spare_and_a_vm_being_made() -> None:
     make.gate.clear()
     shelf.take("/dev/kvm")
     shelf.refill()  # the thread now makes the next spare, held at the gate
-    _until(lambda: shelf._want is None)
+    _until(lambda: make.attempts == 3)
     shelf.close()
     assert spare.closed is False  # handed out by the take above: the caller's
     make.gate.set()
@@ -134,7 +146,8 @@ def test_close_destroys_the_spare_and_a_vm_being_made() -> None:
 
 
 def test_refills_while_a_spare_is_being_made_make_no_second_one() -> None:
-    """CloneVm tells each clone's lease: one spare, not one made and thrown away."""
+    """Requests answered while the spare is made (or a second Manager.settled of one)
+    make one spare, not one made and thrown away."""
     make = Maker()
     shelf = Shelf(make)
     shelf.take("/dev/kvm")
@@ -164,4 +177,57 @@ def test_a_refill_without_a_thread_to_be_had_fails_no_request(
     monkeypatch.undo()
     shelf.refill()  # a later request's refill gets one
     _until(lambda: _spare(shelf) is not None)
+    shelf.close()
+
+
+def test_the_spare_is_made_with_the_ram_of_the_vm_last_taken() -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    shape = (((0, 128 << 20),), False)
+    shelf.take("/dev/kvm").ram_shape = shape  # the build added this RAM
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    assert _spare(shelf).prepared == shape
+    assert shelf.take("/dev/kvm").prepared == shape  # a restore: RAM from a file, none here
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    assert _spare(shelf).prepared is None
+    shelf.close()
+
+
+def test_builds_take_a_spare_with_their_ram_and_put_back_one_without(kernel: str) -> None:
+    """The builder and the shelf (fake cores): a VM of the last one's size is built on
+    the spare made with its RAM, adding none (the fake refuses overlapping RAM); a VM
+    of another size gives that spare back, destroyed, and is built on a fresh one."""
+    natives = FakeFactory()
+    shelf = Shelf(natives)  # type: ignore[arg-type]
+    vms = [build_vm(VmSpec("a", BootSpec(kernel), memory_mib=64), native_factory=shelf.take)]
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    spare = _spare(shelf)
+    assert spare.prepared == (((0, 64 << 20),), False) and len(spare.ram) == 1
+    vms.append(build_vm(VmSpec("b", BootSpec(kernel), memory_mib=64), native_factory=shelf.take))
+    assert vms[1]._native is spare and len(spare.ram) == 1
+    shelf.refill()
+    _until(lambda: _spare(shelf) is not None)
+    other = _spare(shelf)
+    vms.append(build_vm(VmSpec("c", BootSpec(kernel), memory_mib=32), native_factory=shelf.take))
+    assert other.closed and vms[2]._native is not other
+    assert vms[2]._native.prepared is None and vms[2]._native.ram_shape == (((0, 32 << 20),), False)
+    for vm in vms:
+        vm.close()
+    shelf.close()
+
+
+def test_a_spare_whose_ram_fails_is_destroyed_and_fails_no_request(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    make = Maker()
+    shelf = Shelf(make)
+    shelf.take("/dev/kvm").ram_shape = (((0, 64 << 20),), True)
+    monkeypatch.setattr(FakeVm, "refuse_ram", True)
+    shelf.refill()
+    _until(lambda: len(make.made) == 2 and not shelf._making)
+    assert make.made[1].closed and _spare(shelf) is None  # made, refused its RAM, destroyed
+    vm = shelf.take("/dev/kvm")  # made inline, as with no spare
+    assert vm.thread == threading.current_thread().name and not vm.closed
     shelf.close()

@@ -64,15 +64,15 @@ class Lease(Protocol):
 
     def info(self) -> CellInfo | None: ...
 
-    def built(self) -> None:
-        """The manager is done building the VM (or failed to): the placement may
-        prepare the next VM now, off the request path."""
-
     def release(self) -> None: ...
 
 
 class Placement(Protocol):
     def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease: ...
+
+    def settled(self) -> None:
+        """A request that built VMs has been answered (or failed): the placement may
+        prepare the next VM now, off any request's path."""
 
     def close(self) -> None: ...
 
@@ -82,15 +82,10 @@ class _SharedLease(Record, frozen=False):
     factory: NativeFactory | None
     name: str
     watcher: Watcher | None = None
-    shelf: Shelf | None = None
 
     def info(self) -> CellInfo | None:
         return CellInfo(name=self.name, pid=0, uid=0, cpu_time_s=0.0, rss_bytes=0,
                         memory_bytes=0, limits=CellLimits(), shared=False)
-
-    def built(self) -> None:
-        if self.shelf is not None:
-            self.shelf.refill()
 
     def release(self) -> None:
         pass
@@ -109,7 +104,11 @@ class SharedPlacement:
         if limits != CellLimits():
             raise InvalidSpecError("limits", "limits need cells: this daemon runs with "
                                    "--isolation none")
-        return _SharedLease(self._factory, cell, shelf=self._shelf)
+        return _SharedLease(self._factory, cell)
+
+    def settled(self) -> None:
+        if self._shelf is not None:
+            self._shelf.refill()
 
     def close(self) -> None:
         if self._shelf is not None:
@@ -190,9 +189,6 @@ class _CellLease(Record, frozen=False):
 
     def info(self) -> CellInfo | None:
         return self.cell.info()
-
-    def built(self) -> None:
-        pass  # a cell's worker makes its VMs on demand
 
     def release(self) -> None:
         if not self.released:
@@ -463,6 +459,9 @@ class CellPlacement:
     def cells(self) -> list[Cell]:
         with self._lock:
             return list(self._cells.values())
+
+    def settled(self) -> None:
+        pass  # a cell's worker makes its VMs on demand; spare workers refill on their own
 
     def close(self) -> None:
         with self._lock:

@@ -156,6 +156,8 @@ def _one(results: list[Any], kind: type | tuple[type, ...], method: str) -> Any:
 class RemoteNativeVm:
     """One KVM VM in a cell's worker (see the module doc)."""
 
+    prepared = None  # a cell's VMs are made on demand, never ahead (NativeVm.prepared)
+
     def __init__(self, channel: Channel, kvm_path: str, cell_name: str,
                  on_close: Callable[[RemoteNativeVm], None] | None = None) -> None:
         self._ch = channel

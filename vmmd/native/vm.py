@@ -63,9 +63,21 @@ def kvm_clock_flags(kvm_path: str = "/dev/kvm") -> int:
 # CPUID does not change under a running daemon, and reading it costs ~0.4 ms a VM.
 _supported_cpuid: Any = None
 
+# A VM's RAM as a VM made ahead of its request is given it (vmmd/vm/shelf.py): the
+# anonymous regions (gpa, size) in order, and whether dirty pages are tracked.
+RamShape = tuple[tuple[tuple[int, int], ...], bool]
+
+
 class NativeVm:
     """One KVM VM in the C core.  Not thread-safe for control verbs: the
     caller (vm layer) serializes them; reads (stats, console) are safe."""
+
+    # Made ahead with this RAM and then its irqchip (prepare()); None: fresh.
+    prepared: RamShape | None = None
+    # What was asked of it, kept here (readable after close): ram_shape.
+    _anon_ram: tuple[tuple[int, int], ...] = ()
+    _file_ram = False
+    _dirty = False
 
     def __init__(self, kvm_path: str = "/dev/kvm") -> None:
         out = ffi.new("struct vmm_vm **")
@@ -85,6 +97,27 @@ class NativeVm:
     # -- construction --
     def add_ram(self, gpa: int, size: int) -> None:
         check(lib.vmm_vm_add_ram(self._vm, gpa, size), f"add RAM at 0x{gpa:x}")
+        self._anon_ram = (*self._anon_ram, (gpa, size))
+
+    @property
+    def ram_shape(self) -> RamShape | None:
+        """Its RAM as a VM made ahead for the same kind of VM would get it; None
+        when there is none or some is from a file (a restore's)."""
+        if self._file_ram or not self._anon_ram:
+            return None
+        return self._anon_ram, self._dirty
+
+    def prepare(self, shape: RamShape) -> None:
+        """Give a fresh VM the RAM of `shape`, then its irqchip and PIT: in that
+        order (native/vm.c: a RAM slot added after the irqchip costs an SRCU grace
+        period).  The builder then adds neither."""
+        ram, dirty = shape
+        if dirty:
+            self.track_dirty()
+        for gpa, size in ram:
+            self.add_ram(gpa, size)
+        check(lib.vmm_vm_setup_irqchip(self._vm), "set up the irqchip")
+        self.prepared = shape
 
     def write(self, gpa: int, data: bytes) -> None:
         mem = lib.vmm_vm_mem(self._vm)
@@ -248,9 +281,11 @@ class NativeVm:
     def add_ram_file(self, gpa: int, size: int, fd: int, offset: int) -> None:
         check(lib.vmm_vm_add_ram_file(self._vm, gpa, size, fd, offset),
               f"map RAM at 0x{gpa:x} from the memory file")
+        self._file_ram = True
 
     def track_dirty(self) -> None:
         check(lib.vmm_vm_track_dirty(self._vm), "turn on dirty-page tracking")
+        self._dirty = True
 
     @property
     def tracks_dirty(self) -> bool:

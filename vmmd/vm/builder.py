@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmmd import record
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
-from vmmd.native import NativeVm
+from vmmd.native import NativeVm, RamShape
 from vmmd.record import Record
 from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
@@ -155,10 +155,20 @@ NativeFactory = Callable[[str], NativeVm]
 
 
 @contextmanager
-def _native(kvm_path: str, factory: NativeFactory | None) -> Iterator[NativeVm]:
+def _native(kvm_path: str, factory: NativeFactory | None,
+            shape: RamShape | None = None) -> Iterator[NativeVm]:
     """A KVM VM, closed again if what follows fails (before the resources:
-    devices use the taps' fds until then)."""
-    native = (factory or NativeVm)(kvm_path)
+    devices use the taps' fds until then).  shape: the anonymous RAM the VM
+    will have; a VM made ahead with other RAM (vmmd/vm/shelf.py) is given
+    back, destroyed, for a fresh one."""
+    make = factory or NativeVm
+    for _ in range(3):  # each take empties the shelf: a second spare is rare
+        native = make(kvm_path)
+        if native.prepared is None or native.prepared == shape:
+            break
+        native.close(deferred=True)
+    else:
+        native = NativeVm(kvm_path)
     try:
         yield native
     except BaseException:
@@ -178,11 +188,14 @@ def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = Fa
 def _build(p: Plan, kvm_path: str, factory: NativeFactory | None,
            watcher: Watcher | None) -> Vm:
     spec = p.spec
-    with _resources(p.drives, p.nets, p.vsock) as held, _native(kvm_path, factory) as native:
-        if spec.track_dirty_pages:
-            native.track_dirty()  # before the RAM: its slots are made logging
-        for region in p.boot.ram:
-            native.add_ram(region.gpa, region.size)
+    shape = (tuple((r.gpa, r.size) for r in p.boot.ram), spec.track_dirty_pages)
+    with _resources(p.drives, p.nets, p.vsock) as held, \
+            _native(kvm_path, factory, shape) as native:
+        if native.prepared is None:  # else made ahead with this RAM (vmmd/vm/shelf.py)
+            if spec.track_dirty_pages:
+                native.track_dirty()  # before the RAM: its slots are made logging
+            for region in p.boot.ram:
+                native.add_ram(region.gpa, region.size)
         _attach_devices(native, p.drives, p.nets, p.rng, p.vsock, held)
         native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, p.kernel, p.initrd)

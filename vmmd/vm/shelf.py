@@ -1,25 +1,36 @@
 """A KVM VM made ahead of the request that needs it.
 
-What a new VM needs before any of its configuration matters (/dev/kvm
-opened, the KVM VM with its TSS and identity map, the core's eventfds,
-console and legacy devices: `vmm_vm_create`) costs ~0.3-0.4 ms of every
-CreateVm, RestoreVm and CloneVm on our hosts.  (The irqchip and PIT are not
-in it: they come after the RAM, native/vm.c says why.)  A daemon can pay it between requests:
-the shelf keeps one such VM, hands it to the next build, and makes the next
-one on a thread of its own once the request that took the last one is done
-(`refill`: while that request runs, making a VM beside it would slow it down,
-both ask for the process's mmap lock).  The VM on the shelf has no RAM, vCPUs or
-devices yet and has never run: it is what `NativeVm(kvm_path)` returns.
+What a new VM needs before any of its configuration matters costs ~0.6-0.7 ms
+of every CreateVm on our hosts: /dev/kvm opened, the KVM VM with its TSS and
+identity map, the core's eventfds, console and legacy devices
+(`vmm_vm_create`), then its RAM slots and the irqchip and PIT, in that order
+(native/vm.c: a RAM slot added after the irqchip waits out an SRCU grace
+period).  A daemon can pay it between requests: the shelf keeps one such VM,
+hands it to the next build, and makes the next one on a thread of its own
+once the request that took the last one has been answered (`refill`, from
+Manager.settled, which the API calls when the call has ended).  Not sooner:
+made while that request runs or its reply is on the way, the spare slows it
+(both ask for the process's mmap lock and the GIL, and our hosts have 2
+cores): measured with the daemon, a CreateVm took 0.4-0.5 ms longer with the
+spare made as soon as its VM was built.
+
+The spare is made for the kind of VM last taken: with that VM's RAM (its
+anonymous regions, dirty tracking or not) and then the irqchip and PIT.  A
+build whose VM needs other RAM, and any restore (its RAM comes from the
+snapshot's file), gives such a spare back (destroyed off the request path)
+and takes a fresh one: builder._native.  After a restore, the spare is an
+empty KVM VM (`vmm_vm_create` only), which a restore uses as it is.  The
+spare never has vCPUs or devices and has never run.
 
 "Between requests" holds for one client's requests in turn: a request that
 arrives while the spare is being made runs beside it (and, the spare not being
 there yet, makes its own VM inline).
 
-One spare, not a pool: it costs an empty KVM VM (5 fds) for as long as the
-daemon lives, and a burst of creates beyond the
-first makes its VMs inline as before.  A failure to make the spare is not
-an error of any request: the next take makes its VM inline, and reports
-that failure to its own caller.
+One spare, not a pool: it costs a KVM VM (~10 fds, the PIT's kernel thread,
+its RAM's address space, NORESERVE, but no pages) for as long as the daemon
+lives, and a burst of creates beyond the first makes its VMs inline as before.
+A failure to make the spare is not an error of any request: the next take
+makes its VM inline, and reports that failure to its own caller.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import threading
 from collections.abc import Callable
 
 from vmmd.log import get_logger
-from vmmd.native import NativeVm
+from vmmd.native import NativeVm, RamShape
 
 log = get_logger(__name__)
 
@@ -39,7 +50,8 @@ class Shelf:
         self._lock = threading.Lock()  # everything below
         self._spare: tuple[str, NativeVm] | None = None  # (kvm path, VM)
         self._path: str | None = None  # the kvm path last taken: the next spare's
-        self._want: str | None = None  # the kvm path of the spare to make now
+        self._last: NativeVm | None = None  # the VM last taken: the next spare's RAM
+        self._want: tuple[str, RamShape | None] | None = None  # the spare to make now
         self._making = False  # the thread is making one (refill has nothing to ask)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -51,14 +63,18 @@ class Shelf:
             spare, self._spare = self._spare, None
             self._path = kvm_path
         if spare is not None and spare[0] == kvm_path:
-            return spare[1]
-        if spare is not None:
-            spare[1].close(deferred=True)  # KVM's teardown off the request path
-        return self._make(kvm_path)
+            vm = spare[1]
+        else:
+            if spare is not None:
+                spare[1].close(deferred=True)  # KVM's teardown off the request path
+            vm = self._make(kvm_path)
+        with self._lock:
+            self._last = vm
+        return vm
 
     def refill(self) -> None:
-        """The request that took a VM is done: make the next spare, off the
-        caller's thread (the first refill starts that thread: once).  Never
+        """The request that took a VM has been answered: make the next spare, off
+        the caller's thread (the first refill starts that thread: once).  Never
         raises: a request's outcome does not depend on the next one's spare."""
         with self._lock:
             if self._closed or self._spare is not None or self._making or self._path is None:
@@ -71,7 +87,10 @@ class Shelf:
                     log.warning("shelf.no_thread", error=str(e))
                     return
                 self._thread = thread
-            self._want = self._path
+            # The next VM is likely the same kind as the last (a function's
+            # instances): made ahead with its RAM, unless it had none of its own.
+            last, self._last = self._last, None
+            self._want = (self._path, last.ram_shape if last is not None else None)
             self._wake.notify()
 
     def close(self) -> None:
@@ -89,12 +108,13 @@ class Shelf:
             with self._lock:
                 while self._want is None and not self._closed:
                     self._wake.wait()
-                path, self._want = self._want, None
-                if self._closed or path is None:
+                want, self._want = self._want, None
+                if self._closed or want is None:
                     return
                 self._making = True
+            path, shape = want
             try:
-                vm = self._make(path)
+                vm = self._made(path, shape)
             except Exception as e:  # noqa: BLE001 - the next take makes its own and reports
                 log.warning("shelf.make_failed", error=str(e))
                 with self._lock:
@@ -107,3 +127,13 @@ class Shelf:
                     self._spare = (path, vm)
             if not keep:
                 vm.close()
+
+    def _made(self, path: str, shape: RamShape | None) -> NativeVm:
+        vm = self._make(path)
+        if shape is not None:
+            try:
+                vm.prepare(shape)
+            except BaseException:
+                vm.close()
+                raise
+        return vm
