@@ -232,12 +232,6 @@ int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size)
 	return add_ram_region(vm, gpa, size, -1, 0);
 }
 
-int vmm_vm_setup_irqchip(struct vmm_vm *vm)
-{
-	int r = vmm_lifecycle_created(vm);
-	return r ? r : setup_irqchip(vm);
-}
-
 int vmm_vm_add_ram_file(struct vmm_vm *vm, uint64_t gpa, uint64_t size, int fd, uint64_t offset)
 {
 	return add_ram_region(vm, gpa, size, fd, offset);

@@ -177,10 +177,6 @@ void vmm_vm_destroy(struct vmm_vm *vm);	/* stops, joins, closes, frees */
  * finish on a thread of their own after it returns (vm.c says why). */
 void vmm_vm_destroy_deferred(struct vmm_vm *vm);
 int vmm_vm_add_ram(struct vmm_vm *vm, uint64_t gpa, uint64_t size);
-/* The in-kernel irqchip and PIT (and the UART's and i8042's interrupt lines)
- * now, not with the first device or vCPU: for a VM made ahead of its request
- * (vmmd/vm/shelf.py), once its RAM is in.  Idempotent. */
-int vmm_vm_setup_irqchip(struct vmm_vm *vm);
 struct vmm_mem *vmm_vm_mem(struct vmm_vm *vm);
 /* Creates n vCPUs without set-up: for a restore, whose state sets it all.
  * vmm_vm_create_vcpus_cpuid (below) makes them for a boot. */
@@ -396,8 +392,8 @@ int vmm_kvm_clock_flags(const char *kvm_path);
 /* The core's own version: bump VMM_CORE_VERSION with any change to this
  * interface, together with CORE_VERSION in vmmd/native/_lib.py, which
  * then refuses to load a core built from older sources. */
-/* 7: the boot timestamps in vmm_vm_stats, the CPUID blob; 8: vmm_vm_setup_irqchip */
-#define VMM_CORE_VERSION 8
+/* 7: the boot timestamps in vmm_vm_stats, the CPUID blob */
+#define VMM_CORE_VERSION 7
 int vmm_core_version(void);
 
 #endif

@@ -252,19 +252,21 @@ class FakeNativeVm:
         self._add_region(gpa, size, -1, 0, f"add RAM at 0x{gpa:x}")
 
     @property
-    def ram_shape(self) -> Any:
-        """As NativeVm's: the anonymous regions and dirty tracking; None with none
-        or with any region from a file."""
-        if not self.ram or any(r.fd >= 0 for r in self.ram):
+    def shape(self) -> Any:
+        """As NativeVm's: the anonymous regions, dirty tracking and vCPUs of a
+        booted VM; None before its vCPUs, or with any region from a file or bare
+        vCPUs (a restore's)."""
+        if not self.ram or any(r.fd >= 0 for r in self.ram) or not self.nvcpus or self.bare:
             return None
-        return tuple((r.gpa, r.size) for r in self.ram), self._track_dirty
+        return tuple((r.gpa, r.size) for r in self.ram), self._track_dirty, self.nvcpus
 
     def prepare(self, shape: Any) -> None:
-        ram, dirty = shape
+        ram, dirty, vcpus = shape
         if dirty:
             self.track_dirty()
         for gpa, size in ram:
             self.add_ram(gpa, size)
+        self.create_vcpus(vcpus)
         self.prepared = shape
 
     @_op

@@ -110,7 +110,7 @@ def _python_threads() -> set[threading.Thread]:
 
 def test_the_shared_placement_builds_on_a_kvm_vm_made_ahead(microguests) -> None:  # type: ignore[no-untyped-def]
     """--isolation none (vmmd/vm/shelf.py): the second VM's KVM VM was made by the
-    shelf's thread, between the requests, with the first one's RAM and the irqchip,
+    shelf's thread, between the requests, with the first one's RAM and vCPU,
     and that VM boots and runs the guest; the
     placement's close destroys the spare, so the process holds no fd more than before."""
     _shared_watcher()
@@ -128,7 +128,7 @@ def test_the_shared_placement_builds_on_a_kvm_vm_made_ahead(microguests) -> None
             assert time.monotonic() < deadline, "no spare made"
             time.sleep(0.001)
         spare = shelf._spare[1]
-        assert spare.prepared == (((0, 16 << 20),), False)  # the first VM's RAM, then its irqchip
+        assert spare.prepared == (((0, 16 << 20),), False, 1)  # the first VM's RAM and vCPU
         m.create(spec[1])
         vm = m._vms["shelf1"].vm  # type: ignore[union-attr]
         assert vm._native is spare

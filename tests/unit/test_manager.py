@@ -432,7 +432,7 @@ def test_memory_budget_is_taken_and_given_back(make_manager: Callable[..., Manag
     assert e.value.field == "memory_mib"
 
 
-BUILD_CALLS = ["create", "track_dirty", "add_ram", "add_virtio_blk", "create_vcpus",
+BUILD_CALLS = ["create", "track_dirty", "add_ram", "create_vcpus", "add_virtio_blk",
                "load_file", "write", "set_boot_regs"]
 
 
@@ -480,7 +480,7 @@ def test_construction_order_and_guest_ram(manager: Manager, kernel: str, natives
                                track_dirty_pages=True))
     fake = natives.last
     names = [n for n in fake.names if n not in ("stats", "virtio_stats")]
-    assert names[:4] == ["track_dirty", "add_ram", "add_virtio_blk", "create_vcpus"]
+    assert names[:4] == ["track_dirty", "add_ram", "create_vcpus", "add_virtio_blk"]
     assert names[-1] == "set_boot_regs" and names.index("load_file") > 3
     assert [(r.gpa, r.size) for r in fake.ram] == [(0, 128 * MiB)]
     assert fake.nvcpus == 2 and fake.devices[0].options == {"read_only": False, "serial": "d"}

@@ -19,7 +19,7 @@ TIMEOUT_S = 10.0
 
 
 class FakeVm:
-    ram_shape: Any = None  # what a build gave it (NativeVm.ram_shape)
+    shape: Any = None  # what a build gave it (NativeVm.shape)
     prepared: Any = None
     refuse_ram = False  # prepare() fails as a RAM slot KVM refuses would
 
@@ -183,12 +183,12 @@ def test_a_refill_without_a_thread_to_be_had_fails_no_request(
 def test_the_spare_is_made_with_the_ram_of_the_vm_last_taken() -> None:
     make = Maker()
     shelf = Shelf(make)
-    shape = (((0, 128 << 20),), False)
-    shelf.take("/dev/kvm").ram_shape = shape  # the build added this RAM
+    shape = (((0, 128 << 20),), False, 2)
+    shelf.take("/dev/kvm").shape = shape  # the build added this RAM and vCPUs
     shelf.refill()
     _until(lambda: _spare(shelf) is not None)
     assert _spare(shelf).prepared == shape
-    assert shelf.take("/dev/kvm").prepared == shape  # a restore: RAM from a file, none here
+    assert shelf.take("/dev/kvm").prepared == shape  # a restore: no shape, left None
     shelf.refill()
     _until(lambda: _spare(shelf) is not None)
     assert _spare(shelf).prepared is None
@@ -205,15 +205,16 @@ def test_builds_take_a_spare_with_their_ram_and_put_back_one_without(kernel: str
     shelf.refill()
     _until(lambda: _spare(shelf) is not None)
     spare = _spare(shelf)
-    assert spare.prepared == (((0, 64 << 20),), False) and len(spare.ram) == 1
+    assert spare.prepared == (((0, 64 << 20),), False, 1) and len(spare.ram) == 1
     vms.append(build_vm(VmSpec("b", BootSpec(kernel), memory_mib=64), native_factory=shelf.take))
-    assert vms[1]._native is spare and len(spare.ram) == 1
+    assert vms[1]._native is spare and len(spare.ram) == 1 and spare.nvcpus == 1
     shelf.refill()
     _until(lambda: _spare(shelf) is not None)
     other = _spare(shelf)
     vms.append(build_vm(VmSpec("c", BootSpec(kernel), memory_mib=32), native_factory=shelf.take))
     assert other.closed and vms[2]._native is not other
-    assert vms[2]._native.prepared is None and vms[2]._native.ram_shape == (((0, 32 << 20),), False)
+    assert vms[2]._native.prepared is None
+    assert vms[2]._native.shape == (((0, 32 << 20),), False, 1)
     for vm in vms:
         vm.close()
     shelf.close()
@@ -223,7 +224,7 @@ def test_a_spare_whose_ram_fails_is_destroyed_and_fails_no_request(
         monkeypatch: pytest.MonkeyPatch) -> None:
     make = Maker()
     shelf = Shelf(make)
-    shelf.take("/dev/kvm").ram_shape = (((0, 64 << 20),), True)
+    shelf.take("/dev/kvm").shape = (((0, 64 << 20),), True, 1)
     monkeypatch.setattr(FakeVm, "refuse_ram", True)
     shelf.refill()
     _until(lambda: len(make.made) == 2 and not shelf._making)

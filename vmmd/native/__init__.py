@@ -45,7 +45,7 @@ from vmmd.native.state import (
     pack_vcpu,
 )
 from vmmd.native.types import Event, EventType, StopReason, VirtioStats, VmStats
-from vmmd.native.vm import NativeVm, RamShape, kvm_api_version, kvm_clock_flags
+from vmmd.native.vm import MachineShape, NativeVm, kvm_api_version, kvm_clock_flags
 
 if TYPE_CHECKING:
     from vmmd.native.testing import (
@@ -73,8 +73,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BLOB_SIZES", "CORE_VERSION", "LEGACY_KBD_MAX", "LEGACY_RX_MAX", "MACHINE_BLOB_SIZES",
     "MAX_CPUID", "MAX_MSRS", "SECCOMP_EXIT", "VCPU_BLOBS", "CpuidEntry", "Event", "EventType",
-    "GuestMemory", "LegacyState", "MachineState", "NativeVm", "PackedVcpu", "QueueState",
-    "RamShape", "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice",
+    "GuestMemory", "LegacyState", "MachineShape", "MachineState", "NativeVm", "PackedVcpu",
+    "QueueState", "SeccompReport", "StopReason", "VcpuState", "VirtioBlock", "VirtioDevice",
     "VirtioNet", "VirtioRng", "VirtioState", "VirtioStats", "VirtioVsock", "VmStats", "check",
     "enter_jail", "install_seccomp", "kvm_api_version", "kvm_clock_flags", "pack_vcpu",
     "parse_seccomp_report", "seccomp_allowlist", "syscall_name",

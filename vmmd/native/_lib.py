@@ -17,7 +17,7 @@ __all__ = ["CORE_VERSION", "check", "ffi", "lib"]
 
 # The C core's interface version this code is written against: VMM_CORE_VERSION
 # in native/vmmcore.h.  Bump both together.
-CORE_VERSION = 8
+CORE_VERSION = 7
 
 
 def _check_core_version(core: Any) -> None:

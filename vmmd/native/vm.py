@@ -63,21 +63,23 @@ def kvm_clock_flags(kvm_path: str = "/dev/kvm") -> int:
 # CPUID does not change under a running daemon, and reading it costs ~0.4 ms a VM.
 _supported_cpuid: Any = None
 
-# A VM's RAM as a VM made ahead of its request is given it (vmmd/vm/shelf.py): the
-# anonymous regions (gpa, size) in order, and whether dirty pages are tracked.
-RamShape = tuple[tuple[tuple[int, int], ...], bool]
+# What a VM made ahead of its request is given (vmmd/vm/shelf.py), as a boot gave
+# it to the VM last built: the anonymous RAM regions (gpa, size) in order, whether
+# dirty pages are tracked, and how many vCPUs (made for a boot: CPUID set).
+MachineShape = tuple[tuple[tuple[int, int], ...], bool, int]
 
 
 class NativeVm:
     """One KVM VM in the C core.  Not thread-safe for control verbs: the
     caller (vm layer) serializes them; reads (stats, console) are safe."""
 
-    # Made ahead with this RAM and then its irqchip (prepare()); None: fresh.
-    prepared: RamShape | None = None
-    # What was asked of it, kept here (readable after close): ram_shape.
+    # Made ahead with this shape (prepare()); None: fresh.
+    prepared: MachineShape | None = None
+    # What was asked of it, kept here (readable after close): shape.
     _anon_ram: tuple[tuple[int, int], ...] = ()
     _file_ram = False
     _dirty = False
+    _boot_vcpus = 0
 
     def __init__(self, kvm_path: str = "/dev/kvm") -> None:
         out = ffi.new("struct vmm_vm **")
@@ -100,23 +102,23 @@ class NativeVm:
         self._anon_ram = (*self._anon_ram, (gpa, size))
 
     @property
-    def ram_shape(self) -> RamShape | None:
-        """Its RAM as a VM made ahead for the same kind of VM would get it; None
-        when there is none or some is from a file (a restore's)."""
-        if self._file_ram or not self._anon_ram:
+    def shape(self) -> MachineShape | None:
+        """What a VM made ahead for the same kind of VM gets; None unless this one
+        was made for a boot (a restore's RAM is from a file, its vCPUs bare)."""
+        if self._file_ram or not self._anon_ram or not self._boot_vcpus:
             return None
-        return self._anon_ram, self._dirty
+        return self._anon_ram, self._dirty, self._boot_vcpus
 
-    def prepare(self, shape: RamShape) -> None:
-        """Give a fresh VM the RAM of `shape`, then its irqchip and PIT: in that
-        order (native/vm.c: a RAM slot added after the irqchip costs an SRCU grace
-        period).  The builder then adds neither."""
-        ram, dirty = shape
+    def prepare(self, shape: MachineShape) -> None:
+        """Give a fresh VM the RAM and vCPUs of `shape`, in that order: the vCPUs
+        bring the irqchip and PIT, and a RAM slot added after those waits out an
+        SRCU grace period (native/vm.c).  The builder then adds none of them."""
+        ram, dirty, vcpus = shape
         if dirty:
             self.track_dirty()
         for gpa, size in ram:
             self.add_ram(gpa, size)
-        check(lib.vmm_vm_setup_irqchip(self._vm), "set up the irqchip")
+        self.create_vcpus(vcpus)
         self.prepared = shape
 
     def write(self, gpa: int, data: bytes) -> None:
@@ -146,6 +148,7 @@ class NativeVm:
             return
         blob = self._supported_cpuid()
         check(lib.vmm_vm_create_vcpus_cpuid(self._vm, n, blob, len(blob)), f"create {n} vCPUs")
+        self._boot_vcpus = n
 
     def _supported_cpuid(self) -> Any:
         """KVM's supported CPUID, read by this process's first VM and kept (vmmcore.h)."""

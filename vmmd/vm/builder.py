@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmmd import record
 from vmmd.errors import DataLossError, InvalidSpecError, quoted, shown
-from vmmd.native import NativeVm, RamShape
+from vmmd.native import MachineShape, NativeVm
 from vmmd.record import Record
 from vmmd.spec import AUTO_MAC, NetOverride, RestoreSpec, VmSpec, VsockOverride, VsockSpec
 from vmmd.vm.boot.cmdline import append_words, build_cmdline
@@ -156,11 +156,11 @@ NativeFactory = Callable[[str], NativeVm]
 
 @contextmanager
 def _native(kvm_path: str, factory: NativeFactory | None,
-            shape: RamShape | None = None) -> Iterator[NativeVm]:
+            shape: MachineShape | None = None) -> Iterator[NativeVm]:
     """A KVM VM, closed again if what follows fails (before the resources:
-    devices use the taps' fds until then).  shape: the anonymous RAM the VM
-    will have; a VM made ahead with other RAM (vmmd/vm/shelf.py) is given
-    back, destroyed, for a fresh one."""
+    devices use the taps' fds until then).  shape: the RAM and vCPUs the VM
+    will have (None: a restore's); a VM made ahead with another shape
+    (vmmd/vm/shelf.py) is given back, destroyed, for a fresh one."""
     make = factory or NativeVm
     for _ in range(3):  # each take empties the shelf: a second spare is rare
         native = make(kvm_path)
@@ -188,16 +188,16 @@ def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = Fa
 def _build(p: Plan, kvm_path: str, factory: NativeFactory | None,
            watcher: Watcher | None) -> Vm:
     spec = p.spec
-    shape = (tuple((r.gpa, r.size) for r in p.boot.ram), spec.track_dirty_pages)
+    shape = (tuple((r.gpa, r.size) for r in p.boot.ram), spec.track_dirty_pages, spec.vcpus)
     with _resources(p.drives, p.nets, p.vsock) as held, \
             _native(kvm_path, factory, shape) as native:
-        if native.prepared is None:  # else made ahead with this RAM (vmmd/vm/shelf.py)
+        if native.prepared is None:  # else made ahead so (vmmd/vm/shelf.py)
             if spec.track_dirty_pages:
                 native.track_dirty()  # before the RAM: its slots are made logging
             for region in p.boot.ram:
                 native.add_ram(region.gpa, region.size)
+            native.create_vcpus(spec.vcpus)  # after the RAM: NativeVm.prepare says why
         _attach_devices(native, p.drives, p.nets, p.rng, p.vsock, held)
-        native.create_vcpus(spec.vcpus)
         regs = load(native, p.boot, p.kernel, p.initrd)
         if spec.acpi:
             vmgenid.install(native, vmgenid.new_id())

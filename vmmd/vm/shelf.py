@@ -1,36 +1,39 @@
 """A KVM VM made ahead of the request that needs it.
 
-What a new VM needs before any of its configuration matters costs ~0.6-0.7 ms
-of every CreateVm on our hosts: /dev/kvm opened, the KVM VM with its TSS and
-identity map, the core's eventfds, console and legacy devices
-(`vmm_vm_create`), then its RAM slots and the irqchip and PIT, in that order
-(native/vm.c: a RAM slot added after the irqchip waits out an SRCU grace
-period).  A daemon can pay it between requests: the shelf keeps one such VM,
-hands it to the next build, and makes the next one on a thread of its own
-once the request that took the last one has been answered (`refill`, from
-Manager.settled, which the API calls when the call has ended).  Not sooner:
-made while that request runs or its reply is on the way, the spare slows it
-(both ask for the process's mmap lock and the GIL, and our hosts have 2
-cores): measured with the daemon, a CreateVm took 0.4-0.5 ms longer with the
-spare made as soon as its VM was built.
+What a new VM needs before any of its configuration matters costs ~0.7 ms
+of every CreateVm on our hosts (measured after a pause, as requests come):
+/dev/kvm opened, the KVM VM with its TSS and identity map, the core's
+eventfds, console and legacy devices (`vmm_vm_create`), then its RAM slots,
+then its vCPUs with their CPUID, which bring the irqchip and PIT (in that
+order: native/vm.c, a RAM slot added after the irqchip waits out an SRCU
+grace period).  A daemon can pay it between requests: the shelf keeps one
+such VM, hands it to the next build, and makes the next one on a thread of
+its own once the request that took the last one has been answered
+(`refill`, from Manager.settled, which the API calls when the call has
+ended).  Not sooner: made while that request runs or its reply is on the
+way, the spare slows it (both ask for the process's mmap lock and the GIL,
+and our hosts have 2 cores): measured with the daemon, a CreateVm's handler
+took as long with a RAM-and-irqchip spare made as soon as its VM was built
+as with none.
 
-The spare is made for the kind of VM last taken: with that VM's RAM (its
-anonymous regions, dirty tracking or not) and then the irqchip and PIT.  A
-build whose VM needs other RAM, and any restore (its RAM comes from the
-snapshot's file), gives such a spare back (destroyed off the request path)
-and takes a fresh one: builder._native.  After a restore, the spare is an
-empty KVM VM (`vmm_vm_create` only), which a restore uses as it is.  The
-spare never has vCPUs or devices and has never run.
+The spare is made for the kind of VM last taken (a function's instances are
+alike): its anonymous RAM regions, dirty tracking or not, and its vCPU count.
+A build of another shape, and every restore (its RAM comes from the
+snapshot's file, its vCPUs bare), gives such a spare back (destroyed off the
+request path) and takes a fresh one: builder._native.  After a restore, the
+spare is an empty KVM VM (`vmm_vm_create` only), which a restore uses as it
+is.  The spare never has devices and has never run.
 
 "Between requests" holds for one client's requests in turn: a request that
 arrives while the spare is being made runs beside it (and, the spare not being
 there yet, makes its own VM inline).
 
-One spare, not a pool: it costs a KVM VM (~10 fds, the PIT's kernel thread,
-its RAM's address space, NORESERVE, but no pages) for as long as the daemon
-lives, and a burst of creates beyond the first makes its VMs inline as before.
-A failure to make the spare is not an error of any request: the next take
-makes its VM inline, and reports that failure to its own caller.
+One spare, not a pool: it costs a KVM VM (~10 fds and its vCPUs', the PIT's
+kernel thread, its RAM's address space, NORESERVE, but no pages) for as long
+as the daemon lives, and a burst of creates beyond the first makes its VMs
+inline as before.  A failure to make the spare is not an error of any
+request: the next take makes its VM inline, and reports that failure to its
+own caller.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import threading
 from collections.abc import Callable
 
 from vmmd.log import get_logger
-from vmmd.native import NativeVm, RamShape
+from vmmd.native import MachineShape, NativeVm
 
 log = get_logger(__name__)
 
@@ -50,8 +53,8 @@ class Shelf:
         self._lock = threading.Lock()  # everything below
         self._spare: tuple[str, NativeVm] | None = None  # (kvm path, VM)
         self._path: str | None = None  # the kvm path last taken: the next spare's
-        self._last: NativeVm | None = None  # the VM last taken: the next spare's RAM
-        self._want: tuple[str, RamShape | None] | None = None  # the spare to make now
+        self._last: NativeVm | None = None  # the VM last taken: the next spare's shape
+        self._want: tuple[str, MachineShape | None] | None = None  # the spare to make now
         self._making = False  # the thread is making one (refill has nothing to ask)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -88,9 +91,9 @@ class Shelf:
                     return
                 self._thread = thread
             # The next VM is likely the same kind as the last (a function's
-            # instances): made ahead with its RAM, unless it had none of its own.
+            # instances): made ahead with its RAM and vCPUs, if it was booted.
             last, self._last = self._last, None
-            self._want = (self._path, last.ram_shape if last is not None else None)
+            self._want = (self._path, last.shape if last is not None else None)
             self._wake.notify()
 
     def close(self) -> None:
@@ -128,7 +131,7 @@ class Shelf:
             if not keep:
                 vm.close()
 
-    def _made(self, path: str, shape: RamShape | None) -> NativeVm:
+    def _made(self, path: str, shape: MachineShape | None) -> NativeVm:
         vm = self._make(path)
         if shape is not None:
             try:
