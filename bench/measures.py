@@ -178,7 +178,7 @@ def in_process(reps: int) -> list[dict[str, Any]]:
             series["vcpu_start"].append((s.first_run_ns - s.start_ns) / 1e6)
             series["guest"].append((s.first_output_ns - s.first_run_ns) / 1e6)
     whats = {
-        "native": "NativeVm() (KVM VM, irqchip, PIT2, serial, i8042)",
+        "native": "NativeVm() (KVM VM, TSS and identity map, serial, i8042)",
         "close": "NativeVm.close() of that VM (KVM VM teardown)",
         "build": "build_vm() (checks, KVM VM, 128 MiB RAM, vCPU, load, registers)",
         "first": "start() → first console line (mg=print)",

@@ -166,8 +166,9 @@ enum vmm_vm_state {
 };
 
 struct vmm_vm;
-/* Opens /dev/kvm, creates the VM with in-kernel irqchip and PIT2, the
- * UART and i8042 on the PIO bus.  kvm_path NULL means "/dev/kvm". */
+/* Opens /dev/kvm, creates the VM (TSS, identity map), the UART and i8042
+ * on the PIO bus; the in-kernel irqchip and PIT2 come with the first vCPU
+ * or device (after the RAM: vm.c says why).  kvm_path NULL means "/dev/kvm". */
 int vmm_vm_create(const char *kvm_path, struct vmm_vm **out);
 /* The same on an open /dev/kvm fd (a jailed worker cannot open the path):
  * the VM keeps a duplicate, the caller keeps and closes its own fd. */

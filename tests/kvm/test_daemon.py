@@ -215,28 +215,44 @@ def _ram_maps(pid: int, size: int) -> dict[str, int]:
     return maps
 
 
+def _vcpu_fds(pid: int) -> int:
+    """The process's KVM vCPU fds (not their stats fds, kvm-vcpu-stats:N)."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            n += os.readlink(fd).startswith("anon_inode:kvm-vcpu:")
+        except FileNotFoundError:  # closed since the listing
+            pass
+    return n
+
+
 def test_a_shared_daemon_makes_the_next_vm_with_its_ram_once_a_create_is_answered(
         microguests: dict[str, Path]) -> None:
     """--isolation none (vmmd/vm/shelf.py): after a CreateVm, the daemon makes the next
-    VM ahead with the same RAM; the next CreateVm of that size is built on it (the
-    guest then runs in that very mapping) and another spare is made."""
+    VM ahead with the same RAM and vCPU; the next CreateVm of that shape is built on
+    it (its guest then runs in that very mapping) and another spare is made."""
     size = 24 << 20  # no other mapping in the daemon has this size
     kernel = str(microguests["pvh"])
+
+    def made(n: int) -> bool:  # n VMs with their RAM and vCPU, the spare among them
+        return len(_ram_maps(d.pid, size)) == n and _vcpu_fds(d.pid) == n
+
     with running_daemon("--isolation", "none", check_exit=True) as d, d.client() as c:
         assert _ram_maps(d.pid, size) == {}
         c.create("first", kernel, cmdline="mg=print", memory_mib=24)
-        wait_until(lambda: len(_ram_maps(d.pid, size)) == 2, "a spare with the VM's RAM")
-        first_and_spare = _ram_maps(d.pid, size)
+        wait_until(lambda: made(2), "a spare with the VM's RAM and vCPU")
+        before = _ram_maps(d.pid, size)
+        # The first VM's RAM has its kernel in it; the spare's is untouched.
+        spare = next(m for m, kib in before.items() if kib == 0)
         c.create("second", kernel, cmdline="mg=print", memory_mib=24)
-        wait_until(lambda: len(_ram_maps(d.pid, size)) == 3, "the next spare")
+        wait_until(lambda: made(3), "the next spare")
         with ConsoleReader(c, "second") as con:
             c.start("second")
             con.wait_for(b"MG-DONE")
-        # The guest wrote into the spare's RAM (the first VM never ran: all of its
-        # RAM the kernel's load did not touch is untouched); the new spare has none.
         now = _ram_maps(d.pid, size)
-        grew = {m for m in first_and_spare if now[m] > first_and_spare[m]}
-        assert len(grew) == 1 and min(now.values()) == 0, (first_and_spare, now)
+        new = [m for m in now if m not in before]
+        assert now.get(spare, 0) > 0, ("the guest did not run in the spare's RAM", before, now)
+        assert len(new) == 1 and now[new[0]] == 0, (before, now)  # the new spare: untouched
         for vm_id in ("first", "second"):
             c.delete(vm_id)
-        wait_until(lambda: len(_ram_maps(d.pid, size)) == 1, "only the spare left")
+        wait_until(lambda: made(1), "only the spare left")

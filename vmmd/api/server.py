@@ -49,7 +49,7 @@ async def build_server(manager: Manager, unix_socket: str | None, *, listen: str
     """Build and start the server; call on the loop that will run it."""
     pool = ElasticPool(MAX_WORKERS, idle_s=IDLE_THREAD_S, name="api")
     server = grpc.aio.server(migration_thread_pool=pool)
-    server.add_generic_rpc_handlers((vm_service_handlers(VmServicer(manager)),))
+    server.add_generic_rpc_handlers((vm_service_handlers(VmServicer(manager, pool)),))
     health = add_discovery_services(server, [SERVICE_NAME])
     ports = []
     if unix_socket:

@@ -2,7 +2,9 @@
 mapped to status codes once, by the `edge` decorators (status.py).
 
 Unary methods are plain functions (the server runs them on its thread pool:
-the manager blocks).  Streaming methods are coroutines on the server's event
+the manager blocks); the three that build VMs are wrapped in a coroutine that
+runs them on that pool and tells the manager when the call has ended
+(`edge_building`).  Streaming methods are coroutines on the server's event
 loop: a follower waits on an asyncio event that the VM's watcher thread (or
 the event publisher) sets, so an open stream holds no thread.
 """
@@ -13,6 +15,7 @@ import asyncio
 import functools
 import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
@@ -50,6 +53,28 @@ def edge(fn: F) -> F:
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - every error leaves as a status
             context.abort(*_status(fn.__name__, e))
+    return wrapper  # type: ignore[return-value]
+
+
+def edge_building(fn: F) -> F:
+    """As `edge`, for the calls that build VMs (CreateVm, RestoreVm, CloneVm): the
+    body runs on the unary pool as every unary call's does, and once the call has
+    ended, answered or failed (its task done: the status sent), the manager hears
+    it (Manager.settled) and may prepare the next VM then.  Not sooner: work beside
+    the reply slows it.  Not through the sync context's add_callback either: with
+    grpcio 1.85 that runs as soon as the body returns, before the reply is sent,
+    and never after an error."""
+    @functools.wraps(fn)
+    async def wrapper(self: VmServicer, request: Any, context: grpc.aio.ServicerContext
+                      ) -> Any:
+        # (grpc-stubs declares DoneCallback a class where a Protocol was meant)
+        context.add_done_callback(lambda _: self.m.settled())  # type: ignore[arg-type]
+        try:
+            _decoded(request)
+            return await asyncio.get_running_loop().run_in_executor(
+                self.pool, fn, self, request, context)
+        except Exception as e:  # noqa: BLE001 - every error leaves as a status
+            await context.abort(*_status(fn.__name__, e))
     return wrapper  # type: ignore[return-value]
 
 
@@ -105,14 +130,6 @@ def vm_service_handlers(servicer: VmServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _settle_after(context: Any, manager: Manager) -> None:
-    """Once this call has ended (its reply sent, or its error), the manager may
-    prepare for the next request (Manager.settled): a call that builds VMs.  Not
-    when the handler returns: the reply is still on its way to the client then, and
-    work beside it would slow it (on our 2-core hosts, by ~0.4 ms a CreateVm)."""
-    context.add_callback(manager.settled)
-
-
 def _ended(context: Any) -> Callable[[], bool]:
     """Whether the call has ended (the client cancelled or went away)."""
     ended = threading.Event()
@@ -138,12 +155,14 @@ async def _attached(context: grpc.aio.ServicerContext) -> None:
 
 
 class VmServicer(vmm_pb2_grpc.VmServiceServicer):
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, pool: Executor | None = None) -> None:
+        """pool: where the calls that build VMs run (the server's unary pool;
+        None: the loop's default executor)."""
         self.m = manager
+        self.pool = pool
 
-    @edge
+    @edge_building
     def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
-        _settle_after(context, self.m)
         spec = convert.spec_from_create(request, request.vm_id or self.m.new_id())
         return convert.vm_to_proto(self.m.create(spec))
 
@@ -191,15 +210,13 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
                                diff=convert.is_diff(request.type))
         return convert.snapshot_to_proto(info)
 
-    @edge
+    @edge_building
     def RestoreVm(self, request: pb.RestoreVmRequest, context: Any) -> pb.Vm:
-        _settle_after(context, self.m)
         spec = convert.restore_spec(request, request.vm_id or self.m.new_id())
         return convert.vm_to_proto(self.m.restore(spec, resume=request.resume))
 
-    @edge
+    @edge_building
     def CloneVm(self, request: pb.CloneVmRequest, context: Any) -> pb.CloneVmResponse:
-        _settle_after(context, self.m)
         specs = convert.clone_specs(request, request.id_prefix or self.m.new_id())
         return pb.CloneVmResponse(vms=[convert.vm_to_proto(v)
                                        for v in self.m.clone(specs, resume=request.resume)])

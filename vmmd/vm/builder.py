@@ -1,8 +1,9 @@
 """Construction order of a VM, in one place (as Firecracker's builder).
 
 Boot: check everything (kernel, initrd, memory, vCPUs, devices, cmdline) ->
-drive locks and taps -> the KVM VM -> RAM -> devices -> vCPUs -> load the
-guest (and, with ACPI, a random VMGenID id) -> boot registers.  Restore:
+drive locks and taps -> the KVM VM -> RAM -> vCPUs -> devices -> load the
+guest (and, with ACPI, a random VMGenID id) -> boot registers (the KVM VM
+with its RAM and vCPUs may come made ahead: vmmd/vm/shelf.py).  Restore:
 read and check the snapshot -> the saved spec with the overrides -> drive
 locks and taps -> the KVM VM -> RAM mapped from the memory file -> devices
 -> vCPUs -> the saved state -> with ACPI, a new VMGenID id and its
@@ -162,12 +163,12 @@ def _native(kvm_path: str, factory: NativeFactory | None,
     will have (None: a restore's); a VM made ahead with another shape
     (vmmd/vm/shelf.py) is given back, destroyed, for a fresh one."""
     make = factory or NativeVm
-    for _ in range(3):  # each take empties the shelf: a second spare is rare
-        native = make(kvm_path)
+    for _ in range(3):  # a take empties the shelf: the next is fresh unless a
+        native = make(kvm_path)  # concurrent request's spare landed in between
         if native.prepared is None or native.prepared == shape:
             break
         native.close(deferred=True)
-    else:
+    else:  # only the shelf makes VMs ahead, and the VMs it makes inline are these
         native = NativeVm(kvm_path)
     try:
         yield native

@@ -29,8 +29,9 @@ arrives while the spare is being made runs beside it (and, the spare not being
 there yet, makes its own VM inline).
 
 One spare, not a pool: it costs a KVM VM (~10 fds and its vCPUs', the PIT's
-kernel thread, its RAM's address space, NORESERVE, but no pages) for as long
-as the daemon lives, and a burst of creates beyond the first makes its VMs
+kernel thread, its RAM's address space, NORESERVE, but no pages; a host with
+vm.overcommit_memory=2 counts that size against its commit limit all the
+same) for as long as the daemon lives, and a burst of creates beyond the first makes its VMs
 inline as before.  A failure to make the spare is not an error of any
 request: the next take makes its VM inline, and reports that failure to its
 own caller.
