@@ -155,6 +155,19 @@ def test_stop_by_api(stub: Stub, daemon: Daemon, vm_in: Callable[[str], pb.Vm], 
     assert ("vm.stop_forced" in daemon.log_text()[log_before:]) == graceful
 
 
+def test_a_graceful_stop_is_forced_once_its_caller_is_gone(stub: Stub, daemon: Daemon,
+                                                             vm_in: Callable[[str], pb.Vm]) -> None:
+    """StopVm's wait on the guest ends when the call does (Manager.stop's `gone`): mg=spin
+    ignores Ctrl-Alt-Del, and the caller gives up long before the stop's 10 minutes."""
+    vm_in("running")
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StopVm(pb.StopVmRequest(vm_id="v", timeout_ms=600_000), timeout=0.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    vm = wait_stopped(stub, "v")  # HANG_S at most: far less than the stop's own timeout
+    assert (vm.state, vm.stop.reason) == (pb.VM_STATE_STOPPED, pb.STOP_REASON_STOPPED_BY_API)
+    assert "vm.stop_forced" in daemon.log_text()
+
+
 @pytest.mark.parametrize("state", list(STATE_NAMES))
 def test_delete_in_any_state(stub: Stub, vm_in: Callable[[str], pb.Vm], state: str) -> None:
     vm_in(state)

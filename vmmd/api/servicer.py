@@ -2,9 +2,9 @@
 mapped to status codes once, by the `edge` decorators (status.py).
 
 Unary methods are plain functions (the server runs them on its thread pool:
-the manager blocks); the three that build VMs are wrapped in a coroutine that
-runs them on that pool and tells the manager when the call has ended
-(`edge_building`).  Streaming methods are coroutines on the server's event
+the manager blocks); those that must know when the call has ended (the three
+that build VMs, StopVm) are wrapped in a coroutine that runs them on that pool
+(`edge_ended`).  Streaming methods are coroutines on the server's event
 loop: a follower waits on an asyncio event that the VM's watcher thread (or
 the event publisher) sets, so an open stream holds no thread.
 """
@@ -56,26 +56,32 @@ def edge(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def edge_building(fn: F) -> F:
-    """As `edge`, for the calls that build VMs (CreateVm, RestoreVm, CloneVm): the
-    body runs on the unary pool as every unary call's does, and once the call has
-    ended, answered or failed (its task done: the status sent), the manager hears
-    it (Manager.settled) and may prepare the next VM then.  Not sooner: work beside
-    the reply slows it.  Not through the sync context's add_callback either: with
-    grpcio 1.85 that runs as soon as the body returns, before the reply is sent,
-    and never after an error."""
-    @functools.wraps(fn)
-    async def wrapper(self: VmServicer, request: Any, context: grpc.aio.ServicerContext
-                      ) -> Any:
-        # (grpc-stubs declares DoneCallback a class where a Protocol was meant)
-        context.add_done_callback(lambda _: self.m.settled())  # type: ignore[arg-type]
-        try:
-            _decoded(request)
-            return await asyncio.get_running_loop().run_in_executor(
-                self.pool, fn, self, request, context)
-        except Exception as e:  # noqa: BLE001 - every error leaves as a status
-            await context.abort(*_status(fn.__name__, e))
-    return wrapper  # type: ignore[return-value]
+def edge_ended(*, settles: bool = False) -> Callable[[F], F]:
+    """As `edge`, for the calls that must know when they have ended: a coroutine
+    that runs the body on the unary pool (as grpc.aio runs sync handlers) with the
+    aio context, whose done callbacks run once the call's task is done, answered,
+    failed or cancelled by its client (`_ended` uses them).  A sync handler's
+    context.add_callback will not do: with grpcio 1.85 it runs as soon as the body
+    returns, before the reply is sent, and never after an error or a cancel.
+
+    settles: a call that builds VMs (CreateVm, RestoreVm, CloneVm) tells the
+    manager then (Manager.settled), which may prepare the next VM: not sooner, as
+    work beside the reply slows it, and also after a failure."""
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        async def wrapper(self: VmServicer, request: Any, context: grpc.aio.ServicerContext
+                          ) -> Any:
+            if settles:
+                # (grpc-stubs declares DoneCallback a class where a Protocol was meant)
+                context.add_done_callback(lambda _: self.m.settled())  # type: ignore[arg-type]
+            try:
+                _decoded(request)
+                return await asyncio.get_running_loop().run_in_executor(
+                    self.pool, fn, self, request, context)
+            except Exception as e:  # noqa: BLE001 - every error leaves as a status
+                await context.abort(*_status(fn.__name__, e))
+        return wrapper  # type: ignore[return-value]
+    return decorate
 
 
 def edge_stream(fn: F) -> F:
@@ -130,10 +136,11 @@ def vm_service_handlers(servicer: VmServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _ended(context: Any) -> Callable[[], bool]:
-    """Whether the call has ended (the client cancelled or went away)."""
+def _ended(context: grpc.aio.ServicerContext) -> Callable[[], bool]:
+    """Whether the call has ended (the client cancelled or went away), for a body
+    run by `edge_ended`, from the pool's thread."""
     ended = threading.Event()
-    context.add_callback(ended.set)
+    context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]
     return ended.is_set
 
 
@@ -161,7 +168,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
         self.m = manager
         self.pool = pool
 
-    @edge_building
+    @edge_ended(settles=True)
     def CreateVm(self, request: pb.CreateVmRequest, context: Any) -> pb.Vm:
         spec = convert.spec_from_create(request, request.vm_id or self.m.new_id())
         return convert.vm_to_proto(self.m.create(spec))
@@ -178,7 +185,7 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     def ResumeVm(self, request: pb.ResumeVmRequest, context: Any) -> pb.Vm:
         return convert.vm_to_proto(self.m.resume(convert.require_id(request.vm_id)))
 
-    @edge
+    @edge_ended()
     def StopVm(self, request: pb.StopVmRequest, context: Any) -> pb.Vm:
         timeout_s = convert.stop_timeout_s(request.timeout_ms)
         return convert.vm_to_proto(self.m.stop(convert.require_id(request.vm_id),
@@ -210,12 +217,12 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
                                diff=convert.is_diff(request.type))
         return convert.snapshot_to_proto(info)
 
-    @edge_building
+    @edge_ended(settles=True)
     def RestoreVm(self, request: pb.RestoreVmRequest, context: Any) -> pb.Vm:
         spec = convert.restore_spec(request, request.vm_id or self.m.new_id())
         return convert.vm_to_proto(self.m.restore(spec, resume=request.resume))
 
-    @edge_building
+    @edge_ended(settles=True)
     def CloneVm(self, request: pb.CloneVmRequest, context: Any) -> pb.CloneVmResponse:
         specs = convert.clone_specs(request, request.id_prefix or self.m.new_id())
         return pb.CloneVmResponse(vms=[convert.vm_to_proto(v)
