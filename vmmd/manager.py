@@ -42,6 +42,7 @@ from vmmd.vm.builder import NativeFactory, build_vm, restore_from
 from vmmd.vm.console import ConsoleCursor
 from vmmd.vm.layout import check_memory_size
 from vmmd.vm.lifecycle import allows, check_verb
+from vmmd.vm.shelf import Quiet
 from vmmd.vm.vm import Vm
 
 DEFAULT_STOP_TIMEOUT_S = 10.0
@@ -97,7 +98,8 @@ class Manager:
         placement: where VMs' cores run (default: in this process)."""
         self._kvm_path = kvm_path
         self._max_vms = max_vms
-        self.placement = placement or SharedPlacement(native_factory)
+        self._quiet = Quiet()  # requests being served: the shelf waits them out
+        self.placement = placement or SharedPlacement(native_factory, quiet=self._quiet)
         self.memory = MemoryBudget(memory_budget)
         self.snapshots = snapshot.SnapshotCache()  # checked snapshots, for repeated restores
         self._lock = threading.Lock()
@@ -367,6 +369,13 @@ class Manager:
         """A reader of the VM's console (history first if from_start).  An
         unknown id fails here, before anything is read."""
         return ConsoleCursor(self._entry(vm_id).vm, from_start=from_start)
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Around each request the API serves: while one runs, and for a moment
+        after, nothing is prepared ahead (vmmd/vm/shelf.py)."""
+        with self._quiet.busy():
+            yield
 
     def settled(self) -> None:
         """A request that built VMs has been answered (the API calls this once the

@@ -1,6 +1,7 @@
 """vmmd/api/servicer.py: a call that builds VMs (CreateVm, RestoreVm, CloneVm) tells
 the manager once it has ended, answered or failed (Manager.settled: the shared
 placement then makes the next VM ahead, vmmd/vm/shelf.py); no other call does.
+Every unary call runs inside Manager.busy (the shelf waits those out).
 
 A real grpc.aio server (vmmd.api.server) on a temporary socket, a real channel, and
 a fake manager: what is checked is gRPC's behaviour as much as ours (a sync
@@ -12,6 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +37,22 @@ class FakeManager:
         self.settled_calls = 0
         self.settled_in_verb = False  # settled heard while a verb was still running
         self._in_verb = False
+        self.busy_now = self.busy_calls = 0  # Manager.busy: calls inside it, calls made
         self.heard = threading.Event()
 
     def settled(self) -> None:
-        self.settled_in_verb |= self._in_verb
+        self.settled_in_verb |= self._in_verb or self.busy_now > 0
         self.settled_calls += 1
         self.heard.set()
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        self.busy_now += 1
+        self.busy_calls += 1
+        try:
+            yield
+        finally:
+            self.busy_now -= 1
 
     def new_id(self) -> str:
         return "vm-1"
@@ -94,6 +106,7 @@ def test_a_create_settles_once_it_has_been_answered(served: Any) -> None:
     assert vm.vm_id == "ok"
     assert m.heard.wait(HANG_S)
     assert m.settled_calls == 1 and not m.settled_in_verb
+    assert m.busy_calls == 1  # the call was a request being served
 
 
 @pytest.mark.parametrize("case", sorted(FAILING))
@@ -117,3 +130,4 @@ def test_other_calls_do_not_settle(served: Any) -> None:
             call()
     time.sleep(0.1)  # a callback would have run by now: the calls have ended
     assert m.settled_calls == 0
+    assert m.busy_calls == 2  # but each was a request being served

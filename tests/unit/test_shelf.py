@@ -13,7 +13,7 @@ from tests.framework.fake_native import FakeFactory
 from vmmd.errors import NativeError
 from vmmd.spec import BootSpec, VmSpec
 from vmmd.vm.builder import build_vm
-from vmmd.vm.shelf import Shelf
+from vmmd.vm.shelf import Quiet, Shelf
 
 TIMEOUT_S = 10.0
 
@@ -232,3 +232,37 @@ def test_a_spare_whose_ram_fails_is_destroyed_and_fails_no_request(
     vm = shelf.take("/dev/kvm")  # made inline, as with no spare
     assert vm.thread == threading.current_thread().name and not vm.closed
     shelf.close()
+
+
+def test_the_spare_waits_until_no_request_has_run_for_a_while() -> None:
+    """A refill asked while a request runs (a client's next one, say) makes nothing
+    until it has ended and quiet_s has passed with none running."""
+    make, quiet, quiet_s = Maker(), Quiet(), 0.05
+    shelf = Shelf(make, quiet=quiet, quiet_s=quiet_s)
+    shelf.take("/dev/kvm")
+    with quiet.busy():
+        shelf.refill()
+        time.sleep(2 * quiet_s)
+        assert make.attempts == 1  # the take's own: nothing beside a request
+        with quiet.busy():  # two at once: both must end
+            pass
+        time.sleep(2 * quiet_s)
+        assert make.attempts == 1
+        ended = time.monotonic()
+    _until(lambda: _spare(shelf) is not None)
+    assert time.monotonic() - ended >= quiet_s
+    shelf.close()
+
+
+def test_close_ends_a_wait_for_quiet_and_makes_nothing() -> None:
+    make, quiet = Maker(), Quiet()
+    shelf = Shelf(make, quiet=quiet)
+    shelf.take("/dev/kvm")
+    with quiet.busy():
+        shelf.refill()
+        _until(lambda: shelf._making)  # the thread waits for quiet
+        shelf.close()
+        assert shelf._thread is not None
+        shelf._thread.join(TIMEOUT_S)
+        assert not shelf._thread.is_alive()  # ended while the request still runs
+    assert make.attempts == 1 and _spare(shelf) is None

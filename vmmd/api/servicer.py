@@ -49,11 +49,17 @@ def edge(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            _decoded(request)
-            return fn(self, request, context)
+            return _busy(fn, self, request, context)
         except Exception as e:  # noqa: BLE001 - every error leaves as a status
             context.abort(*_status(fn.__name__, e))
     return wrapper  # type: ignore[return-value]
+
+
+def _busy(fn: Callable[..., Any], self: VmServicer, request: Any, context: Any) -> Any:
+    """A unary call's body, the manager told a request is being served."""
+    with self.m.busy():
+        _decoded(request)
+        return fn(self, request, context)
 
 
 def edge_ended(*, settles: bool = False) -> Callable[[F], F]:
@@ -75,9 +81,8 @@ def edge_ended(*, settles: bool = False) -> Callable[[F], F]:
                 # (grpc-stubs declares DoneCallback a class where a Protocol was meant)
                 context.add_done_callback(lambda _: self.m.settled())  # type: ignore[arg-type]
             try:
-                _decoded(request)
                 return await asyncio.get_running_loop().run_in_executor(
-                    self.pool, fn, self, request, context)
+                    self.pool, _busy, fn, self, request, context)
             except Exception as e:  # noqa: BLE001 - every error leaves as a status
                 await context.abort(*_status(fn.__name__, e))
         return wrapper  # type: ignore[return-value]

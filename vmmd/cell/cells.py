@@ -41,7 +41,7 @@ from vmmd.log import get_logger
 from vmmd.native.seccomp import REPORT_SIZE, SeccompReport, parse_seccomp_report
 from vmmd.record import Record, field
 from vmmd.spec import CellLimits
-from vmmd.vm.shelf import Shelf
+from vmmd.vm.shelf import Quiet, Shelf
 from vmmd.vm.watcher import Watcher
 
 MiB = 1 << 20
@@ -94,10 +94,12 @@ class _SharedLease(Record, frozen=False):
 class SharedPlacement:
     """Every VM in the daemon's own process (trusted workloads, benchmarks)."""
 
-    def __init__(self, factory: NativeFactory | None = None) -> None:
+    def __init__(self, factory: NativeFactory | None = None, *,
+                 quiet: Quiet | None = None) -> None:
         """factory: makes each VM's core (a test's fake); None: the C core's, from a
-        shelf that makes the next VM's KVM part between requests (vmmd/vm/shelf.py)."""
-        self._shelf = Shelf() if factory is None else None
+        shelf that makes the next VM's KVM part between requests (vmmd/vm/shelf.py),
+        once `quiet` says none is being served."""
+        self._shelf = Shelf(quiet=quiet) if factory is None else None
         self._factory = factory if self._shelf is None else self._shelf.take
 
     def acquire(self, cell: str, limits: CellLimits, vm_id: str, ram_bytes: int) -> Lease:

@@ -10,11 +10,15 @@ grace period).  A daemon can pay it between requests: the shelf keeps one
 such VM, hands it to the next build, and makes the next one on a thread of
 its own once the request that took the last one has been answered
 (`refill`, from Manager.settled, which the API calls when the call has
-ended).  Not sooner: made while that request runs or its reply is on the
-way, the spare slows it (both ask for the process's mmap lock and the GIL,
-and our hosts have 2 cores): measured with the daemon, a CreateVm's handler
-took as long with a RAM-and-irqchip spare made as soon as its VM was built
-as with none.
+ended) and no request has run for QUIET_S (`Quiet`: the API marks each
+unary call busy through Manager.busy).  Not sooner: made while a request
+runs or its reply is on the way, the spare slows it (both ask for the
+process's mmap lock and the GIL, and our hosts have 2 cores): measured
+with the daemon, a CreateVm's handler took as long with a RAM-and-irqchip
+spare made as soon as its VM was built as with none, and a spare made
+right after CreateVm's reply slowed the client's StartVm -> first output
+by 0.2-0.4 ms.  So a daemon never quiet for QUIET_S (back-to-back
+requests) makes its VMs inline.
 
 The spare is made for the kind of VM last taken (a function's instances are
 alike): its anonymous RAM regions, dirty tracking or not, and its vCPU count.
@@ -40,22 +44,74 @@ own caller.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from vmmd.log import get_logger
 from vmmd.native import MachineShape, NativeVm
 
 log = get_logger(__name__)
 
+# How long no request must have run before the spare is made.  A client's next
+# request usually follows its last within a fraction of this (CreateVm, then
+# StartVm: measured, a spare made between the two slowed StartVm -> first output
+# by 0.2-0.4 ms on our 2-core hosts), and the reply of the last request is sent
+# within it.
+QUIET_S = 0.002
+
+
+class Quiet:
+    """Whether the daemon is serving requests: the API marks each unary call
+    `busy` (through Manager.busy); the shelf waits until none has run for a
+    while.  Streams are not requests here: an open console stream is idle."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._last_end = 0.0  # time.monotonic() when the last one ended
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._cond:
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._last_end = time.monotonic()
+                self._cond.notify_all()
+
+    def wait(self, quiet_s: float, stop: Callable[[], bool]) -> None:
+        """Until no request has run for quiet_s, or stop() (checked at each wake)."""
+        with self._cond:
+            while not stop():
+                if self._running:
+                    self._cond.wait()
+                    continue
+                left = self._last_end + quiet_s - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def wake(self) -> None:
+        """Waiters look at their stop() again."""
+        with self._cond:
+            self._cond.notify_all()
+
 
 class Shelf:
-    def __init__(self, make: Callable[[str], NativeVm] = NativeVm) -> None:
+    def __init__(self, make: Callable[[str], NativeVm] = NativeVm, *,
+                 quiet: Quiet | None = None, quiet_s: float = QUIET_S) -> None:
         self._make = make
+        self._quiet = quiet or Quiet()
+        self._quiet_s = quiet_s
         self._lock = threading.Lock()  # everything below
         self._spare: tuple[str, NativeVm] | None = None  # (kvm path, VM)
         self._path: str | None = None  # the kvm path last taken: the next spare's
         self._last: NativeVm | None = None  # the VM last taken: the next spare's shape
-        self._want: tuple[str, MachineShape | None] | None = None  # the spare to make now
+        self._want = False  # a refill asked for a spare: the thread makes it
         self._making = False  # the thread is making one (refill has nothing to ask)
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -91,10 +147,7 @@ class Shelf:
                     log.warning("shelf.no_thread", error=str(e))
                     return
                 self._thread = thread
-            # The next VM is likely the same kind as the last (a function's
-            # instances): made ahead with its RAM and vCPUs, if it was booted.
-            last, self._last = self._last, None
-            self._want = (self._path, last.shape if last is not None else None)
+            self._want = True
             self._wake.notify()
 
     def close(self) -> None:
@@ -104,19 +157,27 @@ class Shelf:
             self._closed = True
             spare, self._spare = self._spare, None
             self._wake.notify()
+        self._quiet.wake()  # the thread may be waiting for quiet
         if spare is not None:
             spare[1].close()
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                while self._want is None and not self._closed:
+                while not self._want and not self._closed:
                     self._wake.wait()
-                want, self._want = self._want, None
-                if self._closed or want is None:
+                if self._closed:
                     return
-                self._making = True
-            path, shape = want
+                self._want, self._making = False, True
+            self._quiet.wait(self._quiet_s, lambda: self._closed)
+            with self._lock:
+                if self._closed:
+                    return
+                # The next VM is likely the same kind as the last (a function's
+                # instances): made ahead with its RAM and vCPUs, if it was booted.
+                path, last, self._last = self._path, self._last, None
+            assert path is not None  # refill asks only once a take has set it
+            shape = last.shape if last is not None else None
             try:
                 vm = self._made(path, shape)
             except Exception as e:  # noqa: BLE001 - the next take makes its own and reports
