@@ -29,7 +29,7 @@ class FakeVm:
     def prepare(self, shape: Any) -> None:
         if self.refuse_ram:
             raise NativeError("add RAM at 0x0", 12)
-        self.prepared = shape
+        self.prepared, self.prepared_at = shape, time.monotonic()
 
     def close(self, *, deferred: bool = False) -> None:
         assert not self.closed, "closed twice"
@@ -234,35 +234,53 @@ def test_a_spare_whose_ram_fails_is_destroyed_and_fails_no_request(
     shelf.close()
 
 
-def test_the_spare_waits_until_no_request_has_run_for_a_while() -> None:
-    """A refill asked while a request runs (a client's next one, say) makes nothing
-    until it has ended and quiet_s has passed with none running."""
+def test_the_spare_is_made_at_once_and_shaped_once_no_request_has_run_for_a_while() -> None:
+    """The KVM VM comes right after a refill, even while a request runs (a client's
+    next one, say); its RAM and vCPUs only once every request has ended and
+    quiet_s has passed with none running."""
     make, quiet, quiet_s = Maker(), Quiet(), 0.05
     shelf = Shelf(make, quiet=quiet, quiet_s=quiet_s)
-    shelf.take("/dev/kvm")
+    shape = (((0, 64 << 20),), False, 1)
+    shelf.take("/dev/kvm").shape = shape
     with quiet.busy():
         shelf.refill()
+        _until(lambda: _spare(shelf) is not None)
         time.sleep(2 * quiet_s)
-        assert make.attempts == 1  # the take's own: nothing beside a request
         with quiet.busy():  # two at once: both must end
             pass
         time.sleep(2 * quiet_s)
-        assert make.attempts == 1
+        assert _spare(shelf).prepared is None
         ended = time.monotonic()
-    _until(lambda: _spare(shelf) is not None)
-    assert time.monotonic() - ended >= quiet_s
+    _until(lambda: _spare(shelf) is not None and _spare(shelf).prepared == shape)
+    assert _spare(shelf).prepared_at - ended >= quiet_s
+    assert len(make.made) == 2  # the take's and the spare: shaped, not made again
     shelf.close()
 
 
-def test_close_ends_a_wait_for_quiet_and_makes_nothing() -> None:
+def test_a_spare_taken_before_the_quiet_goes_as_it_is() -> None:
     make, quiet = Maker(), Quiet()
-    shelf = Shelf(make, quiet=quiet)
-    shelf.take("/dev/kvm")
+    shelf = Shelf(make, quiet=quiet, quiet_s=0.05)
+    shelf.take("/dev/kvm").shape = (((0, 64 << 20),), False, 1)
     with quiet.busy():
         shelf.refill()
-        _until(lambda: shelf._making)  # the thread waits for quiet
+        _until(lambda: _spare(shelf) is not None)
+        spare = shelf.take("/dev/kvm")  # the next request, before any quiet
+    assert spare.prepared is None  # its build adds the RAM and vCPUs itself
+    time.sleep(0.2)
+    assert spare.prepared is None and _spare(shelf) is None  # nothing shaped it after
+    shelf.close()
+
+
+def test_close_ends_a_wait_for_quiet() -> None:
+    make, quiet = Maker(), Quiet()
+    shelf = Shelf(make, quiet=quiet)
+    shelf.take("/dev/kvm").shape = (((0, 64 << 20),), False, 1)
+    with quiet.busy():
+        shelf.refill()
+        _until(lambda: _spare(shelf) is not None)  # then the thread waits for quiet
+        spare = _spare(shelf)
         shelf.close()
         assert shelf._thread is not None
         shelf._thread.join(TIMEOUT_S)
         assert not shelf._thread.is_alive()  # ended while the request still runs
-    assert make.attempts == 1 and _spare(shelf) is None
+    assert spare.closed and spare.prepared is None and _spare(shelf) is None

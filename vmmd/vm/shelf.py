@@ -3,30 +3,37 @@
 What a new VM needs before any of its configuration matters costs ~0.7 ms
 of every CreateVm on our hosts (measured after a pause, as requests come):
 /dev/kvm opened, the KVM VM with its TSS and identity map, the core's
-eventfds, console and legacy devices (`vmm_vm_create`), then its RAM slots,
-then its vCPUs with their CPUID, which bring the irqchip and PIT (in that
-order: native/vm.c, a RAM slot added after the irqchip waits out an SRCU
-grace period).  A daemon can pay it between requests: the shelf keeps one
-such VM, hands it to the next build, and makes the next one on a thread of
-its own once the request that took the last one has been answered
-(`refill`, from Manager.settled, which the API calls when the call has
-ended) and no request has run for QUIET_S (`Quiet`: the API marks each
-unary call busy through Manager.busy).  Not sooner: made while a request
-runs or its reply is on the way, the spare slows it (both ask for the
-process's mmap lock and the GIL, and our hosts have 2 cores): measured
-with the daemon, a CreateVm's handler took as long with a RAM-and-irqchip
-spare made as soon as its VM was built as with none, and a spare made
-right after CreateVm's reply slowed the client's StartVm -> first output
-by 0.2-0.4 ms.  So a daemon never quiet for QUIET_S (back-to-back
-requests) makes its VMs inline.
+eventfds, console and legacy devices (`vmm_vm_create`, ~0.3 ms), then its
+RAM slots, then its vCPUs with their CPUID, which bring the irqchip and PIT
+(in that order: native/vm.c, a RAM slot added after the irqchip waits out
+an SRCU grace period).  A daemon can pay it between requests: the shelf
+keeps one such VM and hands it to the next build.  Its thread makes the
+next one in two steps, once the request that took the last one has been
+answered (`refill`, from Manager.settled, which the API calls when the
+call has ended):
 
-The spare is made for the kind of VM last taken (a function's instances are
-alike): its anonymous RAM regions, dirty tracking or not, and its vCPU count.
-A build of another shape, and every restore (its RAM comes from the
-snapshot's file, its vCPUs bare), gives such a spare back (destroyed off the
-request path) and takes a fresh one: builder._native.  After a restore, the
-spare is an empty KVM VM (`vmm_vm_create` only), which a restore uses as it
-is.  The spare never has devices and has never run.
+- the KVM VM (`vmm_vm_create`) at once, as a restore needs nothing more;
+- the RAM and vCPUs of the VM last taken (`NativeVm.prepare`), only once no
+  request has run for QUIET_S (`Quiet`: the API marks each unary call busy
+  through Manager.busy), and off the shelf while that runs.
+
+Not sooner: work beside a request or its reply slows it (both ask for the
+process's mmap lock and the GIL, and our hosts have 2 cores).  Measured
+with the daemon: a spare with RAM and irqchip made as soon as its VM was
+built took as long from the CreateVm handler as it saved; one with RAM and
+vCPUs made right after CreateVm's reply slowed the client's StartVm ->
+first output by 0.2-0.4 ms; and waiting for quiet before the KVM VM too
+left back-to-back restores (a bench's loop) without a spare, 0.5 ms slower
+each.  A request that comes before the quiet takes the spare as it is and
+its build adds the RAM and vCPUs itself.
+
+The shape is the kind of VM last taken (a function's instances are alike):
+its anonymous RAM regions, dirty tracking or not, and its vCPU count.  A
+build of another shape, and every restore (its RAM comes from the
+snapshot's file, its vCPUs bare), gives a shaped spare back (destroyed off
+the request path) and takes a fresh VM: builder._native.  After a restore
+the spare stays an empty KVM VM, which the next restore uses as it is.  The
+spare never has devices and has never run.
 
 "Between requests" holds for one client's requests in turn: a request that
 arrives while the spare is being made runs beside it (and, the spare not being
@@ -35,10 +42,10 @@ there yet, makes its own VM inline).
 One spare, not a pool: it costs a KVM VM (~10 fds and its vCPUs', the PIT's
 kernel thread, its RAM's address space, NORESERVE, but no pages; a host with
 vm.overcommit_memory=2 counts that size against its commit limit all the
-same) for as long as the daemon lives, and a burst of creates beyond the first makes its VMs
-inline as before.  A failure to make the spare is not an error of any
-request: the next take makes its VM inline, and reports that failure to its
-own caller.
+same) for as long as the daemon lives, and a burst of creates beyond the
+first makes its VMs inline as before.  A failure to make the spare is not
+an error of any request: the next take makes its VM inline, and reports
+that failure to its own caller.
 """
 
 from __future__ import annotations
@@ -49,11 +56,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from vmmd.log import get_logger
-from vmmd.native import MachineShape, NativeVm
+from vmmd.native import NativeVm
 
 log = get_logger(__name__)
 
-# How long no request must have run before the spare is made.  A client's next
+# How long no request must have run before the spare gets its shape.  A client's next
 # request usually follows its last within a fraction of this (CreateVm, then
 # StartVm: measured, a spare made between the two slowed StartVm -> first output
 # by 0.2-0.4 ms on our 2-core hosts), and the reply of the last request is sent
@@ -169,36 +176,51 @@ class Shelf:
                 if self._closed:
                     return
                 self._want, self._making = False, True
-            self._quiet.wait(self._quiet_s, lambda: self._closed)
-            with self._lock:
-                if self._closed:
-                    return
-                # The next VM is likely the same kind as the last (a function's
-                # instances): made ahead with its RAM and vCPUs, if it was booted.
-                path, last, self._last = self._path, self._last, None
+                path = self._path
             assert path is not None  # refill asks only once a take has set it
-            shape = last.shape if last is not None else None
-            try:
-                vm = self._made(path, shape)
+            try:  # the KVM VM itself, at once (~0.3 ms)
+                vm = self._make(path)
             except Exception as e:  # noqa: BLE001 - the next take makes its own and reports
                 log.warning("shelf.make_failed", error=str(e))
                 with self._lock:
                     self._making = False
                 continue
+            if self._shelve(path, vm):
+                self._prepare()
+
+    def _prepare(self) -> None:
+        """Once no request has run for quiet_s, give the spare on the shelf the
+        shape of the VM last taken (~0.4 ms): off the shelf while that runs, so a
+        take in between makes its own VM."""
+        self._quiet.wait(self._quiet_s, lambda: self._closed)
+        with self._lock:
+            if self._closed or self._spare is None:
+                return  # taken meanwhile: its request's refill makes the next
+            # The next VM is likely the same kind as the last (a function's
+            # instances): made ahead with its RAM and vCPUs, if it was booted.
+            last, self._last = self._last, None
+            shape = last.shape if last is not None else None
+            if shape is None:
+                return
+            (path, vm), self._spare = self._spare, None
+            self._making = True
+        try:
+            vm.prepare(shape)
+        except Exception as e:  # noqa: BLE001 - the next take makes its own
+            log.warning("shelf.prepare_failed", error=str(e))
+            vm.close()  # with what it got: another shape than any build's
             with self._lock:
                 self._making = False
-                keep = not self._closed and self._spare is None
-                if keep:
-                    self._spare = (path, vm)
-            if not keep:
-                vm.close()
+            return
+        self._shelve(path, vm)
 
-    def _made(self, path: str, shape: MachineShape | None) -> NativeVm:
-        vm = self._make(path)
-        if shape is not None:
-            try:
-                vm.prepare(shape)
-            except BaseException:
-                vm.close()
-                raise
-        return vm
+    def _shelve(self, path: str, vm: NativeVm) -> bool:
+        """Put vm on the shelf; False: closed, or a spare is there (vm destroyed)."""
+        with self._lock:
+            self._making = False
+            keep = not self._closed and self._spare is None
+            if keep:
+                self._spare = (path, vm)
+        if not keep:
+            vm.close()
+        return keep
