@@ -56,8 +56,8 @@ run: deps $(STAMPS)/native $(STAMPS)/proto $(STAMPS)/bytecode guest
 
 # Every tier with the daemon's default isolation (cells), then the core
 # daemon tests again with --isolation none (the shared mode stays working;
-# its VMs are built on spares made ahead with their RAM and vCPUs, devices
-# added after: vmmd/vm/shelf.py).
+# its VMs are built on spares made ahead, given their RAM and vCPUs when the
+# daemon is quiet, devices added after: vmmd/vm/shelf.py).
 CORE_DAEMON_TESTS := tests/api/test_lifecycle.py tests/api/test_snapshots.py \
 	tests/api/test_streams.py tests/kvm/test_daemon.py tests/kvm/test_sigbus.py \
 	tests/api/test_drives.py tests/api/test_nets.py tests/api/test_vsock.py \

@@ -124,11 +124,11 @@ def test_the_shared_placement_builds_on_a_kvm_vm_made_ahead(microguests) -> None
         m.create(spec[0])
         m.settled()  # as the API does once the CreateVm is answered
         deadline = time.monotonic() + 30
-        while shelf._spare is None:
-            assert time.monotonic() < deadline, "no spare made"
+        shape = (((0, 16 << 20),), False, 1)  # the first VM's RAM and vCPU
+        while shelf._spare is None or shelf._spare[1].prepared != shape:
+            assert time.monotonic() < deadline, "no spare made with that shape"
             time.sleep(0.001)
         spare = shelf._spare[1]
-        assert spare.prepared == (((0, 16 << 20),), False, 1)  # the first VM's RAM and vCPU
         m.create(spec[1])
         vm = m._vms["shelf1"].vm  # type: ignore[union-attr]
         assert vm._native is spare

@@ -62,27 +62,36 @@ def _busy(fn: Callable[..., Any], self: VmServicer, request: Any, context: Any) 
         return fn(self, request, context)
 
 
-def edge_ended(*, settles: bool = False) -> Callable[[F], F]:
+def edge_ended(*, settles: bool = False, gone: bool = False) -> Callable[[F], F]:
     """As `edge`, for the calls that must know when they have ended: a coroutine
     that runs the body on the unary pool (as grpc.aio runs sync handlers) with the
     aio context, whose done callbacks run once the call's task is done, answered,
-    failed or cancelled by its client (`_ended` uses them).  A sync handler's
-    context.add_callback will not do: with grpcio 1.85 it runs as soon as the body
-    returns, before the reply is sent, and never after an error or a cancel.
+    failed or cancelled by its client.  A sync handler's context.add_callback will
+    not do: with grpcio 1.85 it runs as soon as the body returns, before the reply
+    is sent, and never after an error or a cancel.  The callbacks are registered
+    here, on the loop, before the body starts: one registered later would miss a
+    cancel that came first.
 
     settles: a call that builds VMs (CreateVm, RestoreVm, CloneVm) tells the
     manager then (Manager.settled), which may prepare the next VM: not sooner, as
-    work beside the reply slows it, and also after a failure."""
+    work beside the reply slows it, and also after a failure.
+    gone: the body gets a keyword `gone`, a callable saying whether the call has
+    ended (its client cancelled or went away): StopVm's wait gives up then."""
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         async def wrapper(self: VmServicer, request: Any, context: grpc.aio.ServicerContext
                           ) -> Any:
+            # (grpc-stubs declares DoneCallback a class where a Protocol was meant)
             if settles:
-                # (grpc-stubs declares DoneCallback a class where a Protocol was meant)
                 context.add_done_callback(lambda _: self.m.settled())  # type: ignore[arg-type]
+            body: Callable[..., Any] = fn
+            if gone:
+                ended = threading.Event()
+                context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]
+                body = functools.partial(fn, gone=ended.is_set)
             try:
                 return await asyncio.get_running_loop().run_in_executor(
-                    self.pool, _busy, fn, self, request, context)
+                    self.pool, _busy, body, self, request, context)
             except Exception as e:  # noqa: BLE001 - every error leaves as a status
                 await context.abort(*_status(fn.__name__, e))
         return wrapper  # type: ignore[return-value]
@@ -141,14 +150,6 @@ def vm_service_handlers(servicer: VmServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def _ended(context: grpc.aio.ServicerContext) -> Callable[[], bool]:
-    """Whether the call has ended (the client cancelled or went away), for a body
-    run by `edge_ended`, from the pool's thread."""
-    ended = threading.Event()
-    context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]
-    return ended.is_set
-
-
 class _Wake:
     """An asyncio event another thread may set (through the loop)."""
 
@@ -190,12 +191,13 @@ class VmServicer(vmm_pb2_grpc.VmServiceServicer):
     def ResumeVm(self, request: pb.ResumeVmRequest, context: Any) -> pb.Vm:
         return convert.vm_to_proto(self.m.resume(convert.require_id(request.vm_id)))
 
-    @edge_ended()
-    def StopVm(self, request: pb.StopVmRequest, context: Any) -> pb.Vm:
+    @edge_ended(gone=True)
+    def StopVm(self, request: pb.StopVmRequest, context: Any, *,
+               gone: Callable[[], bool] = lambda: False) -> pb.Vm:  # (edge_ended gives it)
         timeout_s = convert.stop_timeout_s(request.timeout_ms)
         return convert.vm_to_proto(self.m.stop(convert.require_id(request.vm_id),
                                                timeout_s=timeout_s, force=request.force,
-                                               gone=_ended(context)))
+                                               gone=gone))
 
     @edge
     def DeleteVm(self, request: pb.DeleteVmRequest, context: Any) -> pb.DeleteVmResponse:

@@ -156,6 +156,7 @@ class Shelf:
                 self._thread = thread
             self._want = True
             self._wake.notify()
+        self._quiet.wake()  # the thread may be waiting for quiet to shape a spare
 
     def close(self) -> None:
         """Destroy the spare; the thread ends (not waited for: a VM it is making
@@ -192,7 +193,14 @@ class Shelf:
         """Once no request has run for quiet_s, give the spare on the shelf the
         shape of the VM last taken (~0.4 ms): off the shelf while that runs, so a
         take in between makes its own VM."""
-        self._quiet.wait(self._quiet_s, lambda: self._closed)
+        with self._lock:
+            last = self._last
+        if last is None or last.shape is None:
+            return  # the last VM taken was restored (or is still being built)
+        # A take ends the wait (the spare gone: its request's refill makes the
+        # next one, at once), as does a refill.
+        self._quiet.wait(self._quiet_s,
+                         lambda: self._closed or self._spare is None or self._want)
         with self._lock:
             if self._closed or self._spare is None:
                 return  # taken meanwhile: its request's refill makes the next
