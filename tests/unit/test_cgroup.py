@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -379,6 +379,34 @@ def test_stale_group_is_killed_and_made_anew(tmp_path: Path) -> None:
     assert cell.dirs == old.dirs
     assert all(Path(d, "cgroup.procs").read_text() == "" for d in cell.dirs)
     assert fake.read("sys/fs/cgroup/pids/vmmd/c/pids.max") == "max\n"  # the old limit went
+
+
+@pytest.mark.parametrize("layout", [v1_split, v2])
+def test_a_previous_daemons_cells_go_when_its_parent_is_opened_again(
+        tmp_path: Path, layout: Callable[[Path], Fake]) -> None:
+    """A daemon killed leaves its parent group and its cells' groups; a new daemon
+    of the same name (its pid reused) removes those cells at once, their processes
+    killed, so that its own close can remove the parent."""
+    fake = layout(tmp_path)
+    old = fake.open("vmmd-7")
+    cells = [old.create(name, cpu=None, memory_bytes=None, pids=None) for name in ("@a", "web")]
+    for d in cells[0].dirs:
+        Path(d, "cgroup.procs").write_text("111\n")
+    tree = fake.open("vmmd-7")
+    assert not any(os.path.exists(d) for c in cells for d in c.dirs)
+    assert fake.fs.killed == list(cells[0].dirs)
+    assert tree.close()
+    assert not any(os.path.exists(d) for d in tree.dirs)
+
+
+def test_a_stale_cell_that_will_not_go_does_not_stop_the_daemon(tmp_path: Path) -> None:
+    fake = v2(tmp_path)
+    stale = fake.open().create("c", cpu=None, memory_bytes=None, pids=None)
+    Path(stale.dirs[0], "cgroup.procs").write_text("111\n")
+    fake.fs.stuck = True
+    tree = fake.open()  # tried (its process killed), logged, and left
+    assert fake.fs.killed and os.path.isdir(stale.dirs[0])
+    assert tree.close() is False
 
 
 def test_a_stale_group_that_will_not_go_is_an_error(tmp_path: Path) -> None:

@@ -228,8 +228,11 @@ class CgroupTree:
              root: str = "/", fs: CgroupFs | None = None) -> CgroupTree:
         """Find the hierarchies, check the controllers in `require` are there
         (the others may be missing: then a cell cannot be given that limit)
-        and make our parent group (an existing one, a previous daemon's, is
-        taken as it is: its stale cells go when a cell of the name is made)."""
+        and make our parent group.  An existing one is a previous daemon's of
+        the same name (`vmmd-<pid>`: a pid reused after a daemon was killed):
+        its cells' groups are stale, and go now, their processes killed
+        (`_sweep`); left there, they would keep this daemon from removing
+        its parent at exit."""
         check_name(parent_name)
         unknown = set(require) - set(CONTROLLERS)
         if unknown:
@@ -242,18 +245,38 @@ class CgroupTree:
         tree = cls(layout, parent_name, fs or CgroupFs())
         if layout.version == 2:
             tree._check_not_inside(root)
+        existed = False
         for d in tree.dirs:
             try:
                 tree._fs.mkdir(d)
             except FileExistsError:
-                pass
+                existed = True
             except OSError as e:
                 raise CgroupError("cannot make the daemon's cgroup", d, e.errno) from None
+        if existed:
+            tree._sweep()
         if layout.version == 2:
             point = next(iter(layout.mounts.values()))
             tree._enable(point)
             tree._enable(tree.dirs[0])
         return tree
+
+    def _sweep(self) -> None:
+        """Remove the cell groups a previous daemon left in our parent group.
+        Never raises: a group that will not go is logged (CellCgroup.remove)
+        and stays, as it would have without the sweep."""
+        names: set[str] = set()
+        for d in self.dirs:
+            try:
+                names |= {e.name for e in os.scandir(d) if e.is_dir(follow_symlinks=False)}
+            except OSError as e:
+                log.warning("cgroup.sweep_failed", dir=d, error=e.strerror)
+        for name in sorted(names):
+            group = CellCgroup(name, self.version, self.controllers,
+                               {k: posixpath.join(p, name) for k, p in self._parents.items()},
+                               self._fs)
+            log.warning("cgroup.stale_group", cell=name, dirs=list(group.dirs))
+            group.remove()
 
     def _check_not_inside(self, root: str) -> None:
         # v2: our parent group hands controllers to the cells, so it must
