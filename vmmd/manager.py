@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from vmmd.budget import BudgetInfo, MemoryBudget
 from vmmd.cell.cells import Lease, Placement, SharedPlacement
@@ -370,12 +370,10 @@ class Manager:
         unknown id fails here, before anything is read."""
         return ConsoleCursor(self._entry(vm_id).vm, from_start=from_start)
 
-    @contextmanager
-    def busy(self) -> Iterator[None]:
+    def busy(self) -> AbstractContextManager[None]:
         """Around each request the API serves: while one runs, and for a moment
         after, nothing is prepared ahead (vmmd/vm/shelf.py)."""
-        with self._quiet.busy():
-            yield
+        return self._quiet.busy()
 
     def settled(self) -> None:
         """A request that built VMs has been answered (the API calls this once the

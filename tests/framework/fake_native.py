@@ -136,7 +136,7 @@ def _raise(err: int, op: str) -> None:
 class FakeNativeVm:
     """One fake VM of the C core.  kvm_path is recorded, never opened."""
 
-    prepared = None  # never made ahead (NativeVm.prepared)
+    prepared: Any = None  # as NativeVm.prepared: set by the shelf that made it ahead
 
     def __init__(self, kvm_path: str = "/dev/kvm", *, on_ctrl_alt_del: str = "reset",
                  failures: dict[str, int] | None = None) -> None:
@@ -259,15 +259,6 @@ class FakeNativeVm:
         if not self.ram or any(r.fd >= 0 for r in self.ram) or not self.nvcpus or self.bare:
             return None
         return tuple((r.gpa, r.size) for r in self.ram), self._track_dirty, self.nvcpus
-
-    def prepare(self, shape: Any) -> None:
-        ram, dirty, vcpus = shape
-        if dirty:
-            self.track_dirty()
-        for gpa, size in ram:
-            self.add_ram(gpa, size)
-        self.create_vcpus(vcpus)
-        self.prepared = shape
 
     @_op
     def add_ram_file(self, gpa: int, size: int, fd: int, offset: int) -> None:

@@ -20,16 +20,31 @@ TIMEOUT_S = 10.0
 
 class FakeVm:
     shape: Any = None  # what a build gave it (NativeVm.shape)
-    prepared: Any = None
-    refuse_ram = False  # prepare() fails as a RAM slot KVM refuses would
+    refuse_ram = False  # add_ram fails as a RAM slot KVM refuses would
 
     def __init__(self, path: str, thread: str) -> None:
         self.path, self.thread, self.closed = path, thread, False
+        self._prepared: Any = None
+        self.prepared_at = 0.0
 
-    def prepare(self, shape: Any) -> None:
+    @property
+    def prepared(self) -> Any:
+        return self._prepared
+
+    @prepared.setter
+    def prepared(self, shape: Any) -> None:  # the shelf, once it gave the VM its shape
+        self._prepared, self.prepared_at = shape, time.monotonic()
+
+    # What builder.add_machine calls.
+    def track_dirty(self) -> None:
+        pass
+
+    def add_ram(self, gpa: int, size: int) -> None:
         if self.refuse_ram:
-            raise NativeError("add RAM at 0x0", 12)
-        self.prepared, self.prepared_at = shape, time.monotonic()
+            raise NativeError(f"add RAM at 0x{gpa:x}", 12)
+
+    def create_vcpus(self, n: int) -> None:
+        pass
 
     def close(self, *, deferred: bool = False) -> None:
         assert not self.closed, "closed twice"

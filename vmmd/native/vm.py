@@ -73,7 +73,7 @@ class NativeVm:
     """One KVM VM in the C core.  Not thread-safe for control verbs: the
     caller (vm layer) serializes them; reads (stats, console) are safe."""
 
-    # Made ahead with this shape (prepare()); None: fresh.
+    # Made ahead with this shape (vmmd/vm/shelf.py); None: fresh.
     prepared: MachineShape | None = None
     # What was asked of it, kept here (readable after close): shape.
     _anon_ram: tuple[tuple[int, int], ...] = ()
@@ -108,18 +108,6 @@ class NativeVm:
         if self._file_ram or not self._anon_ram or not self._boot_vcpus:
             return None
         return self._anon_ram, self._dirty, self._boot_vcpus
-
-    def prepare(self, shape: MachineShape) -> None:
-        """Give a fresh VM the RAM and vCPUs of `shape`, in that order: the vCPUs
-        bring the irqchip and PIT, and a RAM slot added after those waits out an
-        SRCU grace period (native/vm.c).  The builder then adds none of them."""
-        ram, dirty, vcpus = shape
-        if dirty:
-            self.track_dirty()
-        for gpa, size in ram:
-            self.add_ram(gpa, size)
-        self.create_vcpus(vcpus)
-        self.prepared = shape
 
     def write(self, gpa: int, data: bytes) -> None:
         mem = lib.vmm_vm_mem(self._vm)

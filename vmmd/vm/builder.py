@@ -177,6 +177,19 @@ def _native(kvm_path: str, factory: NativeFactory | None,
         raise
 
 
+def add_machine(native: NativeVm, shape: MachineShape) -> None:
+    """A booted VM's RAM, then its vCPUs (made for a boot: CPUID set).  In that
+    order: the vCPUs bring the irqchip and PIT, and a RAM slot added after those
+    waits out an SRCU grace period (native/vm.c).  For a build, or ahead of one
+    by the shelf (vmmd/vm/shelf.py)."""
+    ram, dirty, vcpus = shape
+    if dirty:
+        native.track_dirty()  # before the RAM: its slots are made logging
+    for gpa, size in ram:
+        native.add_ram(gpa, size)
+    native.create_vcpus(vcpus)
+
+
 def build_vm(spec: VmSpec, *, kvm_path: str = "/dev/kvm", force_64bit: bool = False,
              native_factory: NativeFactory | None = None, watcher: Watcher | None = None) -> Vm:
     """watcher: the thread that watches the VM's events (a cell's own; None: the
@@ -193,11 +206,7 @@ def _build(p: Plan, kvm_path: str, factory: NativeFactory | None,
     with _resources(p.drives, p.nets, p.vsock) as held, \
             _native(kvm_path, factory, shape) as native:
         if native.prepared is None:  # else made ahead so (vmmd/vm/shelf.py)
-            if spec.track_dirty_pages:
-                native.track_dirty()  # before the RAM: its slots are made logging
-            for region in p.boot.ram:
-                native.add_ram(region.gpa, region.size)
-            native.create_vcpus(spec.vcpus)  # after the RAM: NativeVm.prepare says why
+            add_machine(native, shape)
         _attach_devices(native, p.drives, p.nets, p.rng, p.vsock, held)
         regs = load(native, p.boot, p.kernel, p.initrd)
         if spec.acpi:

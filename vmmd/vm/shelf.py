@@ -13,7 +13,7 @@ answered (`refill`, from Manager.settled, which the API calls when the
 call has ended):
 
 - the KVM VM (`vmm_vm_create`) at once, as a restore needs nothing more;
-- the RAM and vCPUs of the VM last taken (`NativeVm.prepare`), only once no
+- the RAM and vCPUs of the VM last taken (`builder.add_machine`), only once no
   request has run for QUIET_S (`Quiet`: the API marks each unary call busy
   through Manager.busy), and off the shelf while that runs.
 
@@ -57,6 +57,7 @@ from contextlib import contextmanager
 
 from vmmd.log import get_logger
 from vmmd.native import NativeVm
+from vmmd.vm.builder import add_machine
 
 log = get_logger(__name__)
 
@@ -213,7 +214,8 @@ class Shelf:
             (path, vm), self._spare = self._spare, None
             self._making = True
         try:
-            vm.prepare(shape)
+            add_machine(vm, shape)
+            vm.prepared = shape
         except Exception as e:  # noqa: BLE001 - the next take makes its own
             log.warning("shelf.prepare_failed", error=str(e))
             vm.close()  # with what it got: another shape than any build's
